@@ -1,0 +1,1 @@
+"""pixsigma curation stage."""

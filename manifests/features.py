@@ -1,0 +1,76 @@
+"""Frozen encoders whose outputs the training shards can cache: T5 caption features, VAE posteriors.
+
+Both load by HF id or local path through the same ``from_pretrained`` call that real weights use.
+PixArt-Σ's maintainers pre-extract these features because encoding T5-XXL and the VAE on the fly
+makes training slow; the trainer uses the same classes when a shard has no cached features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+MAX_CAPTION_TOKENS = 300  # PixArt-Σ raised the T5 token budget from 120 (PixArt-α) to 300
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class T5Features:
+    """Caption → T5 encoder states of the valid tokens only (never the padding)."""
+
+    def __init__(self, path: str, *, max_tokens: int = MAX_CAPTION_TOKENS, device: torch.device | None = None) -> None:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.device = device or default_device()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = T5EncoderModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        self.max_tokens = max_tokens
+        self.dim = self.encoder.config.d_model
+
+    @torch.no_grad()
+    def encode_padded(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_tokens, D) float32 states and (B, max_tokens) mask, padded to ``max_tokens``."""
+        tokens = self.tokenizer(
+            captions, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(self.device)
+        states = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return states.float(), tokens.attention_mask  # (B, L, D), (B, L)
+
+    def __call__(self, captions: list[str]) -> list[np.ndarray]:
+        """One (num_valid_tokens, D) float16 array per caption."""
+        states, mask = self.encode_padded(captions)
+        lengths = mask.sum(dim=1).tolist()
+        return [states[i, : lengths[i]].cpu().to(torch.float16).numpy() for i in range(len(captions))]
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → (3, H, W) float tensor in [-1, 1], the VAE's input range."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return array.float().div(127.5).sub(1.0)
+
+
+class VaeFeatures:
+    """Image (already at its bucket size) → VAE posterior mean and std, unscaled."""
+
+    def __init__(self, path: str, *, device: torch.device | None = None) -> None:
+        from diffusers import AutoencoderKL
+
+        self.device = device or default_device()
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.vae = AutoencoderKL.from_pretrained(path, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] → mean and std, each (B, C, H/f, W/f) float32."""
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """One (2, C, h, w) float16 array [mean, std] per image; images of one call share a size."""
+        mean, std = self.posterior(torch.stack([image_to_tensor(im) for im in images]))
+        return [torch.stack([mean[i], std[i]]).cpu().to(torch.float16).numpy() for i in range(len(images))]

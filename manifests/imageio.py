@@ -1,0 +1,46 @@
+"""Image decoding shared by every stage: one reduced decode, EXIF orientation, RGB from any mode."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, ImageOps
+
+# Stages check pixel counts themselves (curation's header scan rejects bombs before any decode).
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_rgb(data: bytes, *, min_side: int | None = None) -> Image.Image:
+    """Decode once at the smallest scale whose short side stays ≥ ``min_side`` (full size when None).
+
+    For JPEG, ``Image.draft`` asks libjpeg for DCT scaling (1/2 … 1/8), so a 4K JPEG costs a fraction of a
+    full decode. Other formats decode fully, then ``reduce`` by an integer factor. The result is
+    EXIF-oriented RGB. Raises ``OSError``/``ValueError``/``SyntaxError`` for undecodable data.
+    """
+    im = Image.open(io.BytesIO(data))
+    width, height = im.size
+    scale = max(1, min(width, height) // min_side) if min_side else 1
+    if im.format == "JPEG" and scale > 1:
+        im.draft("RGB", (max(width // scale, 1), max(height // scale, 1)))
+    im.load()
+    if im.format != "JPEG" and scale > 1 and im.mode in ("RGB", "RGBA", "L", "LA"):
+        im = im.reduce(min(scale, 8))
+    im = ImageOps.exif_transpose(im)
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any mode: CMYK, 16-bit grey, palette and alpha (composited on white)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey: scale to 8 bits rather than clip (Pillow's convert("L") clips at 255).
+        im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")

@@ -1,0 +1,216 @@
+"""Ray job: a selection → WebDataset training shards, optionally with cached T5 and VAE features.
+
+Each sample holds the original image bytes, a JSON sidecar (key, size, both captions, the aspect-ratio
+bucket per base resolution) and, when configured, ``t5_orig.npy``/``t5_vlm.npy`` (valid tokens only,
+float16) and ``vae<res>.npy`` (posterior mean and std stacked, unscaled, float16, at the bucket size after
+resize-to-cover + center-crop) so training can resample a latent each step.
+CLI: ``python -m manifests.materialize --root OUT --selection NAME [--t5 PATH] [--vae PATH --vae-resolution 256]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.imageio import decode_rgb
+from manifests.io import atomic_write_bytes, is_committed, publish, temp_path
+from manifests.selection import SELECTIONS_DIR
+from manifests.tars import extension_for, json_bytes, read_members, write_shard
+
+log = logging.getLogger(__name__)
+
+TRAIN_SHARDS_DIR = "train_shards"
+DEFAULT_RESOLUTIONS = (256, 512, 1024, 2048, 2880)
+
+
+@dataclass
+class MaterializeConfig:
+    root: str  # run folder holding selections/<selection>/ and the curated shards
+    selection: str
+    name: str = ""  # output folder under train_shards/; defaults to the selection name
+    samples_per_shard: int = 1000
+    seed: int = 0
+    resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS  # buckets recorded in each sample's JSON
+    t5: str | None = None  # HF id or path; caches t5_orig/t5_vlm when set
+    vae: str | None = None  # HF id or path; caches vae<res> for each of vae_resolutions when set
+    vae_resolutions: tuple[int, ...] = ()
+    num_workers: int = 1  # actors; each loads the encoders once
+    num_gpus: float = 0.0  # per actor
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.selection
+        if self.vae_resolutions and not self.vae:
+            raise ValueError("vae_resolutions is set but vae is not: name the VAE to cache latents with")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be ≥ 1, got {self.samples_per_shard}")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def plan(rows: list[dict], cfg: MaterializeConfig) -> list[dict]:
+    """Shuffle the selection with the seed, then cut fixed-size shards; same inputs, same plan."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    shuffled = [rows[i] for i in order]
+    size = cfg.samples_per_shard
+    return [
+        {"shard": f"train-{i:06d}.tar", "rows": json.dumps(shuffled[start : start + size], default=str)}
+        for i, start in enumerate(range(0, len(shuffled), size))
+    ]
+
+
+class ShardWriter:
+    """Writes one training shard per call; holds the encoders (loaded once per Ray actor)."""
+
+    def __init__(self, cfg: MaterializeConfig) -> None:
+        from manifests.features import T5Features, VaeFeatures
+
+        self.cfg = cfg
+        self.out = Path(cfg.root) / TRAIN_SHARDS_DIR / cfg.name
+        self.t5 = T5Features(cfg.t5) if cfg.t5 else None
+        self.vae = VaeFeatures(cfg.vae) if cfg.vae else None
+
+    def __call__(self, item: dict) -> dict:
+        rows = json.loads(item["rows"])
+        buckets = Counter()
+        written = False
+        if not is_committed(self.out, item["shard"]):  # resume: a committed shard is not read again
+            images = self._read_images(rows)
+            written = write_shard(
+                self.out / item["shard"], [self.sample(row, images[row["key"]]) for row in rows]
+            )
+        for row in rows:
+            for res in self.cfg.resolutions:
+                buckets[f"{res}:{'x'.join(map(str, nearest_bucket(row['height'], row['width'], res)))}"] += 1
+        return {
+            "shard": item["shard"],
+            "num_samples": len(rows),
+            "buckets": json.dumps(dict(sorted(buckets.items()))),
+            "written": written,
+        }
+
+    def _read_images(self, rows: list[dict]) -> dict[str, bytes]:
+        """Original bytes per key, reading each curated tar once."""
+        by_tar: dict[str, set[str]] = {}
+        for row in rows:
+            by_tar.setdefault(row["shard"], set()).add(f"{row['key']}.{extension_for(row['format'])}")
+        images = {}
+        for tar, names in by_tar.items():
+            for name, data in read_members(Path(self.cfg.root) / tar, names).items():
+                images[name.split(".", 1)[0]] = data
+        return images
+
+    def sample(self, row: dict, data: bytes) -> dict:
+        buckets = {
+            str(res): list(nearest_bucket(row["height"], row["width"], res)) for res in self.cfg.resolutions
+        }
+        meta = {
+            k: row[k] for k in ("key", "width", "height", "caption_orig", "caption_vlm", "captioner", "tier")
+        }
+        sample = {
+            "__key__": row["key"],
+            extension_for(row["format"]): data,
+            "json": json_bytes({**meta, "buckets": buckets}),
+        }
+        if self.t5:
+            for name in ("caption_orig", "caption_vlm"):
+                if row.get(name):
+                    sample[f"t5_{name.split('_')[1]}.npy"] = npy_bytes(self.t5([row[name]])[0])
+        if self.vae:
+            image = decode_rgb(
+                data,
+                min_side=min(
+                    min(nearest_bucket(row["height"], row["width"], r)) for r in self.cfg.vae_resolutions
+                ),
+            )
+            for res in self.cfg.vae_resolutions:
+                crop = resize_to_cover_and_crop(image, nearest_bucket(row["height"], row["width"], res))
+                sample[f"vae{res}.npy"] = npy_bytes(self.vae([crop])[0])
+        return sample
+
+
+def materialize(cfg: MaterializeConfig) -> Path:
+    """Write the training shards of a selection and their index; returns the output folder."""
+    root = Path(cfg.root)
+    rows = pq.read_table(root / SELECTIONS_DIR / cfg.selection / "rows.parquet").to_pylist()
+    out = root / TRAIN_SHARDS_DIR / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    plans = plan(rows, cfg)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
+    results = []
+    if plans:
+        ds = ray.data.from_items(plans, override_num_blocks=len(plans)).map(
+            ShardWriter,
+            fn_constructor_args=(cfg,),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_workers, len(plans)))),
+            num_gpus=cfg.num_gpus or None,
+        )
+        results = sorted(ds.take_all(), key=lambda r: r["shard"])
+    index = pa.table(
+        {
+            "shard": [r["shard"] for r in results],
+            "num_samples": pa.array([r["num_samples"] for r in results], pa.int64()),
+            "buckets": [r["buckets"] for r in results],  # JSON: "<res>:<h>x<w>" → count
+        }
+    )
+    tmp = temp_path(out / "index.parquet")
+    try:
+        pq.write_table(index, tmp)
+        publish(tmp, out / "index.parquet")
+    finally:
+        tmp.unlink(missing_ok=True)
+    selection_record = json.loads((root / SELECTIONS_DIR / cfg.selection / "selection.json").read_text())
+    info = {
+        "config": dataclasses.asdict(cfg),
+        "selection_keys_sha256": selection_record["keys_sha256"],
+        "num_samples": len(rows),
+        "num_shards": len(plans),
+        "features": {"t5": cfg.t5, "vae": cfg.vae, "vae_resolutions": list(cfg.vae_resolutions)},
+    }
+    atomic_write_bytes(out / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
+    log.info("materialised %d samples into %d shards at %s", len(rows), len(plans), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--selection", required=True)
+    parser.add_argument("--name", default="")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--t5")
+    parser.add_argument("--vae")
+    parser.add_argument("--vae-resolution", type=int, action="append", default=[])
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--num-gpus", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = MaterializeConfig(
+        root=args.root, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
+        seed=args.seed, t5=args.t5, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
+        num_workers=args.num_workers, num_gpus=args.num_gpus,
+    )  # fmt: skip
+    out = materialize(cfg)
+    print(f"training shards → {out}")
+
+
+if __name__ == "__main__":
+    main()

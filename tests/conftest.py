@@ -1,0 +1,96 @@
+"""Shared fixtures: one local Ray cluster per test session, offline environment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet, before ray/transformers are imported anywhere.
+OFFLINE_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "WANDB_MODE": "disabled",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+os.environ.update(OFFLINE_ENV)
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+LAION_HEAD = REPO.parent / "shared" / "models" / "laion-aesthetic-v2" / "sac+logos+ava1-l14-linearMSE.pth"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """A `ray start --head --block` process on loopback; stopping it stops only this cluster."""
+
+    def __init__(self, num_cpus: int = 2) -> None:
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        # Short temp dir: Ray's unix socket paths must stay under 107 characters.
+        self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        cmd = [
+            str(VENV_BIN / "ray"), "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={self.port}",
+            f"--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
+            "--object-store-memory=500000000", "--include-dashboard=true",
+        ]  # fmt: skip
+        self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("ray head did not come up in time")
+
+    def stop(self) -> None:
+        # SIGTERM to the --block process makes it shut down the processes it started; then the group.
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session; this process is connected to it as a driver."""
+    import ray
+
+    cluster = RayCluster()
+    os.environ["RAY_ADDRESS"] = cluster.address  # subprocess CLIs join this cluster
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+    cluster.stop()

@@ -1,0 +1,1 @@
+"""pixsigma training stage."""

@@ -19,6 +19,7 @@ import ray
 
 from curation import stages
 from curation.config import CurationConfig, DecodeConfig, TierConfig
+from curation.dedup import mark_exact_duplicates
 from curation.sources import list_files
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.io import COMMITTED_DIR
@@ -70,7 +71,7 @@ class ScanAndDecode:
                 f.seek(0)
                 data = f.read()
         except OSError as err:  # vanished or unreadable source: a per-row reason, not a failed block
-            return _reject(row, Rejected(f"io_error: {type(err).__name__}: {err}"))
+            return _reject(row, Rejected(f"io_error: {stages.describe(err)}"))
         decoded = stages.reduced_decode(data, min_side=self.decode.min_side)
         if isinstance(decoded, Rejected):
             return _reject(row, decoded)
@@ -155,7 +156,8 @@ def run(cfg: CurationConfig) -> dict:
     table = scan(records, cfg)
     assert table.num_rows == len(records), "every input must produce exactly one manifest row"
 
-    rows = table.to_pylist()
+    rows = mark_exact_duplicates(table.to_pylist())
+    table = pa.Table.from_pylist(rows, schema=IMAGES)
     kept = [r for r in rows if r["status"] == KEPT]
     plans = plan_shards(kept, cfg.shards.samples_per_shard)
     written = ray.get([_write_shard_task.remote(str(root), plan) for plan in plans])

@@ -7,6 +7,7 @@ followed by ``: <detail>``; the funnel groups on the part before the colon.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import BinaryIO
 
 from PIL import Image
@@ -34,7 +35,7 @@ def scan_header(fileobj: BinaryIO, *, num_bytes: int) -> dict | Rejected:
             orientation = im.getexif().get(EXIF_ORIENTATION_TAG, 1)
             num_frames = getattr(im, "n_frames", 1)
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's "cannot identify image file" etc.
-        return Rejected(f"unreadable: {type(err).__name__}: {err}")
+        return Rejected(f"unreadable: {describe(err)}")
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
     if num_frames > 1:
@@ -62,7 +63,13 @@ def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
     try:
         return decode_rgb(data, min_side=min_side)
     except (OSError, SyntaxError, ValueError) as err:
-        return Rejected(f"decode_error: {type(err).__name__}: {err}")
+        return Rejected(f"decode_error: {describe(err)}")
+
+
+def describe(err: Exception) -> str:
+    """``Type: message`` with object reprs (``<... at 0x7f…>``) removed, so reasons are reproducible."""
+    message = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err)).strip()
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def sha256(data: bytes) -> str:

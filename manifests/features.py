@@ -21,13 +21,17 @@ def default_device() -> torch.device:
 class T5Features:
     """Caption → T5 encoder states of the valid tokens only (never the padding)."""
 
-    def __init__(self, path: str, *, max_tokens: int = MAX_CAPTION_TOKENS, device: torch.device | None = None) -> None:
+    def __init__(
+        self, path: str, *, max_tokens: int = MAX_CAPTION_TOKENS, device: torch.device | None = None
+    ) -> None:
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.device = device or default_device()
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.encoder = T5EncoderModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        self.encoder = (
+            T5EncoderModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        )
         self.max_tokens = max_tokens
         self.dim = self.encoder.config.d_model
 
@@ -37,7 +41,9 @@ class T5Features:
         tokens = self.tokenizer(
             captions, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
         ).to(self.device)
-        states = self.encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        states = self.encoder(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state
         return states.float(), tokens.attention_mask  # (B, L, D), (B, L)
 
     def __call__(self, captions: list[str]) -> list[np.ndarray]:
@@ -61,7 +67,9 @@ class VaeFeatures:
 
         self.device = device or default_device()
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.vae = AutoencoderKL.from_pretrained(path, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        self.vae = (
+            AutoencoderKL.from_pretrained(path, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        )
         self.scaling_factor = float(self.vae.config.scaling_factor)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_SHARDS_DIR = "train_shards"
 DEFAULT_RESOLUTIONS = (256, 512, 1024, 2048, 2880)
+NULL_CAPTION_FILE = "t5_null.npy"
 
 
 @dataclass
@@ -176,6 +177,11 @@ def materialize(cfg: MaterializeConfig) -> Path:
         publish(tmp, out / "index.parquet")
     finally:
         tmp.unlink(missing_ok=True)
+    if cfg.t5:
+        # T5("") for the trainer's null caption, so a run on cached features never loads T5 at all.
+        from manifests.features import T5Features
+
+        atomic_write_bytes(out / NULL_CAPTION_FILE, npy_bytes(T5Features(cfg.t5)([""])[0]))
     selection_record = json.loads((root / SELECTIONS_DIR / cfg.selection / "selection.json").read_text())
     info = {
         "config": dataclasses.asdict(cfg),

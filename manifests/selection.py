@@ -72,9 +72,7 @@ def select(root: str | os.PathLike, spec: SelectionSpec) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     con = connect(root)
     query = spec.sql()
-    table = con.sql(query).arrow()
-    if hasattr(table, "read_all"):  # duckdb ≥ 1.4 returns a RecordBatchReader
-        table = table.read_all()
+    table = con.sql(query).to_arrow_table()
     rows_path = out / "rows.parquet"
     tmp = temp_path(rows_path)
     try:

@@ -21,7 +21,13 @@ def image_row(key: str, **fields) -> dict:
 
 def test_round_trip_keeps_schema_and_rows(tmp_path):
     writer = manifests.ManifestWriter(tmp_path / "images", "images")
-    writer.write([image_row("a", width=1024, height=2048, tier="1k"), image_row("b", status="rejected", reason="too_small")], "part-00000")
+    writer.write(
+        [
+            image_row("a", width=1024, height=2048, tier="1k"),
+            image_row("b", status="rejected", reason="too_small"),
+        ],
+        "part-00000",
+    )
     table = read_manifest(tmp_path / "images", "images")
     assert table.schema.equals(manifests.IMAGES, check_metadata=False)
     assert table.column("key").to_pylist() == ["a", "b"]
@@ -89,7 +95,9 @@ def test_uncommitted_part_is_invisible_to_views(tmp_path):
     writer = manifests.ManifestWriter(tmp_path / "run" / "manifests" / "images", "images")
     writer.write([image_row("a")], "part-00000")
     # A complete file without its marker (crash between rename and marker) is not read.
-    pq.write_table(conform(pa.Table.from_pylist([image_row("b")]), manifests.IMAGES), writer.path("part-00001"))
+    pq.write_table(
+        conform(pa.Table.from_pylist([image_row("b")]), manifests.IMAGES), writer.path("part-00001")
+    )
     con = manifests.connect(tmp_path)
     assert con.execute("SELECT key FROM images").fetchall() == [("a",)]
 
@@ -97,19 +105,30 @@ def test_uncommitted_part_is_invisible_to_views(tmp_path):
 def test_views_span_several_runs_and_join_captions(tmp_path):
     for run, keys in (("r1", "ab"), ("r2", "c")):
         manifests.ManifestWriter(tmp_path / run / "manifests" / "images", "images").write(
-            [image_row(k, caption_orig=f"orig {k}") for k in keys] + [image_row(f"x{run}", status="rejected", reason="too_small: 10x10")],
+            [image_row(k, caption_orig=f"orig {k}") for k in keys]
+            + [image_row(f"x{run}", status="rejected", reason="too_small: 10x10")],
             "part-00000",
         )
     manifests.ManifestWriter(tmp_path / "r1" / "manifests" / "captions", "captions").write(
         [
             {"key": "a", "caption": "vlm a", "captioner": "m", "prompt": "p", "status": "kept"},
-            {"key": "b", "caption": "", "captioner": "m", "prompt": "p", "status": "rejected", "reason": "empty"},
+            {
+                "key": "b",
+                "caption": "",
+                "captioner": "m",
+                "prompt": "p",
+                "status": "rejected",
+                "reason": "empty",
+            },
         ],
         "part-00000",
     )
     con = manifests.connect(tmp_path)
     assert con.execute("SELECT count(*) FROM images").fetchall() == [(5,)]
-    assert sorted(con.execute("SELECT key, reason FROM rejects").fetchall()) == [("xr1", "too_small: 10x10"), ("xr2", "too_small: 10x10")]
+    assert sorted(con.execute("SELECT key, reason FROM rejects").fetchall()) == [
+        ("xr1", "too_small: 10x10"),
+        ("xr2", "too_small: 10x10"),
+    ]
     rows = con.execute("SELECT key, caption_orig, caption_vlm FROM image_captions ORDER BY key").fetchall()
     assert rows == [("a", "orig a", "vlm a"), ("b", "orig b", None), ("c", "orig c", None)]
 
@@ -122,7 +141,9 @@ def test_empty_root_has_typed_empty_views(tmp_path):
 
 
 def test_duckdb_file_database(tmp_path):
-    manifests.ManifestWriter(tmp_path / "manifests" / "images", "images").write([image_row("a")], "part-00000")
+    manifests.ManifestWriter(tmp_path / "manifests" / "images", "images").write(
+        [image_row("a")], "part-00000"
+    )
     con = manifests.connect(tmp_path, database=tmp_path / "pixsigma.duckdb")
     assert con.execute("SELECT key FROM images").fetchall() == [("a",)]
     con.close()

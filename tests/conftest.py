@@ -52,6 +52,10 @@ class RayCluster:
             f"--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
             "--object-store-memory=500000000", "--include-dashboard=true",
+            # Every fixed default port moved, so two clusters on one machine never collide.
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ]  # fmt: skip
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

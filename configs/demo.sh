@@ -24,7 +24,7 @@ step "3/8 curation → $RUN"
 python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard 8
 
 step "4/8 captioning (tiny LLaVA) → $RUN/manifests/captions"
-python captioning/run.py --input "$RUN" --model "$MODELS/llava" --tokenizer "$MODELS/t5"
+python captioning/run.py --input "$RUN" --model "$MODELS/llava" --tokenizer "$MODELS/t5" --preset debug
 
 step "5/8 selection: kept rows with a caption"
 python -m manifests.selection --root "$RUN" --name demo --where "caption_orig IS NOT NULL OR caption_vlm IS NOT NULL"

@@ -1,0 +1,133 @@
+"""Command line of the captioning job (``captioning/run.py`` and ``python -m captioning.cli`` call ``main``).
+
+    python captioning/run.py --input OUT --model PATH_OR_ID --tokenizer T5PATH \
+        [--where SQL] [--prompt-preset share-captioner|detailed | --prompt TEXT] [--output OUT] …
+
+Flags left out keep the preset's value (``--preset default|debug``); under ``default`` the prompt preset
+sets the decoding (greedy), under ``debug`` captions stay short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from typing import get_args
+
+from captioning.config import (
+    Backend,
+    CaptioningConfig,
+    DType,
+    GuardConfig,
+    ModelConfig,
+    PromptConfig,
+    PromptPreset,
+    debug_config,
+    generation_for,
+)
+from captioning.pipeline import run
+
+PRESETS = ("default", "debug")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Caption curated images with a VLM into the captions manifest."
+    )
+    parser.add_argument(
+        "--input", required=True, help="curation run folder (manifests/images, shards/curated)"
+    )
+    parser.add_argument("--output", help="run folder for manifests/captions (default: --input)")
+    parser.add_argument(
+        "--model", required=True, help="VLM hub id or local path (AutoModelForImageTextToText)"
+    )
+    parser.add_argument("--revision", help="hub revision of --model")
+    parser.add_argument(
+        "--tokenizer", required=True, help="the training config's T5 tokenizer (num_tokens, budget)"
+    )
+    parser.add_argument("--where", help="DuckDB WHERE over the images view (default: status = 'kept')")
+    parser.add_argument(
+        "--preset", choices=PRESETS, default="default", help="config preset the flags override"
+    )
+    parser.add_argument("--backend", choices=get_args(Backend))
+    parser.add_argument("--dtype", choices=get_args(DType))
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-preset", choices=[p for p in get_args(PromptPreset) if p != "custom"])
+    prompt.add_argument("--prompt", help="a custom prompt (prompt preset 'custom')")
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-actors", type=int, help="captioner actor pool size (model replicas)")
+    parser.add_argument("--num-gpus", type=float, help="GPUs per captioner actor")
+    parser.add_argument("--rows-per-part", type=int)
+    parser.add_argument("--token-budget", type=int)
+    parser.add_argument(
+        "--truncate-at-sentence", action=argparse.BooleanOptionalAction, default=None,
+        help="cut captions over the budget at a sentence end (default: yes); --no-… only flags them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decode-min-side", type=int, help="reduced decode target (default: the processor's size)"
+    )
+    return parser
+
+
+def _override(obj, **values):
+    """``dataclasses.replace`` with the values that were given (None means: keep the preset's)."""
+    return dataclasses.replace(obj, **{k: v for k, v in values.items() if v is not None})
+
+
+def parse_args(argv: list[str] | None = None) -> CaptioningConfig:
+    """The resolved config: preset, then flags."""
+    args = build_parser().parse_args(argv)
+    if args.preset == "debug":
+        cfg = debug_config(args.input, model=args.model, tokenizer=args.tokenizer, output=args.output)
+    else:
+        cfg = CaptioningConfig(
+            input=args.input,
+            output=args.output,
+            model=ModelConfig(model=args.model),
+            guards=GuardConfig(tokenizer=args.tokenizer),
+        )
+    prompt = cfg.prompt
+    if args.prompt is not None:
+        prompt = PromptConfig(preset="custom", custom=args.prompt)
+    elif args.prompt_preset is not None:
+        prompt = PromptConfig(preset=args.prompt_preset)
+    # The default preset decodes as its prompt preset says; debug keeps its short captions.
+    generation = generation_for(prompt.preset) if args.preset == "default" else cfg.generation
+    return dataclasses.replace(
+        cfg,
+        where=args.where or cfg.where,
+        prompt=prompt,
+        model=_override(cfg.model, revision=args.revision, backend=args.backend, dtype=args.dtype),
+        generation=_override(
+            generation,
+            max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams,
+            repetition_penalty=args.repetition_penalty,
+        ),
+        resources=_override(
+            cfg.resources,
+            batch_size=args.batch_size,
+            num_actors=args.num_actors,
+            num_gpus=args.num_gpus,
+            rows_per_part=args.rows_per_part,
+        ),  # fmt: skip
+        guards=_override(
+            cfg.guards, token_budget=args.token_budget, truncate_at_sentence=args.truncate_at_sentence
+        ),
+        decode_min_side=args.decode_min_side if args.decode_min_side is not None else cfg.decode_min_side,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse flags, run the job, print the summary."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    summary = run(parse_args(argv))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The captioning job's wiring: ``images`` (DuckDB WHERE) → shard reads → captioner actors → manifest parts.
+
+The model-holding stages live in ``captioning.captioner`` and the guards in ``captioning.guards``; this
+module is the only one here that knows about Ray. Every selected row ends in the ``captions`` manifest,
+kept or rejected with a reason. Resume: keys already captioned by the same captioner and prompt are
+skipped, and a part is visible only once committed, so a killed run loses at most its uncommitted parts
+and a rerun writes exactly those rows again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import ray
+
+import manifests
+from captioning import vllm_engine
+from captioning.captioner import Captioner, CaptionGuard, captioner_id, load_processor, processor_min_side
+from captioning.config import CaptioningConfig
+from captioning.reader import ReadImages
+from manifests import ManifestWriter, atomic_write_bytes
+from manifests.io import is_committed
+from manifests.schema import KEPT, REJECTED
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_DIR = "manifests/captions"
+CONFIG_FILE = "captioning_config.json"
+SUMMARY_FILE = "captioning_summary.json"
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, configure_logging=False)
+
+
+def select_rows(root: Path, where: str) -> list[dict]:
+    """Distinct (key, shard) of the ``images`` rows matching ``where`` that have a curated shard."""
+    con = manifests.connect(root)
+    try:
+        rows = con.execute(
+            f"SELECT key, any_value(shard) AS shard, count(shard) AS num_with_shard FROM images "
+            f"WHERE ({where}) GROUP BY key ORDER BY key"
+        ).fetchall()
+    except duckdb.Error as err:
+        raise ValueError(f"where {where!r} is not a valid filter over the images view: {err}") from err
+    finally:
+        con.close()
+    without_shard = sum(1 for _, _, n in rows if n == 0)
+    if without_shard:
+        log.warning(
+            "%d selected rows have no curated shard (rejected images?) and are not captioned", without_shard
+        )
+    return [{"key": key, "shard": shard} for key, shard, n in rows if n > 0]
+
+
+def done_keys(root: Path, captioner: str, prompt: str) -> set[str]:
+    """Keys that already have a committed caption row (kept or rejected) for this captioner and prompt."""
+    con = manifests.connect(root)
+    try:
+        rows = con.execute(
+            "SELECT DISTINCT key FROM captions WHERE captioner = ? AND prompt = ?", [captioner, prompt]
+        )
+        return {key for (key,) in rows.fetchall()}
+    finally:
+        con.close()
+
+
+def remove_uncommitted_parts(directory: Path) -> int:
+    """Delete parts renamed into place but never committed (a crash between rename and marker), so a plain
+    ``read_parquet('…/captions/*.parquet')`` never sees rows the rerun writes again. This is why two
+    captioning runs must not write into the same output folder at the same time."""
+    removed = 0
+    for path in sorted(directory.glob("part-*.parquet")):
+        if not is_committed(directory, path.stem):
+            log.warning("removing uncommitted part %s (left by a killed run)", path)
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def plan_reads(rows: list[dict], root: Path, chunk_size: int) -> list[dict]:
+    """Read tasks grouped by shard (each opens one tar), at most ``chunk_size`` keys each, in key order."""
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        by_shard[row["shard"]].append(row["key"])
+    return [
+        {"shard": str(root / shard), "keys": keys[i : i + chunk_size]}
+        for shard, keys in sorted(by_shard.items())
+        for i in range(0, len(keys), chunk_size)
+    ]
+
+
+def part_name(captioner: str, prompt: str, keys: list[str]) -> str:
+    """Deterministic part name: the same rows for the same captioner and prompt get the same name."""
+    digest = hashlib.sha256("\0".join([captioner, prompt, *sorted(keys)]).encode()).hexdigest()
+    return f"part-{digest[:16]}"
+
+
+def resolve_min_side(cfg: CaptioningConfig) -> int:
+    """The reduced-decode target: the config's, else the short side the model's processor resizes to."""
+    if cfg.decode_min_side is not None:
+        return cfg.decode_min_side
+    min_side = processor_min_side(load_processor(cfg.model))
+    if min_side is None:
+        raise ValueError(f"cannot read an input size from {cfg.model.model}'s processor: set decode_min_side")
+    return min_side
+
+
+def caption_dataset(
+    plans: list[dict], cfg: CaptioningConfig, *, captioner: str, min_side: int
+) -> ray.data.Dataset:
+    """Read tasks → captioner actor pool (or the vLLM processor + guard actors) → ``captions`` rows."""
+    res = cfg.resources
+    ds = ray.data.from_items(plans, override_num_blocks=len(plans))
+    # Stateless, so plain Ray tasks (an instance, not the class).
+    ds = ds.flat_map(ReadImages(min_side=min_side))
+    if cfg.model.backend == "transformers":
+        return ds.map_batches(
+            Captioner,
+            fn_constructor_kwargs={
+                "model": cfg.model,
+                "prompt": cfg.prompt.text,
+                "generation": cfg.generation,
+                "guards": cfg.guards,
+                "captioner": captioner,
+            },
+            batch_size=res.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+            num_gpus=res.num_gpus,
+            num_cpus=res.num_cpus,
+        )
+    if res.num_gpus == 0:
+        log.warning("resources.num_gpus is ignored by the vllm backend: each engine replica takes one GPU")
+    ds = vllm_engine.build_processor(cfg, prompt=cfg.prompt.text)(ds)
+    return ds.map_batches(
+        CaptionGuard,
+        fn_constructor_kwargs={
+            "guards": cfg.guards,
+            "prompt": cfg.prompt.text,
+            "captioner": captioner,
+            "gen_params": vllm_engine.sampling_params(cfg.generation),
+        },
+        batch_size=256,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+    )
+
+
+def write_parts(
+    ds: ray.data.Dataset, writer: ManifestWriter, *, captioner: str, prompt: str, rows_per_part: int
+) -> pa.Table | None:
+    """Stream the dataset into committed parts of ``rows_per_part`` rows; returns the small columns."""
+    pending: list[pa.Table] = []
+    written: list[pa.Table] = []
+
+    def flush() -> None:
+        table = pa.concat_tables(pending)
+        pending.clear()
+        writer.write(table, part_name(captioner, prompt, table.column("key").to_pylist()))
+        written.append(table.select(["key", "status", "reason", "num_tokens", "truncated", "seconds"]))
+        log.info("captions: %d rows committed", sum(t.num_rows for t in written))
+
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        pending.append(batch)
+        while sum(t.num_rows for t in pending) >= rows_per_part:
+            table = pa.concat_tables(pending)
+            pending[:] = [table.slice(0, rows_per_part)]
+            rest = table.slice(rows_per_part)
+            flush()
+            if rest.num_rows:
+                pending.append(rest)
+    if sum(t.num_rows for t in pending):
+        flush()
+    return pa.concat_tables(written) if written else None
+
+
+def summarize(table: pa.Table | None, *, budget: int, seconds: float) -> dict:
+    """Tokens per kept caption (mean, p50, p95, max), share over budget, share rejected per reason, images/s."""
+    rows = table.to_pylist() if table is not None else []
+    kept = [r for r in rows if r["status"] == KEPT]
+    tokens = np.array([r["num_tokens"] for r in kept], dtype=np.float64)
+    reasons = Counter(r["reason"].split(":")[0] for r in rows if r["status"] == REJECTED)
+    stats = {
+        "mean": round(float(tokens.mean()), 1),
+        "p50": float(np.percentile(tokens, 50)),
+        "p95": float(np.percentile(tokens, 95)),
+        "max": int(tokens.max()),
+    } if len(tokens) else None  # fmt: skip
+    return {
+        "captioned": len(rows),
+        "kept": len(kept),
+        "rejected": len(rows) - len(kept),
+        "tokens_per_caption": stats,
+        "token_budget": budget,
+        "share_over_budget": round(sum(bool(r["truncated"]) for r in kept) / len(kept), 4) if kept else 0.0,
+        "rejected_per_reason": dict(sorted(reasons.items())),
+        "share_rejected_per_reason": {k: round(v / len(rows), 4) for k, v in sorted(reasons.items())},
+        "images_per_s": round(len(rows) / seconds, 3) if seconds > 0 and rows else 0.0,
+    }
+
+
+def run(cfg: CaptioningConfig) -> dict:
+    """Run the whole captioning job; returns the summary that is also written to the run folder."""
+    started = time.time()
+    root, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    if Path(cfg.model.model).is_dir():  # actors may run elsewhere than the driver's working directory
+        cfg.model.model = str(Path(cfg.model.model).resolve())
+    captioner, prompt = captioner_id(cfg.model), cfg.prompt.text
+    min_side = resolve_min_side(cfg)
+    resolved = {**cfg.to_dict(), "captioner": captioner, "prompt_text": prompt, "decode_min_side": min_side}
+    atomic_write_bytes(out / CONFIG_FILE, json.dumps(resolved, indent=2).encode())
+
+    writer = ManifestWriter(out / CAPTIONS_DIR, "captions")
+    removed = remove_uncommitted_parts(writer.directory)
+    selected = select_rows(root, cfg.where)
+    done = done_keys(out, captioner, prompt)
+    todo = [r for r in selected if r["key"] not in done]
+    log.info(
+        "captioning: %d selected, %d already captioned by %s, %d to do",
+        len(selected),
+        len(selected) - len(todo),
+        captioner,
+        len(todo),
+    )
+
+    table, caption_seconds = None, 0.0
+    if todo:
+        init_ray()
+        plans = plan_reads(todo, root, cfg.resources.read_chunk_size)
+        caption_started = time.time()
+        ds = caption_dataset(plans, cfg, captioner=captioner, min_side=min_side)
+        table = write_parts(
+            ds, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part
+        )
+        caption_seconds = time.time() - caption_started
+        assert table is not None and sorted(table.column("key").to_pylist()) == [r["key"] for r in todo], (
+            "every selected key must produce exactly one caption row"
+        )
+
+    summary = {
+        "captioner": captioner,
+        "prompt": prompt,
+        "selected": len(selected),
+        "skipped_already_captioned": len(selected) - len(todo),
+        "uncommitted_parts_removed": removed,
+        **summarize(table, budget=cfg.guards.token_budget, seconds=caption_seconds),
+        "seconds": round(time.time() - started, 2),
+        "output": str(out / CAPTIONS_DIR),
+    }
+    atomic_write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    log.info("captioning summary: %s", json.dumps(summary))
+    return summary

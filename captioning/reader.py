@@ -1,0 +1,109 @@
+"""Reads images for captioning from curated WebDataset shards, with one reduced decode per image.
+
+A shard member is ``<key>.<ext>`` (original bytes) beside ``<key>.json``. The decode goes straight to
+about the processor's input size: JPEG asks libjpeg for DCT scaling (``Image.draft``), other formats are
+``reduce``d by an integer factor, then a final resize brings the short side to ``min_side``. Pixels leave
+as raw RGB bytes so they cross Ray's object store as a plain binary column.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from manifests import Rejected
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+
+
+def read_members(shard: str | os.PathLike, keys: list[str]) -> dict[str, bytes]:
+    """The image bytes of ``keys`` from one shard; keys absent from the shard are absent from the result."""
+    wanted = set(keys)
+    found: dict[str, bytes] = {}
+    with tarfile.open(Path(shard), "r:") as tar:  # random access: headers only, data read for wanted keys
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            if key in wanted and ext.lower() in IMAGE_EXTENSIONS and member.isfile():
+                found[key] = tar.extractfile(member).read()
+    return found
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any mode; alpha is composited on white, 16-bit grey scaled (not clipped) to 8 bits."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
+    """Decode once to an RGB image whose short side is ``min_side`` (never upscaled), EXIF-oriented."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        width, height = im.size
+        scale = max(1, min(width, height) // min_side)
+        if im.format == "JPEG" and scale > 1:
+            im.draft("RGB", (max(width // scale, 1), max(height // scale, 1)))
+        im.load()
+        if im.format != "JPEG" and scale > 1 and im.mode in ("RGB", "RGBA", "L", "LA"):
+            im = im.reduce(min(scale, 8))
+        im = to_rgb(ImageOps.exif_transpose(im))
+        short = min(im.size)
+        if short > min_side:
+            ratio = min_side / short
+            im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.BICUBIC)
+        return im
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return Rejected(f"decode_error: {type(err).__name__}: {err}")
+
+
+def pixels_row(key: str, image: Image.Image | Rejected) -> dict:
+    """The row a read task emits: raw RGB bytes + size, or a reason."""
+    if isinstance(image, Rejected):
+        return {"key": key, "pixels": None, "width": None, "height": None, "reason": image.reason}
+    return {
+        "key": key,
+        "pixels": image.tobytes(),
+        "width": image.width,
+        "height": image.height,
+        "reason": None,
+    }
+
+
+def image_from_row(row: dict) -> Image.Image:
+    return Image.frombytes("RGB", (row["width"], row["height"]), row["pixels"])
+
+
+class ReadImages:
+    """Read task over one plan ``{"shard": path, "keys": [...]}``: one row per key, pixels or a reason."""
+
+    def __init__(self, *, min_side: int) -> None:
+        self.min_side = min_side
+
+    def __call__(self, plan: dict) -> list[dict]:
+        keys = list(plan["keys"])
+        try:
+            members = read_members(plan["shard"], keys)
+        except (OSError, tarfile.TarError) as err:  # a missing or broken shard: every key gets the reason
+            return [pixels_row(k, Rejected(f"shard_error: {type(err).__name__}: {err}")) for k in keys]
+        return [
+            pixels_row(
+                k,
+                reduced_decode(members[k], min_side=self.min_side)
+                if k in members
+                else Rejected("missing_in_shard"),
+            )
+            for k in keys
+        ]

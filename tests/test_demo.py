@@ -1,0 +1,47 @@
+"""End to end: the `make demo` pipeline (configs/demo.sh) on a small corpus, on the session's Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import REPO, VENV_BIN
+
+
+def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
+    out = tmp_path / "demo"
+    env = {
+        **os.environ,
+        "DEMO_OUT": str(out),
+        "DEMO_N": "8",
+        "NPROC": "2",
+        "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+        "RAY_ADDRESS": ray_cluster.address,  # every Ray step joins the session cluster
+    }
+    result = subprocess.run(
+        ["bash", "configs/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    expected = [json.loads(line) for line in (out / "corpus" / "expected.jsonl").read_text().splitlines()]
+    assert summary["inputs"] == len(expected)
+    kept = sum(summary["kept_per_tier"].values())
+    rejected = sum(summary["rejected_per_reason"].values())
+    assert kept + rejected == summary["inputs"]  # every input lands somewhere
+    assert {
+        "too_small",
+        "empty_file",
+        "unreadable",
+        "decode_error",
+        "too_many_pixels",
+        "aspect_ratio",
+    } <= set(summary["rejected_per_reason"])
+    assert summary["captions_kept"] + summary["captions_rejected"] == kept
+    assert summary["selections"]["demo"] > 0
+    training = summary["training"]
+    assert training["steps"] > 0 and training["first_loss"] is not None
+    assert (out / "train" / "final").is_dir()
+    shards = json.loads((out / "run" / "train_shards" / "demo" / "shards.json").read_text())
+    assert shards["features"]["vae_resolutions"]  # trained from cached features
+    assert "inputs:" in result.stdout and "training:" in result.stdout

@@ -1,0 +1,93 @@
+"""Project-level checks: packaging, the import arrows of the architecture, the Dockerfile, the docs."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, VENV_BIN
+
+PACKAGES = ("manifests", "curation", "captioning", "training")
+
+
+def imported_top_levels(package: str) -> dict[str, set[str]]:
+    """Top-level module names imported by each file of a package (static, so lazy imports count too)."""
+    found = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(REPO))] = names
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("manifests", {"curation", "captioning", "training", "tests"}),
+        ("curation", {"captioning", "training", "tests"}),
+        ("captioning", {"curation", "training", "tests"}),
+        ("training", {"curation", "captioning", "ray", "tests"}),
+    ],
+)
+def test_import_arrows_run_one_way(package, forbidden):
+    offenders = {
+        path: names & forbidden for path, names in imported_top_levels(package).items() if names & forbidden
+    }
+    assert offenders == {}
+
+
+def test_dockerfile_passes_hadolint():
+    result = subprocess.run(
+        [str(VENV_BIN / "hadolint"), "Dockerfile"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_architecture_doc_names_every_package():
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    for package in PACKAGES:
+        assert f"`{package}/`" in doc
+        assert (REPO / package / "__init__.py").exists()
+
+
+def test_readme_and_ci_use_the_two_commands():
+    readme = (REPO / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    for command in (
+        "ray job submit --working-dir . -- python curation/run.py",
+        "torchrun --nproc_per_node=",
+        "duckdb",
+    ):
+        assert command in readme
+
+
+def test_scripts_import_packages_when_run_by_path(tmp_path):
+    for script in ("curation/run.py", "captioning/run.py", "training/main.py"):
+        result = subprocess.run(
+            [str(VENV_BIN / "python"), str(REPO / script), "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
+        assert "usage" in result.stdout.lower()
+
+
+def test_package_metadata():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "pixsigma"
+    assert {"dev", "vllm"} <= set(project["optional-dependencies"])
+    # Ranges, not pins, for torch: CUDA users bring their own build.
+    assert not any(d.startswith(("torch==", "torchvision==")) for d in project["dependencies"])
+    pins = Path(REPO / "constraints.txt").read_text().splitlines()
+    assert sum(line.startswith("torch==") for line in pins) == 1

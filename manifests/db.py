@@ -11,11 +11,14 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from manifests.io import committed_parts
 from manifests.schema import KEPT, REJECTED, SCHEMAS
 
 MANIFESTS_DIR = "manifests"
+TRAIN_SHARDS_DIR = "train_shards"  # written by manifests.materialize
+INDEX_FILE = "index.parquet"
 
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR",
@@ -24,7 +27,14 @@ _DUCKDB_TYPES = {
     pa.float32(): "FLOAT",
     pa.float64(): "DOUBLE",
     pa.bool_(): "BOOLEAN",
+    pa.float16(): "FLOAT",  # DuckDB has no half type; it reads Parquet float16 as FLOAT
 }
+
+
+def _duckdb_type(arrow_type: pa.DataType) -> str:
+    if pa.types.is_list(arrow_type):
+        return _duckdb_type(arrow_type.value_type) + "[]"
+    return _DUCKDB_TYPES[arrow_type]
 
 
 def manifest_dirs(root: str | os.PathLike, name: str) -> list[Path]:
@@ -45,20 +55,27 @@ def _sql_list(files: list[str]) -> str:
 def _view_sql(name: str, files: list[str]) -> str:
     schema = SCHEMAS[name]
     if files:
-        # union_by_name: parts written before a nullable column was added still read.
-        columns = ", ".join(f'"{f.name}"' for f in schema)
+        # union_by_name: parts written before a nullable column was added still read; a column that no
+        # part has yet (read from the Parquet footers only) becomes a typed null.
+        present = {column for f in files for column in pq.read_schema(f).names}
+        columns = ", ".join(
+            f'"{f.name}"' if f.name in present else f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"'
+            for f in schema
+        )
         return f"SELECT {columns} FROM read_parquet({_sql_list(files)}, union_by_name = true)"
-    nulls = ", ".join(f'CAST(NULL AS {_DUCKDB_TYPES[f.type]}) AS "{f.name}"' for f in schema)
+    nulls = ", ".join(f'CAST(NULL AS {_duckdb_type(f.type)}) AS "{f.name}"' for f in schema)
     return f"SELECT {nulls} WHERE false"
 
 
 def connect(
     root: str | os.PathLike, *, database: str | os.PathLike = ":memory:"
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with views ``images``, ``captions``, ``rejects`` and ``image_captions``.
+    """A DuckDB connection with views ``images``, ``captions``, ``rejects``, ``image_captions``, ``shards``.
 
     ``images`` has every input row (kept and rejected); ``rejects`` the rejected ones; ``image_captions``
-    each kept image with its original caption and one kept VLM caption (the first by captioner, prompt).
+    each kept image with its original caption and one kept VLM caption (the first by captioner, prompt);
+    ``shards`` one row per curated shard and tier with its sample count and bytes; ``train_shards`` one row
+    per training shard (from each ``train_shards/<name>/index.parquet``) with its count and bucket histogram.
     """
     con = duckdb.connect(str(database))
     for name in SCHEMAS:
@@ -80,4 +97,27 @@ def connect(
         WHERE i.status = '{KEPT}'
         """
     )
+    con.execute(
+        f"""
+        CREATE OR REPLACE VIEW shards AS
+        SELECT shard, tier, count(*) AS num_samples, sum(num_bytes) AS num_bytes
+        FROM images WHERE status = '{KEPT}' AND shard IS NOT NULL
+        GROUP BY shard, tier
+        """
+    )
+    con.execute(f"CREATE OR REPLACE VIEW train_shards AS {_train_shards_sql(root)}")
     return con
+
+
+def _train_shards_sql(root: str | os.PathLike) -> str:
+    indexes = sorted(str(p) for p in Path(root).glob(f"**/{TRAIN_SHARDS_DIR}/*/{INDEX_FILE}"))
+    if not indexes:
+        return (
+            "SELECT CAST(NULL AS VARCHAR) AS name, CAST(NULL AS VARCHAR) AS shard, "
+            "CAST(NULL AS BIGINT) AS num_samples, CAST(NULL AS VARCHAR) AS buckets WHERE false"
+        )
+    # The folder name is the training set's name: …/train_shards/<name>/index.parquet.
+    return (
+        "SELECT split_part(filename, '/', -2) AS name, shard, num_samples, buckets "
+        f"FROM read_parquet({_sql_list(indexes)}, filename = true)"
+    )

@@ -22,8 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from PIL import Image
 
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
 from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes, is_committed, publish, temp_path
 from manifests.selection import SELECTIONS_DIR
@@ -31,9 +33,9 @@ from manifests.tars import extension_for, json_bytes, read_members, write_shard
 
 log = logging.getLogger(__name__)
 
-TRAIN_SHARDS_DIR = "train_shards"
 DEFAULT_RESOLUTIONS = (256, 512, 1024, 2048, 2880)
 NULL_CAPTION_FILE = "t5_null.npy"
+VAE_WINDOW_BATCHES = 4  # VAE crops are grouped by bucket size within windows of this many batches of rows
 
 
 @dataclass
@@ -49,6 +51,9 @@ class MaterializeConfig:
     vae_resolutions: tuple[int, ...] = ()
     num_workers: int = 1  # actors; each loads the encoders once
     num_gpus: float = 0.0  # per actor
+    feature_batch_size: int = 32  # captions or same-size crops per encoder call
+    output_dir: str = TRAIN_SHARDS_DIR  # folder under root; the eval set writes to eval_shards/
+    shard_prefix: str = "train"  # shards are <prefix>-NNNNNN.tar (the trainer globs train-*.tar)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.selection
@@ -56,6 +61,12 @@ class MaterializeConfig:
             raise ValueError("vae_resolutions is set but vae is not: name the VAE to cache latents with")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be ≥ 1, got {self.samples_per_shard}")
+        if self.feature_batch_size < 1:
+            raise ValueError(f"feature_batch_size must be ≥ 1, got {self.feature_batch_size}")
+        self.resolutions, self.vae_resolutions = tuple(self.resolutions), tuple(self.vae_resolutions)
+
+    def out_dir(self) -> Path:
+        return Path(self.root) / self.output_dir / self.name
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -71,7 +82,10 @@ def plan(rows: list[dict], cfg: MaterializeConfig) -> list[dict]:
     shuffled = [rows[i] for i in order]
     size = cfg.samples_per_shard
     return [
-        {"shard": f"train-{i:06d}.tar", "rows": json.dumps(shuffled[start : start + size], default=str)}
+        {
+            "shard": f"{cfg.shard_prefix}-{i:06d}.tar",
+            "rows": json.dumps(shuffled[start : start + size], default=str),
+        }
         for i, start in enumerate(range(0, len(shuffled), size))
     ]
 
@@ -83,7 +97,7 @@ class ShardWriter:
         from manifests.features import T5Features, VaeFeatures
 
         self.cfg = cfg
-        self.out = Path(cfg.root) / TRAIN_SHARDS_DIR / cfg.name
+        self.out = cfg.out_dir()
         self.t5 = T5Features(cfg.t5) if cfg.t5 else None
         self.vae = VaeFeatures(cfg.vae) if cfg.vae else None
 
@@ -93,9 +107,12 @@ class ShardWriter:
         written = False
         if not is_committed(self.out, item["shard"]):  # resume: a committed shard is not read again
             images = self._read_images(rows)
-            written = write_shard(
-                self.out / item["shard"], [self.sample(row, images[row["key"]]) for row in rows]
-            )
+            samples = [self.sample(row, images[row["key"]]) for row in rows]
+            if self.t5:
+                self._add_t5(rows, samples)
+            if self.vae:
+                self._add_vae(rows, samples)
+            written = write_shard(self.out / item["shard"], samples)
         for row in rows:
             for res in self.cfg.resolutions:
                 buckets[f"{res}:{'x'.join(map(str, nearest_bucket(row['height'], row['width'], res)))}"] += 1
@@ -118,39 +135,66 @@ class ShardWriter:
         return images
 
     def sample(self, row: dict, data: bytes) -> dict:
+        """The sample without features: original bytes and the JSON sidecar."""
         buckets = {
             str(res): list(nearest_bucket(row["height"], row["width"], res)) for res in self.cfg.resolutions
         }
         meta = {
             k: row[k] for k in ("key", "width", "height", "caption_orig", "caption_vlm", "captioner", "tier")
         }
-        sample = {
+        return {
             "__key__": row["key"],
             extension_for(row["format"]): data,
             "json": json_bytes({**meta, "buckets": buckets}),
         }
-        if self.t5:
-            for name in ("caption_orig", "caption_vlm"):
-                if row.get(name):
-                    sample[f"t5_{name.split('_')[1]}.npy"] = npy_bytes(self.t5([row[name]])[0])
-        if self.vae:
-            image = decode_rgb(
-                data,
-                min_side=min(
-                    min(nearest_bucket(row["height"], row["width"], r)) for r in self.cfg.vae_resolutions
-                ),
-            )
-            for res in self.cfg.vae_resolutions:
-                crop = resize_to_cover_and_crop(image, nearest_bucket(row["height"], row["width"], res))
-                sample[f"vae{res}.npy"] = npy_bytes(self.vae([crop])[0])
-        return sample
+
+    def _add_t5(self, rows: list[dict], samples: list[dict]) -> None:
+        """``t5_orig.npy``/``t5_vlm.npy``: valid tokens only, (num_tokens, D) float16, batched per shard."""
+        jobs = [
+            (i, f"t5_{name.split('_')[1]}.npy", row[name])
+            for i, row in enumerate(rows)
+            for name in ("caption_orig", "caption_vlm")
+            if row.get(name)
+        ]
+        step = self.cfg.feature_batch_size
+        for start in range(0, len(jobs), step):
+            batch = jobs[start : start + step]
+            for (i, member, _), features in zip(batch, self.t5([c for _, _, c in batch]), strict=True):
+                samples[i][member] = npy_bytes(features)
+
+    def _add_vae(self, rows: list[dict], samples: list[dict]) -> None:
+        """``vae<res>.npy``: [mean, std] (2, C, h, w) float16 at the bucket size, same-size crops batched.
+
+        Each crop is made as the trainer makes it on the fly (reduced decode to the bucket's short side,
+        resize-to-cover, center-crop), so a cached latent equals the one the trainer would compute.
+        """
+        step = self.cfg.feature_batch_size
+        # A window of rows at a time bounds the crops held in memory (1000 crops at 1024² are 3 GB).
+        for window in range(0, len(rows), step * VAE_WINDOW_BATCHES):
+            crops: dict[tuple[int, int], list[tuple[int, str, Image.Image]]] = {}
+            for i in range(window, min(window + step * VAE_WINDOW_BATCHES, len(rows))):
+                row = rows[i]
+                data = samples[i][extension_for(row["format"])]
+                decoded: dict[int, Image.Image] = {}
+                for res in self.cfg.vae_resolutions:
+                    bucket = nearest_bucket(row["height"], row["width"], res)
+                    if min(bucket) not in decoded:
+                        decoded[min(bucket)] = decode_rgb(data, min_side=min(bucket))
+                    crop = resize_to_cover_and_crop(decoded[min(bucket)], bucket)
+                    crops.setdefault(bucket, []).append((i, f"vae{res}.npy", crop))
+            for bucket in sorted(crops):
+                for start in range(0, len(crops[bucket]), step):
+                    batch = crops[bucket][start : start + step]
+                    posteriors = self.vae([crop for _, _, crop in batch])
+                    for (i, member, _), posterior in zip(batch, posteriors, strict=True):
+                        samples[i][member] = npy_bytes(posterior)
 
 
 def materialize(cfg: MaterializeConfig) -> Path:
     """Write the training shards of a selection and their index; returns the output folder."""
     root = Path(cfg.root)
     rows = pq.read_table(root / SELECTIONS_DIR / cfg.selection / "rows.parquet").to_pylist()
-    out = root / TRAIN_SHARDS_DIR / cfg.name
+    out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     plans = plan(rows, cfg)
     if not ray.is_initialized():
@@ -171,10 +215,10 @@ def materialize(cfg: MaterializeConfig) -> Path:
             "buckets": [r["buckets"] for r in results],  # JSON: "<res>:<h>x<w>" → count
         }
     )
-    tmp = temp_path(out / "index.parquet")
+    tmp = temp_path(out / INDEX_FILE)
     try:
         pq.write_table(index, tmp)
-        publish(tmp, out / "index.parquet")
+        publish(tmp, out / INDEX_FILE)
     finally:
         tmp.unlink(missing_ok=True)
     if cfg.t5:
@@ -207,12 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-resolution", type=int, action="append", default=[])
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--num-gpus", type=float, default=0.0)
+    parser.add_argument("--feature-batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = MaterializeConfig(
         root=args.root, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
         seed=args.seed, t5=args.t5, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
-        num_workers=args.num_workers, num_gpus=args.num_gpus,
+        num_workers=args.num_workers, num_gpus=args.num_gpus, feature_batch_size=args.feature_batch_size,
     )  # fmt: skip
     out = materialize(cfg)
     print(f"training shards → {out}")

@@ -53,6 +53,20 @@ IMAGES = _schema(
         pa.field("clip_model", pa.string()),
         pa.field("phash", pa.int64()),  # 64-bit perceptual hash, bit pattern stored as signed int64
         pa.field("dup_of", pa.string()),  # key of the keeper when reason = "duplicate"
+        pa.field("url", pa.string()),  # origin URL (URL lists, img2dataset tars), else null
+        pa.field("source_key", pa.string()),  # the key a WebDataset / img2dataset source gave the sample
+        pa.field("source_meta", pa.string()),  # that source's JSON sidecar, verbatim
+        pa.field("download_status", pa.string()),  # img2dataset's per-row status for URL-list rows
+    ],
+)
+
+# Optional side manifest of curation: one L2-normalised CLIP image embedding per scored row, fp16.
+CLIP_EMBEDDINGS = _schema(
+    "clip_embeddings",
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("clip_model", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float16()), nullable=False),  # (D,) with D = CLIP embed_dim
     ],
 )
 
@@ -73,7 +87,7 @@ CAPTIONS = _schema(
     ],
 )
 
-SCHEMAS: dict[str, pa.Schema] = {"images": IMAGES, "captions": CAPTIONS}
+SCHEMAS: dict[str, pa.Schema] = {"images": IMAGES, "captions": CAPTIONS, "clip_embeddings": CLIP_EMBEDDINGS}
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

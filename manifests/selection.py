@@ -2,7 +2,9 @@
 
 A selection is ``<root>/selections/<name>/rows.parquet`` plus ``selection.json`` that records the query,
 the sha256 of every input manifest part and of the rows written, so a training run can name exactly
-what it trained on. CLI: ``python -m manifests.selection --root OUT --name NAME --where SQL [--limit N]``.
+what it trained on. A selection can exclude other selections (an eval set, say): no row shares a key, a
+sha256 or a pHash group (Hamming distance ≤ ``phash_max_distance``) with a row of an excluded one.
+CLI: ``python -m manifests.selection --root OUT --name NAME --where SQL [--limit N] [--exclude EVAL]``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.db import connect, manifest_files
 from manifests.io import atomic_write_bytes, publish, temp_path
 
 SELECTIONS_DIR = "selections"
+ROWS_FILE = "rows.parquet"
+RECORD_FILE = "selection.json"
+PHASH_BITS = 64
+# Two 64-bit pHashes this close count as one image: ≤ 4 of 64 bits is a common near-duplicate cut-off
+# (resize, re-encode, small crops), tight enough that unrelated images almost never meet it.
+DEFAULT_PHASH_MAX_DISTANCE = 4
 SELECTION_COLUMNS = (
     "key", "source", "shard", "width", "height", "format", "tier", "sha256", "phash", "aesthetic",
     "caption_orig", "caption_vlm", "captioner",
@@ -35,6 +45,8 @@ class SelectionSpec:
     limit: int | None = None
     sample_fraction: float | None = None  # keep each row with this probability, decided by hash(key, seed)
     seed: int = 0
+    exclude: tuple[str, ...] = ()  # selections this one must be disjoint from (by key, sha256, pHash group)
+    phash_max_distance: int = DEFAULT_PHASH_MAX_DISTANCE
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -43,18 +55,94 @@ class SelectionSpec:
             raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be ≥ 0, got {self.limit}")
+        if not 0 <= self.phash_max_distance < PHASH_BITS // 2:
+            raise ValueError(
+                f"phash_max_distance must be in [0, {PHASH_BITS // 2}), got {self.phash_max_distance}"
+            )
+        if self.name in self.exclude:
+            raise ValueError(f"exclude must not name the selection itself ({self.name!r})")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
 
-    def sql(self) -> str:
-        """The full query. Sampling hashes the key with the seed, so it does not depend on row order."""
+    def candidates_sql(self) -> str:
+        """Rows matching ``where`` (and the sample), minus excluded ones; unordered, no limit.
+
+        Sampling hashes the key with the seed, so it does not depend on row order. Exclusion reads the
+        view ``excluded`` (key, sha256, phash of the excluded selections; see ``register_excluded``).
+        """
         columns = ", ".join(SELECTION_COLUMNS)
         query = f"SELECT {columns} FROM image_captions WHERE ({self.where})"
         if self.sample_fraction is not None:
             threshold = int(self.sample_fraction * 2**32)
             query += f" AND ('0x' || left(md5(key || '#{self.seed}'), 8))::UBIGINT < {threshold}"
-        query += " ORDER BY key"
+        if not self.exclude:
+            return query
+        near = near_duplicates_sql("candidates", "excluded", self.phash_max_distance)
+        return (
+            f"WITH candidates AS ({query}), near AS ({near}) "
+            "SELECT * FROM candidates WHERE key NOT IN (SELECT key FROM excluded) "
+            "AND (sha256 IS NULL OR sha256 NOT IN (SELECT sha256 FROM excluded WHERE sha256 IS NOT NULL)) "
+            "AND key NOT IN (SELECT key FROM near)"
+        )
+
+    def sql(self) -> str:
+        """The full query: the candidates ordered by key, then the limit."""
+        query = f"SELECT * FROM ({self.candidates_sql()}) ORDER BY key"
         if self.limit is not None:
             query += f" LIMIT {self.limit}"
         return query
+
+
+def phash_bands(column: str, max_distance: int) -> list[str]:
+    """SQL for ``max_distance + 1`` disjoint bit bands of a 64-bit pHash column.
+
+    Pigeonhole: two hashes within ``max_distance`` differing bits agree exactly on at least one band, so
+    an equi-join per band finds every near pair without comparing all pairs.
+    """
+    num_bands = max_distance + 1
+    bands, shift = [], 0
+    for band in range(num_bands):
+        bits = PHASH_BITS // num_bands + (band < PHASH_BITS % num_bands)
+        bands.append(column if bits == PHASH_BITS else f"(({column} >> {shift}) & {(1 << bits) - 1})")
+        shift += bits
+    return bands
+
+
+def near_duplicates_sql(candidates: str, excluded: str, max_distance: int) -> str:
+    """Keys of ``candidates`` whose pHash lies within ``max_distance`` bits of one in ``excluded``.
+
+    Rows with a null pHash (the perceptual pass did not run) never match here; key and sha256 still apply.
+    """
+    joins = [
+        f"SELECT c.key FROM {candidates} c JOIN {excluded} x ON {band_c} = {band_x} "
+        f"WHERE bit_count(xor(c.phash, x.phash)) <= {max_distance}"
+        for band_c, band_x in zip(
+            phash_bands("c.phash", max_distance), phash_bands("x.phash", max_distance), strict=True
+        )
+    ]
+    return " UNION ".join(joins)
+
+
+def selection_dir(root: str | os.PathLike, name: str) -> Path:
+    return Path(root) / SELECTIONS_DIR / name
+
+
+def register_excluded(
+    con: duckdb.DuckDBPyConnection, root: str | os.PathLike, names: tuple[str, ...]
+) -> dict:
+    """Create the view ``excluded`` over the named selections; returns each one's ``keys_sha256``."""
+    paths, hashes = [], {}
+    for name in names:
+        folder = selection_dir(root, name)
+        if not (folder / RECORD_FILE).is_file():
+            raise ValueError(f"exclude names selection {name!r}, but {folder / RECORD_FILE} does not exist")
+        paths.append(str(folder / ROWS_FILE))
+        hashes[name] = json.loads((folder / RECORD_FILE).read_text())["keys_sha256"]
+    if paths:
+        files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+        con.execute(
+            f"CREATE OR REPLACE VIEW excluded AS SELECT key, sha256, phash FROM read_parquet({files})"
+        )
+    return hashes
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -65,35 +153,47 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def select(root: str | os.PathLike, spec: SelectionSpec) -> Path:
-    """Run the selection over the manifests below ``root``; returns the selection folder."""
-    root = Path(root)
-    out = root / SELECTIONS_DIR / spec.name
+def input_hashes(root: Path, excluded: dict[str, str]) -> dict:
+    """sha256 of every committed manifest part below ``root``, and the keys hash of each excluded selection."""
+    inputs = {
+        name: {str(Path(p).relative_to(root)): file_sha256(p) for p in manifest_files(root, name)}
+        for name in ("images", "captions")
+    }
+    inputs["excluded_selections"] = excluded
+    return inputs
+
+
+def write_selection(root: Path, name: str, table: pa.Table, record: dict) -> Path:
+    """Write ``rows.parquet`` then ``selection.json`` (with the row count and keys hash added)."""
+    out = selection_dir(root, name)
     out.mkdir(parents=True, exist_ok=True)
-    con = connect(root)
-    query = spec.sql()
-    table = con.sql(query).to_arrow_table()
-    rows_path = out / "rows.parquet"
+    rows_path = out / ROWS_FILE
     tmp = temp_path(rows_path)
     try:
         pq.write_table(table, tmp, compression="zstd")
         publish(tmp, rows_path)
     finally:
         tmp.unlink(missing_ok=True)
-    inputs = {
-        name: {str(Path(p).relative_to(root)): file_sha256(p) for p in manifest_files(root, name)}
-        for name in ("images", "captions")
-    }
     record = {
-        "spec": asdict(spec),
-        "query": query,
-        "query_sha256": hashlib.sha256(query.encode()).hexdigest(),
-        "inputs": inputs,
+        **record,
+        "query_sha256": hashlib.sha256(record["query"].encode()).hexdigest(),
+        "inputs_sha256": hashlib.sha256(json.dumps(record["inputs"], sort_keys=True).encode()).hexdigest(),
         "num_rows": table.num_rows,
         "keys_sha256": hashlib.sha256("\n".join(table.column("key").to_pylist()).encode()).hexdigest(),
     }
-    atomic_write_bytes(out / "selection.json", json.dumps(record, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(out / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     return out
+
+
+def select(root: str | os.PathLike, spec: SelectionSpec) -> Path:
+    """Run the selection over the manifests below ``root``; returns the selection folder."""
+    root = Path(root)
+    con = connect(root)
+    excluded = register_excluded(con, root, spec.exclude)
+    query = spec.sql()
+    table = con.sql(query).to_arrow_table()
+    record = {"spec": asdict(spec), "query": query, "inputs": input_hashes(root, excluded)}
+    return write_selection(root, spec.name, table, record)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,10 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--sample-fraction", type=float)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude", action="append", default=[], help="a selection to stay disjoint from")
+    parser.add_argument("--phash-max-distance", type=int, default=DEFAULT_PHASH_MAX_DISTANCE)
     args = parser.parse_args(argv)
-    spec = SelectionSpec(args.name, args.where, args.limit, args.sample_fraction, args.seed)
+    spec = SelectionSpec(
+        args.name, args.where, args.limit, args.sample_fraction, args.seed,
+        exclude=tuple(args.exclude), phash_max_distance=args.phash_max_distance,
+    )  # fmt: skip
     out = select(args.root, spec)
-    record = json.loads((out / "selection.json").read_text())
+    record = json.loads((out / RECORD_FILE).read_text())
     print(f"selection {spec.name}: {record['num_rows']} rows → {out}")
 
 

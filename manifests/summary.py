@@ -43,6 +43,11 @@ def summarize(root: str | Path, train_dir: str | Path | None = None) -> dict:
         summary["outputs"][f"train_shards/{shards.parent.name}"] = (
             f"{shards.parent} ({info['num_shards']} shards, features: {info['features']})"
         )
+    for record in sorted((root / "eval_shards").glob("*/eval.json")):
+        strata = json.loads(record.read_text())["strata"]
+        summary["outputs"][f"eval_shards/{record.parent.name}"] = (
+            f"{record.parent} ({sum(s['num_selected'] for s in strata)} images, prompts.jsonl)"
+        )
     if train_dir is not None:
         metrics = [
             json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines() if line

@@ -1,13 +1,16 @@
-"""Batched vs one-by-one captioning throughput: `python -m captioning.bench [--model PATH] [--num-images N]`.
+"""Batched vs one-by-one captioning throughput: `python -m bench.bench_captioning [--model PATH] [--num-images N]`.
 
 Without ``--model`` it builds the tiny LLaVA in a temporary folder. Every caption is forced to exactly
-``--new-tokens`` tokens (``min_new_tokens``) so batch sizes compare equal work. Prints a Markdown table
-(images/s per batch size and the ratio to batch size 1) for docs/benchmarks.md.
+``--new-tokens`` tokens (``min_new_tokens``) so batch sizes compare equal work. Writes its section (images/s
+per batch size and the ratio to batch size 1, measured in the same run) into docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import shlex
+import sys
 import tempfile
 import time
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.record import write_section
 from captioning.captioner import generate_captions, load_vlm
 from captioning.config import PROMPTS, ModelConfig
 from captioning.tiny import build_tiny_llava
@@ -53,15 +57,25 @@ def main(argv: list[str] | None = None) -> None:
             if torch.cuda.is_available()
             else f"CPU, {torch.get_num_threads()} threads"
         )
-        print(
-            f"model {model_path}, {device}, {model.dtype}, {args.num_images} images, {args.new_tokens} new tokens each\n"
-        )
-        print("| batch size | images/s | × batch 1 |\n|---:|---:|---:|")
+        command = " ".join(["python -m bench.bench_captioning", *map(shlex.quote, sys.argv[1:])])
+        lines = [
+            "## Captioning: batched generate vs one image at a time",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Machine: {platform.processor() or platform.machine()}, {device}; model {'tiny LLaVA (built offline)' if not args.model else model_path}, "
+            f"{model.dtype}, {args.num_images} images, exactly {args.new_tokens} new tokens each (left padding).",
+            "",
+            "| batch size | images/s | × batch 1 |",
+            "|---:|---:|---:|",
+        ]
         base = None
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             rate = throughput(model, processor, batch, batch_size, args.new_tokens)
             base = base or rate
-            print(f"| {batch_size} | {rate:.1f} | {rate / base:.1f} |", flush=True)
+            lines.append(f"| {batch_size} | {rate:.1f} | {rate / base:.1f} |")
+            print(lines[-1], flush=True)
+    print(f"wrote {write_section('captioning', chr(10).join(lines))}")
 
 
 if __name__ == "__main__":

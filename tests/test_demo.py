@@ -38,7 +38,8 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
         "aspect_ratio",
     } <= set(summary["rejected_per_reason"])
     assert summary["captions_kept"] + summary["captions_rejected"] == kept
-    assert summary["selections"]["demo"] > 0
+    assert summary["selections"]["demo"] > 0 and summary["selections"]["eval"] > 0
+    assert list((out / "run" / "eval_shards" / "eval").glob("eval-*.tar"))
     training = summary["training"]
     assert training["steps"] > 0 and training["first_loss"] is not None
     assert (out / "train" / "final").is_dir()

@@ -8,6 +8,7 @@ per batch size and the ratio to batch size 1, measured in the same run) into doc
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_path = args.model or str(build_tiny_llava(tmp))
         processor, model = load_vlm(ModelConfig(model=model_path))
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             base = base or rate
             lines.append(f"| {batch_size} | {rate:.1f} | {rate / base:.1f} |")
             print(lines[-1], flush=True)
+    lines += ["", f"1-minute load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (shared machine: noisy)."]
     print(f"wrote {write_section('captioning', chr(10).join(lines))}")
 
 

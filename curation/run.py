@@ -1,6 +1,7 @@
-"""CLI of the curation job: `python curation/run.py --input DIR [--input …] --output OUT`.
+"""CLI of the curation job: `python curation/run.py --input DIR [--input …] --output OUT [flags]`.
 
 Runs in-process (Ray started locally) or under `ray job submit --working-dir . -- python curation/run.py …`.
+Flags override fields of ``CurationConfig``; the resolved config is written to OUT/curation_config.json.
 """
 
 from __future__ import annotations
@@ -9,25 +10,98 @@ import argparse
 import json
 import logging
 
-from curation.config import CurationConfig, ShardConfig, TierConfig
+from curation.config import (
+    TIERS,
+    AestheticConfig,
+    CurationConfig,
+    DedupConfig,
+    DownloadConfig,
+    ShardConfig,
+    TierConfig,
+)
 from curation.pipeline import run
 
 
-def parse_args(argv: list[str] | None = None) -> CurationConfig:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--input", action="append", required=True, help="folder, glob or fsspec URI; repeatable"
+def parse_min_aesthetic(values: list[str] | None) -> dict[str, float]:
+    """``--min-aesthetic`` values → per-tier thresholds: ``none``, ``5.0`` (every tier) or ``4k=6.0``."""
+    if not values:
+        return AestheticConfig().min_score
+    thresholds: dict[str, float] = {}
+    for value in values:
+        if value.lower() == "none":
+            thresholds = {}
+        elif "=" in value:
+            tier, _, score = value.partition("=")
+            if tier not in TIERS:
+                raise ValueError(f"--min-aesthetic: tier must be one of {TIERS}, got {tier!r}")
+            thresholds[tier] = float(score)
+        else:
+            thresholds = dict.fromkeys(TIERS, float(value))
+    return thresholds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add(
+        "--input",
+        action="append",
+        required=True,
+        help="folder, glob, fsspec URI, .tar, or URL list; repeatable",
     )
-    parser.add_argument("--output", required=True, help="run folder (manifests, shards, report)")
-    parser.add_argument("--samples-per-shard", type=int, default=ShardConfig.samples_per_shard)
-    parser.add_argument("--max-aspect-ratio", type=float, default=TierConfig.max_aspect_ratio)
-    parser.add_argument("--max-pixels", type=int, default=TierConfig.max_pixels)
-    args = parser.parse_args(argv)
+    add("--output", required=True, help="run folder (manifests, shards, report)")
+    add("--samples-per-shard", type=int, default=ShardConfig.samples_per_shard)
+    add("--max-aspect-ratio", type=float, default=TierConfig.max_aspect_ratio)
+    add("--max-pixels", type=int, default=TierConfig.max_pixels)
+    add("--clip-model", default=AestheticConfig.clip_model, help="open_clip name or local-dir:PATH")
+    add(
+        "--clip-pretrained",
+        default=AestheticConfig.pretrained,
+        help="tag or checkpoint path ('none': random)",
+    )
+    add("--aesthetic-head", default=AestheticConfig.head, help="LAION aesthetic v2 head (.pth state dict)")
+    add(
+        "--min-aesthetic",
+        action="append",
+        help="'none', a score for every tier, or TIER=SCORE (repeatable); default 5.0 for 4k and 1k",
+    )
+    add("--aesthetic-batch-size", type=int, default=AestheticConfig.batch_size)
+    add("--aesthetic-actors", type=int, default=AestheticConfig.num_actors)
+    add("--aesthetic-gpus", type=float, default=AestheticConfig.num_gpus, help="GPUs per scorer actor")
+    add(
+        "--save-embeddings",
+        action="store_true",
+        help="write fp16 CLIP embeddings to manifests/clip_embeddings",
+    )
+    add("--max-hamming", type=int, default=DedupConfig.max_hamming, help="pHash near-duplicate distance")
+    add("--chunk-size", type=int, default=CurationConfig.chunk_size, help="inputs per committed work chunk")
+    add("--download-timeout", type=int, default=DownloadConfig.timeout, help="seconds per URL (URL lists)")
+    add("--no-report", action="store_true", help="skip OUT/report/index.html")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> CurationConfig:
+    args = build_parser().parse_args(argv)
+    pretrained = None if (args.clip_pretrained or "").lower() in ("", "none") else args.clip_pretrained
     return CurationConfig(
         inputs=args.input,
         output=args.output,
         tiers=TierConfig(max_aspect_ratio=args.max_aspect_ratio, max_pixels=args.max_pixels),
         shards=ShardConfig(samples_per_shard=args.samples_per_shard),
+        aesthetic=AestheticConfig(
+            clip_model=args.clip_model,
+            pretrained=pretrained,
+            head=args.aesthetic_head,
+            min_score=parse_min_aesthetic(args.min_aesthetic),
+            batch_size=args.aesthetic_batch_size,
+            num_actors=args.aesthetic_actors,
+            num_gpus=args.aesthetic_gpus,
+            save_embeddings=args.save_embeddings,
+        ),
+        dedup=DedupConfig(max_hamming=args.max_hamming),
+        download=DownloadConfig(timeout=args.download_timeout),
+        chunk_size=args.chunk_size,
+        report=not args.no_report,
     )
 
 

@@ -10,14 +10,17 @@ import hashlib
 import re
 from typing import BinaryIO
 
+import numpy as np
+import scipy.fft
 from PIL import Image
 
 from curation.config import TierConfig
 from manifests import Rejected
 from manifests.imageio import decode_rgb
 
-# Pillow's own bomb guard is off (manifests.imageio): we check pixel counts against
-# TierConfig.max_pixels on the header, before any decode, so the reason names the real cause.
+# Bombs: we check pixel counts against TierConfig.max_pixels on the header, before any decode. Pillow's
+# own guard (left at its default, never changed process-wide) refuses headers over 2 × MAX_IMAGE_PIXELS
+# (~179 MP) already at open; that is the same reason, `too_many_pixels`.
 
 # EXIF orientations 5–8 rotate by 90°, so the displayed width/height are swapped.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
@@ -34,6 +37,8 @@ def scan_header(fileobj: BinaryIO, *, num_bytes: int) -> dict | Rejected:
             fmt = im.format
             orientation = im.getexif().get(EXIF_ORIENTATION_TAG, 1)
             num_frames = getattr(im, "n_frames", 1)
+    except Image.DecompressionBombError:
+        return Rejected("too_many_pixels")
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's "cannot identify image file" etc.
         return Rejected(f"unreadable: {describe(err)}")
     if orientation in _TRANSPOSED_ORIENTATIONS:
@@ -62,7 +67,7 @@ def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
     """Pass 2: one reduced decode (see ``manifests.imageio.decode_rgb``), or the decode error as a reason."""
     try:
         return decode_rgb(data, min_side=min_side)
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return Rejected(f"decode_error: {describe(err)}")
 
 
@@ -73,4 +78,56 @@ def describe(err: Exception) -> str:
 
 
 def sha256(data: bytes) -> str:
+    """Hex sha256 of the original bytes (exact-duplicate key)."""
     return hashlib.sha256(data).hexdigest()
+
+
+# pHash as in Zauner (2010) and the ``imagehash`` package: grey 32×32, 2-D DCT-II, the 8×8 lowest
+# frequencies (DC included), one bit per coefficient above their median; 64 bits, row-major, MSB first.
+PHASH_SIZE = 32
+PHASH_LOW_FREQ = 8
+
+
+def phash(image: Image.Image) -> int:
+    """64-bit perceptual hash of ``image`` as a signed int64 bit pattern (the manifest's ``phash``)."""
+    grey = np.asarray(
+        image.convert("L").resize((PHASH_SIZE, PHASH_SIZE), Image.Resampling.LANCZOS), np.float64
+    )
+    dct = scipy.fft.dct(scipy.fft.dct(grey, axis=0), axis=1)  # (32, 32)
+    low = dct[:PHASH_LOW_FREQ, :PHASH_LOW_FREQ]  # (8, 8)
+    bits = (low > np.median(low)).flatten()  # (64,)
+    value = int.from_bytes(np.packbits(bits).tobytes(), "big")
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def hamming(a: int, b: int) -> int:
+    """Bits that differ between two int64 bit patterns."""
+    return ((a ^ b) & 0xFFFF_FFFF_FFFF_FFFF).bit_count()
+
+
+def clip_thumbnail(image: Image.Image, size: int) -> np.ndarray:
+    """CLIP's geometric preprocessing on the reduced decode: bicubic resize of the short side to ``size``,
+    then a centre crop. Returns ``(size, size, 3)`` uint8; the scorer normalises on its device.
+
+    Same arithmetic as open_clip's default transform (torchvision ``Resize(size)`` + ``CenterCrop``), so
+    the 150 KB that travel to the scorer are exactly what open_clip would have fed the model.
+    """
+    width, height = image.size
+    if width <= height:
+        new_size = (size, int(size * height / width))
+    else:
+        new_size = (int(size * width / height), size)
+    resized = image.resize(new_size, Image.Resampling.BICUBIC) if new_size != image.size else image
+    left = int(round((new_size[0] - size) / 2.0))
+    top = int(round((new_size[1] - size) / 2.0))
+    return np.asarray(
+        resized.crop((left, top, left + size, top + size)).convert("RGB"), np.uint8
+    )  # (S, S, 3)
+
+
+def aesthetic_gate(tier: str, score: float, min_score: dict[str, float]) -> None | Rejected:
+    """``low_aesthetic`` when ``score`` is below the tier's threshold; tiers without one pass."""
+    threshold = min_score.get(tier)
+    if threshold is not None and score < threshold:
+        return Rejected("low_aesthetic")
+    return None

@@ -6,16 +6,15 @@ import io
 
 from PIL import Image, ImageOps
 
-# Stages check pixel counts themselves (curation's header scan rejects bombs before any decode).
-Image.MAX_IMAGE_PIXELS = None
-
 
 def decode_rgb(data: bytes, *, min_side: int | None = None) -> Image.Image:
     """Decode once at the smallest scale whose short side stays ≥ ``min_side`` (full size when None).
 
     For JPEG, ``Image.draft`` asks libjpeg for DCT scaling (1/2 … 1/8), so a 4K JPEG costs a fraction of a
     full decode. Other formats decode fully, then ``reduce`` by an integer factor. The result is
-    EXIF-oriented RGB. Raises ``OSError``/``ValueError``/``SyntaxError`` for undecodable data.
+    EXIF-oriented RGB. Raises ``OSError``/``ValueError``/``SyntaxError`` for undecodable data, and Pillow's
+    ``DecompressionBombError`` for headers over twice ``Image.MAX_IMAGE_PIXELS`` (curation rejects those
+    earlier, on the header).
     """
     im = Image.open(io.BytesIO(data))
     width, height = im.size

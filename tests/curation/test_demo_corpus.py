@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from curation import demo_corpus
 from curation.demo_corpus import BAD_KINDS, generate, write_url_list
 
+PILLOW_MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's default
 NUM_GOOD = 8  # one full size cycle: one 4K, two below 1K, all three formats
 
 
@@ -113,6 +114,7 @@ def test_bomb_header_claims_50000_squared(
     assert len(data) < 1024
     ihdr = data[12:29]  # type + 13 data bytes
     assert ihdr[:4] == b"IHDR" and int.from_bytes(data[29:33], "big") == zlib.crc32(ihdr)
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_MAX_IMAGE_PIXELS  # no pixsigma module changes it process-wide
     with pytest.raises(Image.DecompressionBombError):
         Image.open(path)  # Pillow's own guard trips on the header alone
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 
 from curation.config import TierConfig
-from curation.dedup import mark_exact_duplicates
 from curation.stages import assign_tier, reduced_decode, scan_header
 from manifests import Rejected
 
@@ -109,19 +108,3 @@ def test_reduced_decode_truncated_is_a_reason():
     assert isinstance(result, Rejected) and result.reason.startswith(
         "decode_error: OSError: image file is truncated"
     )
-
-
-def test_exact_duplicates_keep_more_pixels_then_smaller_key():
-    rows = [
-        {"key": "b", "status": "kept", "sha256": "s", "width": 10, "height": 10},
-        {"key": "a", "status": "kept", "sha256": "s", "width": 10, "height": 10},
-        {"key": "c", "status": "kept", "sha256": "t", "width": 10, "height": 10},
-        {"key": "d", "status": "rejected", "sha256": None, "width": 1, "height": 1},
-    ]
-    out = {r["key"]: (r["status"], r.get("reason"), r.get("dup_of")) for r in mark_exact_duplicates(rows)}
-    assert out == {
-        "a": ("kept", None, None),
-        "b": ("rejected", "duplicate", "a"),
-        "c": ("kept", None, None),
-        "d": ("rejected", None, None),
-    }

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
             base = base or rate
             lines.append(f"| {batch_size} | {rate:.1f} | {rate / base:.1f} |")
             print(lines[-1], flush=True)
-    lines += ["", f"1-minute load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (shared machine: noisy)."]
+    lines += [
+        "",
+        f"1-minute load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f} (shared machine: noisy).",
+    ]
     print(f"wrote {write_section('captioning', chr(10).join(lines))}")
 
 

@@ -36,6 +36,8 @@ def summarize(root: str | Path, train_dir: str | Path | None = None) -> dict:
         "selections": {},
         "outputs": {"manifests": str(root / "manifests"), "curated_shards": str(root / "shards")},
     }
+    if (root / "report" / "index.html").exists():
+        summary["outputs"]["curation_report"] = str(root / "report" / "index.html")
     for record in sorted((root / SELECTIONS_DIR).glob("*/selection.json")):
         summary["selections"][record.parent.name] = json.loads(record.read_text())["num_rows"]
     for shards in sorted((root / "train_shards").glob("*/shards.json")):
@@ -73,7 +75,7 @@ def format_summary(summary: dict) -> str:
     if "training" in summary:
         t = summary["training"]
         lines.append(
-            f"training:            {t['steps']} steps over {t['stages']}, loss {t['first_loss']} → {t['last_loss']}"
+            f"training:            {t['steps']} steps over {t['stages']}, loss {t['first_loss']:.4f} → {t['last_loss']:.4f}"
         )
     lines.append("outputs:")
     lines += [f"  {name:<22} {where}" for name, where in summary["outputs"].items()]

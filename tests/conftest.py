@@ -49,7 +49,7 @@ class RayCluster:
         cmd = [
             str(VENV_BIN / "ray"), "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", f"--port={self.port}",
-            f"--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
             "--object-store-memory=500000000", "--include-dashboard=true",
             # Every fixed default port moved, so two clusters on one machine never collide.

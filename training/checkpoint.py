@@ -54,3 +54,42 @@ def load_latest(run_dir: Path) -> dict | None:
     if not checkpoints:
         return None
     return torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
+
+
+def capture_rng(generator: torch.Generator) -> dict:
+    """This process's random state: torch CPU (and CUDA), the trainer's step generator, Python, NumPy.
+
+    Stored as tensors and plain Python values only, so ``weights_only`` loading can read it back.
+    """
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached],
+    }
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    """Inverse of ``capture_rng``."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _as_tuple(value):
+    """Python's random state is nested tuples; make sure lists from a round trip become tuples again."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value

@@ -20,7 +20,9 @@ SDXL_VAE_SCALING = 0.13025  # SDXL VAE (PixArt-Σ)
 @dataclass
 class ModelSection:
     preset: str = "tiny"  # a key of training.model.PRESETS
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # per-block activation checkpointing
+    init: str = ""  # external init: a PixArt-α/Σ .pth, a diffusers transformer folder or one of ours
+    compile: bool = False  # torch.compile the model (dynamic shapes: buckets change the grid)
 
 
 @dataclass
@@ -34,10 +36,14 @@ class DataSection:
     shards: str = ""  # folder of training shards (train-*.tar + index.parquet), or a brace/glob pattern
     real_prompt_ratio: float = 0.5  # PixArt-Σ mixes the original and the VLM caption 50/50
     shuffle_buffer: int = 64
+    num_workers: int = 0  # DataLoader workers per rank decoding samples (0: in the training process)
+    use_cached_features: bool = True  # False: always encode on the fly (the benchmark's baseline)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.real_prompt_ratio <= 1.0:
             raise ValueError(f"data.real_prompt_ratio must be in [0, 1], got {self.real_prompt_ratio}")
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("data.num_workers must be ≥ 0 and data.shuffle_buffer ≥ 1")
 
 
 @dataclass
@@ -51,10 +57,49 @@ class OptimSection:
     weight_decay: float = 0.0
     grad_clip: float = 0.01  # PixArt-Σ's clip_grad_norm
     mixed_precision: Literal["no", "bf16"] = "bf16"  # autocast on CUDA only; fp32 master weights
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.0  # fp32 EMA of the weights when > 0 (e.g. 0.9999); 0 turns it off
 
     def __post_init__(self) -> None:
+        if self.name not in ("came", "adamw"):
+            raise ValueError(f"optim.name must be 'came' or 'adamw', got {self.name!r}")
         if self.name == "came" and (len(self.betas) != 3 or len(self.eps) != 2):
             raise ValueError("optim: CAME needs 3 betas and 2 eps")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"optim.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"optim.grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class ValidationSection:
+    """Samples for each stage's validation prompts: fixed seed, DPM-Solver++ (diffusers), one grid per call."""
+
+    every: int = 0  # steps between validations inside a stage; 0: only at each stage's end
+    seed: int = 0
+    num_steps: int = 20
+    cfg_scale: float = 4.5
+
+
+@dataclass
+class LogSection:
+    every: int = 1  # steps between metric records
+    progress_bar: bool = True  # tqdm on rank 0
+    tensorboard: bool = True  # scalars under RUN_DIR/tensorboard
+    peak_tflops: float = 0.0  # per device, for MFU; 0: looked up for known GPUs, else MFU is not logged
+
+
+@dataclass
+class FaultSection:
+    """Non-finite steps, plus fault injection used by the tests (never set in a real config)."""
+
+    max_nonfinite_steps: int = 5  # abort after this many non-finite steps in a row
+    inject_nan_steps: tuple[int, ...] = ()  # global steps whose loss is made NaN on inject_rank
+    inject_rank: int = 0
+    kill_at_step: int = -1  # SIGKILL kill_rank before this global step, unless the run resumed
+    kill_rank: int = 0
 
 
 @dataclass
@@ -91,9 +136,11 @@ class TrainConfig:
     text: TextSection = field(default_factory=TextSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    log: LogSection = field(default_factory=LogSection)
+    faults: FaultSection = field(default_factory=FaultSection)
     seed: int = 0
-    log_every: int = 1
-    checkpoint_every: int = 50
+    checkpoint_every: int = 50  # steps; also where the data stream is reseeded (see training/data.py)
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
@@ -102,6 +149,8 @@ class TrainConfig:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every and keep_checkpoints must be ≥ 1")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

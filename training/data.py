@@ -2,7 +2,13 @@
 
 Each rank draws shards with replacement from a seeded stream (``ResampledShards``), so every rank can
 run exactly the same number of steps whatever the shard count, and DDP never waits on a rank that ran
-out of data. Every batch comes from one bucket (PixArt's multi-aspect training).
+out of data. The split between ranks (and DataLoader workers) is explicit: each gets its own seed, so no
+rank depends on another's position. Every batch comes from one bucket (PixArt's multi-aspect training).
+
+Resume: a stream is a pure function of (seed, rank, worker). The trainer opens a new stream at every
+checkpoint boundary with a seed that names the stage and the segment (``stream_seed``), so a checkpoint's
+data position is just (stage, step) and an interrupted run reads exactly what an uninterrupted one did,
+without replaying the stream.
 """
 
 from __future__ import annotations
@@ -52,11 +58,25 @@ def _load_npy(data: bytes) -> np.ndarray:
 
 
 class SampleDecoder:
-    """Raw WebDataset sample → ``Sample``: picks a caption, reads cached features or decodes pixels."""
+    """Raw WebDataset sample → ``Sample``: picks a caption, reads cached features or decodes pixels.
 
-    def __init__(self, *, resolution: int, real_prompt_ratio: float, seed: int) -> None:
+    ``cached_latents``/``cached_text`` say whether the shards' cached features may be used (they must come
+    from the encoders the stage names); when not, pixels are decoded and the trainer encodes them.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolution: int,
+        real_prompt_ratio: float,
+        seed: int,
+        cached_latents: bool = True,
+        cached_text: bool = True,
+    ) -> None:
         self.resolution = resolution
         self.real_prompt_ratio = real_prompt_ratio
+        self.cached_latents = cached_latents
+        self.cached_text = cached_text
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -68,9 +88,11 @@ class SampleDecoder:
         )
         which = self.choose_caption(meta)
         caption = meta.get(f"caption_{which}") or ""
-        features = _load_npy(raw[f"t5_{which}.npy"]) if f"t5_{which}.npy" in raw else None
+        features = None
+        if self.cached_text and f"t5_{which}.npy" in raw:
+            features = _load_npy(raw[f"t5_{which}.npy"])
         latent = pixels = None
-        cached = raw.get(f"vae{self.resolution}.npy")
+        cached = raw.get(f"vae{self.resolution}.npy") if self.cached_latents else None
         if cached is not None:
             posterior = torch.from_numpy(_load_npy(cached).astype(np.float32))  # (2, C, h, w): mean, std
             # Resample each time the sample is seen, as training from the posterior (not its mean) does.
@@ -129,6 +151,54 @@ def collate(batch: list[Sample]) -> dict:
     return out
 
 
+def stream_seed(seed: int, stage_index: int, segment: int) -> int:
+    """The data seed of one checkpoint segment of one stage (ranks and workers mix in their own ids)."""
+    return (seed * 1_000_003 + stage_index) * 1_000_003 + segment
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """An endless stream of collated one-bucket batches for one rank (one worker's share when in a DataLoader)."""
+
+    def __init__(
+        self,
+        shards: str,
+        *,
+        resolution: int,
+        batch_size: int,
+        real_prompt_ratio: float,
+        seed: int,
+        rank: int,
+        shuffle_buffer: int = 64,
+        cached_latents: bool = True,
+        cached_text: bool = True,
+    ) -> None:
+        super().__init__()
+        self.urls = shard_urls(shards)
+        self.resolution, self.batch_size = resolution, batch_size
+        self.real_prompt_ratio = real_prompt_ratio
+        self.seed, self.rank = seed, rank
+        self.shuffle_buffer = shuffle_buffer
+        self.cached_latents, self.cached_text = cached_latents, cached_text
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        own_seed = (self.seed * 100_003 + self.rank) * 1_009 + worker_id  # explicit rank/worker split
+        decoder = SampleDecoder(
+            resolution=self.resolution, real_prompt_ratio=self.real_prompt_ratio, seed=own_seed,
+            cached_latents=self.cached_latents, cached_text=self.cached_text,
+        )  # fmt: skip
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=own_seed, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(own_seed)),
+            wds.map(decoder),
+        )
+        max_buffered = max(64, 16 * self.batch_size)
+        for batch in bucket_batches(iter(pipeline), self.batch_size, max_buffered=max_buffered):
+            yield collate(batch)
+
+
 def make_stream(
     shards: str,
     *,
@@ -138,18 +208,28 @@ def make_stream(
     seed: int,
     rank: int,
     shuffle_buffer: int = 64,
+    cached_latents: bool = True,
+    cached_text: bool = True,
+    num_workers: int = 0,
 ) -> Iterator[dict]:
     """An endless, deterministic stream of collated batches for one rank.
 
     The rank's seed decides which shards it draws (with replacement), the shuffle, caption choice and
-    latent noise; the same (seed, rank) gives the same batches.
+    latent noise; the same (seed, rank, num_workers) gives the same batches. With workers, a DataLoader
+    takes batches from them in turn (deterministic order), each worker with its own seed.
     """
-    rank_seed = seed * 100_003 + rank
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(shard_urls(shards), seed=rank_seed, worker_seed=lambda: 0, deterministic=True),
-        wds.tarfile_to_samples(),
-        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(rank_seed)),
-        wds.map(SampleDecoder(resolution=resolution, real_prompt_ratio=real_prompt_ratio, seed=rank_seed)),
+    dataset = BatchStream(
+        shards, resolution=resolution, batch_size=batch_size, real_prompt_ratio=real_prompt_ratio,
+        seed=seed, rank=rank, shuffle_buffer=shuffle_buffer, cached_latents=cached_latents,
+        cached_text=cached_text,
+    )  # fmt: skip
+    if num_workers == 0:
+        return iter(dataset)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(),
     )
-    for batch in bucket_batches(iter(pipeline), batch_size, max_buffered=max(64, 16 * batch_size)):
-        yield collate(batch)
+    return iter(loader)

@@ -10,12 +10,15 @@ from it; loss type "MSE", so the VB term is not rescaled). Sampling is diffusers
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from torch import Tensor
 
 from training.model import PixArtSigma
+
+if TYPE_CHECKING:
+    from diffusers import DPMSolverMultistepScheduler
 
 NUM_TIMESTEPS = 1000
 BETA_START = 1e-4
@@ -112,6 +115,9 @@ class GaussianDiffusion:
 
     def scheduler(self) -> DPMSolverMultistepScheduler:
         """DPM-Solver++ (2nd order, multistep) on this noise schedule, ε-prediction."""
+        # Imported here: training needs only the loss, and a GPU box without diffusers can still train.
+        from diffusers import DPMSolverMultistepScheduler
+
         # variance_type stays None: diffusers' learned-range branch keeps `[:, :3]`, an RGB leftover that
         # would drop a latent channel. The ε channels are split off before the scheduler sees them.
         return DPMSolverMultistepScheduler(

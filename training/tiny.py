@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image, ImageDraw
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -198,9 +201,124 @@ def build_tiny_vae(
             sample_size=64,
             scaling_factor=scaling_factor,
         )
+    calibrate_posterior_(vae)
     vae.save_pretrained(str(vae_dir))
     logger.info("tiny VAE (scaling_factor %s) saved to %s", scaling_factor, vae_dir)
     return vae_dir
+
+
+TINY_POSTERIOR_STD = 0.05  # posterior std of the scaled latents: sharp, as a trained VAE's is
+
+
+@torch.no_grad()
+def calibrate_posterior_(vae: AutoencoderKL) -> None:
+    """Give the random VAE a trained one's latent statistics, so training on it behaves like the real thing.
+
+    A real SD/SDXL VAE's scaling factor brings its latents to about unit variance and its posterior is
+    sharp. Randomly initialised, the tiny one has latents near 0 and a posterior std near 1 (a sampled
+    latent would be mostly noise), so the 1×1 ``quant_conv`` is rescaled: mean channels to std
+    1/scaling_factor on synthetic images, log-variance channels to a constant TINY_POSTERIOR_STD.
+    """
+    channels = vae.config.latent_channels
+    scale = vae.config.scaling_factor
+    images = [synthetic_image(i, (64, 64)) for i in range(8)]
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images]
+    )
+    moments = vae.quant_conv(vae.encoder(pixels))  # (8, 2C, 8, 8)
+    mean = moments[:, :channels]
+    conv = vae.quant_conv
+    gain = (1.0 / scale) / mean.std().item()
+    conv.weight[:channels] *= gain
+    conv.bias[:channels] = (conv.bias[:channels] - mean.mean().item()) * gain
+    conv.weight[channels:] = 0.0
+    conv.bias[channels:] = 2.0 * float(np.log(TINY_POSTERIOR_STD / scale))
+
+
+# (height, width) in pixels of the synthetic images, cycled: square, landscape and portrait buckets.
+SYNTHETIC_SIZES = ((64, 64), (48, 96), (96, 48))
+
+
+def synthetic_image(index: int, size: tuple[int, int]) -> Image.Image:
+    """A distinct picture per index: a background colour, a disc and a bar in other colours."""
+    rng = np.random.default_rng(index)
+    height, width = size
+    colours = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(3)]
+    image = Image.new("RGB", (width, height), colours[0])
+    draw = ImageDraw.Draw(image)
+    cx, cy, r = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height, min(size) * 0.25
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colours[1])
+    top = int(rng.uniform(0.0, 0.7) * height)
+    draw.rectangle((0, top, width, top + height // 6), fill=colours[2])
+    return image
+
+
+def synthetic_caption(index: int) -> tuple[str, str]:
+    """(original, VLM-style) captions, distinct for the first len(subjects) × len(settings) indices."""
+    subject = _SUBJECTS[index % len(_SUBJECTS)]
+    setting = _SETTINGS[(index // len(_SUBJECTS)) % len(_SETTINGS)]
+    return f"a photo of a {subject} {setting}", f"A detailed picture showing a {subject} {setting}."
+
+
+def write_synthetic_shards(
+    out_dir: Path,
+    *,
+    num_images: int,
+    samples_per_shard: int,
+    resolutions: tuple[int, ...] = (32, 64),
+    sizes: tuple[tuple[int, int], ...] = SYNTHETIC_SIZES,
+    t5: str | None = None,
+    vae: str | None = None,
+    vae_resolutions: tuple[int, ...] = (),
+    max_tokens: int = 300,
+) -> Path:
+    """Training shards in the layout ``manifests.materialize`` writes, without Ray (tests, benchmarks).
+
+    Each sample: ``<key>.png``, ``<key>.json`` (key, size, both captions, buckets per resolution), and when
+    the encoders are given ``t5_orig.npy``/``t5_vlm.npy`` and ``vae<res>.npy``; the folder gets
+    ``shards.json`` (features recorded) and ``t5_null.npy``.
+    """
+    from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+    from manifests.features import T5Features, VaeFeatures
+    from manifests.io import atomic_write_bytes
+    from manifests.materialize import NULL_CAPTION_FILE, npy_bytes
+    from manifests.tars import json_bytes, write_shard
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu")
+    text = T5Features(t5, max_tokens=max_tokens, device=device) if t5 else None
+    latents = VaeFeatures(vae, device=device) if vae else None
+    samples = []
+    for index in range(num_images):
+        height, width = sizes[index % len(sizes)]
+        image = synthetic_image(index, (height, width))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        key = f"{index:06d}"
+        orig, vlm = synthetic_caption(index)
+        buckets = {str(r): list(nearest_bucket(height, width, r)) for r in resolutions}
+        meta = {"key": key, "width": width, "height": height, "caption_orig": orig, "caption_vlm": vlm}
+        sample = {"__key__": key, "png": buffer.getvalue(), "json": json_bytes({**meta, "buckets": buckets})}
+        if text is not None:
+            features = text([orig, vlm])
+            sample["t5_orig.npy"], sample["t5_vlm.npy"] = npy_bytes(features[0]), npy_bytes(features[1])
+        for res in vae_resolutions:
+            crop = resize_to_cover_and_crop(image, nearest_bucket(height, width, res))
+            sample[f"vae{res}.npy"] = npy_bytes(latents([crop])[0])
+        samples.append(sample)
+    shards = [samples[i : i + samples_per_shard] for i in range(0, len(samples), samples_per_shard)]
+    for number, shard in enumerate(shards):
+        write_shard(out_dir / f"train-{number:06d}.tar", shard)
+    if text is not None:
+        atomic_write_bytes(out_dir / NULL_CAPTION_FILE, npy_bytes(text([""])[0]))
+    info = {
+        "num_samples": len(samples),
+        "num_shards": len(shards),
+        "features": {"t5": t5, "vae": vae, "vae_resolutions": list(vae_resolutions)},
+    }
+    atomic_write_bytes(out_dir / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -241,14 +241,22 @@ def apply_aesthetic_thresholds(rows: list[dict], min_score: dict[str, float]) ->
 
 
 def plan_shards(kept: list[dict], samples_per_shard: int) -> list[dict]:
-    """Deterministic shard plan: per tier, rows sorted by key, cut every ``samples_per_shard``."""
+    """Deterministic shard plan: per tier and image format, rows sorted by key, cut every ``samples_per_shard``.
+
+    One format per shard keeps every sample of a shard with the same members (``<key>.jpg`` + ``<key>.json``),
+    which HF ``datasets``' WebDataset loader requires; WebDataset readers do not care either way.
+    """
     plans = []
-    for tier in sorted({r["tier"] for r in kept}):
-        rows = sorted((r for r in kept if r["tier"] == tier), key=lambda r: r["key"])
+    groups = sorted({(r["tier"], extension_for(r["format"])) for r in kept})
+    for tier, ext in groups:
+        rows = sorted(
+            (r for r in kept if (r["tier"], extension_for(r["format"])) == (tier, ext)),
+            key=lambda r: r["key"],
+        )
         for index, start in enumerate(range(0, len(rows), samples_per_shard)):
             plans.append(
                 {
-                    "shard": f"{SHARDS_DIR}/{tier}/{tier}-{index:06d}.tar",
+                    "shard": f"{SHARDS_DIR}/{tier}/{tier}-{ext}-{index:06d}.tar",
                     "rows": rows[start : start + samples_per_shard],
                 }
             )

@@ -91,18 +91,24 @@ def test_shards_hold_original_bytes_and_manifest_names_them(curated):
 
 
 def test_shards_read_with_hf_datasets(curated):
-    """HF's webdataset builder needs one member layout per dataset: the 4k shards (all JPEG) load whole."""
+    """HF's WebDataset builder wants one member layout per dataset: each tier × format group loads whole."""
     from datasets import load_dataset
 
     out, summary = curated
-    tars = sorted(str(p) for p in (out / "shards" / "curated" / "4k").glob("*.tar"))
-    dataset = load_dataset("webdataset", data_files={"train": tars}, split="train")
-    assert len(dataset) == summary["kept_per_tier"]["4k"]
-    for sample in dataset:
-        assert (
-            sample["json"]["key"] == sample["__key__"]
-            and sample["jpg"].size[0] * sample["jpg"].size[1] >= 3840 * 2160
-        )
+    groups: dict[str, list[str]] = {}
+    for tar in sorted((out / "shards" / "curated").glob("*/*.tar")):
+        groups.setdefault(tar.name.rsplit("-", 1)[0], []).append(str(tar))  # "1k-png-000000.tar" → "1k-png"
+    assert {g.split("-")[1] for g in groups} >= {"jpg", "png", "webp"}
+    total = 0
+    for group, tars in groups.items():
+        tier, ext = group.split("-")
+        dataset = load_dataset("webdataset", data_files={"train": tars}, split="train")
+        for sample in dataset:
+            assert sample["json"]["key"] == sample["__key__"] and sample["json"]["tier"] == tier
+            width, height = sample[ext].size
+            assert min(width, height) >= 1024 and (tier == "1k" or width * height >= 3840 * 2160)
+        total += len(dataset)
+    assert total == summary["kept"]
 
 
 def test_rerun_is_idempotent(demo_corpus, curated, aesthetic_cfg):

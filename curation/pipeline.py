@@ -80,7 +80,17 @@ class ScanAndDecode:
         self.clip_size = clip_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.process(r) for r in batch.to_pylist()], schema=SCANNED)
+        return pa.Table.from_pylist([self.process_or_reject(r) for r in batch.to_pylist()], schema=SCANNED)
+
+    def process_or_reject(self, record: dict) -> dict:
+        """``process``, with any unexpected per-row failure (a decoder bug on one odd file) turned into
+        ``internal_error: …`` for that row: the row is kept in the manifest and the block never fails."""
+        try:
+            return self.process(record)
+        except Exception as err:  # noqa: BLE001 — per-sample, turned into a reason, logged with its traceback
+            log.exception("row %s (%s) failed", record.get("key"), record.get("source"))
+            row = {name: record.get(name) for name in IMAGES.names}
+            return _reject(row, Rejected(f"internal_error: {stages.describe(err)}"))
 
     def process(self, record: dict) -> dict:
         row = {name: record.get(name) for name in IMAGES.names} | {"status": KEPT, "reason": None}

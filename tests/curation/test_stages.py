@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -107,4 +108,29 @@ def test_reduced_decode_truncated_is_a_reason():
     result = reduced_decode(data[: len(data) // 2], min_side=256)
     assert isinstance(result, Rejected) and result.reason.startswith(
         "decode_error: OSError: image file is truncated"
+    )
+
+
+def test_unexpected_row_failure_becomes_a_reason_not_a_failed_block(tmp_path, monkeypatch):
+    from curation import pipeline
+    from curation.config import DecodeConfig
+
+    good, odd = tmp_path / "good.jpg", tmp_path / "odd.jpg"
+    for path in (good, odd):
+        path.write_bytes(encode(Image.new("RGB", (1024, 1024), "red"), "JPEG"))
+    real_scan = pipeline.stages.scan_header
+
+    def flaky_scan(f, *, num_bytes):
+        if getattr(f, "path", getattr(f, "name", "")).endswith("odd.jpg"):
+            raise IndexError("decoder bug")
+        return real_scan(f, num_bytes=num_bytes)
+
+    monkeypatch.setattr(pipeline.stages, "scan_header", flaky_scan)
+    stage = pipeline.ScanAndDecode(TierConfig(), DecodeConfig(), clip_size=224)
+    records = [{"key": p.stem, "source": f"file://{p}"} for p in (good, odd)]
+    rows = {r["key"]: r for r in stage(pa.Table.from_pylist(records)).to_pylist()}
+    assert (rows["good"]["status"], rows["good"]["tier"]) == ("kept", "1k")
+    assert (rows["odd"]["status"], rows["odd"]["reason"]) == (
+        "rejected",
+        "internal_error: IndexError: decoder bug",
     )

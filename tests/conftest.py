@@ -75,14 +75,22 @@ class RayCluster:
                 time.sleep(0.5)
         raise RuntimeError("ray head did not come up in time")
 
-    def stop(self) -> None:
-        # SIGTERM to the --block process makes it shut down the processes it started; then the group.
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the --block process (it stops what it started); after ``grace`` s, SIGKILL its group.
+
+        Only this cluster's processes are touched: they all live in the process group started here.
+        """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers (workers) that outlived the head
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.log.close()
 
 

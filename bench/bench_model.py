@@ -116,8 +116,8 @@ def markdown(config: ModelConfig, rows: list[dict], command: str, load: tuple[fl
         "",
         "The FLOP ratio is the analytic forward count of `training/flops.py` (the backward scales the same way). "
         "At small grids the linears dominate and compression saves little; the saving grows with the token "
-        "count as attention's N² term takes over. On a loaded machine single timings move by ±20 % between runs; "
-        "the FLOP ratio is the stable number and the measured ratios follow it only roughly here.",
+        "count as attention's N² term takes over. On a loaded machine single timings move by ±20 % between runs "
+        "(the load average is given above), so read the time ratio next to the FLOP ratio, which does not move.",
         "",
     ]
     return "\n".join(lines)

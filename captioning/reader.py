@@ -8,14 +8,14 @@ as raw RGB bytes so they cross Ray's object store as a plain binary column.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from manifests import Rejected
+from manifests.imageio import decode_rgb
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
 
@@ -32,41 +32,17 @@ def read_members(shard: str | os.PathLike, keys: list[str]) -> dict[str, bytes]:
     return found
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB from any mode; alpha is composited on white, 16-bit grey scaled (not clipped) to 8 bits."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = im.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return im.convert("RGB")
-
-
 def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
     """Decode once to an RGB image whose short side is ``min_side`` (never upscaled), EXIF-oriented."""
     try:
-        im = Image.open(io.BytesIO(data))
-        width, height = im.size
-        scale = max(1, min(width, height) // min_side)
-        if im.format == "JPEG" and scale > 1:
-            im.draft("RGB", (max(width // scale, 1), max(height // scale, 1)))
-        im.load()
-        if im.format != "JPEG" and scale > 1 and im.mode in ("RGB", "RGBA", "L", "LA"):
-            im = im.reduce(min(scale, 8))
-        im = to_rgb(ImageOps.exif_transpose(im))
-        short = min(im.size)
-        if short > min_side:
-            ratio = min_side / short
-            im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.BICUBIC)
-        return im
+        im = decode_rgb(data, min_side=min_side)  # DCT-scaled / reduced, oriented, RGB
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return Rejected(f"decode_error: {type(err).__name__}: {err}")
+    short = min(im.size)
+    if short > min_side:
+        ratio = min_side / short
+        im = im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.BICUBIC)
+    return im
 
 
 def pixels_row(key: str, image: Image.Image | Rejected) -> dict:

@@ -148,3 +148,21 @@ def test_duckdb_file_database(tmp_path):
     assert con.execute("SELECT key FROM images").fetchall() == [("a",)]
     con.close()
     assert (tmp_path / "pixsigma.duckdb").exists()
+
+
+@pytest.mark.parametrize("num_captioners", [1, 2])
+def test_image_captions_has_one_row_per_kept_image(tmp_path, num_captioners):
+    manifests.ManifestWriter(tmp_path / "manifests" / "images", "images").write(
+        [image_row("a"), image_row("b")], "part-00000"
+    )
+    captions = [{"key": "a", "caption": "by m1", "captioner": "m1", "prompt": "p", "status": "kept"}]
+    if num_captioners == 2:  # a second captioner for the same key: the view picks the first by captioner
+        captions.append({"key": "a", "caption": "by m0", "captioner": "m0", "prompt": "p", "status": "kept"})
+    manifests.ManifestWriter(tmp_path / "manifests" / "captions", "captions").write(captions, "part-00000")
+    rows = (
+        manifests.connect(tmp_path)
+        .execute("SELECT key, caption_vlm, captioner FROM image_captions ORDER BY key")
+        .fetchall()
+    )
+    expected_a = ("a", "by m1", "m1") if num_captioners == 1 else ("a", "by m0", "m0")
+    assert rows == [expected_a, ("b", None, None)]

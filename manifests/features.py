@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+NULL_CAPTION_FILE = "t5_null.npy"  # T5("") beside cached T5 features; the trainer's null caption
 MAX_CAPTION_TOKENS = 300  # PixArt-Σ raised the T5 token budget from 120 (PixArt-α) to 300
 
 

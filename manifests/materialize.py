@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import logging
 from collections import Counter
@@ -26,15 +25,15 @@ from PIL import Image
 
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
 from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
+from manifests.features import NULL_CAPTION_FILE
 from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes, is_committed, publish, temp_path
 from manifests.selection import SELECTIONS_DIR
-from manifests.tars import extension_for, json_bytes, read_members, write_shard
+from manifests.tars import extension_for, json_bytes, npy_bytes, read_members, write_shard
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESOLUTIONS = (256, 512, 1024, 2048, 2880)
-NULL_CAPTION_FILE = "t5_null.npy"
 VAE_WINDOW_BATCHES = 4  # VAE crops are grouped by bucket size within windows of this many batches of rows
 
 
@@ -67,12 +66,6 @@ class MaterializeConfig:
 
     def out_dir(self) -> Path:
         return Path(self.root) / self.output_dir / self.name
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def plan(rows: list[dict], cfg: MaterializeConfig) -> list[dict]:

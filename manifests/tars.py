@@ -13,6 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 
 from manifests.io import is_committed, mark_committed, publish, temp_path
@@ -79,3 +80,9 @@ def read_members(tar_path: str | os.PathLike, names: set[str]) -> dict[str, byte
     if missing:
         raise KeyError(f"{tar_path}: members not found: {sorted(missing)[:5]}")
     return found
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

@@ -28,8 +28,9 @@ import webdataset as wds
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
 from manifests.features import image_to_tensor
 from manifests.imageio import decode_rgb
+from manifests.tars import FORMAT_EXTENSIONS
 
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+IMAGE_EXTENSIONS = tuple(sorted(set(FORMAT_EXTENSIONS.values())))  # every format a curated shard can hold
 
 
 @dataclass

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manifests.features import T5Features, VaeFeatures
+from manifests.features import NULL_CAPTION_FILE, T5Features, VaeFeatures
 
 log = logging.getLogger(__name__)
 
-NULL_CAPTION_FILE = "t5_null.npy"  # written by manifests.materialize beside cached T5 features
 SHARDS_INFO_FILE = "shards.json"
 
 

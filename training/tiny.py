@@ -27,10 +27,12 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from training.config import SD_VAE_SCALING, SDXL_VAE_SCALING  # named once, in the trainer config
+
 logger = logging.getLogger(__name__)
 
-SD_VAE_SCALING_FACTOR = 0.18215
-SDXL_VAE_SCALING_FACTOR = 0.13025
+SD_VAE_SCALING_FACTOR = SD_VAE_SCALING
+SDXL_VAE_SCALING_FACTOR = SDXL_VAE_SCALING
 VAE_DOWNSAMPLE = 8  # 4 encoder blocks, the last without downsampling: 2**3, as in SD / SDXL
 SPM_VOCAB_SIZE = 600  # a soft limit: the trainer stops earlier if the corpus runs out of pieces
 T5_DIR = "t5"
@@ -279,10 +281,9 @@ def write_synthetic_shards(
     ``shards.json`` (features recorded) and ``t5_null.npy``.
     """
     from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
-    from manifests.features import T5Features, VaeFeatures
+    from manifests.features import NULL_CAPTION_FILE, T5Features, VaeFeatures
     from manifests.io import atomic_write_bytes
-    from manifests.materialize import NULL_CAPTION_FILE, npy_bytes
-    from manifests.tars import json_bytes, write_shard
+    from manifests.tars import json_bytes, npy_bytes, write_shard
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

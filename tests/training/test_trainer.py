@@ -86,3 +86,20 @@ def test_external_init(fmt: str, tiny_models, shards, tmp_path: Path) -> None:
     for key, value in source.state_dict().items():
         if not key.startswith("y_embedder.y_"):
             assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_decoder_reads_every_image_format_a_curated_shard_holds():
+    """A still GIF/BMP/TIFF that curation keeps must decode in training too (not only jpg/png/webp)."""
+    import io as _io
+    import json as _json
+
+    from PIL import Image as _Image
+
+    from training.data import SampleDecoder
+
+    buffer = _io.BytesIO()
+    _Image.new("RGB", (80, 64), "blue").save(buffer, "GIF")
+    meta = {"key": "k", "width": 80, "height": 64, "caption_orig": "a blue square", "caption_vlm": None}
+    raw = {"__key__": "k", "gif": buffer.getvalue(), "json": _json.dumps(meta).encode()}
+    sample = SampleDecoder(resolution=64, real_prompt_ratio=1.0, seed=0)(raw)
+    assert sample.pixels is not None and sample.pixels.shape[0] == 3 and sample.caption == "a blue square"

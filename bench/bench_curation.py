@@ -29,7 +29,7 @@ from PIL import Image
 from bench.record import write_section
 from curation import stages
 from curation.aesthetic import AestheticScorer, clip_image_size
-from curation.config import AestheticConfig, DecodeConfig, TierConfig
+from curation.config import BUILTIN_HEAD, AestheticConfig, DecodeConfig, TierConfig
 from curation.dedup import mark_duplicates
 from curation.pipeline import (
     SCANNED,
@@ -42,9 +42,7 @@ from curation.sources import key_for
 from curation.tiny import build_tiny_clip
 from manifests import IMAGES, ManifestWriter
 
-HEAD = (
-    Path(__file__).resolve().parents[2] / "shared/models/laion-aesthetic-v2/sac+logos+ava1-l14-linearMSE.pth"
-)
+HEAD = BUILTIN_HEAD  # the LAION v2 head shipped in curation/assets
 CLIP_SIDE = 224  # ViT-L/14's input; the baseline resizes to it too
 
 

@@ -1,7 +1,7 @@
 """GPU benchmark (torch only): PixArt-XL/2 bf16 training step time, memory, img/s and MFU.
 
 Run from the repository root on a CUDA machine (about 2 minutes on an H100, well under 8):
-    python -m bench.gpu_model --out "$OUT/gpu_model.md"
+    python -m bench.gpu_model --output "$OUT/gpu_model.md"
 Measures 512, 1024 and 2048 px with gradient checkpointing, without and with KV compression (R=2 in
 blocks 14–27). `--dry-run` prints the plan and FLOP counts with no GPU; `--device cpu --depth 1
 --plan 128:1 --steps 1 --warmup 0` exercises the whole step on a CPU.
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--no-kv", action="store_true", help="skip the KV-compressed runs")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and FLOPs, touch no device")
     parser.add_argument(
-        "--out", type=Path, default=None, help="markdown file; a .json twin is written beside it"
+        "--output", type=Path, default=None, help="markdown file; a .json twin is written beside it"
     )
     args = parser.parse_args()
 
@@ -190,10 +190,10 @@ def main() -> None:
     }
     text = markdown(rows, header)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        args.output.with_suffix(".json").write_text(
             json.dumps({"header": header, "rows": rows}, indent=2) + "\n"
         )
 

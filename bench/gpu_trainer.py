@@ -1,7 +1,7 @@
 """GPU benchmark (prepared; one script, under 8 minutes): the PixArt-XL/2 training step from cached features
 vs with T5-XXL and the SDXL VAE run on the fly. Random weights, architectures from their configs.
 
-    python -m bench.gpu_trainer [--out OUT] [--seconds 25] [--record]
+    python -m bench.gpu_trainer [--output OUT] [--seconds 25] [--record]
 
 For 512 and 1024 px it reports img/s, MFU (training/flops.py against the device's bf16 peak), peak memory
 and the data-wait share, then the same step with the frozen encoders in the loop, giving the cache's real
@@ -267,7 +267,7 @@ def markdown(rows: list[dict], device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--output", default=os.environ.get("OUT", "."))
     parser.add_argument("--seconds", type=float, default=25.0, help="timed seconds per configuration")
     parser.add_argument("--record", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args()
@@ -285,10 +285,10 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                 torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(device)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_trainer.json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    (Path(args.output) / "gpu_trainer.json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
     text = markdown(rows, name)
-    (Path(args.out) / "gpu_trainer.md").write_text(text)
+    (Path(args.output) / "gpu_trainer.md").write_text(text)
     print(text)
     if args.record:
         from bench.record import write_section

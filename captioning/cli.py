@@ -33,7 +33,8 @@ PRESETS = ("default", "debug")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Caption curated images with a VLM into the captions manifest."
+        description="Caption curated images with a VLM into the captions manifest.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--input", required=True, help="curation run folder (manifests/images, shards/curated)"
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-beams", type=int)
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--num-actors", type=int, help="captioner actor pool size (model replicas)")
+    parser.add_argument("--num-workers", type=int, help="captioner actors (model replicas)")
     parser.add_argument("--num-gpus", type=float, help="GPUs per captioner actor")
     parser.add_argument("--rows-per-part", type=int)
     parser.add_argument("--token-budget", type=int)
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> CaptioningConfig:
         resources=_override(
             cfg.resources,
             batch_size=args.batch_size,
-            num_actors=args.num_actors,
+            num_actors=args.num_workers,
             num_gpus=args.num_gpus,
             rows_per_part=args.rows_per_part,
         ),  # fmt: skip

@@ -1,4 +1,4 @@
-"""A tiny LLaVA built offline for tests and the demo: `python -m captioning.tiny --out DIR` (→ DIR/llava).
+"""A tiny LLaVA built offline for tests and the demo: `python -m captioning.tiny --output DIR` (→ DIR/llava).
 
 Random weights, real architecture: CLIP vision tower + Llama text model + LLaVA projector, a byte-level
 BPE tokenizer with an ``<image>`` token, a chat template, ``CLIPImageProcessor`` and ``LlavaProcessor``.
@@ -159,12 +159,16 @@ def build_tiny_llava(out_dir: str | Path, *, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True, help="models folder; the model and processor go to OUT/llava")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--output", required=True, help="models folder; the model and processor go to OUTPUT/llava"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(build_tiny_llava(args.out, seed=args.seed))
+    print(build_tiny_llava(args.output, seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -14,30 +14,30 @@ MODELS=$OUT/models
 step() { printf '\n== %s\n' "$*"; }
 
 step "1/8 demo corpus ($N good images + one of each bad kind) → $OUT/corpus"
-python -m curation.demo_corpus --out "$OUT/corpus" --n "$N" --seed "$SEED"
+python -m curation.demo_corpus --output "$OUT/corpus" --num-images "$N" --seed "$SEED"
 
 step "2/8 tiny models built offline → $MODELS"
-[ -f "$MODELS/t5/config.json" ] || python -m training.tiny --out "$MODELS"
-[ -f "$MODELS/llava/config.json" ] || python -m captioning.tiny --out "$MODELS"
-[ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --out "$MODELS"
+[ -f "$MODELS/t5/config.json" ] || python -m training.tiny --output "$MODELS"
+[ -f "$MODELS/llava/config.json" ] || python -m captioning.tiny --output "$MODELS"
+[ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
 
 step "3/8 curation → $RUN"
 # Tiny random CLIP under the real LAION head: its scores mean nothing, so no aesthetic threshold.
 python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard 8 \
-    --clip-model "local-dir:$MODELS/clip" --aesthetic-head ../shared/models/laion-aesthetic-v2/sac+logos+ava1-l14-linearMSE.pth \
+    --clip-model "local-dir:$MODELS/clip" \
     --min-aesthetic none
 
 step "4/8 captioning (tiny LLaVA) → $RUN/manifests/captions"
 python captioning/run.py --input "$RUN" --model "$MODELS/llava" --tokenizer "$MODELS/t5" --preset debug
 
 step "5/8 eval set (held out by key, sha256 and pHash group), then the training selection"
-python -m manifests.evalset --root "$RUN" --name eval --num-samples 4 --samples-per-shard 4
-python -m manifests.selection --root "$RUN" --name demo --exclude eval \
+python -m manifests.evalset --input "$RUN" --name eval --num-samples 4 --samples-per-shard 4
+python -m manifests.selection --input "$RUN" --name demo --exclude eval \
     --where "caption_orig IS NOT NULL OR caption_vlm IS NOT NULL"
 
 step "6/8 training shards with cached T5 features and SDXL-like VAE latents at 32 and 64 px"
 # The SD-like VAE of the debug schedule's first stage is not cached: that stage encodes on the fly.
-python -m manifests.materialize --root "$RUN" --selection demo --samples-per-shard 4 \
+python -m manifests.materialize --input "$RUN" --selection demo --samples-per-shard 4 \
     --t5 "$MODELS/t5" --vae "$MODELS/vae" --vae-resolution 32 --vae-resolution 64
 
 step "7/8 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
@@ -52,4 +52,4 @@ torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONF
     --set data.shards="$RUN/train_shards/demo" --set text.t5="$MODELS/t5" "${VAE_SETS[@]}"
 
 step "8/8 summary"
-python -m manifests.summary --root "$RUN" --train "$OUT/train" --json "$OUT/summary.json"
+python -m manifests.summary --input "$RUN" --train "$OUT/train" --output "$OUT/summary.json"

@@ -1,7 +1,7 @@
 """Aesthetic score: open_clip image tower + LAION aesthetic predictor v2 head, as a Ray Data actor stage.
 
-The head (``sac+logos+ava1-l14-linearMSE.pth``) is five Linear layers with dropout between them and no
-activation, so in eval mode it is one affine map: score = w · e + b over the L2-normalised 768-d image
+The head (``sac+logos+ava1-l14-linearMSE.pth``, shipped as ``curation/assets/laion_aesthetic_v2.safetensors``)
+is five Linear layers with dropout between them and no activation, so in eval mode it is one affine map: score = w · e + b over the L2-normalised 768-d image
 embedding e. ``load_aesthetic_head`` multiplies the layers out once at load time (in float64, then
 float32), and scoring a batch costs one matrix-vector product instead of five matmuls.
 """
@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from curation.config import AestheticConfig
+from curation.config import BUILTIN_HEAD, AestheticConfig
 
 CLIP_INPUT = "clip_input"  # batch column: (S, S, 3) uint8 thumbnail bytes from pass 2, null when rejected
 EMBEDDING = "embedding"  # batch column when embeddings are kept: fp16 L2-normalised image embedding
 HEAD_LAYERS = (0, 2, 4, 6, 7)  # Linear layers of the head's nn.Sequential; 1, 3, 5 are Dropout
+# The published head converted to safetensors, bit for bit (curation/assets/PROVENANCE.md).
+BUILTIN_HEAD_FILE = "laion_aesthetic_v2.safetensors"
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,33 @@ class AestheticHead:
     model_id: str  # file name + sha256 prefix, stored in the manifest's ``aesthetic_model``
 
 
-def load_aesthetic_head(path: str | Path) -> AestheticHead:
-    """Load the LAION head's state dict (``weights_only``) and collapse its Linear layers into one."""
+def resolve_head(spec: str | Path) -> Path:
+    """The head's file: ``builtin`` is the copy shipped inside this package, anything else a local path."""
+    if str(spec) == BUILTIN_HEAD:
+        return Path(str(resources.files("curation") / "assets" / BUILTIN_HEAD_FILE))
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"aesthetic head not found: {path} (--aesthetic-head takes 'builtin' or a .safetensors/.pth file)"
+        )
+    return path
+
+
+def load_head_state(path: Path) -> dict:
+    """The head's tensors from safetensors, or from a ``.pth`` state dict with ``weights_only`` (no pickle code)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"aesthetic head not found: {path} (set aesthetic.head / --aesthetic-head)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_aesthetic_head(spec: str | Path = BUILTIN_HEAD) -> AestheticHead:
+    """Load the LAION head (``builtin`` or a path) and collapse its Linear layers into one."""
+    path = resolve_head(spec)
+    state = load_head_state(path)
     expected = {f"layers.{i}.{p}" for i in HEAD_LAYERS for p in ("weight", "bias")}
     if set(state) != expected:
         raise ValueError(f"{path}: expected keys {sorted(expected)}, got {sorted(state)}")

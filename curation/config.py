@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 TIERS = ("4k", "1k")
 
-# The published LAION aesthetic predictor v2 head, kept beside the repository (../shared/models).
-DEFAULT_AESTHETIC_HEAD = str(
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "models"
-    / "laion-aesthetic-v2"
-    / "sac+logos+ava1-l14-linearMSE.pth"
-)
+# The published LAION aesthetic predictor v2 head, shipped inside this package (curation/assets/):
+# `builtin` resolves through importlib.resources in an editable install, a wheel, a Docker image and
+# a Ray job's working directory alike.
+BUILTIN_HEAD = "builtin"
 
 
 @dataclass
@@ -66,7 +61,7 @@ class AestheticConfig:
 
     clip_model: str = "ViT-L-14-quickgelu"
     pretrained: str | None = "openai"
-    head: str = DEFAULT_AESTHETIC_HEAD
+    head: str = BUILTIN_HEAD  # 'builtin' or a local .safetensors/.pth file
     # Per-tier minimum score; a tier missing here is not filtered. LAION-Aesthetics V2 published
     # subsets at ≥ 5, ≥ 6 and ≥ 6.5; 5.0 is the loosest of them.
     min_score: dict[str, float] = field(default_factory=lambda: {"4k": 5.0, "1k": 5.0})

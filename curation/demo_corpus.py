@@ -673,19 +673,21 @@ def write_url_list(corpus_dir: Path, base_url: str, *, out: Path | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m curation.demo_corpus --out DIR --n N --seed S [--base-url URL]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n", type=int, default=24, help="number of good images")
+    """CLI: ``python -m curation.demo_corpus --output DIR --num-images N --seed S [--base-url URL]``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--num-images", type=int, default=24, help="number of good images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-url", help="also write urls.parquet with URLs under this base")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    records = generate(args.out, n=args.n, seed=args.seed)
+    records = generate(args.output, n=args.num_images, seed=args.seed)
     if args.base_url:
-        print(f"url list: {write_url_list(args.out, args.base_url)}")
+        print(f"url list: {write_url_list(args.output, args.base_url)}")
     outcomes = Counter((r["expected_status"], r["expected_tier"] or r["expected_reason"]) for r in records)
-    print(f"{len(records)} files in {args.out}")
+    print(f"{len(records)} files in {args.output}")
     for (status, detail), count in sorted(outcomes.items()):
         print(f"  {status:8s} {detail:16s} {count}")
 

@@ -1,4 +1,4 @@
-"""The curation report: ``python -m curation.report OUT`` → ``OUT/report/index.html`` + PNG figures.
+"""The curation report: ``python -m curation.report --input OUT`` → ``OUT/report/index.html`` + PNG figures.
 
 Funnel (inputs → rejections per reason → kept per tier), histograms of resolution, aspect ratio and
 aesthetic score per tier (kept rows), and contact sheets of the highest and lowest scored images. It
@@ -191,12 +191,16 @@ def write_report(root: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m curation.report OUT``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="the curation run folder (--output of curation/run.py)")
+    """CLI: ``python -m curation.report --input RUN``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--input", type=Path, required=True, help="the curation run folder (--output of curation/run.py)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"report: {write_report(args.root)}")
+    print(f"report: {write_report(args.input)}")
 
 
 if __name__ == "__main__":

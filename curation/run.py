@@ -41,7 +41,9 @@ def parse_min_aesthetic(values: list[str] | None) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add = parser.add_argument
     add(
         "--input",
@@ -66,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="'none', a score for every tier, or TIER=SCORE (repeatable); default 5.0 for 4k and 1k",
     )
     add("--aesthetic-batch-size", type=int, default=AestheticConfig.batch_size)
-    add("--aesthetic-actors", type=int, default=AestheticConfig.num_actors)
-    add("--aesthetic-gpus", type=float, default=AestheticConfig.num_gpus, help="GPUs per scorer actor")
+    add(
+        "--num-workers",
+        type=int,
+        default=AestheticConfig.num_actors,
+        help="aesthetic scorer actors (model replicas)",
+    )
+    add("--num-gpus", type=float, default=AestheticConfig.num_gpus, help="GPUs per scorer actor")
     add(
         "--save-embeddings",
         action="store_true",
@@ -94,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> CurationConfig:
             head=args.aesthetic_head,
             min_score=parse_min_aesthetic(args.min_aesthetic),
             batch_size=args.aesthetic_batch_size,
-            num_actors=args.aesthetic_actors,
-            num_gpus=args.aesthetic_gpus,
+            num_actors=args.num_workers,
+            num_gpus=args.num_gpus,
             save_embeddings=args.save_embeddings,
         ),
         dedup=DedupConfig(max_hamming=args.max_hamming),

@@ -61,12 +61,14 @@ def build_tiny_clip(out_dir: Path, *, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m curation.tiny --out DIR`` writes DIR/clip."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    """CLI: ``python -m curation.tiny --output DIR`` writes DIR/clip."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"clip: {build_tiny_clip(args.out)}")
+    print(f"clip: {build_tiny_clip(args.output)}")
 
 
 if __name__ == "__main__":

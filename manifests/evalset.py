@@ -10,7 +10,7 @@ with the smallest ``md5(key, seed)`` are taken, so the draw depends on neither r
 Output: ``selections/<name>/`` (rows + hashes, like any selection), ``eval_shards/<name>/eval-*.tar``
 (original bytes and JSON, no features), ``prompts.jsonl`` and ``prompts.txt`` (one prompt a line, by key)
 and ``eval.json`` (spec and strata).
-CLI: ``python -m manifests.evalset --root OUT --name eval --exclude TRAIN_SELECTION --num-samples 30000``.
+CLI: ``python -m manifests.evalset --input OUT --name eval --exclude TRAIN_SELECTION --num-samples 30000``.
 """
 
 from __future__ import annotations
@@ -171,8 +171,10 @@ def build_eval_set(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", required=True, help="run folder holding manifests/ and selections/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="run folder holding manifests/ and selections/")
     parser.add_argument("--name", default="eval")
     parser.add_argument("--where", default="true", help="DuckDB WHERE over the image_captions view")
     parser.add_argument("--num-samples", type=int, default=PAPER_EVAL_SIZE)
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         phash_max_distance=args.phash_max_distance,
     )  # fmt: skip
     out = build_eval_set(
-        args.root, spec, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers
+        args.input, spec, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers
     )
     info = json.loads((out / "eval.json").read_text())
     print(f"eval set {spec.name}: {sum(s['num_selected'] for s in info['strata'])} rows → {out}")

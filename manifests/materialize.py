@@ -4,7 +4,7 @@ Each sample holds the original image bytes, a JSON sidecar (key, size, both capt
 bucket per base resolution) and, when configured, ``t5_orig.npy``/``t5_vlm.npy`` (valid tokens only,
 float16) and ``vae<res>.npy`` (posterior mean and std stacked, unscaled, float16, at the bucket size after
 resize-to-cover + center-crop) so training can resample a latent each step.
-CLI: ``python -m manifests.materialize --root OUT --selection NAME [--t5 PATH] [--vae PATH --vae-resolution 256]``.
+CLI: ``python -m manifests.materialize --input OUT --selection NAME [--t5 PATH] [--vae PATH --vae-resolution 256]``.
 """
 
 from __future__ import annotations
@@ -233,8 +233,10 @@ def materialize(cfg: MaterializeConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", required=True)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="run folder holding selections/")
     parser.add_argument("--selection", required=True)
     parser.add_argument("--name", default="")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = MaterializeConfig(
-        root=args.root, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
+        root=args.input, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
         seed=args.seed, t5=args.t5, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
         num_workers=args.num_workers, num_gpus=args.num_gpus, feature_batch_size=args.feature_batch_size,
     )  # fmt: skip

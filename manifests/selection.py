@@ -4,7 +4,7 @@ A selection is ``<root>/selections/<name>/rows.parquet`` plus ``selection.json``
 the sha256 of every input manifest part and of the rows written, so a training run can name exactly
 what it trained on. A selection can exclude other selections (an eval set, say): no row shares a key, a
 sha256 or a pHash group (Hamming distance ≤ ``phash_max_distance``) with a row of an excluded one.
-CLI: ``python -m manifests.selection --root OUT --name NAME --where SQL [--limit N] [--exclude EVAL]``.
+CLI: ``python -m manifests.selection --input OUT --name NAME --where SQL [--limit N] [--exclude EVAL]``.
 """
 
 from __future__ import annotations
@@ -197,8 +197,10 @@ def select(root: str | os.PathLike, spec: SelectionSpec) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", required=True, help="run folder (or a folder of runs) holding manifests/")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="run folder (or a folder of runs) holding manifests/")
     parser.add_argument("--name", required=True)
     parser.add_argument("--where", default="true", help="DuckDB WHERE over the image_captions view")
     parser.add_argument("--limit", type=int)
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         args.name, args.where, args.limit, args.sample_fraction, args.seed,
         exclude=tuple(args.exclude), phash_max_distance=args.phash_max_distance,
     )  # fmt: skip
-    out = select(args.root, spec)
+    out = select(args.input, spec)
     record = json.loads((out / RECORD_FILE).read_text())
     print(f"selection {spec.name}: {record['num_rows']} rows → {out}")
 

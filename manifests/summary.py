@@ -1,6 +1,6 @@
 """The end-of-run summary: what came in, what was kept, captioned, selected and trained, and where it lies.
 
-CLI: ``python -m manifests.summary --root OUT/run [--train OUT/train]``. Reads only files (manifests,
+CLI: ``python -m manifests.summary --input OUT/run [--train OUT/train]``. Reads only files (manifests,
 selection records, the trainer's metrics.jsonl), so it imports no stage.
 """
 
@@ -83,14 +83,16 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", required=True)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="run folder")
     parser.add_argument("--train")
-    parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--output", help="also write the summary here as JSON")
     args = parser.parse_args(argv)
-    summary = summarize(args.root, args.train)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    summary = summarize(args.input, args.train)
+    if args.output:
+        Path(args.output).write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))
 
 

@@ -91,3 +91,28 @@ def test_package_metadata():
     assert not any(d.startswith(("torch==", "torchvision==")) for d in project["dependencies"])
     pins = Path(REPO / "constraints.txt").read_text().splitlines()
     assert sum(line.startswith("torch==") for line in pins) == 1
+
+
+def console_scripts() -> dict[str, str]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+# One name for one thing across every entry point (STYLE.md, "CLI vocabulary").
+RETIRED_FLAGS = ("--root", "--out ", "--json", "--num-actors", "--aesthetic-actors", "--aesthetic-gpus", "--n ")
+
+
+@pytest.mark.parametrize("script", sorted(console_scripts()))
+def test_console_scripts_share_one_vocabulary(script, capsys):
+    import importlib
+
+    module, _, function = console_scripts()[script].partition(":")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "(default:" in help_text, f"{script}: --help shows no defaults"
+    assert not [flag for flag in RETIRED_FLAGS if flag in help_text + " "], help_text
+    assert "--input" in help_text or "--config" in help_text
+    assert (VENV_BIN / script).exists(), f"{script} is not installed (pip install -e . installs it)"

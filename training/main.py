@@ -586,10 +586,12 @@ def export(model: PixArtSigma, ema: PixArtSigma | None, run_dir: Path, cfg: Trai
     return run_dir / "final"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="TOML file (see configs/)")
     parser.add_argument("--output", help="run folder; overrides run_dir of the config")
     parser.add_argument(
@@ -599,5 +601,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return load_config(args.config, overrides=args.set, output=args.output)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Console script ``pixsigma-train`` (under torchrun: ``torchrun --no-python … pixsigma-train …``)."""
+    main(parse_args(argv))
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

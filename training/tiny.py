@@ -323,14 +323,16 @@ def write_synthetic_shards(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m training.tiny --out DIR`` writes DIR/t5, DIR/vae (SDXL-like), DIR/vae_sd (SD-like)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    """CLI: ``python -m training.tiny --output DIR`` writes DIR/t5, DIR/vae (SDXL-like), DIR/vae_sd (SD-like)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"t5:     {build_tiny_t5(args.out)}")
-    print(f"vae:    {build_tiny_vae(args.out, scaling_factor=SDXL_VAE_SCALING_FACTOR, name='vae')}")
-    print(f"vae_sd: {build_tiny_vae(args.out, scaling_factor=SD_VAE_SCALING_FACTOR, name='vae_sd')}")
+    print(f"t5:     {build_tiny_t5(args.output)}")
+    print(f"vae:    {build_tiny_vae(args.output, scaling_factor=SDXL_VAE_SCALING_FACTOR, name='vae')}")
+    print(f"vae_sd: {build_tiny_vae(args.output, scaling_factor=SD_VAE_SCALING_FACTOR, name='vae_sd')}")
 
 
 if __name__ == "__main__":

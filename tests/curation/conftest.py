@@ -10,7 +10,6 @@ from curation.config import AestheticConfig, CurationConfig, ShardConfig
 from curation.demo_corpus import generate
 from curation.pipeline import run
 from curation.tiny import build_tiny_clip
-from tests.conftest import LAION_HEAD
 
 SAMPLES_PER_SHARD = 3
 CHUNK_SIZE = 5  # several committed work chunks, so the resume test can kill between them
@@ -24,10 +23,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def aesthetic_cfg(tiny_clip: Path) -> AestheticConfig:
     """The real LAION head on the tiny random CLIP; no thresholds (its scores mean nothing)."""
-    assert LAION_HEAD.is_file(), f"{LAION_HEAD} is missing: tests need ../shared/models"
-    return AestheticConfig(
-        clip_model=f"local-dir:{tiny_clip}", pretrained=None, head=str(LAION_HEAD), min_score={}
-    )
+    return AestheticConfig(clip_model=f"local-dir:{tiny_clip}", pretrained=None, min_score={})
 
 
 def clip_flags(cfg: AestheticConfig) -> list[str]:

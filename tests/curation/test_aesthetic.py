@@ -16,12 +16,14 @@ from curation.aesthetic import (
     AestheticScorer,
     clip_image_size,
     load_aesthetic_head,
+    load_head_state,
+    resolve_head,
 )
-from curation.config import AestheticConfig
+from curation.config import BUILTIN_HEAD, AestheticConfig
 from curation.run import parse_min_aesthetic
 from curation.stages import aesthetic_gate, clip_thumbnail
 from manifests import IMAGES, Rejected
-from tests.conftest import LAION_HEAD
+from tests.conftest import SHARED_LAION_HEAD
 
 
 def plain_mlp() -> nn.Module:
@@ -30,7 +32,7 @@ def plain_mlp() -> nn.Module:
         nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
     )  # fmt: skip
-    state = torch.load(LAION_HEAD, map_location="cpu", weights_only=True)
+    state = load_head_state(resolve_head(BUILTIN_HEAD))
     head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
     return head.eval()
 
@@ -41,11 +43,25 @@ def test_collapsed_head_equals_plain_mlp() -> None:
     )
     with torch.no_grad():
         expected = plain_mlp()(embeddings)[:, 0].numpy()  # (B,)
-    head = load_aesthetic_head(LAION_HEAD)
+    head = load_aesthetic_head(BUILTIN_HEAD)
     collapsed = embeddings.numpy() @ head.weight + head.bias  # (B,)
     assert head.weight.shape == (768,) and head.weight.dtype == np.float32
     np.testing.assert_allclose(collapsed, expected, rtol=0, atol=1e-4)
-    assert head.model_id == "sac+logos+ava1-l14-linearMSE.pth@sha256:21dd590f3ccd"
+    assert head.model_id == "laion_aesthetic_v2.safetensors@sha256:88ad5c5b60b7"
+
+
+def test_builtin_head_is_the_published_one(tmp_path) -> None:
+    """The shipped safetensors is the published .pth tensor for tensor, and a .pth loads the same way."""
+    builtin = load_head_state(resolve_head(BUILTIN_HEAD))
+    assert AestheticConfig().head == BUILTIN_HEAD  # the default needs nothing beside the repository
+    torch.save(builtin, tmp_path / "head.pth")
+    from_pth = load_aesthetic_head(tmp_path / "head.pth")
+    np.testing.assert_array_equal(from_pth.weight, load_aesthetic_head(BUILTIN_HEAD).weight)
+    if not SHARED_LAION_HEAD.is_file():
+        pytest.skip("the original .pth is only on the team's machines (../shared/models)")
+    original = torch.load(SHARED_LAION_HEAD, map_location="cpu", weights_only=True)
+    assert original.keys() == builtin.keys()
+    assert all(torch.equal(original[k], builtin[k]) for k in original)
 
 
 def test_head_file_is_checked(tmp_path) -> None:
@@ -96,7 +112,7 @@ def test_scorer_batch_fills_scored_rows_only(aesthetic_cfg: AestheticConfig) -> 
     assert [r["key"] for r in out] == ["a", "b"] and CLIP_INPUT not in out[0]
     assert isinstance(out[0]["aesthetic"], float) and out[1]["aesthetic"] is None
     assert out[0]["clip_model"] == aesthetic_cfg.clip_model and out[1]["clip_model"] is None
-    assert out[0]["aesthetic_model"].startswith("sac+logos+ava1-l14-linearMSE.pth@sha256:")
+    assert out[0]["aesthetic_model"].startswith("laion_aesthetic_v2.safetensors@sha256:")
     assert len(out[0][EMBEDDING]) == 768 and out[1][EMBEDDING] is None
 
 

@@ -181,7 +181,16 @@ def test_same_seed_same_bytes(corpus: tuple[Path, dict[str, dict]], tmp_path: Pa
 def test_cli_other_seed_and_url_list(corpus: tuple[Path, dict[str, dict]], tmp_path: Path) -> None:
     out, _ = corpus
     demo_corpus.main(
-        ["--out", str(tmp_path), "--n", "1", "--seed", "1", "--base-url", "http://127.0.0.1:8000/"]
+        [
+            "--output",
+            str(tmp_path),
+            "--num-images",
+            "1",
+            "--seed",
+            "1",
+            "--base-url",
+            "http://127.0.0.1:8000/",
+        ]
     )
     assert (tmp_path / "bad_cmyk.jpg").read_bytes() != (out / "bad_cmyk.jpg").read_bytes()
     table = pq.read_table(tmp_path / "urls.parquet")

@@ -58,7 +58,7 @@ def test_kept_rows_carry_score_hash_and_model_ids(curated, aesthetic_cfg):
     ).fetchall()
     assert rows and all(a is not None and p is not None and s for a, _, _, p, s in rows)
     assert {(m, c) for _, m, c, _, _ in rows} == {
-        ("sac+logos+ava1-l14-linearMSE.pth@sha256:21dd590f3ccd", aesthetic_cfg.clip_model)
+        ("laion_aesthetic_v2.safetensors@sha256:88ad5c5b60b7", aesthetic_cfg.clip_model)
     }
     # Rows rejected before the decode are never scored.
     assert con.execute(

@@ -31,7 +31,7 @@ class Figures(HTMLParser):
 
 def test_report_has_the_funnel_and_every_figure(curated):
     root, summary = curated
-    main([str(root)])  # the CLI rewrites what the run wrote, from the manifest alone
+    main(["--input", str(root)])  # the CLI rewrites what the run wrote, from the manifest alone
     parser = Figures()
     parser.feed((root / "report" / "index.html").read_text(encoding="utf-8"))
     assert set(parser.images) == set(FIGURES)

@@ -11,11 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from curation.aesthetic import load_head_state, resolve_head
+from curation.config import BUILTIN_HEAD
 from curation.tiny import CLIP_EMBED_DIM, build_tiny_clip
-
-LAION_HEAD = (
-    Path(__file__).resolve().parents[3] / "shared/models/laion-aesthetic-v2/sac+logos+ava1-l14-linearMSE.pth"
-)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +46,13 @@ def test_embeds_images_and_text(clip_dir: Path, image_embeddings: torch.Tensor) 
     assert text.shape == (2, CLIP_EMBED_DIM)
 
 
-@pytest.mark.skipif(not LAION_HEAD.is_file(), reason="LAION aesthetic head not in ../shared/models")
 def test_laion_aesthetic_head_fits_on_top(image_embeddings: torch.Tensor) -> None:
     head = nn.Sequential(
         nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
     )  # fmt: skip
     head.load_state_dict(
-        {
-            k.removeprefix("layers."): v
-            for k, v in torch.load(LAION_HEAD, map_location="cpu", weights_only=True).items()
-        }
+        {k.removeprefix("layers."): v for k, v in load_head_state(resolve_head(BUILTIN_HEAD)).items()}
     )
     normalised = image_embeddings / image_embeddings.norm(dim=-1, keepdim=True)  # (B, 768)
     with torch.no_grad():

@@ -87,7 +87,7 @@ def test_spec_rejects_bad_values(fields, message):
 def test_eval_shards_and_prompts(ray_cluster, tmp_path, capsys):
     rows = make_run(tmp_path, num_images=12)
     select(tmp_path, SelectionSpec("train", "aesthetic < 5.5"))
-    main(["--root", str(tmp_path), "--exclude", "train", "--num-samples", "4", "--samples-per-shard", "3"])
+    main(["--input", str(tmp_path), "--exclude", "train", "--num-samples", "4", "--samples-per-shard", "3"])
     assert "eval set eval: 4 rows" in capsys.readouterr().out
     out = tmp_path / "eval_shards" / "eval"
     train_keys = set(

@@ -156,7 +156,7 @@ def test_exclude_of_missing_selection_is_an_error(run):
 
 def test_cli(run, capsys):
     root, rows = run
-    main(["--root", str(root), "--name", "cli", "--where", "tier = '4k'", "--limit", "2"])
+    main(["--input", str(root), "--name", "cli", "--where", "tier = '4k'", "--limit", "2"])
     assert "cli: 2 rows" in capsys.readouterr().out
     assert selected_keys(root, "cli") == [r["key"] for r in rows if r["tier"] == "4k"][:2]
 

@@ -22,7 +22,7 @@ CAPTIONS = [
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    tiny.main(["--out", str(out)])
+    tiny.main(["--output", str(out)])
     return out
 
 

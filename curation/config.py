@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 TIERS = ("4k", "1k")
 
@@ -85,15 +86,30 @@ class AestheticConfig:
 
 @dataclass
 class DedupConfig:
-    """Near-duplicates: 64-bit pHash within ``max_hamming`` bits (exact duplicates share a sha256)."""
+    """Duplicates: exact (sha256), near (64-bit pHash within ``max_hamming`` bits) and semantic (CLIP).
 
-    max_hamming: int = 4
+    Defaults are calibrated on a labelled set of re-encodes, resizes, crops and borders vs distinct images
+    (docs/benchmarks.md, "Dedup thresholds"; ``bench/calibrate_dedup.py``).
+    """
+
+    max_hamming: int = 6
+    # pHash search: None = exact for any max_hamming (bands narrower than 32 bits above 5: candidates grow
+    # with N); k = 2k bands of 32 bits (near-linear; exact up to 5 bits, measured recall above).
+    phash_splits: int | None = 4
+    semantic: bool | None = None  # None: on when aesthetic.save_embeddings keeps the embeddings
+    semantic_threshold: float = 0.95  # cosine similarity of L2-normalised CLIP image embeddings
+    semantic_cluster_size: int = 10_000  # mean rows per k-means cluster (SemDeDup's in-cluster search)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_hamming <= 16:
-            # The banded index splits 64 bits into max_hamming + 1 bands; above 16 a band is < 4 bits
-            # wide and every band matches nearly every other hash.
+            # Above 16 of 64 bits, unrelated pictures start to match (docs/benchmarks.md).
             raise ValueError(f"dedup.max_hamming must be in 0..16, got {self.max_hamming}")
+        if self.phash_splits is not None and not 1 <= self.phash_splits <= 16:
+            raise ValueError(f"dedup.phash_splits must be None or in 1..16, got {self.phash_splits}")
+        if not 0 < self.semantic_threshold <= 1:
+            raise ValueError(f"dedup.semantic_threshold must be in (0, 1], got {self.semantic_threshold}")
+        if self.semantic_cluster_size < 1:
+            raise ValueError(f"dedup.semantic_cluster_size must be ≥ 1, got {self.semantic_cluster_size}")
 
 
 @dataclass
@@ -121,12 +137,26 @@ class CurationConfig:
     aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
-    chunk_size: int = 4096  # rows per committed unit of scan + score work (what a rerun skips)
-    manifest_rows_per_part: int = 100_000
+    chunk_size: int = 4096  # most rows per committed unit of scan + score work (what a rerun skips)
+    manifest_rows_per_part: int = 100_000  # about: rows per partition of the later phases and per part
     report: bool = True  # write OUT/report/index.html at the end
+    executor: Literal["ray", "local"] = "ray"  # local: every phase in this process (debugging, benchmarks)
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("inputs must name at least one folder, glob or URI")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be ≥ 1, got {self.chunk_size}")
+        if self.manifest_rows_per_part < 1:
+            raise ValueError(f"manifest_rows_per_part must be ≥ 1, got {self.manifest_rows_per_part}")
+        if self.executor not in ("ray", "local"):
+            raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
+        if self.dedup.semantic and not self.aesthetic.save_embeddings:
+            raise ValueError(
+                "dedup.semantic needs aesthetic.save_embeddings (the CLIP embeddings it compares)"
+            )
+
+    @property
+    def semantic_dedup(self) -> bool:
+        """Semantic dedup runs when asked for, or by default whenever embeddings are kept."""
+        return self.aesthetic.save_embeddings if self.dedup.semantic is None else self.dedup.semantic

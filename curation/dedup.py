@@ -1,28 +1,52 @@
-"""Global deduplication over the manifest rows of a whole run (all blocks, all nodes).
+"""Duplicates: exact (sha256), near (pHash within ``max_hamming`` bits) and semantic (``curation.semdedup``).
 
-Exact duplicates share a sha256; near duplicates have 64-bit pHashes within ``max_hamming`` bits. Near
-pairs come from a banded index: the 64 bits are cut into ``max_hamming + 1`` bands, and two hashes that
-differ in at most ``max_hamming`` bits agree exactly on at least one band (pigeonhole), so an equi-join
-per band finds every candidate pair without comparing all pairs; each candidate is then checked on its
-full Hamming distance. The join runs in DuckDB over the Arrow table of kept rows.
+Everything here works on Arrow tables and NumPy arrays of one partition or bucket; ``curation.phases``
+runs it over hash-partitioned Parquet, and ``mark_duplicates`` over a small in-memory table (tests).
 
-Pairs are merged into groups (connected components, so a chain a~b~c is one group). One keeper per
-group by a fixed rule — more pixels, then higher aesthetic score, then the smaller key — so the result
-does not depend on arrival order; the others are rejected as ``duplicate`` with ``dup_of`` = the keeper.
+Edges. Rows with the same sha256 are joined to the smallest key of their group (a star: a group of k rows
+costs k - 1 edges, never k²); so are rows with the same pHash. Distinct pHash values within
+``max_hamming`` bits are found by multi-index hashing over wide bands (below). Semantic pairs come from
+CLIP embeddings. Each edge says "same picture"; groups are the connected components of all edges.
+
+Keeper. One row per group survives, by a fixed order: more pixels, then higher aesthetic score (null
+last), then the smaller key. It depends only on the group, never on arrival order or partitioning; the
+others become ``duplicate`` rejections with ``dup_of`` = the keeper.
+
+Near pHash search (multi-index hashing with 32-bit bands, meet in the middle). A *split* cuts the 64 bits
+into two bands of 32 (split 0: the high and low halves; split j > 0: a fixed random permutation first).
+Each value is indexed under its band value and the 32 band values one bit away; two values sharing an
+index entry differ by at most 2 bits in that band, and every candidate is then checked on all 64 bits.
+A pair within ``max_hamming`` ≤ 5 bits differs by ≤ 2 bits in one band of any split, so the search is
+**exact** for ``max_hamming`` ≤ 5 with one split. Above that a pair is missed when every split divides its
+differing bits 3/3 or worse; more splits make that rarer (recall is measured in docs/benchmarks.md).
+Cost: 33 index entries per value per band, and a 32-bit band value is shared by N / 2³² random hashes
+(0.008 at 33M), so the candidate pairs grow linearly with N. The entries of one band are hash-partitioned
+by their top ``part_bits`` bits; a partition reads the values whose top bits are equal or one bit away.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import duckdb
+import numpy as np
 import pyarrow as pa
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from manifests.schema import KEPT, REJECTED
 
 HASH_BITS = 64
+BAND_BITS = 32
+BANDS_PER_SPLIT = HASH_BITS // BAND_BITS
+EXACT_MAX_HAMMING = 5  # 2 bands × (2 bits each) + 1: beyond, some pairs split their bits 3/3
+_PERMUTATION_SEED = 20240305
+EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
+DUPLICATES = pa.schema([("key", pa.string()), ("dup_of", pa.string())])
 
 
 def keeper_order(row: dict) -> tuple:
-    """Sort key: the first row of a group in this order is its keeper."""
+    """Sort key of a row dict: the first row of a group in this order is its keeper (see ``keepers``)."""
     aesthetic = row.get("aesthetic")
     return (
         -(row["width"] * row["height"]),
@@ -31,97 +55,309 @@ def keeper_order(row: dict) -> tuple:
     )
 
 
-def bands(max_hamming: int) -> list[tuple[int, int]]:
-    """``(shift, mask)`` of each of the ``max_hamming + 1`` bands that together cover all 64 bits."""
-    num_bands = max_hamming + 1
-    widths = [HASH_BITS // num_bands + (i < HASH_BITS % num_bands) for i in range(num_bands)]
-    shifts = [sum(widths[:i]) for i in range(num_bands)]
-    return [(shift, (1 << width) - 1) for shift, width in zip(shifts, widths, strict=True)]
+# ----------------------------------------------------------------------------------------------------
+# Near pHash search
 
 
-def near_pairs(keys: list[str], hashes: list[int], max_hamming: int) -> list[tuple[str, str]]:
-    """Pairs ``(a, b)``, ``a < b``, whose hashes differ in at most ``max_hamming`` bits (banded join)."""
-    if len(keys) < 2:
+@dataclass(frozen=True)
+class Band:
+    """Bits ``[shift, shift + width)`` of the hash after split ``split``'s bit permutation."""
+
+    split: int
+    shift: int
+    width: int
+
+
+def band_layout(max_hamming: int, num_splits: int | None) -> list[Band]:
+    """The bands of the near search.
+
+    ``num_splits`` None: exact for any ``max_hamming``: ``max_hamming // 3 + 1`` contiguous bands, so that
+    a pair within range differs by ≤ 2 bits in one of them (pigeonhole); above 5 bits these bands are
+    narrower than 32 bits and their buckets, hence the candidates per row, grow with N.
+    ``num_splits`` k: 2k bands of 32 bits (near-linear), exact for ``max_hamming`` ≤ 5.
+    """
+    if num_splits is None:
+        num_bands = max_hamming // 3 + 1
+        widths = [HASH_BITS // num_bands + (i < HASH_BITS % num_bands) for i in range(num_bands)]
+        return [Band(0, sum(widths[:i]), w) for i, w in enumerate(widths)]
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be ≥ 1 or None, got {num_splits}")
+    return [Band(s, b * BAND_BITS, BAND_BITS) for s in range(num_splits) for b in range(BANDS_PER_SPLIT)]
+
+
+def is_exact(max_hamming: int, num_splits: int | None) -> bool:
+    """Whether the search finds every pair within ``max_hamming`` bits."""
+    return num_splits is None or max_hamming <= EXACT_MAX_HAMMING
+
+
+def as_unsigned(phashes: np.ndarray) -> np.ndarray:
+    """The manifest's signed int64 bit patterns as ``uint64`` (same bits)."""
+    return np.asarray(phashes, np.int64).view(np.uint64)
+
+
+def split_permutation(split: int) -> np.ndarray:
+    """Source bit of each of the 64 output bits for ``split`` (identity for split 0)."""
+    if split == 0:
+        return np.arange(HASH_BITS)
+    return np.random.default_rng([_PERMUTATION_SEED, split]).permutation(HASH_BITS)
+
+
+def permute_bits(values: np.ndarray, permutation: np.ndarray) -> np.ndarray:
+    """``values`` (uint64) with output bit ``i`` taken from input bit ``permutation[i]`` (8 byte tables)."""
+    if np.array_equal(permutation, np.arange(HASH_BITS)):
+        return values
+    out = np.zeros(len(values), np.uint64)
+    byte_values = np.arange(256, dtype=np.uint64)
+    for byte in range(8):
+        table = np.zeros(256, np.uint64)
+        for dst in range(HASH_BITS):
+            src = int(permutation[dst])
+            if src // 8 == byte:
+                table |= ((byte_values >> np.uint64(src % 8)) & np.uint64(1)) << np.uint64(dst)
+        out |= table[(values >> np.uint64(8 * byte)) & np.uint64(0xFF)]
+    return out
+
+
+def band_values(values: np.ndarray, band: Band) -> np.ndarray:
+    """Each value's bits of ``band`` (uint64 holding ``band.width`` bits)."""
+    permuted = permute_bits(values, split_permutation(band.split))
+    mask = np.uint64((1 << band.width) - 1) if band.width < HASH_BITS else np.uint64(2**64 - 1)
+    return (permuted >> np.uint64(band.shift)) & mask
+
+
+def _index_entries(bands: np.ndarray, width: int, part: int, part_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(entry value, row) of every band value 0 or 1 bit away whose top ``part_bits`` bits are ``part``."""
+    low_bits = width - part_bits
+    top = bands >> np.uint64(low_bits) if part_bits else np.zeros(len(bands), np.uint64)
+    diff = top ^ np.uint64(part)
+    same = np.flatnonzero(diff == 0)
+    flips = np.concatenate([[0], np.uint64(1) << np.arange(low_bits, dtype=np.uint64)]).astype(np.uint64)
+    values = [(bands[same, None] ^ flips[None, :]).ravel()]
+    rows = [np.repeat(same, len(flips))]
+    if part_bits:
+        adjacent = np.flatnonzero(np.bitwise_count(diff) == 1)  # one flip of a top bit lands in `part`
+        values.append(bands[adjacent] ^ (diff[adjacent] << np.uint64(low_bits)))
+        rows.append(adjacent)
+    return np.concatenate(values), np.concatenate(rows)
+
+
+def _sorted_entries(entries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries sorted by value (then row): one packed sort when values fit in 32 bits (always, but for
+    the single 64-bit band of ``max_hamming`` ≤ 2)."""
+    if len(entries) and int(entries.max()) < 1 << 32 and len(rows) and int(rows.max()) < 1 << 32:
+        packed = np.sort((entries << np.uint64(32)) | rows.astype(np.uint64))
+        return packed >> np.uint64(32), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    order = np.lexsort((rows, entries))
+    return entries[order], rows[order]
+
+
+def _pairs_in_runs(entries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All row pairs that share an entry value (each run of equal entries gives every pair of its rows)."""
+    if len(entries) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    entries, rows = _sorted_entries(entries, rows)
+    equal_next = entries[1:] == entries[:-1]
+    if not equal_next.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ~equal_next]))
+    lengths = np.diff(np.concatenate([starts, [len(entries)]]))
+    long = lengths >= 2
+    starts, lengths = starts[long], lengths[long]
+    position = np.repeat(starts, lengths) + (
+        np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    )
+    end = np.repeat(starts + lengths, lengths)
+    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    offset = 1
+    while position.size:  # total work = the number of pairs
+        ok = position + offset < end
+        position, end = position[ok], end[ok]
+        firsts.append(rows[position])
+        seconds.append(rows[position + offset])
+        offset += 1
+    return np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)
+
+
+def near_value_pairs(
+    values: np.ndarray, *, max_hamming: int, band: Band, part: int = 0, part_bits: int = 0
+) -> tuple[np.ndarray, int]:
+    """Index pairs ``(i, j)``, ``i < j``, of unique ``values`` (uint64) within ``max_hamming`` bits that share
+    an index entry in one partition of one band; and how many candidate pairs were checked."""
+    entries, rows = _index_entries(band_values(values, band), band.width, part, part_bits)
+    first, second = _pairs_in_runs(entries, rows)
+    close = np.bitwise_count(values[first] ^ values[second]) <= max_hamming
+    low, high = np.minimum(first, second)[close], np.maximum(first, second)[close]
+    pairs = np.unique(np.stack([low, high], axis=1), axis=0) if len(low) else np.zeros((0, 2), np.int64)
+    return pairs, len(first)
+
+
+def near_tasks(max_hamming: int, num_splits: int | None, part_bits: int) -> list[dict]:
+    """The (band, part) items of one full near search; none when ``max_hamming`` is 0."""
+    if max_hamming == 0:
         return []
-    hashed = pa.table({"key": keys, "phash": pa.array(hashes, pa.int64())})
-    band_table = pa.table(
+    return [
+        {"band": band, "part": p, "part_bits": min(part_bits, band.width - 1)}
+        for band in band_layout(max_hamming, num_splits)
+        for p in range(1 << min(part_bits, band.width - 1))
+    ]
+
+
+def all_near_pairs(values: np.ndarray, *, max_hamming: int, num_splits: int | None) -> np.ndarray:
+    """Every index pair the search finds over unique ``values`` in one process, ``(K, 2)`` sorted."""
+    found = [np.zeros((0, 2), np.int64)] + [
+        near_value_pairs(values, max_hamming=max_hamming, **task)[0]
+        for task in near_tasks(max_hamming, num_splits, part_bits=0)
+    ]
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def value_pair_table(values: np.ndarray, pairs: np.ndarray) -> pa.Table:
+    """Index pairs as a table of the two pHash values (signed int64, like the manifest)."""
+    return pa.table({"u": values[pairs[:, 0]].view(np.int64), "v": values[pairs[:, 1]].view(np.int64)})
+
+
+def near_pairs(
+    keys: list[str], hashes: list[int], max_hamming: int, *, num_splits: int | None = None
+) -> list[tuple[str, str]]:
+    """Key pairs ``(a, b)``, ``a < b``, whose hashes differ in at most ``max_hamming`` bits (small inputs)."""
+    table = pa.table({"key": pa.array(keys, pa.string()), "phash": pa.array(hashes, pa.int64())})
+    unique, _ = unique_hashes(table)
+    values = as_unsigned(unique.column("phash").to_numpy())
+    pairs = value_pair_table(values, all_near_pairs(values, max_hamming=max_hamming, num_splits=num_splits))
+    same = pa.table({"u": unique.column("phash"), "v": unique.column("phash")})
+    found = _query(
+        """
+        SELECT DISTINCT least(x.key, y.key) AS a, greatest(x.key, y.key) AS b
+        FROM pairs p JOIN hashed x ON x.phash = p.u JOIN hashed y ON y.phash = p.v
+        WHERE x.key <> y.key ORDER BY a, b
+        """,
+        pairs=pa.concat_tables([pairs, same]),
+        hashed=table,
+    )
+    return list(zip(found.column("a").to_pylist(), found.column("b").to_pylist(), strict=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Edges and groups
+
+
+def _query(sql: str, **tables: pa.Table) -> pa.Table:
+    con = duckdb.connect()
+    try:
+        for name, table in tables.items():
+            con.register(name, table)
+        return con.sql(sql).to_arrow_table()
+    finally:
+        con.close()
+
+
+def exact_edges(table: pa.Table) -> pa.Table:
+    """Star edges (smallest key → each other key) of rows that share a sha256; ``table``: key, sha256."""
+    return _query(
+        """
+        SELECT a, key AS b FROM (SELECT key, min(key) OVER (PARTITION BY sha256) AS a FROM rows
+                                 WHERE sha256 IS NOT NULL)
+        WHERE key <> a ORDER BY a, b
+        """,
+        rows=table,
+    ).cast(EDGES)
+
+
+def unique_hashes(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """``(unique, star)``: each distinct pHash with its smallest key (``phash``, ``rep``), and star edges
+    from that key to the other rows with the same hash; ``table``: key, phash."""
+    unique = _query(
+        "SELECT phash, min(key) AS rep FROM rows WHERE phash IS NOT NULL GROUP BY phash ORDER BY phash",
+        rows=table,
+    )
+    star = _query(
+        "SELECT u.rep AS a, r.key AS b FROM rows r JOIN unique_ u USING (phash) WHERE r.key <> u.rep "
+        "ORDER BY a, b",
+        rows=table,
+        unique_=unique,
+    ).cast(EDGES)
+    return unique, star
+
+
+def value_edges(value_pairs: pa.Table, unique: pa.Table) -> pa.Table:
+    """Edges between the representative keys of near pHash value pairs (``u``, ``v``)."""
+    return _query(
+        "SELECT x.rep AS a, y.rep AS b FROM pairs p JOIN unique_ x ON x.phash = p.u "
+        "JOIN unique_ y ON y.phash = p.v ORDER BY a, b",
+        pairs=value_pairs,
+        unique_=unique,
+    ).cast(EDGES)
+
+
+def keepers(edges: pa.Table, attributes: pa.Table) -> pa.Table:
+    """``(key, dup_of)`` of every non-keeper of each connected component of ``edges``, sorted by key.
+
+    ``attributes``: key, pixels, aesthetic of (at least) every key in ``edges``.
+    """
+    if edges.num_rows == 0:
+        return DUPLICATES.empty_table()
+    con = duckdb.connect()
+    try:
+        con.register("edges", edges)
+        nodes = con.execute(
+            "SELECT key FROM (SELECT a AS key FROM edges UNION SELECT b FROM edges) ORDER BY key"
+        ).to_arrow_table()
+        con.register("nodes", nodes.append_column("id", pa.array(np.arange(nodes.num_rows), pa.int64())))
+        ids = con.execute(
+            "SELECT x.id, y.id FROM edges e JOIN nodes x ON x.key = e.a JOIN nodes y ON y.key = e.b"
+        ).fetchnumpy()
+        first, second = ids["id"], ids["id_1"]
+        graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(nodes.num_rows,) * 2)
+        _, labels = connected_components(graph, directed=False)
+        con.register("labelled", nodes.append_column("label", pa.array(labels, pa.int64())))
+        con.register("attributes", attributes)
+        return (
+            con.execute(
+                """
+            WITH ranked AS (
+                SELECT l.key, l.label, first(l.key ORDER BY a.pixels DESC, a.aesthetic DESC NULLS LAST, l.key)
+                       OVER (PARTITION BY l.label) AS keeper
+                FROM labelled l JOIN attributes a USING (key)
+            )
+            SELECT key, keeper AS dup_of FROM ranked WHERE key <> keeper ORDER BY key
+            """
+            )
+            .to_arrow_table()
+            .cast(DUPLICATES)
+        )
+    finally:
+        con.close()
+
+
+def mark_duplicates(
+    rows: list[dict], *, max_hamming: int | None, num_splits: int | None = None
+) -> list[dict]:
+    """Rows with every kept row that repeats another (same sha256, or pHash within ``max_hamming`` bits;
+    ``None`` turns the near pass off) turned into a ``duplicate`` rejection naming its keeper.
+
+    The in-memory composition of the functions the partitioned phases run (small inputs and tests).
+    """
+    kept = [r for r in rows if r["status"] == KEPT]
+    table = pa.table(
         {
-            "band": list(range(max_hamming + 1)),
-            "shift": [s for s, _ in bands(max_hamming)],
-            # As int64 bit patterns: a single 64-bit band (max_hamming = 0) has mask -1.
-            "mask": pa.array(
-                [m - (1 << 64) if m >= 1 << 63 else m for _, m in bands(max_hamming)], pa.int64()
-            ),
+            "key": pa.array([r["key"] for r in kept], pa.string()),
+            "sha256": pa.array([r.get("sha256") for r in kept], pa.string()),
+            "phash": pa.array([r.get("phash") for r in kept], pa.int64()),
+            "pixels": pa.array([r["width"] * r["height"] for r in kept], pa.int64()),
+            "aesthetic": pa.array([r.get("aesthetic") for r in kept], pa.float32()),
         }
     )
-    con = duckdb.connect()
-    con.register("hashed", hashed)
-    con.register("band_table", band_table)
-    # `>>` on a signed BIGINT sign-extends; the mask keeps only the band's own bits.
-    pairs = con.execute(
-        """
-        WITH banded AS (
-            SELECT h.key, h.phash, b.band, (h.phash >> b.shift) & b.mask AS value
-            FROM hashed h CROSS JOIN band_table b
-        )
-        SELECT DISTINCT x.key, y.key
-        FROM banded x JOIN banded y ON x.band = y.band AND x.value = y.value AND x.key < y.key
-        WHERE bit_count(xor(x.phash, y.phash)) <= ?
-        ORDER BY 1, 2
-        """,
-        [max_hamming],
-    ).fetchall()
-    con.close()
-    return pairs
-
-
-def _groups(keys: list[str], pairs: list[tuple[str, str]]) -> list[list[str]]:
-    """Connected components of the pair graph (union-find), singletons left out."""
-    parent = {k: k for k in keys}
-
-    def find(k: str) -> str:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    components: dict[str, list[str]] = {}
-    for k in keys:
-        components.setdefault(find(k), []).append(k)
-    return [c for c in components.values() if len(c) > 1]
-
-
-def mark_duplicates(rows: list[dict], *, max_hamming: int | None) -> list[dict]:
-    """Rows with every kept row that repeats another (same sha256, or pHash within ``max_hamming``
-    bits; ``None`` turns the near pass off) turned into a ``duplicate`` rejection naming its keeper."""
-    kept = [r for r in rows if r["status"] == KEPT]
-    by_key = {r["key"]: r for r in kept}
-    first_with_sha: dict[str, str] = {}
-    pairs = []
-    for row in sorted(kept, key=lambda r: r["key"]):
-        if row.get("sha256") is not None:
-            other = first_with_sha.setdefault(row["sha256"], row["key"])
-            if other != row["key"]:
-                pairs.append((other, row["key"]))
+    edges = [exact_edges(table.select(["key", "sha256"]))]
     if max_hamming is not None:
-        hashed = [r for r in kept if r.get("phash") is not None]
-        pairs += near_pairs([r["key"] for r in hashed], [r["phash"] for r in hashed], max_hamming)
-    dup_of: dict[str, str] = {}
-    for group in _groups(list(by_key), pairs):
-        keeper, *others = sorted((by_key[k] for k in group), key=keeper_order)
-        dup_of.update({r["key"]: keeper["key"] for r in others})
+        unique, star = unique_hashes(table.select(["key", "phash"]))
+        values = as_unsigned(unique.column("phash").to_numpy())
+        pairs = all_near_pairs(values, max_hamming=max_hamming, num_splits=num_splits)
+        edges += [star, value_edges(value_pair_table(values, pairs), unique)]
+    dups = keepers(pa.concat_tables(edges), table.select(["key", "pixels", "aesthetic"]))
+    dup_of = dict(zip(dups.column("key").to_pylist(), dups.column("dup_of").to_pylist(), strict=True))
     return [
         {**row, "status": REJECTED, "reason": "duplicate", "tier": None, "dup_of": dup_of[row["key"]]}
         if row["key"] in dup_of
         else row
         for row in rows
     ]
-
-
-def mark_exact_duplicates(rows: list[dict]) -> list[dict]:
-    """Exact duplicates only (same sha256)."""
-    return mark_duplicates(rows, max_hamming=None)

@@ -1,13 +1,16 @@
-"""The curation job's wiring: sources → scan + decode (Ray tasks) → aesthetic (Ray actor pool) → committed
-work chunks → aesthetic thresholds → global dedup → shards (Ray tasks) → ``images`` manifest → report.
+"""The curation job's wiring: listing → chunks → scan + decode (Ray tasks) → aesthetic (Ray actor pool) →
+committed chunks → thresholds, dedup, shard plan, shards, manifest (partitioned phases) → report.
 
 The stages it wires are pure functions in ``curation.stages`` and callable classes; this module is the
-only one here that knows about Ray. Every listed input ends in the ``images`` manifest, kept or
-rejected with a reason.
+only one here that knows about Ray (with ``curation.executor``). Every listed input ends in the ``images``
+manifest, kept or rejected with a reason. The driver holds plans and counts, never rows: the listing is
+written by tasks (``curation.chunks``), scan + score results stream through it one chunk at a time into
+committed Parquet, and every later phase runs over partitions (``curation.phases``).
 
-Resume: scan + score results are committed per chunk of ``chunk_size`` inputs (sorted by key) under
-``work/``; a rerun skips committed chunks, and every later step is a deterministic function of them, so
-a run killed at any point and rerun produces the same manifest and the same shard bytes as a clean run.
+Resume: scan + score results are committed per chunk (a key range of ≤ ``chunk_size`` inputs, so the
+chunks stay put when inputs are added) under ``work/``; a rerun skips committed chunks whose records are
+unchanged, and every later phase is a deterministic function of them: a run killed at any point and rerun
+produces the same manifest and the same shard bytes as a clean run.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,38 +30,43 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from curation import stages
-from curation.aesthetic import CLIP_INPUT, EMBEDDING, AestheticScorer, clip_image_size, clip_model_id
+from curation import chunks as chunking
+from curation import rundir, stages
+from curation.aesthetic import (
+    CLIP_INPUT,
+    EMBEDDING,
+    AestheticScorer,
+    clip_image_size,
+    clip_model_id,
+    resolve_head,
+)
 from curation.config import CurationConfig, DecodeConfig, TierConfig
-from curation.dedup import mark_duplicates
+from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib
+from curation.phases import HOW_TO_READ, SCORED, PostConfig, ScoredPart, post_scoring, remove_stale_shards
 from curation.report import write_report
-from curation.sources import list_sources, open_source, read_bytes
+from curation.sources import open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
-from manifests.io import COMMITTED_DIR, is_committed
+from manifests.io import COMMITTED_DIR, mark_committed, publish, temp_path
 from manifests.schema import KEPT, REJECTED
-from manifests.tars import extension_for, json_bytes, write_shard
 
 log = logging.getLogger(__name__)
 
-SHARDS_DIR = "shards/curated"
-IMAGES_DIR = "manifests/images"
 EMBEDDINGS_DIR = "manifests/clip_embeddings"
 DOWNLOADS_DIR = "downloads"
 WORK_DIR = "work"
-SAMPLE_JSON_FIELDS = (
-    "key", "width", "height", "format", "tier", "aesthetic", "caption_orig", "source", "url", "sha256",
-)  # fmt: skip
-
-# What the driver hands to the scan tasks: the source record (see curation.sources).
-RECORDS = pa.schema(
-    [
-        ("key", pa.string()), ("source", pa.string()), ("caption_orig", pa.string()), ("url", pa.string()),
-        ("source_key", pa.string()), ("source_meta", pa.string()), ("download_status", pa.string()),
-        ("reason", pa.string()), ("tar_offset", pa.int64()), ("tar_size", pa.int64()), ("data", pa.binary()),
-    ]
-)  # fmt: skip
+SCRATCH_DIR = "work/run"  # this run's listing, records and phase files; removed when the run ends
+WORK_LAYOUT = 2  # chunks are key ranges (curation.keyspace); part of the work-folder name
+RECORDS = chunking.RECORDS
 # What the scan tasks hand to the scorer actors: manifest columns + the CLIP thumbnail (≤ 150 KB).
 SCANNED = pa.schema([*IMAGES, pa.field(CLIP_INPUT, pa.binary())])
+BATCH_FIELDS = [
+    pa.field("chunk", pa.string()),
+    pa.field("batch_id", pa.string()),
+    pa.field("batch_rows", pa.int32()),
+]
+# A scoring batch is never split across Ray blocks as long as it stays under Ray Data's slicing limit
+# (1.5 × the 128 MiB target); a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
+MAX_BATCH_BYTES = 64 * 1024**2
 
 
 def init_ray() -> None:
@@ -132,65 +142,140 @@ def work_dir(root: Path, cfg: CurationConfig) -> Path:
         "clip": clip_model_id(cfg.aesthetic),
         "head": Path(cfg.aesthetic.head).name,
         "chunk_size": cfg.chunk_size,
-        "batch_size": cfg.aesthetic.batch_size,  # scores depend on the batch (see _dataset)
+        "batch_size": cfg.aesthetic.batch_size,  # scores depend on the batch (see ScoreBatches)
+        "layout": WORK_LAYOUT,
     }
     digest = hashlib.blake2b(json.dumps(shaping, sort_keys=True).encode(), digest_size=6).hexdigest()
     return root / WORK_DIR / f"scored-{digest}"
 
 
-def _committed_chunk(directory: Path, part: str, keys: list[str]) -> pa.Table | None:
-    """The committed chunk ``part`` if it holds exactly ``keys`` (inputs may have changed since)."""
-    if not is_committed(directory, part):
-        return None
-    table = pq.read_table(directory / f"{part}.parquet")
-    return table if table.column("key").to_pylist() == keys else None
+# ----------------------------------------------------------------------------------------------------
+# Listing and chunks
 
 
-def scan_and_score(records: list[dict], cfg: CurationConfig, root: Path) -> pa.Table:
-    """Pass 1 + 2 and the aesthetic score over all records, committed per chunk; rows sorted by key."""
-    chunks_dir = work_dir(root, cfg)
-    chunks = [records[i : i + cfg.chunk_size] for i in range(0, len(records), cfg.chunk_size)]
-    parts = [f"chunk-{i:06d}" for i in range(len(chunks))]
-    done: dict[int, pa.Table] = {}
-    for i, chunk in enumerate(chunks):
-        table = _committed_chunk(chunks_dir, parts[i], [r["key"] for r in chunk])
-        embeddings_ok = not cfg.aesthetic.save_embeddings or is_committed(root / EMBEDDINGS_DIR, parts[i])
-        if table is not None and embeddings_ok:
-            done[i] = table
-    pending = [i for i in range(len(chunks)) if i not in done]
-    log.info("scan + score: %d chunks committed, %d to do", len(done), len(pending))
-    if pending:
-        done.update(_run_chunks([chunks[i] for i in pending], pending, parts, cfg, root, chunks_dir))
-    if not done:
-        return IMAGES.empty_table()
-    return pa.concat_tables([done[i] for i in sorted(done)]).sort_by("key")
-
-
-def _dataset(chunks: list[list[dict]], cfg: CurationConfig) -> ray.data.Dataset:
-    """The Ray Data pipeline: scan tasks, then the scorer actor pool, resources from config.
-
-    Blocks are fixed slices of ``aesthetic.batch_size`` rows within each chunk, and both stages take a
-    whole block as their batch: a CLIP forward's float result depends on its batch, so a chunk scored
-    in a rerun must see exactly the batches a clean run would have.
-    """
-    size = cfg.aesthetic.batch_size
-    blocks = [
-        pa.Table.from_pylist(chunk[i : i + size], schema=RECORDS)
-        for chunk in chunks
-        for i in range(0, len(chunk), size)
+def list_inputs(cfg: CurationConfig, root: Path, scratch: Path, executor: Executor) -> tuple[str, int]:
+    """List every input in partitions, then one record per key sorted into ``records.parquet``."""
+    excluded = rundir.excluded_folders(cfg.inputs, root)
+    units = plan_listing(
+        cfg.inputs, download_dir=root / DOWNLOADS_DIR, download=cfg.download, excluded=excluded
+    )
+    tasks = [
+        {
+            "unit": unit,
+            "index": i,
+            "out": str(scratch / "listing" / f"unit-{i:06d}.parquet"),
+            "excluded": excluded,
+        }
+        for i, unit in enumerate(units)
     ]
-    ds = ray.data.from_arrow(blocks)
-    # Stateless, so plain Ray tasks (an instance, not the class).
-    clip_size = clip_image_size(cfg.aesthetic.clip_model)
+    # memory:// inputs exist in this process only.
+    counts = LocalExecutor().map(chunking.write_listing_unit, [t for t in tasks if t["unit"].in_driver])
+    counts += executor.map(chunking.write_listing_unit, [t for t in tasks if not t["unit"].in_driver])
+    log.info("listing: %d units, %d records", len(units), sum(counts))
+    records = str(scratch / "records.parquet")
+    if not units:
+        pq.write_table(RECORDS.empty_table(), records)
+        return records, 0
+    sort = {"listing": [t["out"] for t in tasks], "out": records, "temp": str(scratch / "duckdb")}
+    return records, executor.map(chunking.sort_records, [sort])[0]
+
+
+def plan_work(
+    cfg: CurationConfig, records: str, num_records: int, scored: Path, scratch: Path, executor: Executor
+) -> list[chunking.Chunk]:
+    """Chunk ranges over the records; which are pending; pending chunks' records files."""
+    ranges = chunking.plan_chunks(records, num_records, cfg.chunk_size, executor)
+    common = {
+        "records": records,
+        "scored": str(scored),
+        "embeddings": str(Path(cfg.output) / EMBEDDINGS_DIR) if cfg.aesthetic.save_embeddings else None,
+        "chunks": str(scratch / "chunks"),
+        "batch_size": cfg.aesthetic.batch_size,
+        "chunk_size": cfg.chunk_size,
+    }
+    tasks = chunking.chunk_tasks(ranges, cfg.manifest_rows_per_part, common)
+    return [chunking.Chunk(**c) for result in executor.map(chunking.split_chunks, tasks) for c in result]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scan + score
+
+
+def batch_descriptors(chunk: dict) -> list[dict]:
+    """The scoring batches of one pending chunk: row group ``j`` of its records file."""
+    size = chunk["batch_size"]
+    return [
+        {
+            "chunk": chunk["chunk"],
+            "path": chunk["path"],
+            "batch": j,
+            "batch_rows": min(size, chunk["num_rows"] - j * size),
+        }
+        for j in range(-(-chunk["num_rows"] // size))
+    ]
+
+
+class ScanChunkBatch:
+    """Scan tasks: each descriptor's batch of records through ``ScanAndDecode``, keeping what identifies the
+    batch (for the scorer) and how to read each row's bytes again (for the shard writer)."""
+
+    def __init__(self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int) -> None:
+        self.scan = ScanAndDecode(tiers, decode, clip_size=clip_size)
+
+    def __call__(self, descriptors: pa.Table) -> pa.Table:
+        return pa.concat_tables([self.scan_one(d) for d in descriptors.to_pylist()])
+
+    def scan_one(self, descriptor: dict) -> pa.Table:
+        records = pq.ParquetFile(descriptor["path"]).read_row_group(descriptor["batch"])
+        assert records.num_rows == descriptor["batch_rows"], "a records row group is one scoring batch"
+        scanned = self.scan(records)
+        for field in HOW_TO_READ:
+            scanned = scanned.append_column(field, records[field.name])
+        batch_id = f"{descriptor['chunk']}/{descriptor['batch']:06d}"
+        for field, value in zip(
+            BATCH_FIELDS, (descriptor["chunk"], batch_id, descriptor["batch_rows"]), strict=True
+        ):
+            scanned = scanned.append_column(field, pa.array([value] * scanned.num_rows, field.type))
+        return scanned
+
+
+class ScoreBatches:
+    """Scorer actors: one forward per scoring batch, however Ray Data grouped the batches into blocks.
+
+    A CLIP forward's floats depend on the batch it runs in, so a chunk rescored after a kill must see
+    exactly the batches a clean run saw; a batch that arrives split is an error, never a silent change.
+    """
+
+    def __init__(self, cfg) -> None:
+        self.scorer = AestheticScorer(cfg)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        scored = []
+        for batch_id in pc.unique(table["batch_id"]).to_pylist():
+            batch = table.filter(pc.equal(table["batch_id"], batch_id))
+            if batch.num_rows != batch["batch_rows"][0].as_py():
+                raise RuntimeError(f"scoring batch {batch_id} arrived split ({batch.num_rows} rows)")
+            scored.append(self.scorer(batch))
+        return pa.concat_tables(scored)
+
+
+def _scan_dataset(pending: list[chunking.Chunk], cfg: CurationConfig, scratch: Path, clip_size: int):
+    """The Ray Data pipeline: scan tasks, then the scorer actor pool, resources from config."""
+    items = [
+        {"chunk": c.name, "path": str(scratch / "chunks" / f"{c.name}.parquet"), "num_rows": c.num_rows,
+         "batch_size": cfg.aesthetic.batch_size}
+        for c in pending
+    ]  # fmt: skip
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(batch_descriptors)
     ds = ds.map_batches(
-        ScanAndDecode(cfg.tiers, cfg.decode, clip_size=clip_size),
-        batch_size=None,
+        ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size),  # stateless: plain tasks
+        batch_size=1,
         batch_format="pyarrow",
         max_retries=3,
     )
     score = cfg.aesthetic
     return ds.map_batches(
-        AestheticScorer,
+        ScoreBatches,
         fn_constructor_kwargs={"cfg": score},
         compute=ray.data.ActorPoolStrategy(size=score.num_actors),
         num_gpus=score.num_gpus,
@@ -199,185 +284,173 @@ def _dataset(chunks: list[list[dict]], cfg: CurationConfig) -> ray.data.Dataset:
         batch_format="pyarrow",
         max_restarts=3,  # a crashed actor is replaced and its batch retried
         max_task_retries=3,
-    )
+    ).iter_batches(batch_format="pyarrow", batch_size=None)
 
 
-def _run_chunks(
-    chunks: list[list[dict]], indices: list[int], parts: list[str], cfg: CurationConfig, root: Path, out: Path
-) -> dict[int, pa.Table]:
-    """Stream all pending chunks through one dataset; commit each chunk as soon as its rows are back."""
-    chunk_of = {r["key"]: i for i, chunk in zip(indices, chunks, strict=True) for r in chunk}
-    expected = {i: len(chunk) for i, chunk in zip(indices, chunks, strict=True)}
-    buffers: dict[int, list[pa.Table]] = {i: [] for i in indices}
-    counts = Counter()
-    written: dict[int, pa.Table] = {}
-    writer = ManifestWriter(out, "images")
-    for batch in _dataset(chunks, cfg).iter_batches(batch_format="pyarrow", batch_size=None):
-        owner = [chunk_of[k] for k in batch.column("key").to_pylist()]
-        for i in sorted(set(owner)):
-            mask = pa.array([o == i for o in owner])
-            buffers[i].append(batch.filter(mask))
-            counts[i] += buffers[i][-1].num_rows
-            if counts[i] == expected[i]:
-                written[i] = _commit_chunk(
-                    pa.concat_tables(buffers.pop(i)).sort_by("key"), parts[i], writer, root
-                )
-    assert len(written) == len(indices), "every pending chunk must come back whole"
-    return written
+def _scan_local(
+    pending: list[chunking.Chunk], cfg: CurationConfig, scratch: Path, clip_size: int
+) -> Iterator[pa.Table]:
+    """The same stages in this process, batch after batch."""
+    scan = ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size)
+    score = ScoreBatches(cfg.aesthetic)
+    for c in pending:
+        chunk = {"chunk": c.name, "path": str(scratch / "chunks" / f"{c.name}.parquet"), "num_rows": c.num_rows,
+                 "batch_size": cfg.aesthetic.batch_size}  # fmt: skip
+        for descriptor in batch_descriptors(chunk):
+            yield score(scan.scan_one(descriptor))
 
 
-def _commit_chunk(table: pa.Table, part: str, writer: ManifestWriter, root: Path) -> pa.Table:
+def scan_and_score(
+    chunks: list[chunking.Chunk], cfg: CurationConfig, root: Path, scratch: Path, executor: Executor
+) -> int:
+    """Pass 1 + 2 and the aesthetic score of every pending chunk, each committed as soon as it is whole."""
+    pending = [c for c in chunks if c.pending]
+    log.info("scan + score: %d chunks committed, %d to do", len(chunks) - len(pending), len(pending))
+    if not pending:
+        return 0
+    clip_size = clip_image_size(cfg.aesthetic.clip_model)
+    if clip_size * clip_size * 3 * cfg.aesthetic.batch_size > MAX_BATCH_BYTES:
+        raise ValueError(
+            f"aesthetic.batch_size {cfg.aesthetic.batch_size} makes batches over {MAX_BATCH_BYTES >> 20} MiB"
+        )
+    stream = (_scan_local if executor.name == "local" else _scan_dataset)(pending, cfg, scratch, clip_size)
+    expected = {c.name: c for c in pending}
+    buffers: dict[str, list[pa.Table]] = {}
+    counts: Counter = Counter()
+    for batch in stream:
+        for name in pc.unique(batch["chunk"]).to_pylist():
+            part = batch.filter(pc.equal(batch["chunk"], name))
+            buffers.setdefault(name, []).append(part)
+            counts[name] += part.num_rows
+            if counts[name] == expected[name].num_rows:
+                commit_chunk(pa.concat_tables(buffers.pop(name)).sort_by("key"), expected[name], cfg, root)
+    assert not buffers and len(counts) == len(pending), "every pending chunk must come back whole"
+    return len(pending)
+
+
+def commit_chunk(table: pa.Table, chunk: chunking.Chunk, cfg: CurationConfig, root: Path) -> None:
     """Embeddings first, then the chunk itself: a committed chunk implies its embeddings exist."""
     if EMBEDDING in table.column_names:
-        scored = table.filter(pc.is_valid(table.column("aesthetic")))
+        scored = table.filter(pc.is_valid(table["aesthetic"]))
         embeddings = scored.select(["key", "clip_model", EMBEDDING])
-        ManifestWriter(root / EMBEDDINGS_DIR, "clip_embeddings").write(embeddings, part)
-        table = table.drop_columns([EMBEDDING])
-    writer.write(table, part)
-    return pq.read_table(writer.path(part))
+        ManifestWriter(root / EMBEDDINGS_DIR, "clip_embeddings").write(embeddings, chunk.name)
+    table = table.select(SCORED.names).cast(SCORED)
+    folder = work_dir(root, cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{chunk.name}.parquet"
+    tmp = temp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    mark_committed(folder, chunk.name, {"num_rows": table.num_rows, "records_digest": chunk.digest})
 
 
-def apply_aesthetic_thresholds(rows: list[dict], min_score: dict[str, float]) -> list[dict]:
-    """Kept rows below their tier's threshold become ``low_aesthetic`` rejections."""
-    out = []
-    for row in rows:
-        if row["status"] == KEPT:
-            assert row["aesthetic"] is not None, f"kept row {row['key']} was never scored"
-            gate = stages.aesthetic_gate(row["tier"], row["aesthetic"], min_score)
-            if isinstance(gate, Rejected):
-                row = {**row, "status": REJECTED, "reason": gate.reason, "tier": None}
-        out.append(row)
-    return out
+# ----------------------------------------------------------------------------------------------------
+# The job
 
 
-def plan_shards(kept: list[dict], samples_per_shard: int) -> list[dict]:
-    """Deterministic shard plan: per tier and image format, rows sorted by key, cut every ``samples_per_shard``.
-
-    One format per shard keeps every sample of a shard with the same members (``<key>.jpg`` + ``<key>.json``),
-    which HF ``datasets``' WebDataset loader requires; WebDataset readers do not care either way.
-    """
-    plans = []
-    groups = sorted({(r["tier"], extension_for(r["format"])) for r in kept})
-    for tier, ext in groups:
-        rows = sorted(
-            (r for r in kept if (r["tier"], extension_for(r["format"])) == (tier, ext)),
-            key=lambda r: r["key"],
-        )
-        for index, start in enumerate(range(0, len(rows), samples_per_shard)):
-            plans.append(
-                {
-                    "shard": f"{SHARDS_DIR}/{tier}/{tier}-{ext}-{index:06d}.tar",
-                    "rows": rows[start : start + samples_per_shard],
-                }
-            )
-    return plans
+def make_executor(cfg: CurationConfig) -> Executor:
+    if cfg.executor == "local":
+        return LocalExecutor()
+    init_ray()
+    return RayExecutor()
 
 
-def write_shard_plan(root: str, plan: dict) -> bool:
-    """Read each row's original bytes and write the shard; the bytes must still hash as scanned."""
-    samples = []
-    for row in plan["rows"]:
-        data = read_bytes(row)
-        if stages.sha256(data) != row["sha256"]:
-            raise ValueError(f"source changed between scan and shard write: {row['source']}")
-        samples.append(
-            {
-                "__key__": row["key"],
-                extension_for(row["format"]): data,
-                "json": json_bytes({f: row[f] for f in SAMPLE_JSON_FIELDS}),
-            }
-        )
-    return write_shard(Path(root) / plan["shard"], samples)
-
-
-_write_shard_task = ray.remote(max_retries=3)(write_shard_plan)
-
-
-def _pending_plans(plans: list[dict], records: list[dict], root: Path) -> list[dict]:
-    """Uncommitted shard plans, each row joined with how to read its bytes (tar range, inline data)."""
-    how_to_read = {r["key"]: {f: r.get(f) for f in ("tar_offset", "tar_size", "data")} for r in records}
-    todo = [p for p in plans if not is_committed((root / p["shard"]).parent, Path(p["shard"]).name)]
-    return [{**plan, "rows": [{**row, **how_to_read[row["key"]]} for row in plan["rows"]]} for plan in todo]
-
-
-def write_shards(plans: list[dict], records: list[dict], root: Path) -> int:
-    """Write every uncommitted shard as a Ray task; returns how many were written now."""
-    return sum(
-        ray.get([_write_shard_task.remote(str(root), p) for p in _pending_plans(plans, records, root)])
+def post_config(cfg: CurationConfig) -> PostConfig:
+    return PostConfig(
+        min_score=cfg.aesthetic.min_score,
+        max_hamming=cfg.dedup.max_hamming,
+        phash_splits=cfg.dedup.phash_splits,
+        semantic_threshold=cfg.dedup.semantic_threshold if cfg.semantic_dedup else None,
+        semantic_cluster_size=cfg.dedup.semantic_cluster_size,
+        samples_per_shard=cfg.shards.samples_per_shard,
+        rows_per_partition=cfg.manifest_rows_per_part,
     )
 
 
-def write_shards_local(plans: list[dict], records: list[dict], root: Path) -> int:
-    """The same shard writes in this process (benchmarks, debugging)."""
-    return sum(write_shard_plan(str(root), p) for p in _pending_plans(plans, records, root))
-
-
-def write_manifest(table: pa.Table, root: Path, rows_per_part: int) -> list[Path]:
-    """Write the ``images`` manifest as deterministic parts and drop stale parts of a larger earlier run."""
-    writer = ManifestWriter(root / IMAGES_DIR, "images")
-    num_parts = max(1, -(-table.num_rows // rows_per_part))
-    paths = [
-        writer.write(table.slice(i * rows_per_part, rows_per_part), f"part-{i:05d}") for i in range(num_parts)
-    ]
-    for stale in sorted(writer.directory.glob("part-*.parquet"))[num_parts:]:
-        (writer.directory / COMMITTED_DIR / stale.stem).unlink(missing_ok=True)
-        stale.unlink()
-    return paths
-
-
-def remove_stale_temporaries(root: Path) -> int:
-    """Delete temporary files a killed run left behind (hidden ``.*.tmp``; never visible as parts)."""
-    stale = [p for p in root.rglob(".*.tmp") if p.is_file()]
+def remove_stale_embeddings(root: Path, chunks: list[chunking.Chunk]) -> int:
+    """Embedding parts of chunks that are no longer in the plan (their range was split or emptied)."""
+    folder = root / EMBEDDINGS_DIR
+    names = {c.name for c in chunks}
+    stale = [p for p in sorted(folder.glob("*.parquet")) if p.stem not in names] if folder.is_dir() else []
     for path in stale:
+        (folder / COMMITTED_DIR / path.stem).unlink(missing_ok=True)
         path.unlink()
     return len(stale)
 
 
-def summarize(rows: list[dict], *, num_shards: int, shards_written: int, started: float, root: Path) -> dict:
-    """The run's counts: inputs, kept per tier, rejected per reason (the part before the colon)."""
-    kept = [r for r in rows if r["status"] == KEPT]
-    return {
-        "inputs": len(rows),
-        "kept": len(kept),
-        "kept_per_tier": dict(sorted(Counter(r["tier"] for r in kept).items())),
-        "rejected_per_reason": dict(
-            sorted(Counter(r["reason"].split(":")[0] for r in rows if r["status"] == REJECTED).items())
-        ),
-        "shards": num_shards,
-        "shards_written": shards_written,
-        "seconds": round(time.time() - started, 2),
-        "output": str(root),
-    }
+def check_before_start(cfg: CurationConfig) -> None:
+    """Fail in seconds, before any listing or actor: the scorer's files must exist."""
+    resolve_head(cfg.aesthetic.head)
+    clip_image_size(cfg.aesthetic.clip_model)
 
 
 def run(cfg: CurationConfig) -> dict:
     """Run the whole curation job; returns the summary that is also written to the run folder."""
     started = time.time()
     root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(root / "curation_config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode())
-    if removed := remove_stale_temporaries(root):
-        log.info("removed %d temporary files of an interrupted run", removed)
-    init_ray()
+    rundir.check_inputs_outside_output(cfg.inputs, root)
+    check_before_start(cfg)
+    with rundir.run_lock(root):
+        inputs = rundir.claim(root, cfg.inputs)
+        atomic_write_bytes(
+            root / "curation_config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode()
+        )
+        if removed := rundir.remove_stale_temporaries(root):
+            log.info("removed %d temporary files of an interrupted run", removed)
+        scratch = root / SCRATCH_DIR
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        executor = make_executor(cfg)
+        seconds = {}
+        phase_start = time.perf_counter()
 
-    records = list_sources(cfg.inputs, download_dir=root / DOWNLOADS_DIR, download=cfg.download)
-    log.info("curation: %d inputs", len(records))
-    table = scan_and_score(records, cfg, root)
-    assert table.num_rows == len(records), "every input must produce exactly one manifest row"
+        records, num_records = list_inputs(cfg, root, scratch, executor)
+        chunks = plan_work(cfg, records, num_records, work_dir(root, cfg), scratch, executor)
+        seconds["listing"] = round(time.perf_counter() - phase_start, 3)
+        phase_start = time.perf_counter()
+        scan_and_score(chunks, cfg, root, scratch, executor)
+        seconds["scan_score"] = round(time.perf_counter() - phase_start, 3)
 
-    rows = apply_aesthetic_thresholds(table.to_pylist(), cfg.aesthetic.min_score)
-    rows = mark_duplicates(rows, max_hamming=cfg.dedup.max_hamming)
-    kept = [r for r in rows if r["status"] == KEPT]
-    plans = plan_shards(kept, cfg.shards.samples_per_shard)
-    shards_written = write_shards(plans, records, root)
-    shard_of = {r["key"]: plan["shard"] for plan in plans for r in plan["rows"]}
-    rows = [{**r, "shard": shard_of.get(r["key"])} for r in rows]
-    write_manifest(pa.Table.from_pylist(rows, schema=IMAGES), root, cfg.manifest_rows_per_part)
-
-    if cfg.report:
-        write_report(root)
-    summary = summarize(
-        rows, num_shards=len(plans), shards_written=shards_written, started=started, root=root
-    )
-    atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())
+        parts = [
+            ScoredPart(
+                path=str(work_dir(root, cfg) / f"{c.name}.parquet"),
+                lo=c.range.lo,
+                hi=c.range.hi,
+                num_rows=c.num_rows,
+                embeddings=str(root / EMBEDDINGS_DIR / f"{c.name}.parquet")
+                if cfg.aesthetic.save_embeddings
+                else None,
+            )
+            for c in chunks
+        ]
+        post = post_scoring(parts, post_config(cfg), root=root, scratch=scratch / "post", executor=executor)
+        assert post.counts["inputs"] == num_records, "every input must produce exactly one manifest row"
+        seconds.update(post.seconds)
+        removed_shards = remove_stale_shards(root, post.shards)
+        remove_stale_embeddings(root, chunks)
+        if cfg.report:
+            write_report(root)
+        fingerprint = {
+            "records": num_records,
+            "digest": hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest(),
+        }
+        rundir.record(root, inputs, fingerprint=fingerprint, config=dataclasses.asdict(cfg))
+        shutil.rmtree(scratch, ignore_errors=True)
+        summary = {
+            **{k: v for k, v in post.counts.items() if k != "dedup"},
+            "shards": len(post.shards),
+            "shards_written": post.shards_written,
+            "shards_removed": removed_shards,
+            "seconds": round(time.time() - started, 2),
+            "seconds_per_phase": seconds,
+            "dedup": post.counts["dedup"],
+            "driver_peak_rss_mib": round(peak_rss_mib(), 1),
+            "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
+            "executor": executor.name,
+            "output": str(root),
+        }
+        atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())
     return summary

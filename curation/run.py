@@ -80,10 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write fp16 CLIP embeddings to manifests/clip_embeddings",
     )
-    add("--max-hamming", type=int, default=DedupConfig.max_hamming, help="pHash near-duplicate distance")
+    add(
+        "--max-hamming",
+        type=int,
+        default=DedupConfig.max_hamming,
+        help="pHash near-duplicate distance (bits)",
+    )
+    add(
+        "--phash-splits",
+        type=lambda v: None if v.lower() == "exact" else int(v),
+        default=DedupConfig.phash_splits,
+        help="pHash search: 'exact', or k splits into 32-bit bands (near-linear; exact up to 5 bits)",
+    )
+    semantic = parser.add_mutually_exclusive_group()
+    semantic.add_argument(
+        "--semantic-dedup",
+        dest="semantic",
+        action="store_const",
+        const=True,
+        default=None,
+        help="CLIP-embedding near-duplicates (default: on with --save-embeddings)",
+    )
+    semantic.add_argument("--no-semantic-dedup", dest="semantic", action="store_const", const=False)
+    add(
+        "--semantic-threshold",
+        type=float,
+        default=DedupConfig.semantic_threshold,
+        help="cosine similarity above which two embeddings are one picture",
+    )
     add("--chunk-size", type=int, default=CurationConfig.chunk_size, help="inputs per committed work chunk")
     add("--download-timeout", type=int, default=DownloadConfig.timeout, help="seconds per URL (URL lists)")
     add("--no-report", action="store_true", help="skip OUT/report/index.html")
+    add("--executor", choices=("ray", "local"), default=CurationConfig.executor, help="local: no Ray at all")
     return parser
 
 
@@ -105,10 +133,16 @@ def parse_args(argv: list[str] | None = None) -> CurationConfig:
             num_gpus=args.num_gpus,
             save_embeddings=args.save_embeddings,
         ),
-        dedup=DedupConfig(max_hamming=args.max_hamming),
+        dedup=DedupConfig(
+            max_hamming=args.max_hamming,
+            phash_splits=args.phash_splits,
+            semantic=args.semantic,
+            semantic_threshold=args.semantic_threshold,
+        ),
         download=DownloadConfig(timeout=args.download_timeout),
         chunk_size=args.chunk_size,
         report=not args.no_report,
+        executor=args.executor,
     )
 
 

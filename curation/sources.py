@@ -2,8 +2,14 @@
 
 An input is a folder, glob or fsspec URI of image files; a WebDataset tar (``.tar``, including
 img2dataset output); or a URL list (``.parquet``/``.csv`` with ``url`` and optional ``caption``), which is
-downloaded through img2dataset into the run folder and then read as tars. Listing happens on the driver
-and touches names and tar headers only; image bytes are read by the Ray stages through ``open_source``.
+downloaded through img2dataset into the run folder and then read as tars. Listing touches names and tar
+headers only; image bytes are read by the Ray stages through ``open_source``.
+
+Listing streams in partitions (``plan_listing`` → ``ListingUnit``s → ``list_unit``): a folder is one unit
+for its own files plus one per sub-folder, a downloaded URL list one per img2dataset shard; each unit is
+listed by a Ray task that writes its records to Parquet, so no process ever holds the whole listing.
+``records_of_path`` turns one listed path into its records (one image, or every sample of a tar): the
+place where a new kind of input file is handled.
 
 A source record: ``key``, ``source`` (file URI, or tar URI + ``#`` + member), ``caption_orig``, and where
 known ``url``, ``source_key``, ``source_meta``, ``download_status``; ``reason`` when the input is already
@@ -19,6 +25,8 @@ import logging
 import os
 import posixpath
 import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +34,7 @@ import fsspec
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
+from curation import rundir
 from curation.config import DownloadConfig
 
 log = logging.getLogger(__name__)
@@ -76,19 +85,20 @@ def _caption_for(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     return None
 
 
-def _expand(spec: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """(filesystem, image and tar paths) of one input; a file named directly is always listed."""
-    fs, root = fsspec.core.url_to_fs(spec)
-    wanted = IMAGE_EXTENSIONS + (TAR_EXTENSION,)
-    if fs.isdir(root):
-        paths = [p for p in fs.find(root) if p.lower().endswith(wanted)]
-    elif any(ch in root for ch in "*?["):
-        paths = [p for p in fs.glob(root) if p.lower().endswith(wanted)]
-    elif fs.exists(root):
-        paths = [root]
-    else:
-        raise ValueError(f"input {spec!r} does not exist")
-    return fs, sorted(paths)
+def is_listed(path: str) -> bool:
+    """Whether a path found in an input folder or glob is an input (image or tar)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS + (TAR_EXTENSION,))
+
+
+def records_of_path(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+    """The source records of one listed path: every sample of a tar, or the image itself."""
+    if path.lower().endswith(TAR_EXTENSION):
+        return list_tar(fs, path)
+    source = _uri(fs, path)
+    # memory:// lives in this process only; Ray workers cannot open it, so its bytes travel with the
+    # record (meant for tests and small in-memory inputs; such inputs are listed in the driver).
+    data = fs.cat_file(path) if _protocol(fs) == "memory" else None
+    return [_record(source, source, _caption_for(fs, path), data=data)]
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -181,51 +191,132 @@ def download_url_list(spec: str, out_dir: Path, cfg: DownloadConfig) -> Path:
     return out_dir
 
 
-def list_downloaded(out_dir: Path) -> list[dict]:
-    """Records of an img2dataset output folder: its tars' samples, plus one rejection per failed row."""
-    fs = fsspec.filesystem("file")
-    records = [r for tar in sorted(out_dir.glob("*.tar")) for r in list_tar(fs, str(tar))]
+def downloaded_records(tar: Path) -> list[dict]:
+    """Records of one img2dataset shard: its tar's samples, plus one rejection per row that failed."""
+    records = list_tar(fsspec.filesystem("file"), str(tar))
     downloaded = {r["url"] for r in records}
-    for part in sorted(out_dir.glob("*.parquet")):
-        for row in pq.read_table(part).to_pylist():
-            if row["status"] == SUCCESS or row["url"] in downloaded:
-                continue
-            records.append(
-                _record(
-                    row["url"],
-                    row["url"],
-                    row.get("caption"),
-                    url=row["url"],
-                    source_key=row.get("key"),
-                    download_status=row["status"],
-                    reason=f"download_error: {row.get('error_message') or row['status']}",
-                )
+    status = tar.with_suffix(".parquet")
+    rows = pq.read_table(status).to_pylist() if status.is_file() else []
+    for row in rows:
+        if row["status"] == SUCCESS or row["url"] in downloaded:
+            continue
+        records.append(
+            _record(
+                row["url"],
+                row["url"],
+                row.get("caption"),
+                url=row["url"],
+                source_key=row.get("key"),
+                download_status=row["status"],
+                reason=f"download_error: {row.get('error_message') or row['status']}",
             )
+        )
     return records
 
 
-def list_sources(inputs: list[str], *, download_dir: Path, download: DownloadConfig) -> list[dict]:
-    """Source records of every input, sorted by key, one per key (the last input wins on a clash)."""
-    records: dict[str, dict] = {}
-    for spec in inputs:
-        found = []
+def list_downloaded(out_dir: Path) -> list[dict]:
+    """Records of a whole img2dataset output folder (see ``downloaded_records``)."""
+    return [r for tar in sorted(out_dir.glob("*.tar")) for r in downloaded_records(tar)]
+
+
+@dataclass(frozen=True)
+class ListingUnit:
+    """One partition of the listing: what a single task lists.
+
+    ``kind``: ``tree`` (every file below ``path``), ``files`` (the files directly in ``path``), ``glob``
+    (``path`` is a pattern), ``path`` (one file named directly), ``downloaded`` (one img2dataset shard).
+    """
+
+    input_index: int
+    spec: str
+    kind: str
+    path: str
+
+    @property
+    def in_driver(self) -> bool:
+        """memory:// exists only in this process, so its units cannot run in Ray workers."""
+        return self.spec.startswith("memory://")
+
+
+def _subfolders(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The immediate sub-folders of ``root`` (a local folder is scanned without listing its files)."""
+    if _protocol(fs) == "file":
+        with os.scandir(root) as entries:
+            return sorted(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    return sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory")
+
+
+def _download_dir_name(spec: str) -> str:
+    return f"{Path(spec.split('://')[-1]).stem}-{key_for(spec)[:8]}"
+
+
+def plan_listing(
+    inputs: list[str], *, download_dir: Path | None, download: DownloadConfig, excluded: list[str] = ()
+) -> list[ListingUnit]:
+    """The listing units of every input, in input order. URL lists are downloaded here first."""
+    units = []
+    for index, spec in enumerate(inputs):
         if spec.lower().endswith(URL_LIST_EXTENSIONS):
-            name = f"{Path(spec.split('://')[-1]).stem}-{key_for(spec)[:8]}"
-            found = list_downloaded(download_url_list(spec, download_dir / name, download))
+            out = download_url_list(spec, download_dir / _download_dir_name(spec), download)
+            units += [ListingUnit(index, spec, "downloaded", str(t)) for t in sorted(out.glob("*.tar"))]
+            continue
+        fs, root = fsspec.core.url_to_fs(spec)
+        if fs.isdir(root):
+            units.append(ListingUnit(index, spec, "files", root))
+            units += [
+                ListingUnit(index, spec, "tree", sub)
+                for sub in _subfolders(fs, root)
+                if not (_protocol(fs) == "file" and rundir.is_excluded(sub, list(excluded)))
+            ]
+        elif any(ch in root for ch in "*?["):
+            units.append(ListingUnit(index, spec, "glob", root))
+        elif fs.exists(root):
+            units.append(ListingUnit(index, spec, "path", root))
         else:
-            fs, paths = _expand(spec)
-            in_memory = _protocol(fs) == "memory"
-            for path in paths:
-                if path.lower().endswith(TAR_EXTENSION):
-                    found.extend(list_tar(fs, path))
-                    continue
-                source = _uri(fs, path)
-                # memory:// lives in this process only; Ray workers cannot open it, so its bytes travel
-                # with the record (meant for tests and small in-memory inputs).
-                data = fs.cat_file(path) if in_memory else None
-                found.append(_record(source, source, _caption_for(fs, path), data=data))
+            raise ValueError(f"input {spec!r} does not exist")
+    return units
+
+
+def unit_paths(unit: ListingUnit, excluded: list[str] = ()) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """(filesystem, the input paths of one unit, sorted); a file named directly is always listed."""
+    fs, _ = fsspec.core.url_to_fs(unit.spec)
+    if unit.kind == "tree":
+        paths = [p for p in fs.find(unit.path) if is_listed(p)]
+    elif unit.kind == "files":
+        # As fs.find would: every entry that is not a folder (a symlinked folder is not followed).
+        entries = fs.ls(unit.path, detail=True)
+        paths = [e["name"] for e in entries if e["type"] != "directory" and is_listed(e["name"])]
+    elif unit.kind == "glob":
+        paths = [p for p in fs.glob(unit.path) if is_listed(p)]
+    else:
+        paths = [unit.path]
+    if excluded and _protocol(fs) == "file":
+        paths = [p for p in paths if not rundir.is_excluded(p, list(excluded))]
+    return fs, sorted(paths)
+
+
+def list_unit(unit: ListingUnit, excluded: list[str] = ()) -> Iterator[dict]:
+    """The source records of one listing unit, streamed path by path."""
+    if unit.kind == "downloaded":
+        yield from downloaded_records(Path(unit.path))
+        return
+    fs, paths = unit_paths(unit, excluded)
+    for path in paths:
+        yield from records_of_path(fs, path)
+
+
+def list_sources(
+    inputs: list[str], *, download_dir: Path | None, download: DownloadConfig, excluded: list[str] = ()
+) -> list[dict]:
+    """Source records of every input in memory, sorted by key, one per key (the last input wins on a clash).
+
+    For small inputs and tests; the job lists the same units in partitions (``curation.pipeline``).
+    """
+    records: dict[str, dict] = {}
+    for unit in plan_listing(inputs, download_dir=download_dir, download=download, excluded=excluded):
+        found = list(list_unit(unit, excluded))
         records.update((r["key"], r) for r in found)
-        log.info("input %s: %d samples", spec, len(found))
+        log.info("input %s (%s %s): %d samples", unit.spec, unit.kind, unit.path, len(found))
     return sorted(records.values(), key=lambda r: r["key"])
 
 

@@ -1,0 +1,730 @@
+"""Post-scoring phases over partitioned Parquet: thresholds → dedup → shard plan → shards → manifest.
+
+Input: the committed scored chunks (key ranges, in key order), grouped into partitions of about
+``rows_per_partition`` rows. Each phase is a top-level function over one plan item (a partition, a hash
+bucket, a band of the near search, a shard) run by an executor (``curation.executor``); it reads and
+writes files under the run's scratch folder and returns counts. The driver holds plans and counts only.
+
+    1 gate        per partition  aesthetic thresholds; kept rows hash-partitioned by sha256 and by pHash
+    2 exact       per bucket     same sha256 → star edges
+      phash       per bucket     same pHash → star edges; the bucket's distinct pHash values
+      near        per band part  multi-index hashing over all distinct values (curation.dedup)
+      semantic    k-means (1 task), assignment per partition, pairs per cluster group (curation.semdedup)
+      resolve     1 task         connected components of all edges → keeper per group → dups.parquet
+    3 finalize    per partition  final status of every row; kept-row counts per (tier, ext, key prefix)
+      (driver)                   shard plan: key-range trie leaves of ≤ samples_per_shard rows per group
+    4 digest      per partition  content digest of each shard's rows (order-free sums of row hashes)
+      (driver)                   shard names: <tier>-<ext>-<range>_<digest>
+    5 stage       per partition  shard rows + the manifest part, staged in scratch
+    6 shards      per shard      missing shards only (a name is its content: a committed one is done)
+    7 publish     driver         manifest parts renamed into place; then stale shards/parts removed
+
+A shard's name is its key range plus a digest of its content, so a rerun that sees added inputs writes
+new shards for the ranges that changed and keeps the others, and the manifest names exactly the shard
+each kept row is in. Shards are written before the manifest parts that name them, and shards no longer
+named are removed only after the new manifest is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import dedup, keyspace, semdedup
+from curation.executor import Executor, peak_rss_mib
+from curation.sources import read_bytes
+from curation.stages import sha256
+from manifests import IMAGES, ManifestWriter
+from manifests.io import COMMITTED_DIR, is_committed, mark_committed
+from manifests.schema import KEPT, REJECTED
+from manifests.tars import FORMAT_EXTENSIONS, json_bytes, write_shard
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards/curated"
+IMAGES_DIR = "manifests/images"
+# How a row's bytes are read again at shard time (curation.sources.open_source), kept with its scores.
+HOW_TO_READ = [
+    pa.field("tar_offset", pa.int64()),
+    pa.field("tar_size", pa.int64()),
+    pa.field("data", pa.binary()),
+]
+SCORED = pa.schema([*IMAGES, *HOW_TO_READ])  # a committed scored chunk
+SAMPLE_JSON_FIELDS = (
+    "key", "width", "height", "format", "tier", "aesthetic", "caption_orig", "source", "url", "sha256",
+)  # fmt: skip
+ROWS_PER_BUCKET = 1_000_000  # rows per hash bucket of the dedup shuffles
+ENTRIES_PER_NEAR_TASK = 30_000_000  # index entries one near-search task sorts (~0.5 GB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of pHash values into buckets
+
+
+@dataclass(frozen=True)
+class ScoredPart:
+    """One committed scored chunk: a Parquet file of SCORED rows sorted by key, in ``[lo, hi)``."""
+
+    path: str
+    lo: str
+    hi: str | None
+    num_rows: int
+    embeddings: str | None = None  # its clip_embeddings part, when the run keeps embeddings
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Consecutive scored chunks, processed by one task per phase; ``index`` names its manifest part."""
+
+    index: int
+    parts: tuple[ScoredPart, ...]
+
+    @property
+    def lo(self) -> str:
+        return self.parts[0].lo
+
+    @property
+    def hi(self) -> str | None:
+        return self.parts[-1].hi
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.num_rows for p in self.parts)
+
+    @property
+    def name(self) -> str:
+        return f"p-{self.index:05d}"
+
+
+@dataclass(frozen=True)
+class PostConfig:
+    """What the post-scoring phases need from ``CurationConfig``."""
+
+    min_score: dict[str, float]
+    max_hamming: int | None  # None: no pHash near-duplicates
+    phash_splits: int | None
+    semantic_threshold: float | None  # None: no semantic dedup
+    semantic_cluster_size: int
+    samples_per_shard: int
+    rows_per_partition: int
+    write_shards: bool = True
+
+
+@dataclass
+class PostResult:
+    """Counts and plans the driver keeps: no rows."""
+
+    counts: dict = field(default_factory=dict)
+    shards: list[dict] = field(default_factory=list)  # {"shard", "tier", "num_rows"}
+    num_parts: int = 0
+    shards_written: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker_peak_rss_mib: float = 0.0
+
+
+def plan_partitions(parts: list[ScoredPart], rows_per_partition: int) -> list[Partition]:
+    """Consecutive chunks grouped until a group holds ``rows_per_partition`` rows."""
+    partitions, current, rows = [], [], 0
+    for part in parts:
+        if current and rows + part.num_rows > rows_per_partition:
+            partitions.append(Partition(len(partitions), tuple(current)))
+            current, rows = [], 0
+        current.append(part)
+        rows += part.num_rows
+    if current:
+        partitions.append(Partition(len(partitions), tuple(current)))
+    return partitions
+
+
+def _power_of_two_at_least(value: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1.0, value))))
+
+
+def _read(paths: list[str], columns: list[str] | None = None, filters=None) -> pa.Table:
+    tables = [pq.read_table(p, columns=columns, filters=filters) for p in paths]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _write(table: pa.Table, path: Path, **options) -> None:
+    """A scratch file (read once or twice, then deleted): fast compression."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, compression="lz4", **options)
+
+
+def _glob(folder: Path, pattern: str = "*.parquet") -> list[str]:
+    return sorted(str(p) for p in folder.glob(pattern))
+
+
+def _rss(result: dict) -> dict:
+    return {**result, "peak_rss_mib": peak_rss_mib()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1 gate
+
+
+def apply_gate(table: pa.Table, min_score: dict[str, float]) -> pa.Table:
+    """Kept rows below their tier's aesthetic threshold become ``low_aesthetic`` rejections."""
+    if not min_score or table.num_rows == 0:
+        return table
+    kept = pc.equal(table["status"], KEPT)
+    unscored = pc.and_(kept, pc.is_null(table["aesthetic"]))
+    assert not pc.any(unscored).as_py(), "every kept row must have been scored"
+    threshold = pa.nulls(table.num_rows, pa.float32())
+    for tier, score in min_score.items():
+        threshold = pc.if_else(pc.equal(table["tier"], tier), pa.scalar(score, pa.float32()), threshold)
+    low = pc.fill_null(pc.and_(kept, pc.less(table["aesthetic"], threshold)), False)
+    return _reject(table, low, "low_aesthetic")
+
+
+def _reject(table: pa.Table, mask: pa.Array, reason: str | pa.Array) -> pa.Table:
+    for name, value in (("status", REJECTED), ("reason", reason), ("tier", None)):
+        column = table[name]
+        replacement = (
+            value if isinstance(value, pa.Array | pa.ChunkedArray) else pa.scalar(value, column.type)
+        )
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pc.if_else(mask, replacement, column)
+        )
+    return table
+
+
+def extensions(formats: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The shard member extension of each kept row's image format (``manifests.tars.extension_for``)."""
+    names = list(FORMAT_EXTENSIONS)
+    index = pc.index_in(formats, value_set=pa.array(names))
+    if index.null_count:
+        unknown = set(pc.filter(formats, pc.is_null(index)).to_pylist())
+        raise ValueError(f"no shard extension for image formats {sorted(map(str, unknown))}")
+    return pc.take(pa.array(list(FORMAT_EXTENSIONS.values())), index)
+
+
+def _hash_bucket(values: np.ndarray, num_buckets: int) -> np.ndarray:
+    if num_buckets == 1:
+        return np.zeros(len(values), np.int64)
+    return ((values * _GOLDEN) >> np.uint64(64 - int(math.log2(num_buckets)))).astype(np.int64)
+
+
+def gate_partition(task: dict) -> dict:
+    """Apply thresholds to one partition; write its kept rows into the sha256 and pHash hash buckets."""
+    partition, scratch, buckets = task["partition"], Path(task["scratch"]), task["num_buckets"]
+    columns = ["key", "status", "reason", "tier", "aesthetic", "width", "height", "sha256", "phash"]
+    table = apply_gate(_read([p.path for p in partition.parts], columns), task["min_score"])
+    kept = table.filter(pc.equal(table["status"], KEPT))
+    pixels = pc.multiply(kept["width"].cast(pa.int64()), kept["height"].cast(pa.int64()))
+    _write(
+        pa.table({"key": kept["key"], "pixels": pixels, "aesthetic": kept["aesthetic"]}),
+        scratch / "attributes" / f"{partition.name}.parquet",
+    )
+    sha = kept.filter(pc.is_valid(kept["sha256"])).select(["key", "sha256"])
+    by_sha = _hash_bucket(keyspace.key_bits(sha["sha256"]), buckets)
+    hashed = kept.filter(pc.is_valid(kept["phash"])).select(["key", "phash"])
+    by_phash = _hash_bucket(dedup.as_unsigned(hashed["phash"].to_numpy()), buckets)
+    for name, rows, bucket_of in (("by_sha", sha, by_sha), ("by_phash", hashed, by_phash)):
+        for bucket in np.unique(bucket_of):
+            _write(
+                rows.filter(pa.array(bucket_of == bucket)),
+                scratch / name / f"b={bucket:04d}" / f"{partition.name}.parquet",
+            )
+    low = pc.sum(pc.equal(table["reason"], "low_aesthetic")).as_py() or 0
+    return _rss({"rows": table.num_rows, "kept": kept.num_rows, "low_aesthetic": low})
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2 dedup
+
+
+def exact_bucket(task: dict) -> dict:
+    """Star edges of the rows of one sha256 bucket that share a hash."""
+    scratch, bucket = Path(task["scratch"]), task["bucket"]
+    edges = dedup.exact_edges(_read(_glob(scratch / "by_sha" / f"b={bucket:04d}")))
+    _write(edges, scratch / "edges" / f"sha-{bucket:04d}.parquet")
+    return _rss({"exact_edges": edges.num_rows})
+
+
+def phash_bucket(task: dict) -> dict:
+    """Star edges of identical pHashes in one bucket, and the bucket's distinct values."""
+    scratch, bucket = Path(task["scratch"]), task["bucket"]
+    unique, star = dedup.unique_hashes(_read(_glob(scratch / "by_phash" / f"b={bucket:04d}")))
+    _write(unique, scratch / "unique" / f"{bucket:04d}.parquet")
+    _write(star, scratch / "edges" / f"phash-{bucket:04d}.parquet")
+    return _rss({"same_phash_edges": star.num_rows, "distinct_phash": unique.num_rows})
+
+
+def distinct_phashes(scratch: Path) -> np.ndarray:
+    """Every distinct pHash value of the kept rows, sorted (uint64)."""
+    paths = _glob(scratch / "unique")
+    if not paths:
+        return np.zeros(0, np.uint64)
+    return np.sort(dedup.as_unsigned(_read(paths, ["phash"])["phash"].to_numpy()))
+
+
+def near_band(task: dict) -> dict:
+    """Near pHash value pairs found in one partition of one band (multi-index hashing)."""
+    scratch = Path(task["scratch"])
+    values = distinct_phashes(scratch)
+    band, part = task["band"], task["part"]
+    pairs, candidates = dedup.near_value_pairs(
+        values, max_hamming=task["max_hamming"], band=band, part=part, part_bits=task["part_bits"]
+    )
+    name = f"near-{band.split:02d}-{band.shift:02d}-{part:04d}.parquet"
+    _write(dedup.value_pair_table(values, pairs), scratch / "near" / name)
+    return _rss({"near_candidates": candidates, "near_pairs": len(pairs)})
+
+
+def semantic_train(task: dict) -> dict:
+    """k-means centroids from the first ``sample_rows`` kept rows in key order (a uniform sample)."""
+    scratch, need = Path(task["scratch"]), task["sample_rows"]
+    samples, have = [], 0
+    for partition in task["partitions"]:
+        if have >= need:
+            break
+        keys = _read([str(scratch / "attributes" / f"{partition.name}.parquet")], ["key"])["key"]
+        embedded = _kept_embeddings(partition, keys)
+        samples.append(semdedup.embedding_matrix(embedded["embedding"])[: need - have])
+        have += len(samples[-1])
+    sample = np.concatenate([s for s in samples if len(s)]) if have else np.zeros((0, 0), np.float32)
+    centroids = semdedup.train_centroids(sample, task["clusters"]) if len(sample) else sample
+    np.save(scratch / "centroids.npy", centroids)
+    return _rss({"semantic_sample": len(sample), "semantic_clusters": len(centroids)})
+
+
+def _kept_embeddings(partition: Partition, keys: pa.ChunkedArray) -> pa.Table:
+    paths = [p.embeddings for p in partition.parts if p.embeddings]
+    table = _read(paths, ["key", "embedding"])
+    if table.num_rows == 0:
+        return pa.table({"key": pa.array([], pa.string()), "embedding": pa.array([], pa.list_(pa.float16()))})
+    return table.filter(pc.is_in(table["key"], value_set=keys.combine_chunks())).sort_by("key")
+
+
+def semantic_assign(task: dict) -> dict:
+    """Nearest centroid of each kept row of one partition, written into its cluster group."""
+    scratch, partition, groups = Path(task["scratch"]), task["partition"], task["num_groups"]
+    keys = _read([str(scratch / "attributes" / f"{partition.name}.parquet")], ["key"])["key"]
+    embedded = _kept_embeddings(partition, keys)
+    matrix = semdedup.embedding_matrix(embedded["embedding"])
+    if len(matrix) == 0:
+        return _rss({"semantic_assigned": 0})
+    labels = semdedup.assign(matrix, np.load(scratch / "centroids.npy"))
+    table = embedded.append_column("cluster", pa.array(labels))
+    group_of = labels % groups
+    for group in np.unique(group_of):
+        _write(
+            table.filter(pa.array(group_of == group)),
+            scratch / "semantic" / f"g={group:04d}" / f"{partition.name}.parquet",
+        )
+    return _rss({"semantic_assigned": len(matrix)})
+
+
+def semantic_group(task: dict) -> dict:
+    """Pairs above the cosine threshold within each cluster of one group."""
+    scratch, group = Path(task["scratch"]), task["group"]
+    table = _read(_glob(scratch / "semantic" / f"g={group:04d}"))
+    if table.num_rows == 0:
+        return _rss({"semantic_pairs": 0})
+    edges = semdedup.semantic_edges(
+        table["key"],
+        semdedup.embedding_matrix(table["embedding"]),
+        table["cluster"].to_numpy(),
+        task["threshold"],
+    )
+    _write(edges, scratch / "edges" / f"semantic-{group:04d}.parquet")
+    return _rss({"semantic_pairs": edges.num_rows})
+
+
+def resolve_duplicates(task: dict) -> dict:
+    """All edges → connected components → one keeper per group; ``dups.parquet`` (key, dup_of) by key."""
+    scratch = Path(task["scratch"])
+    con = duckdb.connect()
+    try:
+        edge_files, near_files = _glob(scratch / "edges"), _glob(scratch / "near")
+        parts = [f"SELECT a, b FROM read_parquet({edge_files!r})"] if edge_files else []
+        if near_files:
+            parts.append(
+                f"SELECT x.rep AS a, y.rep AS b FROM read_parquet({near_files!r}) p "
+                f"JOIN read_parquet({_glob(scratch / 'unique')!r}) x ON x.phash = p.u "
+                f"JOIN read_parquet({_glob(scratch / 'unique')!r}) y ON y.phash = p.v"
+            )
+        edges = con.sql(" UNION ALL ".join(parts)).to_arrow_table() if parts else dedup.EDGES.empty_table()
+        con.register("edges", edges)
+        attributes = _glob(scratch / "attributes")
+        nodes_attributes = (
+            con.execute(
+                f"SELECT key, pixels, aesthetic FROM read_parquet({attributes!r}) WHERE key IN "
+                "(SELECT a FROM edges UNION SELECT b FROM edges)"
+            ).to_arrow_table()
+            if attributes and edges.num_rows
+            else pa.table({"key": [], "pixels": [], "aesthetic": []})
+        )
+    finally:
+        con.close()
+    dups = dedup.keepers(edges.cast(dedup.EDGES), nodes_attributes)
+    _write(dups, scratch / "dups.parquet", row_group_size=65_536)
+    return _rss({"edges": edges.num_rows, "duplicates": dups.num_rows})
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3 finalize, 4 digest, 5 stage
+
+
+def finalize_partition(task: dict) -> dict:
+    """Every row of one partition with its final status; kept-row counts per (tier, ext, key prefix)."""
+    partition, scratch, depth = task["partition"], Path(task["scratch"]), task["depth"]
+    table = apply_gate(_read([p.path for p in partition.parts]), task["min_score"])
+    filters = [("key", ">=", partition.lo)] + ([("key", "<", partition.hi)] if partition.hi else [])
+    dups = (
+        pq.read_table(scratch / "dups.parquet", filters=filters)
+        if (scratch / "dups.parquet").exists()
+        else None
+    )
+    if dups is not None and dups.num_rows:
+        table = table.drop_columns(["dup_of"]).join(dups, "key", join_type="left outer").sort_by("key")
+        table = _reject(table, pc.is_valid(table["dup_of"]), "duplicate")
+        table = table.select(SCORED.names)
+    kept = pc.equal(table["status"], KEPT)
+    ext = np.full(table.num_rows, None, object)
+    ext[np.flatnonzero(kept.to_numpy(zero_copy_only=False))] = extensions(
+        table.filter(kept)["format"]
+    ).to_pylist()
+    table = table.append_column("ext", pa.array(ext, pa.string()))
+    _write(table, scratch / "final" / f"{partition.name}.parquet")
+    return _rss({"prefix_counts": _prefix_counts(table.filter(kept), depth)})
+
+
+def _prefix_counts(kept: pa.Table, depth: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    bits = keyspace.key_bits(kept["key"])
+    groups = pc.binary_join_element_wise(kept["tier"], kept["ext"], "/").to_numpy(zero_copy_only=False)
+    return {
+        tuple(group.split("/")): keyspace.prefix_counts(bits[groups == group], depth)
+        for group in sorted(set(groups.tolist()))
+    }
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shard ranges of every (tier, ext) group: ``leaves[g]`` sorted, ``ids[g]`` their plan indices."""
+
+    leaves: dict[tuple[str, str], list[keyspace.KeyRange]]
+    ids: dict[tuple[str, str], list[int]]
+
+    def assign(self, kept: pa.Table) -> np.ndarray:
+        """The plan index of each kept row's shard."""
+        bits = keyspace.key_bits(kept["key"])
+        groups = pc.binary_join_element_wise(kept["tier"], kept["ext"], "/").to_numpy(zero_copy_only=False)
+        out = np.full(kept.num_rows, -1, np.int64)
+        for group in sorted(set(groups.tolist())):
+            rows = np.flatnonzero(groups == group)
+            tier, ext = group.split("/")
+            leaf = keyspace.leaf_index(self.leaves[(tier, ext)], bits[rows])
+            out[rows] = np.asarray(self.ids[(tier, ext)], np.int64)[leaf]
+        assert (out >= 0).all(), "every kept row lies in a shard of the plan"
+        return out
+
+
+def _kept_rows(scratch: Path, partition: Partition) -> pa.Table:
+    table = pq.read_table(scratch / "final" / f"{partition.name}.parquet")
+    return table.filter(pc.equal(table["status"], KEPT))
+
+
+def digest_partition(task: dict) -> dict:
+    """Per shard of the plan met in this partition: row count and order-free sums of row hashes."""
+    kept = _kept_rows(Path(task["scratch"]), task["partition"])
+    if kept.num_rows == 0:
+        return _rss({"digests": {}})
+    fields = kept.select(list(SAMPLE_JSON_FIELDS)).append_column("shard", pa.array(task["plan"].assign(kept)))
+    con = duckdb.connect()
+    try:
+        con.register("rows", fields)
+        # One string per row from every field its JSON sidecar holds; DuckDB's float text is exact enough
+        # to change whenever the float changes.
+        rows = con.execute(
+            """
+            WITH h AS (SELECT shard, concat_ws(chr(31), key, width, height, format, tier, aesthetic::VARCHAR,
+                                           coalesce(caption_orig, chr(0)), source, coalesce(url, chr(0)), sha256) AS s
+                       FROM rows)
+            SELECT shard, count(*), sum(md5_number_upper(s))::VARCHAR, sum(md5_number_lower(s))::VARCHAR
+            FROM h GROUP BY shard
+            """
+        ).fetchall()
+    finally:
+        con.close()
+    return _rss({"digests": {shard: (n, int(upper), int(lower)) for shard, n, upper, lower in rows}})
+
+
+def shard_names(plan: ShardPlan, digests: list[dict[int, tuple[int, int, int]]]) -> list[dict]:
+    """``{"shard", "tier", "num_rows"}`` per plan index: range name + digest of its content."""
+    totals: dict[int, list[int]] = {}
+    for partial in digests:
+        for shard, (n, upper, lower) in partial.items():
+            total = totals.setdefault(shard, [0, 0, 0])
+            total[0], total[1], total[2] = (
+                total[0] + n,
+                (total[1] + upper) % 2**64,
+                (total[2] + lower) % 2**64,
+            )
+    out = [None] * len(totals)
+    for (tier, ext), leaves in plan.leaves.items():
+        for leaf, shard in zip(leaves, plan.ids[(tier, ext)], strict=True):
+            n, upper, lower = totals[shard]
+            digest = hashlib.blake2b(f"{n}:{upper}:{lower}".encode(), digest_size=5).hexdigest()
+            out[shard] = {"shard": f"{SHARDS_DIR}/{tier}/{tier}-{ext}-{leaf.name}_{digest}.tar", "tier": tier,
+                          "num_rows": n}  # fmt: skip
+    return out
+
+
+def stage_partition(task: dict) -> dict:
+    """The partition's manifest part and its kept rows' shard rows, staged in scratch."""
+    partition, scratch = task["partition"], Path(task["scratch"])
+    table = pq.read_table(scratch / "final" / f"{partition.name}.parquet")
+    kept = pc.equal(table["status"], KEPT)
+    names = pa.array([s["shard"] for s in task["shards"]], pa.string())
+    shard = pa.nulls(table.num_rows, pa.string())
+    if pc.any(kept).as_py():
+        index = np.full(table.num_rows, -1, np.int64)
+        index[np.flatnonzero(kept.to_numpy(zero_copy_only=False))] = task["plan"].assign(table.filter(kept))
+        shard = pc.if_else(kept, pc.take(names, pa.array(np.maximum(index, 0))), shard)
+    table = table.set_column(table.schema.get_field_index("shard"), "shard", shard)
+    ManifestWriter(scratch / "manifest", "images").write(
+        table.select(IMAGES.names), f"part-{partition.index:05d}"
+    )
+    to_shard = table.filter(kept).select(
+        ["shard", *SAMPLE_JSON_FIELDS, "ext", *[f.name for f in HOW_TO_READ]]
+    )
+    _write(
+        to_shard.sort_by([("shard", "ascending"), ("key", "ascending")]),
+        scratch / "to_shard" / f"{partition.name}.parquet",
+    )
+    reasons = pc.list_element(
+        pc.split_pattern(pc.filter(table["reason"], pc.invert(kept)), ":", max_splits=1), 0
+    )
+    return _rss(
+        {
+            "rows": table.num_rows,
+            "rejected_per_reason": dict(Counter(reasons.to_pylist())),
+            "kept_per_tier": dict(Counter(pc.filter(table["tier"], kept).to_pylist())),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6 shards
+
+
+def write_shard_task(task: dict) -> dict:
+    """Write one shard from its staged rows (original bytes, checked against the scanned sha256)."""
+    path = Path(task["root"]) / task["shard"]
+    if is_committed(path.parent, path.name):
+        return _rss({"written": 0})
+    rows = _read(task["to_shard"], filters=[("shard", "=", task["shard"])]).sort_by("key").to_pylist()
+    samples = []
+    for row in rows:
+        data = read_bytes(row)
+        if sha256(data) != row["sha256"]:
+            raise ValueError(f"source changed between scan and shard write: {row['source']}")
+        sidecar = json_bytes({f: row[f] for f in SAMPLE_JSON_FIELDS})
+        samples.append({"__key__": row["key"], row["ext"]: data, "json": sidecar})
+    return _rss({"written": int(write_shard(path, samples))})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The wiring
+
+
+def _fold(results: list[dict], into: Counter) -> float:
+    for result in results:
+        into.update({k: v for k, v in result.items() if isinstance(v, int) and k != "peak_rss_mib"})
+    return max([r["peak_rss_mib"] for r in results], default=0.0)
+
+
+def _timed(result: PostResult, name: str, started: float) -> float:
+    now = time.perf_counter()
+    result.seconds[name] = round(now - started, 3)
+    return now
+
+
+def find_duplicates(
+    partitions: list[Partition], cfg: PostConfig, scratch: Path, executor: Executor, result: PostResult
+) -> Counter:
+    """Phases 1–2: thresholds, then every duplicate edge, then ``scratch/dups.parquet``."""
+    counts: Counter = Counter()
+    started = time.perf_counter()
+    num_rows = sum(p.num_rows for p in partitions)
+    buckets = _power_of_two_at_least(num_rows / ROWS_PER_BUCKET)
+    common = {"scratch": str(scratch), "min_score": cfg.min_score, "num_buckets": buckets}
+    rss = [_fold(executor.map(gate_partition, [{**common, "partition": p} for p in partitions]), counts)]
+    started = _timed(result, "gate", started)
+
+    bucket_tasks = [{"scratch": str(scratch), "bucket": b} for b in range(buckets)]
+    rss.append(_fold(executor.map(exact_bucket, bucket_tasks), counts))
+    if cfg.max_hamming is not None:
+        rss.append(_fold(executor.map(phash_bucket, bucket_tasks), counts))
+        part_bits = int(
+            math.log2(_power_of_two_at_least(33 * counts["distinct_phash"] / ENTRIES_PER_NEAR_TASK))
+        )
+        near = [
+            {"scratch": str(scratch), "max_hamming": cfg.max_hamming, **t}
+            for t in dedup.near_tasks(cfg.max_hamming, cfg.phash_splits, part_bits)
+        ]
+        rss.append(_fold(executor.map(near_band, near), counts))
+    started = _timed(result, "dedup_phash", started)
+
+    if cfg.semantic_threshold is not None and any(p.embeddings for q in partitions for p in q.parts):
+        clusters = semdedup.num_clusters(counts["kept"], cfg.semantic_cluster_size)
+        train = {"scratch": str(scratch), "partitions": partitions, "clusters": clusters,
+                 "sample_rows": clusters * semdedup.SAMPLE_PER_CLUSTER}  # fmt: skip
+        rss.append(_fold(executor.map(semantic_train, [train]), counts))
+        groups = _power_of_two_at_least(counts["kept"] / ROWS_PER_BUCKET)
+        assign = [{"scratch": str(scratch), "partition": p, "num_groups": groups} for p in partitions]
+        rss.append(_fold(executor.map(semantic_assign, assign), counts))
+        pairs = [
+            {"scratch": str(scratch), "group": g, "threshold": cfg.semantic_threshold} for g in range(groups)
+        ]
+        rss.append(_fold(executor.map(semantic_group, pairs), counts))
+        started = _timed(result, "dedup_semantic", started)
+
+    rss.append(_fold(executor.map(resolve_duplicates, [{"scratch": str(scratch)}]), counts))
+    _timed(result, "dedup_resolve", started)
+    result.worker_peak_rss_mib = max(result.worker_peak_rss_mib, *rss)
+    return counts
+
+
+def plan_shards(
+    partitions: list[Partition],
+    cfg: PostConfig,
+    scratch: Path,
+    executor: Executor,
+    num_kept: int,
+    result: PostResult,
+) -> ShardPlan:
+    """Phase 3: final statuses, then the shard plan from kept-row counts (deeper counts if ever needed)."""
+    depth = keyspace.fine_depth(num_kept, cfg.samples_per_shard)
+    common = {"scratch": str(scratch), "min_score": cfg.min_score}
+    while True:
+        results = executor.map(
+            finalize_partition, [{**common, "partition": p, "depth": depth} for p in partitions]
+        )
+        result.worker_peak_rss_mib = max(result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in results))
+        groups = sorted({g for r in results for g in r["prefix_counts"]})
+        try:
+            leaves = {
+                g: keyspace.plan_ranges(
+                    *keyspace.merge_counts(
+                        [r["prefix_counts"][g] for r in results if g in r["prefix_counts"]]
+                    ),
+                    depth,
+                    cfg.samples_per_shard,
+                )
+                for g in groups
+            }
+            break
+        except keyspace.DepthTooShallow:
+            depth += 4
+    ids, next_id = {}, 0
+    for group in groups:
+        ids[group] = list(range(next_id, next_id + len(leaves[group])))
+        next_id += len(leaves[group])
+    return ShardPlan(leaves, ids)
+
+
+def post_scoring(
+    parts: list[ScoredPart], cfg: PostConfig, *, root: Path, scratch: Path, executor: Executor
+) -> PostResult:
+    """Run phases 1–7 over the committed scored chunks ``parts`` (in key order)."""
+    result = PostResult()
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+    partitions = plan_partitions(parts, cfg.rows_per_partition)
+    counts = find_duplicates(partitions, cfg, scratch, executor, result)
+    started = time.perf_counter()
+    plan = plan_shards(partitions, cfg, scratch, executor, counts["kept"] - counts["duplicates"], result)
+    started = _timed(result, "finalize_plan", started)
+
+    with_plan = [{"scratch": str(scratch), "partition": p, "plan": plan} for p in partitions]
+    digests = executor.map(digest_partition, with_plan)
+    shards = shard_names(plan, [d["digests"] for d in digests])
+    staged = executor.map(stage_partition, [{**t, "shards": shards} for t in with_plan])
+    started = _timed(result, "digest_stage", started)
+    result.worker_peak_rss_mib = max(
+        result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in digests + staged)
+    )
+
+    if cfg.write_shards:
+        where = {
+            s: [p for p, d in zip(partitions, digests, strict=True) if s in d["digests"]]
+            for s in range(len(shards))
+        }
+        result.shards_written = write_shards(shards, where, root=root, scratch=scratch, executor=executor)
+        started = _timed(result, "shards", started)
+    result.num_parts = publish_manifest(partitions, root=root, scratch=scratch)
+    _timed(result, "manifest", started)
+    result.shards = shards
+    rejected = Counter()
+    kept = Counter()
+    for s in staged:
+        rejected.update(s["rejected_per_reason"])
+        kept.update(s["kept_per_tier"])
+    result.counts = {
+        "inputs": sum(s["rows"] for s in staged),
+        "kept": sum(kept.values()),
+        "kept_per_tier": dict(sorted(kept.items())),
+        "rejected_per_reason": dict(sorted(rejected.items())),
+        "dedup": {k: counts[k] for k in sorted(counts) if k not in ("rows", "kept", "low_aesthetic")},
+    }
+    return result
+
+
+def write_shards(
+    shards: list[dict], where: dict[int, list[Partition]], *, root: Path, scratch: Path, executor: Executor
+) -> int:
+    """Phase 6: every shard of the plan that is not committed yet, one task each, reading the staged rows
+    of the partitions it spans."""
+    todo = [
+        {
+            "root": str(root),
+            "shard": shard["shard"],
+            "to_shard": [str(scratch / "to_shard" / f"{p.name}.parquet") for p in where[index]],
+        }
+        for index, shard in enumerate(shards)
+        if not is_committed((root / shard["shard"]).parent, Path(shard["shard"]).name)
+    ]
+    return sum(r["written"] for r in executor.map(write_shard_task, todo))
+
+
+def publish_manifest(partitions: list[Partition], *, root: Path, scratch: Path) -> int:
+    """Phase 7: rename the staged manifest parts into ``manifests/images`` and drop parts of a larger run."""
+    staged = scratch / "manifest"
+    final = root / IMAGES_DIR
+    final.mkdir(parents=True, exist_ok=True)
+    names = [f"part-{p.index:05d}" for p in partitions]
+    for name in names:
+        os.replace(staged / f"{name}.parquet", final / f"{name}.parquet")
+        mark_committed(final, name, json.loads((staged / COMMITTED_DIR / name).read_text()))
+    for stale in sorted(final.glob("part-*.parquet")):
+        if stale.stem not in names:
+            (final / COMMITTED_DIR / stale.stem).unlink(missing_ok=True)
+            stale.unlink()
+    return len(names)
+
+
+def remove_stale_shards(root: Path, shards: list[dict]) -> int:
+    """Delete shards (and markers) the manifest no longer names; call after ``publish_manifest``."""
+    named = {s["shard"] for s in shards}
+    removed = 0
+    for path in sorted((root / SHARDS_DIR).glob("*/*.tar")):
+        if path.relative_to(root).as_posix() not in named:
+            (path.parent / COMMITTED_DIR / path.name).unlink(missing_ok=True)
+            path.unlink()
+            removed += 1
+    return removed

@@ -1,0 +1,111 @@
+"""Semantic near-duplicates from the CLIP embeddings the aesthetic stage already computes (SemDeDup).
+
+pHash misses crops, borders, rescaled screenshots and heavy recompression; their CLIP image embeddings
+stay close. As in SemDeDup (Abbas et al. 2023) and NeMo Curator's ``semantic_dedup``: spherical k-means
+over the L2-normalised embeddings (faiss), then, within each cluster, every pair whose cosine similarity
+is at least ``threshold`` is a duplicate edge. Cost: k-means is trained on a sample (``SAMPLE_PER_CLUSTER``
+rows per centroid) and assignment is one matrix product per row; the in-cluster search is
+``sum(cluster_size²)`` dot products, linear in N for a fixed mean cluster size.
+
+Approximate: a pair whose two images fall in different clusters is never compared (recall on planted
+pairs is measured in docs/benchmarks.md). Deterministic: the sample is the first rows in key order (keys
+are hashes, so a uniform sample), k-means runs single-threaded with a fixed seed, and every pair above the
+threshold is confirmed in float64, so the same embeddings give the same pairs on any partitioning.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+SAMPLE_PER_CLUSTER = 64  # k-means training rows per centroid (faiss warns below 39)
+KMEANS_ITERATIONS = 20
+KMEANS_SEED = 1234
+_SCREEN_MARGIN = 1e-3  # float32 screen below the threshold; float64 decides
+_BLOCK_ROWS = 4096
+
+
+def num_clusters(num_rows: int, cluster_size: int) -> int:
+    """How many k-means clusters for ``num_rows`` embeddings at a mean of ``cluster_size`` per cluster."""
+    return max(1, math.ceil(num_rows / cluster_size))
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list<float16> column as a float32 ``(N, D)`` matrix, rows L2-normalised."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, 0), np.float32)
+    dim = len(column[0])
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.maximum(norms, 1e-12)
+
+
+def train_centroids(sample: np.ndarray, clusters: int) -> np.ndarray:
+    """Spherical k-means centroids ``(K, D)`` of ``sample`` (single-threaded, fixed seed: reproducible)."""
+    import faiss
+
+    clusters = min(clusters, len(sample))
+    if clusters <= 1:
+        centroid = sample.mean(axis=0, keepdims=True)
+        return centroid / max(float(np.linalg.norm(centroid)), 1e-12)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        kmeans = faiss.Kmeans(
+            sample.shape[1],
+            clusters,
+            niter=KMEANS_ITERATIONS,
+            seed=KMEANS_SEED,
+            spherical=True,
+            max_points_per_centroid=SAMPLE_PER_CLUSTER,
+            verbose=False,
+        )
+        kmeans.train(np.ascontiguousarray(sample, np.float32))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return kmeans.centroids.copy()
+
+
+def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Nearest centroid (highest cosine) of each row, int64 ``(N,)``."""
+    labels = np.empty(len(embeddings), np.int64)
+    for start in range(0, len(embeddings), _BLOCK_ROWS):
+        block = embeddings[start : start + _BLOCK_ROWS]
+        labels[start : start + len(block)] = np.argmax(block @ centroids.T, axis=1)
+    return labels
+
+
+def cluster_pairs(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Row pairs ``(i, j)``, ``i < j``, of one cluster with cosine ≥ ``threshold``; and the dot products done."""
+    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    exact = embeddings.astype(np.float64)
+    for start in range(0, len(embeddings), _BLOCK_ROWS):
+        block = embeddings[start : start + _BLOCK_ROWS]
+        sims = block @ embeddings[start:].T  # (B, N - start), the upper triangle and the block's diagonal
+        i, j = np.nonzero(sims >= threshold - _SCREEN_MARGIN)
+        i, j = i + start, j + start
+        keep = i < j
+        i, j = i[keep], j[keep]
+        confirmed = np.einsum("nd,nd->n", exact[i], exact[j]) >= threshold
+        firsts.append(i[confirmed])
+        seconds.append(j[confirmed])
+    num_products = len(embeddings) * (len(embeddings) + 1) // 2
+    return np.concatenate(firsts), np.concatenate(seconds), num_products
+
+
+def semantic_edges(keys: pa.Array, embeddings: np.ndarray, labels: np.ndarray, threshold: float) -> pa.Table:
+    """Edges ``(a, b)`` between keys of the same cluster whose embeddings are within ``threshold``."""
+    keys = np.asarray(keys.to_pylist() if isinstance(keys, pa.Array | pa.ChunkedArray) else keys, object)
+    order = np.lexsort((keys.astype(str), labels))  # by cluster, then key: a fixed order per cluster
+    labels, keys, embeddings = labels[order], keys[order], embeddings[order]
+    bounds = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1], [True]]))
+    a, b = [], []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        i, j, _ = cluster_pairs(embeddings[start:end], threshold)
+        a.extend(keys[start + i].tolist())
+        b.extend(keys[start + j].tolist())
+    return pa.table({"a": pa.array(a, pa.string()), "b": pa.array(b, pa.string())})

@@ -299,7 +299,7 @@ def keepers(edges: pa.Table, attributes: pa.Table) -> pa.Table:
     con = duckdb.connect()
     try:
         con.register("edges", edges)
-        nodes = con.execute(
+        nodes = con.sql(
             "SELECT key FROM (SELECT a AS key FROM edges UNION SELECT b FROM edges) ORDER BY key"
         ).to_arrow_table()
         con.register("nodes", nodes.append_column("id", pa.array(np.arange(nodes.num_rows), pa.int64())))
@@ -312,7 +312,7 @@ def keepers(edges: pa.Table, attributes: pa.Table) -> pa.Table:
         con.register("labelled", nodes.append_column("label", pa.array(labels, pa.int64())))
         con.register("attributes", attributes)
         return (
-            con.execute(
+            con.sql(
                 """
             WITH ranked AS (
                 SELECT l.key, l.label, first(l.key ORDER BY a.pixels DESC, a.aesthetic DESC NULLS LAST, l.key)

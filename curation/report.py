@@ -3,6 +3,8 @@
 Funnel (inputs → rejections per reason → kept per tier), histograms of resolution, aspect ratio and
 aesthetic score per tier (kept rows), and contact sheets of the highest and lowest scored images. It
 reads only the ``images`` manifest and the bytes it names; the run writes it at the end of each job.
+Every number comes from a DuckDB aggregate (histograms from a fixed sample of at most
+``HISTOGRAM_SAMPLE`` rows per tier), so a report of 33M rows needs no more memory than one of 30.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import io
 import logging
 import math
 import tarfile
-from collections import Counter
 from pathlib import Path
 
+import duckdb
 import fsspec
 import matplotlib
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 CONTACT_SHEET_SIZE = 8  # images per contact sheet
+HISTOGRAM_SAMPLE = 200_000  # values per tier and histogram
 THUMBNAIL_SIDE = 256
 TIER_ORDER = ("4k", "1k")
 FIGURES = {
@@ -45,16 +48,19 @@ FIGURES = {
 }
 
 
-def funnel(rows: list[dict]) -> list[tuple[str, int]]:
-    """``[("inputs", n), ("rejected: <reason>", n)…, ("kept: <tier>", n)…]`` in that order."""
-    rejected = Counter(r["reason"].split(":")[0] for r in rows if r["status"] != KEPT)
-    kept = Counter(r["tier"] for r in rows if r["status"] == KEPT)
+def funnel(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """``[("inputs", n), ("rejected: <reason>", n)…, ("kept: <tier>", n)…]`` in that order (SQL counts)."""
+    (inputs,) = con.execute("SELECT count(*) FROM images").fetchone()
+    rejected = con.execute(
+        f"SELECT split_part(reason, ':', 1) AS r, count(*) AS n FROM images WHERE status <> '{KEPT}' "
+        "GROUP BY r ORDER BY n DESC, r"
+    ).fetchall()
+    kept = dict(
+        con.execute(f"SELECT tier, count(*) FROM images WHERE status = '{KEPT}' GROUP BY tier").fetchall()
+    )
     return (
-        [("inputs", len(rows))]
-        + [
-            (f"rejected: {reason}", n)
-            for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0]))
-        ]
+        [("inputs", inputs)]
+        + [(f"rejected: {reason}", n) for reason, n in rejected]
         + [(f"kept: {tier}", kept[tier]) for tier in TIER_ORDER if tier in kept]
     )
 
@@ -129,30 +135,39 @@ def plot_contact_sheet(root: Path, rows: list[dict]) -> bytes:
     return _png(fig)
 
 
-def figures(root: Path, rows: list[dict]) -> dict[str, bytes]:
-    """Every figure of the report as PNG bytes, by name (the keys of ``FIGURES``)."""
-    kept = [r for r in rows if r["status"] == KEPT]
-    per_tier = {t: [r for r in kept if r["tier"] == t] for t in TIER_ORDER}
-    scored = sorted(
-        (r for r in rows if r["aesthetic"] is not None), key=lambda r: (-r["aesthetic"], r["key"])
-    )
+def kept_values(con: duckdb.DuckDBPyConnection, expression: str) -> dict[str, list[float]]:
+    """``expression`` over kept rows per tier: every value up to ``HISTOGRAM_SAMPLE``, else a fixed sample."""
+    out = {}
+    for tier in TIER_ORDER:
+        rows = con.execute(
+            f"SELECT v FROM (SELECT {expression} AS v FROM images WHERE status = '{KEPT}' AND tier = ?) "
+            f"USING SAMPLE reservoir({HISTOGRAM_SAMPLE} ROWS) REPEATABLE (0)",
+            [tier],
+        ).fetchnumpy()["v"]
+        out[tier] = rows.tolist()
+    return out
+
+
+def extremes(con: duckdb.DuckDBPyConnection, order: str) -> list[dict]:
+    """The ``CONTACT_SHEET_SIZE`` scored rows with the highest (``DESC``) or lowest (``ASC``) score."""
+    table = con.sql(
+        f"SELECT key, source, shard, format, tier, reason, aesthetic FROM images WHERE aesthetic IS NOT NULL "
+        f"ORDER BY aesthetic {order}, key LIMIT {CONTACT_SHEET_SIZE}"
+    ).to_arrow_table()
+    return table.to_pylist()
+
+
+def figures(root: Path, con: duckdb.DuckDBPyConnection) -> dict[str, bytes]:
+    """Every figure of the report as PNG bytes, by name (the keys of ``FIGURES``); aggregates in DuckDB."""
     return {
-        "funnel": plot_funnel(funnel(rows)),
-        "resolution": plot_histogram(
-            {t: [r["width"] * r["height"] / 1e6 for r in v] for t, v in per_tier.items()}, "megapixels"
-        ),
+        "funnel": plot_funnel(funnel(con)),
+        "resolution": plot_histogram(kept_values(con, "width * height / 1e6"), "megapixels"),
         "aspect_ratio": plot_histogram(
-            {
-                t: [max(r["width"], r["height"]) / min(r["width"], r["height"]) for r in v]
-                for t, v in per_tier.items()
-            },
-            "long side / short side",
+            kept_values(con, "greatest(width, height) / least(width, height)"), "long side / short side"
         ),
-        "aesthetic": plot_histogram(
-            {t: [r["aesthetic"] for r in v] for t, v in per_tier.items()}, "aesthetic score"
-        ),
-        "contact_highest": plot_contact_sheet(root, scored[:CONTACT_SHEET_SIZE]),
-        "contact_lowest": plot_contact_sheet(root, scored[::-1][:CONTACT_SHEET_SIZE]),
+        "aesthetic": plot_histogram(kept_values(con, "aesthetic"), "aesthetic score"),
+        "contact_highest": plot_contact_sheet(root, extremes(con, "DESC")),
+        "contact_lowest": plot_contact_sheet(root, extremes(con, "ASC")),
     }
 
 
@@ -179,13 +194,16 @@ def render_html(steps: list[tuple[str, int]], names: list[str]) -> str:
 def write_report(root: str | Path) -> Path:
     """Write ``root/report/index.html`` and its PNG figures from the run's ``images`` manifest."""
     root = Path(root)
-    rows = manifests.connect(root).sql("SELECT * FROM images ORDER BY key").to_arrow_table().to_pylist()
-    out = root / REPORT_DIR
-    pngs = figures(root, rows)
-    for name, data in pngs.items():
-        atomic_write_bytes(out / f"{name}.png", data)
-    path = out / "index.html"
-    atomic_write_bytes(path, render_html(funnel(rows), list(pngs)).encode())
+    con = manifests.connect(root)
+    try:
+        out = root / REPORT_DIR
+        pngs = figures(root, con)
+        for name, data in pngs.items():
+            atomic_write_bytes(out / f"{name}.png", data)
+        path = out / "index.html"
+        atomic_write_bytes(path, render_html(funnel(con), list(pngs)).encode())
+    finally:
+        con.close()
     log.info("report: %s", path)
     return path
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.dedup import HASH_BITS, bands, mark_duplicates, near_pairs
+from curation.dedup import HASH_BITS, band_layout, mark_duplicates, near_pairs
 from curation.stages import hamming, phash
 
 
@@ -38,11 +38,14 @@ def test_phash_is_robust_to_reencode_and_scale_but_not_to_content() -> None:
 
 @pytest.mark.parametrize("max_hamming", [0, 1, 4, 7, 16])
 def test_bands_cover_all_bits_once(max_hamming: int) -> None:
+    """Exact layout: max_hamming // 3 + 1 bands, each matched within 2 bits, so one holds every close pair."""
     covered = 0
-    for shift, mask in bands(max_hamming):
-        assert covered & (mask << shift) == 0
-        covered |= mask << shift
-    assert covered == (1 << HASH_BITS) - 1 and len(bands(max_hamming)) == max_hamming + 1
+    layout = band_layout(max_hamming, None)
+    for band in layout:
+        mask = (1 << band.width) - 1
+        assert covered & (mask << band.shift) == 0
+        covered |= mask << band.shift
+    assert covered == (1 << HASH_BITS) - 1 and len(layout) == max_hamming // 3 + 1
 
 
 def to_int64(value: int) -> int:

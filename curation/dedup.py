@@ -142,10 +142,12 @@ def _index_entries(bands: np.ndarray, width: int, part: int, part_bits: int) -> 
 
 
 def _sorted_entries(entries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Entries sorted by value (then row): one packed sort when values fit in 32 bits (always, but for
-    the single 64-bit band of ``max_hamming`` ≤ 2)."""
-    if len(entries) and int(entries.max()) < 1 << 32 and len(rows) and int(rows.max()) < 1 << 32:
-        packed = np.sort((entries << np.uint64(32)) | rows.astype(np.uint64))
+    """Entries sorted by value (then row): one packed sort when values and rows fit in 32 bits (always,
+    but for the single 64-bit band of ``max_hamming`` ≤ 2)."""
+    if len(entries) and int(entries.max()) < 1 << 32 and int(rows.max()) < 1 << 32:
+        packed = entries << np.uint64(32)
+        packed |= rows.astype(np.uint64)
+        packed.sort()
         return packed >> np.uint64(32), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
     order = np.lexsort((rows, entries))
     return entries[order], rows[order]

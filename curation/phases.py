@@ -378,28 +378,29 @@ def resolve_duplicates(task: dict) -> dict:
 # 3 finalize, 4 digest, 5 stage
 
 
-def finalize_partition(task: dict) -> dict:
-    """Every row of one partition with its final status; kept-row counts per (tier, ext, key prefix)."""
-    partition, scratch, depth = task["partition"], Path(task["scratch"]), task["depth"]
-    table = apply_gate(_read([p.path for p in partition.parts]), task["min_score"])
+def final_rows(partition: Partition, scratch: Path, min_score: dict[str, float]) -> pa.Table:
+    """Every row of one partition with its final status (thresholds, then duplicates) and its shard
+    extension (kept rows); recomputed where needed rather than stored."""
+    table = apply_gate(_read([p.path for p in partition.parts]), min_score)
     filters = [("key", ">=", partition.lo)] + ([("key", "<", partition.hi)] if partition.hi else [])
-    dups = (
-        pq.read_table(scratch / "dups.parquet", filters=filters)
-        if (scratch / "dups.parquet").exists()
-        else None
-    )
-    if dups is not None and dups.num_rows:
+    dups = pq.read_table(scratch / "dups.parquet", filters=filters)
+    if dups.num_rows:
         table = table.drop_columns(["dup_of"]).join(dups, "key", join_type="left outer").sort_by("key")
-        table = _reject(table, pc.is_valid(table["dup_of"]), "duplicate")
-        table = table.select(SCORED.names)
+        table = _reject(table, pc.is_valid(table["dup_of"]), "duplicate").select(SCORED.names)
     kept = pc.equal(table["status"], KEPT)
     ext = np.full(table.num_rows, None, object)
     ext[np.flatnonzero(kept.to_numpy(zero_copy_only=False))] = extensions(
         table.filter(kept)["format"]
     ).to_pylist()
-    table = table.append_column("ext", pa.array(ext, pa.string()))
-    _write(table, scratch / "final" / f"{partition.name}.parquet")
-    return _rss({"prefix_counts": _prefix_counts(table.filter(kept), depth)})
+    return table.append_column("ext", pa.array(ext, pa.string()))
+
+
+def finalize_partition(task: dict) -> dict:
+    """Kept-row counts of one partition per (tier, ext, key prefix), for the shard plan."""
+    table = final_rows(task["partition"], Path(task["scratch"]), task["min_score"])
+    return _rss(
+        {"prefix_counts": _prefix_counts(table.filter(pc.equal(table["status"], KEPT)), task["depth"])}
+    )
 
 
 def _prefix_counts(kept: pa.Table, depth: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
@@ -432,14 +433,10 @@ class ShardPlan:
         return out
 
 
-def _kept_rows(scratch: Path, partition: Partition) -> pa.Table:
-    table = pq.read_table(scratch / "final" / f"{partition.name}.parquet")
-    return table.filter(pc.equal(table["status"], KEPT))
-
-
 def digest_partition(task: dict) -> dict:
     """Per shard of the plan met in this partition: row count and order-free sums of row hashes."""
-    kept = _kept_rows(Path(task["scratch"]), task["partition"])
+    table = final_rows(task["partition"], Path(task["scratch"]), task["min_score"])
+    kept = table.filter(pc.equal(table["status"], KEPT))
     if kept.num_rows == 0:
         return _rss({"digests": {}})
     fields = kept.select(list(SAMPLE_JSON_FIELDS)).append_column("shard", pa.array(task["plan"].assign(kept)))
@@ -486,7 +483,7 @@ def shard_names(plan: ShardPlan, digests: list[dict[int, tuple[int, int, int]]])
 def stage_partition(task: dict) -> dict:
     """The partition's manifest part and its kept rows' shard rows, staged in scratch."""
     partition, scratch = task["partition"], Path(task["scratch"])
-    table = pq.read_table(scratch / "final" / f"{partition.name}.parquet")
+    table = final_rows(partition, scratch, task["min_score"])
     kept = pc.equal(table["status"], KEPT)
     names = pa.array([s["shard"] for s in task["shards"]], pa.string())
     shard = pa.nulls(table.num_rows, pa.string())
@@ -498,13 +495,14 @@ def stage_partition(task: dict) -> dict:
     ManifestWriter(scratch / "manifest", "images").write(
         table.select(IMAGES.names), f"part-{partition.index:05d}"
     )
-    to_shard = table.filter(kept).select(
-        ["shard", *SAMPLE_JSON_FIELDS, "ext", *[f.name for f in HOW_TO_READ]]
-    )
-    _write(
-        to_shard.sort_by([("shard", "ascending"), ("key", "ascending")]),
-        scratch / "to_shard" / f"{partition.name}.parquet",
-    )
+    if task["write_shards"]:
+        to_shard = table.filter(kept).select(
+            ["shard", *SAMPLE_JSON_FIELDS, "ext", *[f.name for f in HOW_TO_READ]]
+        )
+        _write(
+            to_shard.sort_by([("shard", "ascending"), ("key", "ascending")]),
+            scratch / "to_shard" / f"{partition.name}.parquet",
+        )
     reasons = pc.list_element(
         pc.split_pattern(pc.filter(table["reason"], pc.invert(kept)), ":", max_splits=1), 0
     )
@@ -651,10 +649,15 @@ def post_scoring(
     plan = plan_shards(partitions, cfg, scratch, executor, counts["kept"] - counts["duplicates"], result)
     started = _timed(result, "finalize_plan", started)
 
-    with_plan = [{"scratch": str(scratch), "partition": p, "plan": plan} for p in partitions]
+    with_plan = [
+        {"scratch": str(scratch), "partition": p, "plan": plan, "min_score": cfg.min_score}
+        for p in partitions
+    ]
     digests = executor.map(digest_partition, with_plan)
     shards = shard_names(plan, [d["digests"] for d in digests])
-    staged = executor.map(stage_partition, [{**t, "shards": shards} for t in with_plan])
+    staged = executor.map(
+        stage_partition, [{**t, "shards": shards, "write_shards": cfg.write_shards} for t in with_plan]
+    )
     started = _timed(result, "digest_stage", started)
     result.worker_peak_rss_mib = max(
         result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in digests + staged)

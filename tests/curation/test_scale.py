@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import duckdb
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,7 +22,7 @@ MAX_HAMMING = 4
 def plant_duplicates(table: pa.Table, subset: np.ndarray, rng: np.random.Generator) -> pa.Table:
     """Within ``subset`` only: byte copies (same sha256 and pHash) and pHash copies 1..6 bits away."""
     sha = np.array(table["sha256"].to_pylist(), object)
-    phash = dedup.as_unsigned(table["phash"].fill_null(0).to_numpy())
+    phash = dedup.as_unsigned(table["phash"].fill_null(0).to_numpy()).copy()
     kept = subset[pc.equal(table["status"], "kept").to_numpy(zero_copy_only=False)[subset]]
     copies = rng.choice(kept, size=(len(kept) // 20, 2), replace=False)  # (copy, original)
     for i, (copy, original) in enumerate(copies):
@@ -49,9 +50,13 @@ def brute_force_dups(rows: list[dict], max_hamming: int) -> dict[str, str]:
         return i
 
     hashes = dedup.as_unsigned(np.array([r["phash"] for r in kept], np.int64))
-    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])  # (n, n)
-    for a, b in zip(*np.nonzero(np.triu(distance <= max_hamming, 1)), strict=True):
-        parent[find(a)] = find(b)
+    index = faiss.IndexBinaryFlat(64)  # exhaustive: every pair's Hamming distance
+    codes = hashes.astype(">u8").view(np.uint8).reshape(-1, 8)
+    index.add(codes)
+    limits, _, neighbours = index.range_search(codes, max_hamming + 1)  # distance < radius
+    for a in range(len(kept)):
+        for b in neighbours[limits[a] : limits[a + 1]]:
+            parent[find(a)] = find(int(b))
     by_sha: dict[str, int] = {}
     for i, r in enumerate(kept):
         parent[find(i)] = find(by_sha.setdefault(r["sha256"], i))
@@ -75,7 +80,7 @@ def manifest_dups(root) -> dict[str, str]:
 def post(tmp, table: pa.Table, *, chunk_rows: int, rows_per_partition: int) -> dict[str, str]:
     parts = write_chunks(table, tmp / "scored", chunk_rows=chunk_rows)
     cfg = PostConfig(
-        min_score={}, max_hamming=MAX_HAMMING, phash_splits=4, semantic_threshold=None, semantic_cluster_size=1000,
+        min_score={}, max_hamming=MAX_HAMMING, phash_splits=1, semantic_threshold=None, semantic_cluster_size=1000,
         samples_per_shard=1000, rows_per_partition=rows_per_partition, write_shards=False,
     )  # fmt: skip
     result = post_scoring(parts, cfg, root=tmp, scratch=tmp / "scratch", executor=LocalExecutor())

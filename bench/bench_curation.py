@@ -29,18 +29,11 @@ from PIL import Image
 from bench.record import write_section
 from curation import stages
 from curation.aesthetic import AestheticScorer, clip_image_size
-from curation.config import BUILTIN_HEAD, AestheticConfig, DecodeConfig, TierConfig
-from curation.dedup import mark_duplicates
-from curation.pipeline import (
-    SCANNED,
-    ScanAndDecode,
-    apply_aesthetic_thresholds,
-    plan_shards,
-    write_shards_local,
-)
+from curation.config import BUILTIN_HEAD, AestheticConfig, CurationConfig, DecodeConfig, TierConfig
+from curation.pipeline import SCANNED, ScanAndDecode, run
 from curation.sources import key_for
 from curation.tiny import build_tiny_clip
-from manifests import IMAGES, ManifestWriter
+from manifests import ManifestWriter
 
 HEAD = BUILTIN_HEAD  # the LAION v2 head shipped in curation/assets
 CLIP_SIDE = 224  # ViT-L/14's input; the baseline resizes to it too
@@ -139,15 +132,13 @@ def draft_loop(paths: list[Path]) -> None:
             im.load()
 
 
-def cpu_path(paths: list[Path], scorer: AestheticScorer, clip_size: int, out: Path) -> None:
-    """scan → decode → score → dedup → shards → manifest, serially in this process (one core)."""
-    rows = pass2(paths, scorer, clip_size)
-    rows = mark_duplicates(apply_aesthetic_thresholds(rows, {}), max_hamming=4)
-    kept = [r for r in rows if r["status"] == "kept"]
-    plans = plan_shards(kept, 1000)
-    write_shards_local(plans, records(paths), out)
-    ManifestWriter(out / "manifests/images", "images").write(
-        pa.Table.from_pylist(rows, schema=IMAGES), "part-00000"
+def cpu_path(paths: list[Path], cfg: AestheticConfig, out: Path) -> None:
+    """The whole job (listing → scan → decode → score → dedup → shards → manifest) with the local executor:
+    the same phase functions as the Ray job, serially in this process (one core)."""
+    run(
+        CurationConfig(
+            inputs=[str(p) for p in paths], output=str(out), aesthetic=cfg, report=False, executor="local"
+        )
     )
 
 
@@ -174,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="bench_curation_"))
     four_k, mix = make_data(root, args.num_4k, args.num_mix)
+    mix = list(dict.fromkeys(mix))  # each file once: the job keys inputs by their source
     clip_dir = build_tiny_clip(root / "models")
     cfg = AestheticConfig(clip_model=f"local-dir:{clip_dir}", pretrained=None, head=str(HEAD), min_score={})
     scorer, clip_size = AestheticScorer(cfg), clip_image_size(cfg.clip_model)
@@ -202,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         results["i2d_fixed_s"] = i2d_fixed
         for name, paths in (("4k", four_k), ("mix", mix)):
             results[f"cpu_{name}"] = len(paths) / timed(
-                lambda p=paths, n=name: cpu_path(p, scorer, clip_size, root / f"cpu-{n}-{next(counter)}")
+                lambda p=paths, n=name: cpu_path(p, cfg, root / f"cpu-{n}-{next(counter)}")
             )
             seconds = timed(
                 lambda p=paths, n=name: img2dataset_run(p, root, port, root / f"i2d-{n}-{next(counter)}")

@@ -152,8 +152,12 @@ def _power_of_two_at_least(value: float) -> int:
 
 
 def _read(paths: list[str], columns: list[str] | None = None, filters=None) -> pa.Table:
-    tables = [pq.read_table(p, columns=columns, filters=filters) for p in paths]
-    return pa.concat_tables(tables) if tables else pa.table({})
+    """Parquet files as one table (read together, threaded; row order across files not guaranteed)."""
+    if len(paths) == 1:
+        return pq.read_table(paths[0], columns=columns, filters=filters)
+    if not paths:
+        return pa.table({})
+    return pq.ParquetDataset(paths, filters=filters, partitioning=None).read(columns=columns)
 
 
 def _write(table: pa.Table, path: Path, **options) -> None:
@@ -381,7 +385,7 @@ def resolve_duplicates(task: dict) -> dict:
 def final_rows(partition: Partition, scratch: Path, min_score: dict[str, float]) -> pa.Table:
     """Every row of one partition with its final status (thresholds, then duplicates) and its shard
     extension (kept rows); recomputed where needed rather than stored."""
-    table = apply_gate(_read([p.path for p in partition.parts]), min_score)
+    table = apply_gate(_read([p.path for p in partition.parts]).sort_by("key"), min_score)
     filters = [("key", ">=", partition.lo)] + ([("key", "<", partition.hi)] if partition.hi else [])
     dups = pq.read_table(scratch / "dups.parquet", filters=filters)
     if dups.num_rows:

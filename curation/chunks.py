@@ -72,29 +72,45 @@ def write_listing_unit(task: dict) -> int:
     return count
 
 
+def sql_string(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_list(values: list[str]) -> str:
+    return "[" + ", ".join(sql_string(v) for v in values) + "]"
+
+
 def sort_records(task: dict) -> int:
     """One record per key (last unit, then last position wins), sorted by key, into ``records.parquet``."""
-    listing, out = task["listing"], task["out"]
     con = duckdb.connect()
     try:
-        con.execute(f"SET temp_directory = '{task['temp']}'")
+        con.execute(f"SET temp_directory = {sql_string(task['temp'])}")
         con.execute(
             f"""
-            COPY (SELECT * EXCLUDE (unit, position) FROM read_parquet({listing!r})
+            COPY (SELECT * EXCLUDE (unit, position) FROM read_parquet({sql_list(task["listing"])})
                   QUALIFY row_number() OVER (PARTITION BY key ORDER BY unit DESC, position DESC) = 1
                   ORDER BY key)
-            TO '{out}' (FORMAT parquet, COMPRESSION lz4, ROW_GROUP_SIZE {RECORDS_ROW_GROUP})
+            TO {sql_string(task["out"])} (FORMAT parquet, COMPRESSION lz4, ROW_GROUP_SIZE {RECORDS_ROW_GROUP})
             """
         )
-        return con.execute(f"SELECT count(*) FROM read_parquet('{out}')").fetchone()[0]
+        return con.execute(f"SELECT count(*) FROM read_parquet({sql_string(task['out'])})").fetchone()[0]
     finally:
         con.close()
 
 
 def count_keys(task: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Keys of ``records.parquet`` per ``depth``-bit prefix."""
-    table = pq.read_table(task["records"], columns=["key"])
-    return keyspace.prefix_counts(keyspace.key_bits(table["key"]), task["depth"])
+    """Keys of ``records.parquet`` per ``depth``-bit prefix (DuckDB streams the key column)."""
+    depth = task["depth"]
+    con = duckdb.connect()
+    try:
+        counts = con.execute(
+            f"SELECT ('0x' || key[1:16])::UBIGINT >> {keyspace.KEY_BITS - depth} AS prefix, count(*) AS n "
+            f"FROM read_parquet({sql_string(task['records'])}) GROUP BY prefix ORDER BY prefix"
+        ).fetchnumpy()
+    finally:
+        con.close()
+    return counts["prefix"].astype(np.uint64), counts["n"].astype(np.int64)
 
 
 def plan_chunks(records: str, num_records: int, chunk_size: int, executor) -> list[keyspace.KeyRange]:

@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import dedup, keyspace, semdedup
+from curation.chunks import sql_list
 from curation.executor import Executor, peak_rss_mib
 from curation.sources import read_bytes
 from curation.stages import sha256
@@ -67,6 +68,8 @@ SCORED = pa.schema([*IMAGES, *HOW_TO_READ])  # a committed scored chunk
 SAMPLE_JSON_FIELDS = (
     "key", "width", "height", "format", "tier", "aesthetic", "caption_orig", "source", "url", "sha256",
 )  # fmt: skip
+KEY_SHA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
+KEY_PHASH = pa.schema([("key", pa.string()), ("phash", pa.int64())])
 ROWS_PER_BUCKET = 1_000_000  # rows per hash bucket of the dedup shuffles
 ENTRIES_PER_NEAR_TASK = 30_000_000  # index entries one near-search task sorts (~0.5 GB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of pHash values into buckets
@@ -151,12 +154,13 @@ def _power_of_two_at_least(value: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1.0, value))))
 
 
-def _read(paths: list[str], columns: list[str] | None = None, filters=None) -> pa.Table:
-    """Parquet files as one table (read together, threaded; row order across files not guaranteed)."""
+def _read(paths: list[str], columns: list[str] | None = None, filters=None) -> pa.Table | None:
+    """Parquet files as one table (read together, threaded; row order across files not guaranteed);
+    ``None`` for no files."""
     if len(paths) == 1:
         return pq.read_table(paths[0], columns=columns, filters=filters)
     if not paths:
-        return pa.table({})
+        return None
     return pq.ParquetDataset(paths, filters=filters, partitioning=None).read(columns=columns)
 
 
@@ -252,7 +256,9 @@ def gate_partition(task: dict) -> dict:
 def exact_bucket(task: dict) -> dict:
     """Star edges of the rows of one sha256 bucket that share a hash."""
     scratch, bucket = Path(task["scratch"]), task["bucket"]
-    edges = dedup.exact_edges(_read(_glob(scratch / "by_sha" / f"b={bucket:04d}")))
+    rows = _read(_glob(scratch / "by_sha" / f"b={bucket:04d}"))
+    rows = KEY_SHA.empty_table() if rows is None else rows
+    edges = dedup.exact_edges(rows)
     _write(edges, scratch / "edges" / f"sha-{bucket:04d}.parquet")
     return _rss({"exact_edges": edges.num_rows})
 
@@ -260,7 +266,9 @@ def exact_bucket(task: dict) -> dict:
 def phash_bucket(task: dict) -> dict:
     """Star edges of identical pHashes in one bucket, and the bucket's distinct values."""
     scratch, bucket = Path(task["scratch"]), task["bucket"]
-    unique, star = dedup.unique_hashes(_read(_glob(scratch / "by_phash" / f"b={bucket:04d}")))
+    rows = _read(_glob(scratch / "by_phash" / f"b={bucket:04d}"))
+    rows = KEY_PHASH.empty_table() if rows is None else rows
+    unique, star = dedup.unique_hashes(rows)
     _write(unique, scratch / "unique" / f"{bucket:04d}.parquet")
     _write(star, scratch / "edges" / f"phash-{bucket:04d}.parquet")
     return _rss({"same_phash_edges": star.num_rows, "distinct_phash": unique.num_rows})
@@ -307,7 +315,7 @@ def semantic_train(task: dict) -> dict:
 def _kept_embeddings(partition: Partition, keys: pa.ChunkedArray) -> pa.Table:
     paths = [p.embeddings for p in partition.parts if p.embeddings]
     table = _read(paths, ["key", "embedding"])
-    if table.num_rows == 0:
+    if table is None or table.num_rows == 0:
         return pa.table({"key": pa.array([], pa.string()), "embedding": pa.array([], pa.list_(pa.float16()))})
     return table.filter(pc.is_in(table["key"], value_set=keys.combine_chunks())).sort_by("key")
 
@@ -335,7 +343,7 @@ def semantic_group(task: dict) -> dict:
     """Pairs above the cosine threshold within each cluster of one group."""
     scratch, group = Path(task["scratch"]), task["group"]
     table = _read(_glob(scratch / "semantic" / f"g={group:04d}"))
-    if table.num_rows == 0:
+    if table is None or table.num_rows == 0:
         return _rss({"semantic_pairs": 0})
     edges = semdedup.semantic_edges(
         table["key"],
@@ -353,19 +361,19 @@ def resolve_duplicates(task: dict) -> dict:
     con = duckdb.connect()
     try:
         edge_files, near_files = _glob(scratch / "edges"), _glob(scratch / "near")
-        parts = [f"SELECT a, b FROM read_parquet({edge_files!r})"] if edge_files else []
+        parts = [f"SELECT a, b FROM read_parquet({sql_list(edge_files)})"] if edge_files else []
         if near_files:
+            unique = sql_list(_glob(scratch / "unique"))
             parts.append(
-                f"SELECT x.rep AS a, y.rep AS b FROM read_parquet({near_files!r}) p "
-                f"JOIN read_parquet({_glob(scratch / 'unique')!r}) x ON x.phash = p.u "
-                f"JOIN read_parquet({_glob(scratch / 'unique')!r}) y ON y.phash = p.v"
+                f"SELECT x.rep AS a, y.rep AS b FROM read_parquet({sql_list(near_files)}) p "
+                f"JOIN read_parquet({unique}) x ON x.phash = p.u JOIN read_parquet({unique}) y ON y.phash = p.v"
             )
         edges = con.sql(" UNION ALL ".join(parts)).to_arrow_table() if parts else dedup.EDGES.empty_table()
         con.register("edges", edges)
         attributes = _glob(scratch / "attributes")
         nodes_attributes = (
             con.execute(
-                f"SELECT key, pixels, aesthetic FROM read_parquet({attributes!r}) WHERE key IN "
+                f"SELECT key, pixels, aesthetic FROM read_parquet({sql_list(attributes)}) WHERE key IN "
                 "(SELECT a FROM edges UNION SELECT b FROM edges)"
             ).to_arrow_table()
             if attributes and edges.num_rows
@@ -597,7 +605,7 @@ def find_duplicates(
 
     rss.append(_fold(executor.map(resolve_duplicates, [{"scratch": str(scratch)}]), counts))
     _timed(result, "dedup_resolve", started)
-    result.worker_peak_rss_mib = max(result.worker_peak_rss_mib, *rss)
+    result.worker_peak_rss_mib = max([result.worker_peak_rss_mib, *rss])
     return counts
 
 
@@ -616,7 +624,7 @@ def plan_shards(
         results = executor.map(
             finalize_partition, [{**common, "partition": p, "depth": depth} for p in partitions]
         )
-        result.worker_peak_rss_mib = max(result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in results))
+        result.worker_peak_rss_mib = max([result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in results)])
         groups = sorted({g for r in results for g in r["prefix_counts"]})
         try:
             leaves = {
@@ -664,7 +672,7 @@ def post_scoring(
     )
     started = _timed(result, "digest_stage", started)
     result.worker_peak_rss_mib = max(
-        result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in digests + staged)
+        [result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in digests + staged)]
     )
 
     if cfg.write_shards:

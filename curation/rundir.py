@@ -24,8 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import fsspec
-
 from manifests import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -168,8 +166,3 @@ def remove_stale_temporaries(root: Path) -> int:
     for path in stale:
         path.unlink()
     return len(stale)
-
-
-def output_filesystem_is_local(output: str) -> bool:
-    """Curation writes its run folder with local file operations (rename, flock): refuse other URIs."""
-    return fsspec.core.url_to_fs(output)[0].protocol in ("file", ("file", "local"))

@@ -141,27 +141,34 @@ def _index_entries(bands: np.ndarray, width: int, part: int, part_bits: int) -> 
     return np.concatenate(values), np.concatenate(rows)
 
 
-def _sorted_entries(entries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Entries sorted by value (then row): one packed sort when values and rows fit in 32 bits (always,
-    but for the single 64-bit band of ``max_hamming`` ≤ 2)."""
-    if len(entries) and int(entries.max()) < 1 << 32 and int(rows.max()) < 1 << 32:
-        packed = entries << np.uint64(32)
-        packed |= rows.astype(np.uint64)
-        packed.sort()
-        return packed >> np.uint64(32), (packed & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    order = np.lexsort((rows, entries))
-    return entries[order], rows[order]
+def _packed_entries(bands: np.ndarray, width: int, part: int, part_bits: int) -> np.ndarray | None:
+    """The entries of ``_index_entries`` as one sorted uint64 array ``value << 32 | row`` (half the memory
+    and one sort); ``None`` when values or rows need more than 32 bits (the 64-bit band of ≤ 2 bits)."""
+    if width > 32 or len(bands) >= 1 << 32:
+        return None
+    low_bits = width - part_bits
+    top = bands >> np.uint64(low_bits) if part_bits else np.zeros(len(bands), np.uint64)
+    diff = top ^ np.uint64(part)
+    same = np.flatnonzero(diff == 0).astype(np.uint64)
+    flips = np.concatenate([[0], np.uint64(1) << np.arange(low_bits, dtype=np.uint64)]).astype(np.uint64)
+    packed = [((bands[same, None] ^ flips[None, :]) << np.uint64(32) | same[:, None]).ravel()]
+    if part_bits:
+        adjacent = np.flatnonzero(np.bitwise_count(diff) == 1).astype(np.uint64)
+        flipped = bands[adjacent] ^ (diff[adjacent] << np.uint64(low_bits))
+        packed.append(flipped << np.uint64(32) | adjacent)
+    packed = np.concatenate(packed) if len(packed) > 1 else packed[0]
+    packed.sort()
+    return packed
 
 
 def _pairs_in_runs(entries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All row pairs that share an entry value (each run of equal entries gives every pair of its rows)."""
+    """All row pairs that share an entry value (each run of equal entries gives every pair of its rows);
+    ``entries`` sorted, ``rows`` an array or a function from positions to rows (read lazily)."""
+    row_at = rows if callable(rows) else rows.__getitem__
     if len(entries) < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    entries, rows = _sorted_entries(entries, rows)
-    equal_next = entries[1:] == entries[:-1]
-    if not equal_next.any():
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.concatenate([[True], ~equal_next]))
+    boundary = np.flatnonzero(entries[1:] != entries[:-1]) + 1
+    starts = np.concatenate([[0], boundary])
     lengths = np.diff(np.concatenate([starts, [len(entries)]]))
     long = lengths >= 2
     starts, lengths = starts[long], lengths[long]
@@ -174,8 +181,8 @@ def _pairs_in_runs(entries: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, n
     while position.size:  # total work = the number of pairs
         ok = position + offset < end
         position, end = position[ok], end[ok]
-        firsts.append(rows[position])
-        seconds.append(rows[position + offset])
+        firsts.append(row_at(position))
+        seconds.append(row_at(position + offset))
         offset += 1
     return np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)
 
@@ -185,7 +192,18 @@ def near_value_pairs(
 ) -> tuple[np.ndarray, int]:
     """Index pairs ``(i, j)``, ``i < j``, of unique ``values`` (uint64) within ``max_hamming`` bits that share
     an index entry in one partition of one band; and how many candidate pairs were checked."""
-    entries, rows = _index_entries(band_values(values, band), band.width, part, part_bits)
+    bands = band_values(values, band)
+    packed = _packed_entries(bands, band.width, part, part_bits)
+    if packed is not None:
+        entries = packed >> np.uint64(32)
+
+        def rows(positions: np.ndarray) -> np.ndarray:
+            return (packed[positions] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+    else:
+        entries, rows = _index_entries(bands, band.width, part, part_bits)
+        order = np.lexsort((rows, entries))
+        entries, rows = entries[order], rows[order]
     first, second = _pairs_in_runs(entries, rows)
     close = np.bitwise_count(values[first] ^ values[second]) <= max_hamming
     low, high = np.minimum(first, second)[close], np.maximum(first, second)[close]

@@ -71,7 +71,7 @@ SAMPLE_JSON_FIELDS = (
 KEY_SHA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
 KEY_PHASH = pa.schema([("key", pa.string()), ("phash", pa.int64())])
 ROWS_PER_BUCKET = 1_000_000  # rows per hash bucket of the dedup shuffles
-ENTRIES_PER_NEAR_TASK = 30_000_000  # index entries one near-search task sorts (~0.5 GB)
+ENTRIES_PER_NEAR_TASK = 8_000_000  # index entries one near-search task sorts (~200 MB at its peak)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of pHash values into buckets
 
 
@@ -408,8 +408,11 @@ def final_rows(partition: Partition, scratch: Path, min_score: dict[str, float])
 
 
 def finalize_partition(task: dict) -> dict:
-    """Kept-row counts of one partition per (tier, ext, key prefix), for the shard plan."""
-    table = final_rows(task["partition"], Path(task["scratch"]), task["min_score"])
+    """Final rows of one partition (kept in scratch for phases 4 and 5); kept-row counts per (tier, ext,
+    key prefix), for the shard plan."""
+    partition, scratch = task["partition"], Path(task["scratch"])
+    table = final_rows(partition, scratch, task["min_score"])
+    _write(table, scratch / "final" / f"{partition.name}.parquet")
     return _rss(
         {"prefix_counts": _prefix_counts(table.filter(pc.equal(table["status"], KEPT)), task["depth"])}
     )
@@ -447,7 +450,7 @@ class ShardPlan:
 
 def digest_partition(task: dict) -> dict:
     """Per shard of the plan met in this partition: row count and order-free sums of row hashes."""
-    table = final_rows(task["partition"], Path(task["scratch"]), task["min_score"])
+    table = pq.read_table(Path(task["scratch"]) / "final" / f"{task['partition'].name}.parquet")
     kept = table.filter(pc.equal(table["status"], KEPT))
     if kept.num_rows == 0:
         return _rss({"digests": {}})
@@ -462,31 +465,27 @@ def digest_partition(task: dict) -> dict:
             WITH h AS (SELECT shard, concat_ws(chr(31), key, width, height, format, tier, aesthetic::VARCHAR,
                                            coalesce(caption_orig, chr(0)), source, coalesce(url, chr(0)), sha256) AS s
                        FROM rows)
-            SELECT shard, count(*), sum(md5_number_upper(s))::VARCHAR, sum(md5_number_lower(s))::VARCHAR
-            FROM h GROUP BY shard
+            SELECT shard, count(*), sum(md5_number_lower(s))::VARCHAR FROM h GROUP BY shard
             """
         ).fetchall()
     finally:
         con.close()
-    return _rss({"digests": {shard: (n, int(upper), int(lower)) for shard, n, upper, lower in rows}})
+    return _rss({"digests": {shard: (n, int(total)) for shard, n, total in rows}})
 
 
-def shard_names(plan: ShardPlan, digests: list[dict[int, tuple[int, int, int]]]) -> list[dict]:
-    """``{"shard", "tier", "num_rows"}`` per plan index: range name + digest of its content."""
-    totals: dict[int, list[int]] = {}
+def shard_names(plan: ShardPlan, digests: list[dict[int, tuple[int, int]]]) -> list[dict]:
+    """``{"shard", "tier", "num_rows"}`` per plan index: range name + digest of its content (row count and
+    the sum of its rows' 64-bit md5s: independent of row order and of how partitions cut the range)."""
+    totals: dict[int, tuple[int, int]] = {}
     for partial in digests:
-        for shard, (n, upper, lower) in partial.items():
-            total = totals.setdefault(shard, [0, 0, 0])
-            total[0], total[1], total[2] = (
-                total[0] + n,
-                (total[1] + upper) % 2**64,
-                (total[2] + lower) % 2**64,
-            )
+        for shard, (n, total) in partial.items():
+            count, hashes = totals.get(shard, (0, 0))
+            totals[shard] = (count + n, (hashes + total) % 2**64)
     out = [None] * len(totals)
     for (tier, ext), leaves in plan.leaves.items():
         for leaf, shard in zip(leaves, plan.ids[(tier, ext)], strict=True):
-            n, upper, lower = totals[shard]
-            digest = hashlib.blake2b(f"{n}:{upper}:{lower}".encode(), digest_size=5).hexdigest()
+            n, hashes = totals[shard]
+            digest = hashlib.blake2b(f"{n}:{hashes}".encode(), digest_size=5).hexdigest()
             out[shard] = {"shard": f"{SHARDS_DIR}/{tier}/{tier}-{ext}-{leaf.name}_{digest}.tar", "tier": tier,
                           "num_rows": n}  # fmt: skip
     return out
@@ -495,7 +494,7 @@ def shard_names(plan: ShardPlan, digests: list[dict[int, tuple[int, int, int]]])
 def stage_partition(task: dict) -> dict:
     """The partition's manifest part and its kept rows' shard rows, staged in scratch."""
     partition, scratch = task["partition"], Path(task["scratch"])
-    table = final_rows(partition, scratch, task["min_score"])
+    table = pq.read_table(scratch / "final" / f"{partition.name}.parquet")
     kept = pc.equal(table["status"], KEPT)
     names = pa.array([s["shard"] for s in task["shards"]], pa.string())
     shard = pa.nulls(table.num_rows, pa.string())

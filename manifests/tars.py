@@ -14,7 +14,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from manifests.io import is_committed, mark_committed, publish, temp_path
 
@@ -41,6 +40,8 @@ def extension_for(image_format: str | None) -> str:
 
 def tar_bytes(samples: list[dict]) -> bytes:
     """A tar of samples; each sample is ``{"__key__": key, "<ext>": bytes, ...}`` with bytes values."""
+    import webdataset as wds  # here, not at import: webdataset imports torch (~450 MB in every process)
+
     buffer = io.BytesIO()
     with wds.TarWriter(buffer, mtime=_TAR_MTIME, user="pixsigma", group="pixsigma") as sink:
         for sample in samples:

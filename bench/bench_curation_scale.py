@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def render(results: list[dict], args: argparse.Namespace, load: list[float]) -> str:
+    from curation.config import DedupConfig
+
+    dedup = DedupConfig()
     rows = [r["rows"] for r in results]
     seconds = [r["seconds"] for r in results]
     candidates = [r["dedup"].get("near_candidates", 0) for r in results]
@@ -161,9 +164,9 @@ Command: `python -m bench.bench_curation_scale --rows {" ".join(map(str, args.ro
 Machine: {os.cpu_count()} cores visible, shared with other engineers (1-minute load average {min(load):.1f}–{max(load):.1f}
 during the run); a private Ray cluster of {args.num_cpus} CPUs, every phase as Ray tasks. Input: synthetic scored
 chunks in Parquet (4096 rows each, 70 % kept, 1 % byte copies, 1 % pHash copies ≤ 4 bits away), default
-config (`max_hamming` 6 with 4 splits of 32-bit bands, thresholds 5.0, partitions of 100k rows, 1000
-samples per shard). Thresholds → exact + near dedup → keepers → shard plan and names → manifest parts;
-shards not written (no image bytes).
+config (`max_hamming` {dedup.max_hamming}, {dedup.phash_splits} split of 32-bit bands: exact; thresholds 5.0; partitions
+of 100k rows; 1000 samples per shard). Thresholds → exact + near dedup → keepers → shard plan and names →
+manifest parts; shards not written (no image bytes).
 
 {chr(10).join(table)}
 

@@ -82,14 +82,17 @@ def sql_list(values: list[str]) -> str:
 
 
 def sort_records(task: dict) -> int:
-    """One record per key (last unit, then last position wins), sorted by key, into ``records.parquet``."""
+    """One record per key, sorted by key, into ``records.parquet``: the last unit (then position) wins, but a
+    failed download never wins over a record of the same URL that has bytes (a URL listed twice)."""
     con = duckdb.connect()
     try:
         con.execute(f"SET temp_directory = {sql_string(task['temp'])}")
         con.execute(
             f"""
             COPY (SELECT * EXCLUDE (unit, position) FROM read_parquet({sql_list(task["listing"])})
-                  QUALIFY row_number() OVER (PARTITION BY key ORDER BY unit DESC, position DESC) = 1
+                  QUALIFY row_number() OVER (
+                      PARTITION BY key ORDER BY (download_status IS NOT NULL AND reason IS NOT NULL),
+                                                unit DESC, position DESC) = 1
                   ORDER BY key)
             TO {sql_string(task["out"])} (FORMAT parquet, COMPRESSION lz4, ROW_GROUP_SIZE {RECORDS_ROW_GROUP})
             """

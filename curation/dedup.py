@@ -12,16 +12,22 @@ Keeper. One row per group survives, by a fixed order: more pixels, then higher a
 last), then the smaller key. It depends only on the group, never on arrival order or partitioning; the
 others become ``duplicate`` rejections with ``dup_of`` = the keeper.
 
-Near pHash search (multi-index hashing with 32-bit bands, meet in the middle). A *split* cuts the 64 bits
-into two bands of 32 (split 0: the high and low halves; split j > 0: a fixed random permutation first).
-Each value is indexed under its band value and the 32 band values one bit away; two values sharing an
-index entry differ by at most 2 bits in that band, and every candidate is then checked on all 64 bits.
-A pair within ``max_hamming`` ≤ 5 bits differs by ≤ 2 bits in one band of any split, so the search is
-**exact** for ``max_hamming`` ≤ 5 with one split. Above that a pair is missed when every split divides its
-differing bits 3/3 or worse; more splits make that rarer (recall is measured in docs/benchmarks.md).
-Cost: 33 index entries per value per band, and a 32-bit band value is shared by N / 2³² random hashes
-(0.008 at 33M), so the candidate pairs grow linearly with N. The entries of one band are hash-partitioned
-by their top ``part_bits`` bits; a partition reads the values whose top bits are equal or one bit away.
+Near pHash search (multi-index hashing, meet in the middle). The 64 bits are cut into bands; each distinct
+value is indexed under its band value and the band values one bit away, so two values that share an
+index entry differ by at most 2 bits in that band, and every such candidate is then checked on all 64
+bits (precision is exact). Layouts (``band_layout``):
+
+- ``num_splits`` k (the default, k = 1): k cuts of the bits into two 32-bit bands (cut 0: the high and
+  low halves; the others after a fixed random permutation). A pair within ≤ 5 bits differs by ≤ 2 bits in
+  one half of any cut, so the search is **exact** for ``max_hamming`` ≤ 5; above, a pair is missed when
+  every cut divides its bits 3/3 or worse (recall per k measured in docs/benchmarks.md). Cost: 33 index
+  entries per value per band, and a 32-bit band value is shared by N / 2³² random hashes (0.008 at
+  33M), so the candidate pairs grow linearly with N.
+- ``num_splits`` None: exact for any ``max_hamming``: ``max_hamming // 3 + 1`` bands, narrower than 32
+  bits above 5, whose buckets (hence candidates per value) grow with N.
+
+Each band's entries are partitioned by their top ``part_bits`` bits; a partition reads the values whose
+top bits are equal or one bit away, so partitions are independent tasks with the same answer.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from curation.aesthetic import (
     clip_model_id,
     resolve_head,
 )
-from curation.config import CurationConfig, DecodeConfig, TierConfig
+from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
 from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib
 from curation.phases import HOW_TO_READ, SCORED, PostConfig, ScoredPart, post_scoring, remove_stale_shards
 from curation.report import write_report
@@ -56,7 +56,6 @@ DOWNLOADS_DIR = "downloads"
 WORK_DIR = "work"
 SCRATCH_DIR = "work/run"  # this run's listing, records and phase files; removed when the run ends
 WORK_LAYOUT = 2  # chunks are key ranges (curation.keyspace); part of the work-folder name
-RECORDS = chunking.RECORDS
 # What the scan tasks hand to the scorer actors: manifest columns + the CLIP thumbnail (≤ 150 KB).
 SCANNED = pa.schema([*IMAGES, pa.field(CLIP_INPUT, pa.binary())])
 BATCH_FIELDS = [
@@ -174,7 +173,7 @@ def list_inputs(cfg: CurationConfig, root: Path, scratch: Path, executor: Execut
     log.info("listing: %d units, %d records", len(units), sum(counts))
     records = str(scratch / "records.parquet")
     if not units:
-        pq.write_table(RECORDS.empty_table(), records)
+        pq.write_table(chunking.RECORDS.empty_table(), records)
         return records, 0
     sort = {"listing": [t["out"] for t in tasks], "out": records, "temp": str(scratch / "duckdb")}
     return records, executor.map(chunking.sort_records, [sort])[0]
@@ -246,7 +245,7 @@ class ScoreBatches:
     exactly the batches a clean run saw; a batch that arrives split is an error, never a silent change.
     """
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: AestheticConfig) -> None:
         self.scorer = AestheticScorer(cfg)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -387,6 +386,21 @@ def check_before_start(cfg: CurationConfig) -> None:
     clip_image_size(cfg.aesthetic.clip_model)
 
 
+def scored_parts(chunks: list[chunking.Chunk], cfg: CurationConfig, root: Path) -> list[ScoredPart]:
+    """The committed chunks, in key order, as the input of the post-scoring phases."""
+    embeddings = root / EMBEDDINGS_DIR if cfg.aesthetic.save_embeddings else None
+    return [
+        ScoredPart(
+            path=str(work_dir(root, cfg) / f"{c.name}.parquet"),
+            lo=c.range.lo,
+            hi=c.range.hi,
+            num_rows=c.num_rows,
+            embeddings=str(embeddings / f"{c.name}.parquet") if embeddings else None,
+        )
+        for c in chunks
+    ]
+
+
 def run(cfg: CurationConfig) -> dict:
     """Run the whole curation job; returns the summary that is also written to the run folder."""
     started = time.time()
@@ -395,49 +409,34 @@ def run(cfg: CurationConfig) -> dict:
     check_before_start(cfg)
     with rundir.run_lock(root):
         inputs = rundir.claim(root, cfg.inputs)
-        atomic_write_bytes(
-            root / "curation_config.json", json.dumps(dataclasses.asdict(cfg), indent=2).encode()
-        )
+        config = dataclasses.asdict(cfg)
+        atomic_write_bytes(root / "curation_config.json", json.dumps(config, indent=2).encode())
         if removed := rundir.remove_stale_temporaries(root):
             log.info("removed %d temporary files of an interrupted run", removed)
         scratch = root / SCRATCH_DIR
-        if scratch.exists():
-            shutil.rmtree(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
         executor = make_executor(cfg)
-        seconds = {}
-        phase_start = time.perf_counter()
+        seconds, phase_start = {}, time.perf_counter()
 
         records, num_records = list_inputs(cfg, root, scratch, executor)
         chunks = plan_work(cfg, records, num_records, work_dir(root, cfg), scratch, executor)
-        seconds["listing"] = round(time.perf_counter() - phase_start, 3)
-        phase_start = time.perf_counter()
+        seconds["listing"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
         scan_and_score(chunks, cfg, root, scratch, executor)
         seconds["scan_score"] = round(time.perf_counter() - phase_start, 3)
-
-        parts = [
-            ScoredPart(
-                path=str(work_dir(root, cfg) / f"{c.name}.parquet"),
-                lo=c.range.lo,
-                hi=c.range.hi,
-                num_rows=c.num_rows,
-                embeddings=str(root / EMBEDDINGS_DIR / f"{c.name}.parquet")
-                if cfg.aesthetic.save_embeddings
-                else None,
-            )
-            for c in chunks
-        ]
-        post = post_scoring(parts, post_config(cfg), root=root, scratch=scratch / "post", executor=executor)
+        post = post_scoring(
+            scored_parts(chunks, cfg, root),
+            post_config(cfg),
+            root=root,
+            scratch=scratch / "post",
+            executor=executor,
+        )
         assert post.counts["inputs"] == num_records, "every input must produce exactly one manifest row"
-        seconds.update(post.seconds)
         removed_shards = remove_stale_shards(root, post.shards)
         remove_stale_embeddings(root, chunks)
         if cfg.report:
             write_report(root)
-        fingerprint = {
-            "records": num_records,
-            "digest": hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest(),
-        }
-        rundir.record(root, inputs, fingerprint=fingerprint, config=dataclasses.asdict(cfg))
+        digest = hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest()
+        rundir.record(root, inputs, fingerprint={"records": num_records, "digest": digest}, config=config)
         shutil.rmtree(scratch, ignore_errors=True)
         summary = {
             **{k: v for k, v in post.counts.items() if k != "dedup"},
@@ -445,7 +444,7 @@ def run(cfg: CurationConfig) -> dict:
             "shards_written": post.shards_written,
             "shards_removed": removed_shards,
             "seconds": round(time.time() - started, 2),
-            "seconds_per_phase": seconds,
+            "seconds_per_phase": seconds | post.seconds,
             "dedup": post.counts["dedup"],
             "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),

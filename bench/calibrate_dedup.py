@@ -304,9 +304,10 @@ neighbour), which is why the semantic pass exists.
 **Near search on planted pairs** (`curation.dedup`, {args.near_values} random hashes + one partner each for a
 tenth of them, recall vs all pairs; precision is 100 % by construction, every candidate is checked on all
 64 bits). Exact up to 5 bits with any number of splits (the default: `dedup.phash_splits = {cfg.phash_splits}`,
-two 32-bit bands, candidates linear in N); above 5 bits each split is a 32-bit random re-cut that finds
-more of the pairs, at 66 index entries per hash each. The exact layout needs bands narrower than 32 bits
-above 5 bits, whose candidates grow with N².
+two 32-bit bands: index work linear in N, see "Curation at scale"); above 5 bits each split is a 32-bit random
+re-cut that finds
+more of the pairs, at 66 index entries per hash each. The exact layout needs bands narrower than 32
+bits above 5 bits, whose candidates per hash grow with N.
 
 {near}
 

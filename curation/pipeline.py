@@ -23,8 +23,10 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -200,29 +202,52 @@ def plan_work(
 # Scan + score
 
 
-def batch_descriptors(chunk: dict) -> list[dict]:
-    """The scoring batches of one pending chunk: row group ``j`` of its records file."""
-    size = chunk["batch_size"]
-    return [
-        {
-            "chunk": chunk["chunk"],
-            "path": chunk["path"],
-            "batch": j,
-            "batch_rows": min(size, chunk["num_rows"] - j * size),
-        }
-        for j in range(-(-chunk["num_rows"] // size))
-    ]
+@dataclass(frozen=True)
+class BatchPlan:
+    """The scoring batches of the pending chunks: batch ``i`` overall is row group ``j`` of one chunk's
+    records file. A plan per chunk, so the driver never lists the batches themselves."""
+
+    chunks: tuple[str, ...]
+    paths: tuple[str, ...]
+    num_rows: tuple[int, ...]
+    batch_size: int
+
+    @property
+    def starts(self) -> np.ndarray:
+        """The first overall batch index of each chunk, plus the total at the end."""
+        per_chunk = [-(-n // self.batch_size) for n in self.num_rows]
+        return np.concatenate([[0], np.cumsum(per_chunk)]).astype(np.int64)
+
+    def descriptor(self, index: int, starts: np.ndarray) -> dict:
+        chunk = int(np.searchsorted(starts, index, side="right") - 1)
+        batch = index - int(starts[chunk])
+        rows = min(self.batch_size, self.num_rows[chunk] - batch * self.batch_size)
+        return {"chunk": self.chunks[chunk], "path": self.paths[chunk], "batch": batch, "batch_rows": rows}
+
+
+def batch_plan(pending: list[chunking.Chunk], cfg: CurationConfig, scratch: Path) -> BatchPlan:
+    return BatchPlan(
+        chunks=tuple(c.name for c in pending),
+        paths=tuple(str(scratch / "chunks" / f"{c.name}.parquet") for c in pending),
+        num_rows=tuple(c.num_rows for c in pending),
+        batch_size=cfg.aesthetic.batch_size,
+    )
 
 
 class ScanChunkBatch:
     """Scan tasks: each descriptor's batch of records through ``ScanAndDecode``, keeping what identifies the
     batch (for the scorer) and how to read each row's bytes again (for the shard writer)."""
 
-    def __init__(self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int) -> None:
+    def __init__(self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int, plan: BatchPlan) -> None:
         self.scan = ScanAndDecode(tiers, decode, clip_size=clip_size)
+        self.plan = plan
+        self.starts = plan.starts
 
-    def __call__(self, descriptors: pa.Table) -> pa.Table:
-        return pa.concat_tables([self.scan_one(d) for d in descriptors.to_pylist()])
+    def __call__(self, indices: pa.Table) -> pa.Table:
+        """``indices``: a block of ``ray.data.range`` (column ``id``), one overall batch index per row."""
+        return pa.concat_tables(
+            [self.scan_one(self.plan.descriptor(i, self.starts)) for i in indices["id"].to_pylist()]
+        )
 
     def scan_one(self, descriptor: dict) -> pa.Table:
         records = pq.ParquetFile(descriptor["path"]).read_row_group(descriptor["batch"])
@@ -258,16 +283,11 @@ class ScoreBatches:
         return pa.concat_tables(scored)
 
 
-def _scan_dataset(pending: list[chunking.Chunk], cfg: CurationConfig, scratch: Path, clip_size: int):
-    """The Ray Data pipeline: scan tasks, then the scorer actor pool, resources from config."""
-    items = [
-        {"chunk": c.name, "path": str(scratch / "chunks" / f"{c.name}.parquet"), "num_rows": c.num_rows,
-         "batch_size": cfg.aesthetic.batch_size}
-        for c in pending
-    ]  # fmt: skip
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(batch_descriptors)
-    ds = ds.map_batches(
-        ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size),  # stateless: plain tasks
+def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
+    """The Ray Data pipeline: one scan task per scoring batch, then the scorer actor pool."""
+    num_batches = int(plan.starts[-1])
+    ds = ray.data.range(num_batches, override_num_blocks=num_batches).map_batches(
+        ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan),  # stateless: plain tasks
         batch_size=1,
         batch_format="pyarrow",
         max_retries=3,
@@ -286,17 +306,12 @@ def _scan_dataset(pending: list[chunking.Chunk], cfg: CurationConfig, scratch: P
     ).iter_batches(batch_format="pyarrow", batch_size=None)
 
 
-def _scan_local(
-    pending: list[chunking.Chunk], cfg: CurationConfig, scratch: Path, clip_size: int
-) -> Iterator[pa.Table]:
+def _scan_local(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
     """The same stages in this process, batch after batch."""
-    scan = ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size)
+    scan = ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
     score = ScoreBatches(cfg.aesthetic)
-    for c in pending:
-        chunk = {"chunk": c.name, "path": str(scratch / "chunks" / f"{c.name}.parquet"), "num_rows": c.num_rows,
-                 "batch_size": cfg.aesthetic.batch_size}  # fmt: skip
-        for descriptor in batch_descriptors(chunk):
-            yield score(scan.scan_one(descriptor))
+    for index in range(int(plan.starts[-1])):
+        yield score(scan.scan_one(plan.descriptor(index, scan.starts)))
 
 
 def scan_and_score(
@@ -312,7 +327,8 @@ def scan_and_score(
         raise ValueError(
             f"aesthetic.batch_size {cfg.aesthetic.batch_size} makes batches over {MAX_BATCH_BYTES >> 20} MiB"
         )
-    stream = (_scan_local if executor.name == "local" else _scan_dataset)(pending, cfg, scratch, clip_size)
+    plan = batch_plan(pending, cfg, scratch)
+    stream = (_scan_local if executor.name == "local" else _scan_dataset)(plan, cfg, clip_size)
     expected = {c.name: c for c in pending}
     buffers: dict[str, list[pa.Table]] = {}
     counts: Counter = Counter()

@@ -431,14 +431,16 @@ def run(cfg: CurationConfig) -> dict:
             log.info("removed %d temporary files of an interrupted run", removed)
         scratch = root / SCRATCH_DIR
         shutil.rmtree(scratch, ignore_errors=True)
+        phase_start = time.perf_counter()
         executor = make_executor(cfg)
-        seconds, phase_start = {}, time.perf_counter()
+        seconds = {"start": round(time.perf_counter() - phase_start, 3)}
+        phase_start = time.perf_counter()
 
         records, num_records = list_inputs(cfg, root, scratch, executor)
         chunks = plan_work(cfg, records, num_records, work_dir(root, cfg), scratch, executor)
         seconds["listing"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
         scan_and_score(chunks, cfg, root, scratch, executor)
-        seconds["scan_score"] = round(time.perf_counter() - phase_start, 3)
+        seconds["scan_score"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
         post = post_scoring(
             scored_parts(chunks, cfg, root),
             post_config(cfg),
@@ -447,10 +449,15 @@ def run(cfg: CurationConfig) -> dict:
             executor=executor,
         )
         assert post.counts["inputs"] == num_records, "every input must produce exactly one manifest row"
+        seconds["post_scoring"], phase_start = (
+            round(time.perf_counter() - phase_start, 3),
+            time.perf_counter(),
+        )
         removed_shards = remove_stale_shards(root, post.shards)
         remove_stale_embeddings(root, chunks)
         if cfg.report:
             write_report(root)
+        seconds["cleanup_report"] = round(time.perf_counter() - phase_start, 3)
         digest = hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest()
         rundir.record(root, inputs, fingerprint={"records": num_records, "digest": digest}, config=config)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -460,7 +467,7 @@ def run(cfg: CurationConfig) -> dict:
             "shards_written": post.shards_written,
             "shards_removed": removed_shards,
             "seconds": round(time.time() - started, 2),
-            "seconds_per_phase": seconds | post.seconds,
+            "seconds_per_phase": {**seconds, **post.seconds},
             "dedup": post.counts["dedup"],
             "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),

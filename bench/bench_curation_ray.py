@@ -158,8 +158,11 @@ Our job's own phases (seconds, from its summary) for the {n} images: {phases}; f
 {one_phases}. Kept {r["summary"]["kept"]} of
 {r["summary"]["inputs"]} (the rest below 1K or duplicates); driver peak RSS {r["summary"]["driver_peak_rss_mib"]:.0f} MiB
 (mostly torch and open_clip imported to read the model config).
-The serial executor's figure (the same functions in one process, no Ray) is in "Curation: throughput per
-core" above; the difference is Ray's own cost (task and actor scheduling, object store) on 2 shared cores.
+At 1,000 images start-up is most of the wall time (process and torch import, Ray start, scorer actor and
+model load, shard-writer workers importing webdataset), so the net figure rests on a difference of a few
+seconds and moved by about ±50 % between runs on this shared machine; the scan + score row, with its own
+start-up subtracted, is the steadier figure. The serial executor's numbers (the same functions in one
+process, no Ray) are in "Curation: throughput per core".
 """
 
 

@@ -32,7 +32,7 @@ from curation.dedup import mark_duplicates
 from curation.report import write_report
 from curation.sources import list_sources, open_source, read_bytes
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
-from manifests.io import COMMITTED_DIR, is_committed
+from manifests.io import is_committed, unmark_committed
 from manifests.schema import KEPT, REJECTED
 from manifests.tars import extension_for, json_bytes, write_shard
 
@@ -320,7 +320,7 @@ def write_manifest(table: pa.Table, root: Path, rows_per_part: int) -> list[Path
         writer.write(table.slice(i * rows_per_part, rows_per_part), f"part-{i:05d}") for i in range(num_parts)
     ]
     for stale in sorted(writer.directory.glob("part-*.parquet"))[num_parts:]:
-        (writer.directory / COMMITTED_DIR / stale.stem).unlink(missing_ok=True)
+        unmark_committed(writer.directory, stale.stem)
         stale.unlink()
     return paths
 

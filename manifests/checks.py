@@ -91,6 +91,15 @@ def _strip_locations(node: object) -> object:
     return node
 
 
+@functools.lru_cache(maxsize=16)
+def _reference_shape(view: str) -> str:
+    """The parsed ``SELECT * FROM <view> WHERE (true)`` without its WHERE: what every filter must look like."""
+    node = _serialize(where_subquery(view, "true"))["statements"][0]["node"]
+    return json.dumps(
+        _strip_locations({k: v for k, v in node.items() if k != "where_clause"}), sort_keys=True
+    )
+
+
 def _walk(node: object) -> Iterator[dict]:
     if isinstance(node, dict):
         yield node
@@ -130,11 +139,10 @@ def check_where(where: str, *, view: str, flag: str = "--where") -> str:
     if len(statements) != 1:
         raise InputError(f"{bad}: it reads as {len(statements)} statements")
     node = statements[0]["node"]
-    reference = _serialize(where_subquery(view, "true"))["statements"][0]["node"]
-    shape = {k: v for k, v in node.items() if k != "where_clause"}
-    if _strip_locations(shape) != _strip_locations(
-        {k: v for k, v in reference.items() if k != "where_clause"}
-    ):
+    shape = json.dumps(
+        _strip_locations({k: v for k, v in node.items() if k != "where_clause"}), sort_keys=True
+    )
+    if shape != _reference_shape(view):
         raise InputError(f"{bad}: it changes the query around it (a parenthesis closes early?)")
     for item in _walk(node["where_clause"]):
         if item.get("class") == "PARAMETER":

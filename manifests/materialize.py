@@ -130,7 +130,7 @@ class ShardWriter:
         written = False
         # Resume: a shard committed from this very plan is not read again; one from another plan (the
         # selection or the features changed) is rewritten.
-        if (marker_info(self.out, item["shard"]) or {}).get("plan_sha256") != item["plan_sha256"]:
+        if not self._is_done(item):
             unmark_committed(self.out, item["shard"])
             images = self._read_images(rows)
             samples = [self.sample(row, images[row["key"]]) for row in rows]
@@ -150,6 +150,16 @@ class ShardWriter:
             "buckets": json.dumps(dict(sorted(buckets.items()))),
             "written": written,
         }
+
+    def _is_done(self, item: dict) -> bool:
+        """Committed from this very plan, and still the size its marker recorded."""
+        info = marker_info(self.out, item["shard"]) or {}
+        path = self.out / item["shard"]
+        return (
+            info.get("plan_sha256") == item["plan_sha256"]
+            and path.is_file()
+            and path.stat().st_size == info.get("num_bytes")
+        )
 
     def _read_images(self, rows: list[dict]) -> dict[str, bytes]:
         """Original bytes per key, reading each curated tar once."""
@@ -265,10 +275,10 @@ def materialize(cfg: MaterializeConfig) -> Path:
     removed = remove_stale_shards(out, plans, cfg.shard_prefix)
     if removed:
         log.info("removed %d shards the selection no longer fills", removed)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
     results = []
     if plans:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False, configure_logging=False)
         ds = ray.data.from_items(plans, override_num_blocks=len(plans)).map(
             ShardWriter,
             fn_constructor_args=(cfg,),

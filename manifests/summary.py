@@ -10,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from manifests.checks import cli
 from manifests.db import connect
 from manifests.selection import SELECTIONS_DIR
 
@@ -82,6 +83,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter

@@ -152,11 +152,13 @@ def connect(
 
 
 def restrict(con: duckdb.DuckDBPyConnection, readable: list[str]) -> None:
-    """From now on ``con`` may read the files ``readable`` and nothing else, and write no file at all.
+    """From now on ``con`` may touch the files ``readable`` and no other file.
 
     DuckDB's ``enable_external_access = false`` with ``allowed_paths``, then ``lock_configuration`` so no
     later statement can turn it back on. The views keep working (they read only those files); a
-    ``read_csv('/etc/passwd')`` or a ``COPY … TO`` anywhere raises a permission error.
+    ``read_csv('/etc/passwd')`` or a ``COPY … TO`` anywhere else raises a permission error. DuckDB has no
+    read-only flag per path, so a ``COPY`` statement could still overwrite an allowed file: that is why a
+    user's filter is also checked to be one expression (``manifests.checks.check_where``), never a statement.
     """
     if readable:
         con.execute(f"SET allowed_paths = {_sql_list(sorted(set(readable)))}")

@@ -33,6 +33,8 @@ from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
 from manifests.features import NULL_CAPTION_FILE
 from manifests.imageio import decode_rgb
 from manifests.io import (
+    COMMITTED_DIR,
+    MARKER_SUFFIX,
     atomic_write_bytes,
     marker_info,
     migrate_markers,
@@ -235,6 +237,9 @@ def remove_stale_shards(out: Path, plans: list[dict], prefix: str) -> int:
     for path in stale:
         unmark_committed(out, path.name)
         path.unlink()
+    for marker in sorted(out.glob(f"{COMMITTED_DIR}/{prefix}-*.tar{MARKER_SUFFIX}")):  # markers left alone
+        if marker.name.removesuffix(MARKER_SUFFIX) not in planned:
+            marker.unlink()
     return len(stale)
 
 

@@ -16,8 +16,10 @@ from PIL import Image
 
 from manifests import Rejected
 from manifests.imageio import decode_rgb
+from manifests.tars import FORMAT_EXTENSIONS
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+# Every member extension a curated shard can hold (HEIC and AVIF included), plus the common aliases.
+IMAGE_EXTENSIONS = frozenset({*FORMAT_EXTENSIONS.values(), "jpeg", "tiff"})
 SHARD_ERROR = "shard_error"  # the shard could not be opened or read: every key of the read task gets it
 MISSING_IN_SHARD = "missing_in_shard"  # the manifest names a shard that does not (or no longer) hold the key
 DECODE_ERROR = "decode_error"

@@ -30,6 +30,8 @@ FORMAT_EXTENSIONS = {
     "GIF": "gif",
     "BMP": "bmp",
     "TIFF": "tif",
+    "HEIF": "heic",  # pillow-heif's format name (see manifests.imageio)
+    "AVIF": "avif",
 }
 
 

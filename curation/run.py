@@ -82,7 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--max-hamming", type=int, default=DedupConfig.max_hamming, help="pHash near-duplicate distance")
     add("--chunk-size", type=int, default=CurationConfig.chunk_size, help="inputs per committed work chunk")
-    add("--download-timeout", type=int, default=DownloadConfig.timeout, help="seconds per URL (URL lists)")
+    add(
+        "--download-timeout",
+        type=int,
+        default=DownloadConfig.timeout,
+        help="seconds in all per URL, redirects and body included (URL lists)",
+    )
+    add(
+        "--download-max-bytes",
+        type=int,
+        default=DownloadConfig.max_bytes,
+        help="a body over this is stopped and rejected as download_too_large (URL lists)",
+    )
     add("--no-report", action="store_true", help="skip OUT/report/index.html")
     return parser
 
@@ -106,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> CurationConfig:
             save_embeddings=args.save_embeddings,
         ),
         dedup=DedupConfig(max_hamming=args.max_hamming),
-        download=DownloadConfig(timeout=args.download_timeout),
+        download=DownloadConfig(timeout=args.download_timeout, max_bytes=args.download_max_bytes),
         chunk_size=args.chunk_size,
         report=not args.no_report,
     )

@@ -30,7 +30,7 @@ from curation.aesthetic import CLIP_INPUT, EMBEDDING, AestheticScorer, clip_imag
 from curation.config import CurationConfig, DecodeConfig, TierConfig
 from curation.dedup import mark_duplicates
 from curation.report import write_report
-from curation.sources import list_sources, open_source, read_bytes
+from curation.sources import io_rejection, list_sources, open_source, read_bytes
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.io import is_committed, unmark_committed
 from manifests.schema import KEPT, REJECTED
@@ -109,8 +109,8 @@ class ScanAndDecode:
                 row["tier"] = tier
                 f.seek(0)
                 data = f.read()
-        except OSError as err:  # vanished or unreadable source: a per-row reason, not a failed block
-            return _reject(row, Rejected(f"io_error: {stages.describe(err)}"))
+        except OSError as err:  # vanished, unreadable or not a regular file: a per-row reason
+            return _reject(row, io_rejection(err))
         decoded = stages.reduced_decode(data, min_side=self.decode.min_side)
         if isinstance(decoded, Rejected):
             return _reject(row, decoded)

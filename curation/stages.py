@@ -43,6 +43,12 @@ def scan_header(fileobj: BinaryIO, *, num_bytes: int) -> dict | Rejected:
             num_frames = 1 if fmt == "MPO" else getattr(im, "n_frames", 1)
     except Image.DecompressionBombError:
         return Rejected("too_many_pixels")
+    except Image.UnidentifiedImageError as err:
+        return (
+            Rejected("unsupported_format: svg")
+            if _is_svg(fileobj)
+            else Rejected(f"unreadable: {describe(err)}")
+        )
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's "cannot identify image file" etc.
         return Rejected(f"unreadable: {describe(err)}")
     if fmt not in FORMAT_EXTENSIONS:  # e.g. a PPM or ICO named .jpg: shards and trainer do not carry it
@@ -53,6 +59,16 @@ def scan_header(fileobj: BinaryIO, *, num_bytes: int) -> dict | Rejected:
         # An animation is not a still training image; keeping frame 0 silently would hide that.
         return Rejected(f"animated: {num_frames} frames")
     return {"format": fmt, "width": width, "height": height, "num_bytes": num_bytes}
+
+
+SVG_SNIFF_BYTES = 512
+
+
+def _is_svg(fileobj: BinaryIO) -> bool:
+    """An SVG document (what an image URL often serves for a logo): an XML prolog or comment, then ``<svg``."""
+    fileobj.seek(0)
+    head = fileobj.read(SVG_SNIFF_BYTES).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!--")) and b"<svg" in head)
 
 
 PNG_SIGNATURE_BYTES = 8

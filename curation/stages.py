@@ -121,8 +121,9 @@ def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
 
 
 def describe(err: Exception) -> str:
-    """``Type: message`` with object reprs (``<... at 0x7f…>``) removed, so reasons are reproducible."""
-    message = re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(err)).strip()
+    """``Type: message`` with object reprs (``<... at 0x7f…>``, ``<_io.BufferedReader name=…>``) removed, so
+    reasons are reproducible."""
+    message = re.sub(r"\s*<(?:[^<>]* at 0x[0-9a-f]+|_io\.\w+ name=[^<>]*)>", "", str(err)).strip()
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 

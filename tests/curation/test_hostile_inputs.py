@@ -105,6 +105,16 @@ def test_double_colon_file_name_is_a_file_not_a_url_chain(tmp_path):
     assert read_bytes(record) == data  # was FileNotFoundError: fsspec split the name at '::'
 
 
+def test_reasons_from_real_files_name_no_path(tmp_path):
+    (tmp_path / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>Not Found</body></html>")
+    f, num_bytes = open_source(list_folder(tmp_path)["page.jpg"])
+    with f:  # the reason must not carry the file object's repr (a path: not reproducible, not short)
+        assert (
+            scan_header(f, num_bytes=num_bytes).reason
+            == "unreadable: UnidentifiedImageError: cannot identify image file"
+        )
+
+
 # ---- special files --------------------------------------------------------------------------------
 
 

@@ -56,6 +56,13 @@ CAPTION_EXTENSION = ".txt"
 TAR_EXTENSION = ".tar"
 URL_LIST_EXTENSIONS = (".parquet", ".csv")
 SUCCESS = "success"  # img2dataset's status of a downloaded row
+TAR_MEMBER_KINDS = {
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "character_device",
+    tarfile.BLKTYPE: "block_device",
+    tarfile.FIFOTYPE: "fifo",
+}
 # Sidecars (captions, tar JSON) are read whole on the driver; more than this is not a caption.
 MAX_SIDECAR_BYTES = 1 << 20
 RECORD_FIELDS = (
@@ -370,7 +377,7 @@ def _sample_problem(
         unsupported = [ext for ext in sorted(members) if "." + ext in UNSUPPORTED_IMAGE_EXTENSIONS]
         return f"unsupported_format: {unsupported[0]}" if unsupported else "no_image_member"
     if not image.isfile():
-        return f"not_a_regular_file: tar member of type {image.type!r}"
+        return f"not_a_regular_file: tar member is a {TAR_MEMBER_KINDS.get(image.type, 'special member')}"
     if image.offset_data + image.size > tar_bytes:
         return f"unreadable_tar: member {text(image.name)} is truncated"
     return None

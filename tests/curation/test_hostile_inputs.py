@@ -31,7 +31,14 @@ import manifests
 from curation.config import CurationConfig, DownloadConfig, ShardConfig
 from curation.downloads import DownloadRefused, fetch
 from curation.pipeline import run
-from curation.sources import download_url_list, list_downloaded, list_sources, open_source, read_bytes
+from curation.sources import (
+    download_url_list,
+    io_rejection,
+    list_downloaded,
+    list_sources,
+    open_source,
+    read_bytes,
+)
 from curation.stages import scan_header
 from manifests.imageio import AVIF_SUPPORTED
 from tests.conftest import REPO
@@ -124,9 +131,21 @@ def test_fifo_named_jpg_is_rejected_without_blocking(tmp_path):
     (record,) = list_folder(tmp_path).values()
     with pytest.raises(OSError, match="fifo") as caught:
         open_source(record)
-    from curation.sources import io_rejection
-
     assert io_rejection(caught.value).reason == "not_a_regular_file: fifo"
+
+
+@pytest.mark.timeout(20)
+def test_fifo_named_tar_is_one_row_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo.tar")  # the tar is opened while listing, on the driver
+    assert list_folder(tmp_path)["fifo.tar"]["reason"] == "not_a_regular_file: fifo"
+
+
+def test_device_named_jpg_is_not_read(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")  # endless bytes; it was rejected as empty_file
+    (record,) = list_folder(tmp_path).values()
+    with pytest.raises(OSError) as caught:
+        open_source(record)
+    assert io_rejection(caught.value).reason == "not_a_regular_file: character_device"
 
 
 @pytest.mark.timeout(20)
@@ -317,6 +336,23 @@ def test_tar_sample_with_bad_json_is_bad_metadata(tmp_path, meta, reason):
     pa.Table.from_pylist(list(rows.values()))  # every field fits the manifest
     (other,) = [r for name, r in rows.items() if name != "s.tar#a.jpg"]
     assert other["reason"] is None and other["url"] == good["url"]  # its neighbour is untouched
+
+
+def test_tar_member_names_that_are_not_utf8_or_not_files(tmp_path):
+    buffer = io.BytesIO()
+    data = encode(picture(18), "JPEG")
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("caf\udce9.jpg")  # raw byte 0xE9 in the member name
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/hostname"
+        tar.addfile(link)
+    (tmp_path / "s.tar").write_bytes(buffer.getvalue())
+    rows = list_folder(tmp_path)
+    pa.Table.from_pylist(list(rows.values()))
+    assert rows["s.tar#caf\\xe9.jpg"]["reason"] is None and read_bytes(rows["s.tar#caf\\xe9.jpg"]) == data
+    assert rows["s.tar#link.jpg"]["reason"] == "not_a_regular_file: tar member is a symlink"
 
 
 def test_tar_sample_with_only_an_svg_is_unsupported_format(tmp_path):

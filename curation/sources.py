@@ -27,6 +27,7 @@ import posixpath
 import re
 import stat
 import tarfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -178,7 +179,7 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, path: str) -> str | None | Rejec
     sidecar = os.path.splitext(path)[0] + CAPTION_EXTENSION
     what = f"caption sidecar {text(posixpath.basename(sidecar))}"
     try:
-        f, num_bytes = open_regular(fs, sidecar)
+        f, _ = open_regular(fs, sidecar)
         with f:
             data = f.read(MAX_SIDECAR_BYTES + 1)
     except FileNotFoundError:
@@ -254,13 +255,25 @@ def find_files(fs: fsspec.AbstractFileSystem, root: str, *, on_error: Callable[[
     return found
 
 
+def _log_skipped(spec: str, names: list[str]) -> None:
+    """Say which files of an input folder are not inputs (sidecars aside), so none vanishes unsaid."""
+    skipped = Counter(os.path.splitext(n)[1].lower() or "(none)" for n in names)
+    for sidecar in (CAPTION_EXTENSION, ".json"):
+        skipped.pop(sidecar, None)
+    if skipped:
+        examples = ", ".join(f"{ext}: {count}" for ext, count in skipped.most_common(8))
+        log.info("input %s: %d files are neither images nor tars (%s)", spec, skipped.total(), examples)
+
+
 def _expand(spec: str) -> tuple[fsspec.AbstractFileSystem, list[str], list[OSError]]:
     """(filesystem, input paths, folders whose listing failed) of one input; a file named directly is
     always listed."""
     fs, root = fsspec.core.url_to_fs(spec)
     unlisted: list[OSError] = []
     if fs.isdir(root):
-        paths = [p for p in find_files(fs, root, on_error=unlisted.append) if is_input_name(p)]
+        files = find_files(fs, root, on_error=unlisted.append)
+        paths = [p for p in files if is_input_name(p)]
+        _log_skipped(spec, [p for p in files if not is_input_name(p)])
     elif any(ch in root for ch in "*?["):
         paths = [p for p in fs.glob(root) if is_input_name(p)]
     elif fs.exists(root):
@@ -291,12 +304,14 @@ def open_tar_members(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
         f, tar_bytes = open_regular(fs, path)
     except OSError as err:
         return [_rejected_record(tar_uri, io_rejection(err).reason)]
+    records: list[dict] = []
     with f:
         samples, error = _tar_index(f)
-        records = [
-            _sample_record(f, tar_uri, sample_key, members, tar_bytes=tar_bytes)
-            for sample_key, members in sorted(samples.items())
-        ]
+        try:
+            for sample_key, members in sorted(samples.items()):
+                records.append(_sample_record(f, tar_uri, sample_key, members, tar_bytes=tar_bytes))
+        except OSError as err:  # the storage failed under us: what was read stays, the tar row says why
+            error = err
     if error is not None:
         log.warning("%s: read stopped after %d samples: %r", text(tar_uri), len(records), error)
         records.append(_rejected_record(tar_uri, f"unreadable_tar: {type(error).__name__}: {error}"))

@@ -9,10 +9,10 @@ A source record: ``key``, ``source`` (file URI, or tar URI + ``#`` + member), ``
 known ``url``, ``source_key``, ``source_meta``, ``download_status``; ``reason`` when the input is already
 a rejection (a failed download); ``tar_offset``/``tar_size`` for tar members; ``data`` for ``memory://``.
 
-Per-entry decisions are small functions that any listing loop calls: ``is_input_name`` (which names are
-inputs), ``records_for_path`` (one path → its records: a file, or a tar's samples), ``unlisted_folder_record``
-(a folder that could not be listed). Every input they see becomes a record, kept or already rejected with a
-reason (``unsupported_format``, ``not_a_regular_file``, ``permission_denied``, ``unreadable_tar``,
+Per-entry decisions are small functions that any listing loop calls: ``is_listed`` (which names are
+inputs), ``records_of_path`` (one path → its records: a file, or a tar's samples), ``find_files`` and
+``unlisted_folder_record`` (a folder that could not be listed, at any depth). Every input they see becomes
+a record, kept or already rejected with a reason (``unsupported_format``, ``not_a_regular_file``, ``permission_denied``, ``unreadable_tar``,
 ``bad_metadata``, ``unreadable_sidecar``); nothing here raises for one bad input.
 """
 
@@ -195,7 +195,7 @@ def read_sidecar(fs: fsspec.AbstractFileSystem, path: str) -> str | None | Rejec
     return data.decode("utf-8", errors="replace").strip()
 
 
-def is_input_name(path: str) -> bool:
+def is_listed(path: str) -> bool:
     """Whether a listed file is an input (an image, a tar, or an image format we name and reject)."""
     return path.lower().endswith(IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS + (TAR_EXTENSION,))
 
@@ -225,10 +225,10 @@ def file_record(fs: fsspec.AbstractFileSystem, path: str) -> dict:
     return _record(raw, source, caption, data=data)
 
 
-def records_for_path(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+def records_of_path(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
     """The records of one listed path: a tar's samples, or the file itself."""
     if path.lower().endswith(TAR_EXTENSION):
-        return open_tar_members(fs, path)
+        return list_tar(fs, path)
     return [file_record(fs, path)]
 
 
@@ -272,10 +272,10 @@ def _expand(spec: str) -> tuple[fsspec.AbstractFileSystem, list[str], list[OSErr
     unlisted: list[OSError] = []
     if fs.isdir(root):
         files = find_files(fs, root, on_error=unlisted.append)
-        paths = [p for p in files if is_input_name(p)]
-        _log_skipped(spec, [p for p in files if not is_input_name(p)])
+        paths = [p for p in files if is_listed(p)]
+        _log_skipped(spec, [p for p in files if not is_listed(p)])
     elif any(ch in root for ch in "*?["):
-        paths = [p for p in fs.glob(root) if is_input_name(p)]
+        paths = [p for p in fs.glob(root) if is_listed(p)]
     elif fs.exists(root):
         paths = [root]
     else:
@@ -290,7 +290,7 @@ def _split_member(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def open_tar_members(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+def list_tar(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
     """One record per sample of a WebDataset tar; reads headers, and the small ``txt``/``json`` members.
 
     The image member's byte range is recorded so a stage can read it with one seek. A sample whose
@@ -448,7 +448,7 @@ def download_url_list(spec: str, out_dir: Path, cfg: DownloadConfig) -> Path:
 def list_downloaded(out_dir: Path) -> list[dict]:
     """Records of an img2dataset output folder: its tars' samples, plus one rejection per failed row."""
     fs = fsspec.filesystem("file")
-    records = [r for tar in sorted(out_dir.glob("*.tar")) for r in open_tar_members(fs, str(tar))]
+    records = [r for tar in sorted(out_dir.glob("*.tar")) for r in list_tar(fs, str(tar))]
     downloaded = {r["url"] for r in records}
     for part in sorted(out_dir.glob("*.parquet")):
         for row in pq.read_table(part).to_pylist():
@@ -489,7 +489,7 @@ def list_sources(inputs: list[str], *, download_dir: Path, download: DownloadCon
             fs, paths, unlisted = _expand(spec)
             found = [unlisted_folder_record(fs, err) for err in unlisted]
             for path in paths:
-                found.extend(records_for_path(fs, path))
+                found.extend(records_of_path(fs, path))
         records.update((r["key"], r) for r in found)
         log.info("input %s: %d samples", spec, len(found))
     return sorted(records.values(), key=lambda r: r["key"])

@@ -22,7 +22,7 @@ import manifests
 from curation.config import CurationConfig, DownloadConfig, ShardConfig
 from curation.demo_corpus import write_url_list
 from curation.pipeline import run
-from curation.sources import key_for, list_sources, open_source, open_tar_members, read_bytes
+from curation.sources import key_for, list_sources, list_tar, open_source, read_bytes
 
 SLOW_SECONDS = 4
 DOWNLOAD_TIMEOUT = 1
@@ -54,7 +54,7 @@ def webdataset_tar(tmp_path):
 
 def test_tar_members_keep_key_caption_meta_and_read_with_one_seek(webdataset_tar):
     path, images = webdataset_tar
-    records = {r["source_key"]: r for r in open_tar_members(fsspec.filesystem("file"), str(path))}
+    records = {r["source_key"]: r for r in list_tar(fsspec.filesystem("file"), str(path))}
     uri = f"file://{path}"
     first, second, third = records["000000001"], records["000000002"], records["000000003"]
     assert first["key"] == key_for("http://example.test/a.png")  # keyed by its URL

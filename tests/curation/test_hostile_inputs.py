@@ -572,3 +572,14 @@ def test_url_list_through_img2dataset_is_bounded(hostile_server, tmp_path):
     for tar in (tmp_path / "downloads").glob("*.tar"):
         with tarfile.open(tar) as t:
             assert all(t.extractfile(m).read() != local.read_bytes() for m in t if m.isfile())
+
+
+def test_download_limits_are_cli_flags():
+    from curation.run import parse_args
+
+    cfg = parse_args(
+        ["--input", "u.parquet", "--output", "o", "--download-timeout", "3", "--download-max-bytes", "1000"]
+    )
+    assert (cfg.download.timeout, cfg.download.max_bytes) == (3, 1000)
+    with pytest.raises(ValueError, match="max_bytes"):
+        DownloadConfig(max_bytes=0)

@@ -26,6 +26,7 @@ from typing import Literal
 import duckdb
 import pyarrow as pa
 
+from manifests import preflight
 from manifests.checks import InputError, check_name, check_where, cli, squeeze
 from manifests.db import connect, filter_sql, require_run
 from manifests.io import atomic_write_bytes
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         num_aesthetic_buckets=args.aesthetic_buckets, prompt=args.prompt, seed=args.seed,
         phash_max_distance=args.phash_max_distance,
     )  # fmt: skip
+    preflight.check_run_folder("--input", args.input)  # before Ray starts an actor (issue 11, preflight)
     out = build_eval_set(
         args.input, spec, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
         allow_empty=args.allow_empty,

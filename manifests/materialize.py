@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
+from manifests import preflight
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.cards import write_shards_card
 from manifests.checks import InputError, check_name, cli, squeeze
 from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
 from manifests.features import NULL_CAPTION_FILE
@@ -42,6 +44,7 @@ from manifests.io import (
     temp_path,
     unmark_committed,
 )
+from manifests.progress import quiet_library_bars
 from manifests.selection import RECORD_FILE, ROWS_FILE, require_selection
 from manifests.tars import extension_for, json_bytes, npy_bytes, read_members, write_shard
 
@@ -317,6 +320,7 @@ def materialize(cfg: MaterializeConfig) -> Path:
         "features": {"t5": cfg.t5, "vae": cfg.vae, "vae_resolutions": list(cfg.vae_resolutions)},
     }
     atomic_write_bytes(out / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
+    write_shards_card(cfg, image_formats={r["format"] for r in rows})  # HF dataset card (issue 11)
     log.info("materialised %d samples into %d shards at %s", len(rows), len(plans), out)
     return out
 
@@ -340,12 +344,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-empty", action="store_true", help="an empty selection writes 0 shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
     cfg = MaterializeConfig(
         root=args.input, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
         seed=args.seed, t5=args.t5, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
         num_workers=args.num_workers, num_gpus=args.num_gpus, feature_batch_size=args.feature_batch_size,
         allow_empty=args.allow_empty,
     )  # fmt: skip
+    # Before Ray starts an actor: the run folder and the encoders (issue 11, preflight).
+    preflight.check_run_folder("--input", cfg.root)
+    for flag, model in (("--t5", cfg.t5), ("--vae", cfg.vae)):
+        if model:
+            preflight.check_model(flag, model)
     out = materialize(cfg)
     print(f"training shards → {out}")
 

@@ -29,7 +29,9 @@ from captioning.config import (
     generation_for,
 )
 from captioning.pipeline import run
+from manifests import preflight
 from manifests.checks import InputError, cli
+from manifests.progress import quiet_library_bars
 
 PRESETS = ("default", "debug")
 
@@ -148,7 +150,14 @@ def parse_args(argv: list[str] | None = None) -> CaptioningConfig:
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, run the job, print the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run(parse_args(argv))
+    quiet_library_bars()  # no \r bars (processor and tokenizer loads) in a log file
+    cfg = parse_args(argv)
+    # Before Ray starts an actor: the run folder, the output and the models (issue 11, preflight).
+    preflight.check_run_folder("--input", cfg.input)
+    preflight.check_output("--output", cfg.output)
+    preflight.check_model("--model", cfg.model.model, revision=cfg.model.revision)
+    preflight.check_model("--tokenizer", cfg.guards.tokenizer)
+    summary = run(cfg)
     print(json.dumps(summary, indent=2))
 
 

@@ -43,6 +43,7 @@ from manifests import CAPTIONS, ManifestWriter, atomic_write_bytes
 from manifests.checks import InputError, one_line, squeeze
 from manifests.db import filter_sql, require_run
 from manifests.io import committed_parts, is_committed, read_committed_table
+from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def write_parts(
     rows_per_part: int,
     hold: frozenset[str] | set[str] = frozenset(),
     held: list[pa.Table] | None = None,
+    total: int | None = None,
 ) -> pa.Table | None:
     """Stream the dataset into committed parts of ``rows_per_part`` rows; returns the small columns.
 
@@ -253,6 +255,7 @@ def write_parts(
     """
     pending: list[pa.Table] = []
     written: list[pa.Table] = []
+    progress = ProgressLog("captions", total, logger=log)  # rate and ETA every 30 s
 
     def flush() -> None:
         table = pa.concat_tables(pending)
@@ -262,6 +265,7 @@ def write_parts(
         log.info("captions: %d rows committed", sum(t.num_rows for t in written))
 
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.update(batch.num_rows)
         if hold:
             mask = pa.array([key in hold for key in batch.column("key").to_pylist()])
             if held is not None:
@@ -346,7 +350,7 @@ def run(cfg: CaptioningConfig) -> dict:
         ds = caption_dataset(plans, cfg, captioner=captioner, min_side=min_side)
         table = write_parts(
             ds, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part,
-            hold=retry, held=retried,
+            hold=retry, held=retried, total=len(todo),
         )  # fmt: skip
         if retry:
             replace_rows(writer, failed, pa.concat_tables(retried))

@@ -32,7 +32,9 @@ from curation.dedup import mark_duplicates
 from curation.report import write_report
 from curation.sources import io_rejection, list_sources, open_source, read_bytes
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
+from manifests.cards import write_curated_card
 from manifests.io import is_committed, unmark_committed
+from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
 from manifests.tars import extension_for, json_bytes, write_shard
 
@@ -182,11 +184,14 @@ def _dataset(chunks: list[list[dict]], cfg: CurationConfig) -> ray.data.Dataset:
     ds = ray.data.from_arrow(blocks)
     # Stateless, so plain Ray tasks (an instance, not the class).
     clip_size = clip_image_size(cfg.aesthetic.clip_model)
+    # Retries are Ray Data's defaults (a task whose worker died is retried; passing max_retries is
+    # deprecated). The declared memory, the worst-case decode (RGB at tiers.max_pixels), also keeps the scan
+    # in its own task pool: Ray fuses a task stage into the next actor pool when their settings match.
     ds = ds.map_batches(
         ScanAndDecode(cfg.tiers, cfg.decode, clip_size=clip_size),
         batch_size=None,
         batch_format="pyarrow",
-        max_retries=3,
+        memory=3 * cfg.tiers.max_pixels,
     )
     score = cfg.aesthetic
     return ds.map_batches(
@@ -197,9 +202,7 @@ def _dataset(chunks: list[list[dict]], cfg: CurationConfig) -> ray.data.Dataset:
         num_cpus=score.num_cpus,
         batch_size=None,
         batch_format="pyarrow",
-        max_restarts=3,  # a crashed actor is replaced and its batch retried
-        max_task_retries=3,
-    )
+    )  # a crashed actor is replaced and its batch retried: Ray Data's defaults (max_restarts=-1)
 
 
 def _run_chunks(
@@ -212,7 +215,9 @@ def _run_chunks(
     counts = Counter()
     written: dict[int, pa.Table] = {}
     writer = ManifestWriter(out, "images")
+    progress = ProgressLog("scan + score", sum(expected.values()), logger=log)  # rate and ETA every 30 s
     for batch in _dataset(chunks, cfg).iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.update(batch.num_rows)
         owner = [chunk_of[k] for k in batch.column("key").to_pylist()]
         for i in sorted(set(owner)):
             mask = pa.array([o == i for o in owner])
@@ -376,6 +381,9 @@ def run(cfg: CurationConfig) -> dict:
 
     if cfg.report:
         write_report(root)
+    # Issue 11 (ootb): an HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k")
+    # loads every image format and JSON field of the tier.
+    write_curated_card(root / SHARDS_DIR, json_fields=SAMPLE_JSON_FIELDS)
     summary = summarize(
         rows, num_shards=len(plans), shards_written=shards_written, started=started, root=root
     )

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from manifests.io import atomic_write_bytes
+from manifests.progress import quiet_library_bars
 from training.checkpoint import capture_rng, complete_checkpoints, restore_rng, save_checkpoint
 from training.config import OptimSection, StageSection, TrainConfig, load_config, to_dict
 from training.data import make_stream, stream_seed
@@ -94,6 +95,7 @@ def setup_logging(env: Dist) -> None:
         level=logging.INFO if env.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
     )
+    quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
 
 
 def write_resolved_config(cfg: TrainConfig, env: Dist, run_dir: Path) -> None:

@@ -320,20 +320,24 @@ class LatentDecoder:
     """Scaled latents (B, C, h, w) → images (B, 3, H, W) in [0, 1]; tiling/slicing for 2K/4K decodes."""
 
     def __init__(
-        self, vae: ComponentRef, *, scaling_factor: float, device: torch.device, dtype: torch.dtype,
-        tiling: bool, slicing: bool,
-    ) -> None:  # fmt: skip
+        self,
+        vae: ComponentRef,
+        *,
+        scaling_factor: float,
+        device: torch.device,
+        dtype: torch.dtype,
+        slicing: bool,
+    ) -> None:
         from diffusers import AutoencoderKL
 
         self.vae = AutoencoderKL.from_pretrained(vae.path, subfolder=vae.subfolder, dtype=dtype)
         self.vae = self.vae.to(device).eval().requires_grad_(False)
         self.scaling_factor = scaling_factor
-        self.tiling = tiling
         if slicing:
             self.vae.enable_slicing()
 
     @torch.no_grad()
-    def __call__(self, latents: Tensor, *, tile: bool) -> Tensor:
+    def __call__(self, latents: Tensor, tile: bool) -> Tensor:
         if tile:
             self.vae.enable_tiling()
         else:
@@ -475,34 +479,52 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ImageGenerator:
-    """Our model + T5 + VAE on one device: prompts and seeds in, images out."""
+    """Our model + a prompt encoder + a latent decoder on one device: prompts and seeds in, images out.
+
+    ``load`` builds one from any source; the trainer builds one around its live model, T5 and VAE.
+    """
 
     def __init__(
         self,
+        model: PixArtSigma,
+        text: Callable[[list[str]], tuple[Tensor, Tensor]],
+        decoder: Callable[[Tensor, bool], Tensor],
+        *,
+        name: str,
+        resolution: int,
+        device: torch.device,
+        vae_tiling: str = "auto",
+    ) -> None:
+        if vae_tiling not in ("auto", "on", "off"):
+            raise ValueError(f"vae_tiling must be auto, on or off, got {vae_tiling!r}")
+        self.model, self.text, self.decoder = model, text, decoder
+        self.name, self.resolution, self.device, self.vae_tiling = name, resolution, device, vae_tiling
+
+    @classmethod
+    def load(
+        cls,
         loaded: LoadedModel,
         *,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         vae_tiling: str = "auto",
         vae_slicing: bool = False,
-    ) -> None:
+    ) -> ImageGenerator:
+        """Move the model to ``device``/``dtype`` (bf16 on CUDA by default) and load its T5 and VAE there."""
         if loaded.components is None:
             raise ValueError(
                 f"{loaded.name}: the T5 and VAE it was trained with are not recorded; pass --t5 and --vae"
             )
-        if vae_tiling not in ("auto", "on", "off"):
-            raise ValueError(f"vae_tiling must be auto, on or off, got {vae_tiling!r}")
-        self.device = device or default_device()
-        self.dtype = dtype or resolve_dtype("auto", self.device)
-        self.name = loaded.name
-        self.resolution = loaded.resolution
-        self.model = loaded.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        device = device or default_device()
+        dtype = dtype or resolve_dtype("auto", device)
+        model = loaded.model.to(device, dtype).eval().requires_grad_(False)
         c = loaded.components
-        self.text = PromptEncoder(c.tokenizer, c.text_encoder, max_tokens=self.model.config.max_token_length,
-                                  device=self.device, dtype=self.dtype)  # fmt: skip
-        self.decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=self.device, dtype=self.dtype,
-                                     tiling=vae_tiling == "on", slicing=vae_slicing)  # fmt: skip
-        self.vae_tiling = vae_tiling
+        text = PromptEncoder(c.tokenizer, c.text_encoder, max_tokens=model.config.max_token_length,
+                             device=device, dtype=dtype)  # fmt: skip
+        decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=device, dtype=dtype,
+                                slicing=vae_slicing)  # fmt: skip
+        return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution, device=device,
+                   vae_tiling=vae_tiling)  # fmt: skip
 
     @torch.no_grad()
     def latents(self, jobs: list[ImageJob], settings: SamplingSettings) -> Tensor:
@@ -524,7 +546,7 @@ class ImageGenerator:
         """(B, 3, H, W) float images in [0, 1]."""
         side = max(latents.shape[-2:]) * VAE_DOWNSAMPLE
         tile = self.vae_tiling == "on" or (self.vae_tiling == "auto" and side >= TILING_MIN_SIDE)
-        return self.decoder(latents, tile=tile).cpu()
+        return self.decoder(latents, tile).cpu()
 
     def generate(self, jobs: list[ImageJob], settings: SamplingSettings) -> Iterator[tuple[ImageJob, Tensor]]:
         """(job, (3, H, W) image in [0, 1]) for every job; batches hold jobs of one size, in job order."""
@@ -635,8 +657,8 @@ def generator_from_args(
         model, weights=args.weights, preset=args.preset, resolution=args.resolution, t5=args.t5, vae=args.vae,
         vae_scaling_factor=args.vae_scaling_factor,
     )  # fmt: skip
-    return ImageGenerator(loaded, device=device, dtype=resolve_dtype(args.dtype, device),
-                          vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)  # fmt: skip
+    return ImageGenerator.load(loaded, device=device, dtype=resolve_dtype(args.dtype, device),
+                               vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

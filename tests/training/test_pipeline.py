@@ -132,7 +132,7 @@ def test_export_generates_in_pixart_sigma_pipeline_like_ours(tiny_models, tmp_pa
     # 48×80 px: latents 6×10, a 3×5 token grid that R = 2 does not divide (edge padding)
     jobs = [ImageJob(i, p, seed=10 + i, height=48, width=80) for i, p in enumerate(prompts)]
     settings = SamplingSettings(steps=4, cfg_scale=4.5)
-    ours = ImageGenerator(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
+    ours = ImageGenerator.load(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
     expected = ours.decode(ours.latents(jobs, settings))  # (2, 3, 48, 80) in [0, 1]
     noise = torch.stack(
         [torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]

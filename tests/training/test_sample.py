@@ -103,7 +103,7 @@ def test_cli_iddpm_explicit_size_and_images_per_prompt(export, tmp_path):
 
 
 def test_an_image_does_not_depend_on_its_batch(export):
-    generator = ImageGenerator(load_source(str(export)), device=CPU, dtype=torch.float32)
+    generator = ImageGenerator.load(load_source(str(export)), device=CPU, dtype=torch.float32)
     jobs = [
         ImageJob(i, p, seed=i, height=48, width=80) for i, p in enumerate(["a cat", "a red car", "a dog"])
     ]
@@ -224,7 +224,7 @@ def test_folder_pth_and_cached_hub_sources(tiny_models, export, tmp_path, monkey
     flags = {"t5": str(tiny_models / "t5"), "vae": str(tiny_models / "vae")}
     assert load_source(str(tmp_path / "ours")).components is None  # nothing recorded: --t5/--vae needed
     with pytest.raises(ValueError, match="pass --t5 and --vae"):
-        ImageGenerator(load_source(str(tmp_path / "ours")), device=CPU)
+        ImageGenerator.load(load_source(str(tmp_path / "ours")), device=CPU)
     loaded = load_source(str(tmp_path / "ours"), **flags)
     assert _same_weights(loaded.model, model) and loaded.components.vae_scaling_factor == pytest.approx(
         0.13025

@@ -1,0 +1,278 @@
+"""Evaluation: FID and CLIP score against reference computations, the job's outputs, compare mode, torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from curation.tiny import build_tiny_clip
+from manifests.buckets import nearest_bucket
+from manifests.tars import json_bytes, write_shard
+from tests.training.conftest import REPO
+from training.evaluate import ClipScorer, FidMetric, clip_score, main, pil_to_uint8
+from training.model import PRESETS, PixArtSigma
+from training.pipeline import FrozenComponents, export_pipeline
+from training.tiny import synthetic_image
+from training.tiny_inception import build_tiny_inception
+
+CPU = torch.device("cpu")
+EVAL_SIZES = ((64, 64), (48, 96), (96, 48), (64, 80), (80, 64))  # (height, width) of the real images
+
+
+PROMPTS = ("a photo of a cat at sunset", "a red car in the rain", "a lighthouse by the sea",
+           "an oil painting of a castle", "a bowl of fruit on a wooden table")  # fmt: skip
+
+
+def _real_images() -> list[Image.Image]:
+    return [synthetic_image(100 + i, size) for i, size in enumerate(EVAL_SIZES)]
+
+
+def _train_tiny_clip(out, images: list[Image.Image], prompts: list[str], *, steps: int = 40) -> str:
+    """curation's tiny open_clip model, trained a few contrastive steps on (image, prompt) pairs, saved back."""
+    import open_clip
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    clip_dir = build_tiny_clip(out)
+    name = f"local-dir:{clip_dir}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    pixels = torch.stack([preprocess(im) for im in images])
+    tokens = open_clip.get_tokenizer(name)(prompts)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    labels = torch.arange(len(images))
+    torch.manual_seed(0)
+    model.train()
+    for _ in range(steps):  # CLIP's symmetric InfoNCE loss
+        image = F.normalize(model.encode_image(pixels), dim=-1)
+        text = F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp() * image @ text.T
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(clip_dir / "open_clip_model.safetensors"),
+    )
+    return name
+
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory):
+    """A random Inception-v3 in torch-fidelity's layout, and a tiny open_clip trained a few steps on the eval set."""
+    out = tmp_path_factory.mktemp("eval_models")
+    return {
+        "inception": build_tiny_inception(out),
+        "clip": _train_tiny_clip(out, _real_images(), list(PROMPTS)),
+    }
+
+
+@pytest.fixture(scope="session")
+def eval_set(tmp_path_factory):
+    """An eval set as manifests.evalset writes it: eval-*.tar (original bytes + JSON) and prompts.jsonl."""
+    out = tmp_path_factory.mktemp("eval_shards") / "eval"
+    rows, samples = [], []
+    for i, (prompt, image) in enumerate(zip(PROMPTS, _real_images(), strict=True)):
+        key = f"k{i:03d}"
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows.append(
+            {"key": key, "prompt": prompt, "width": image.width, "height": image.height, "tier": "1k"}
+        )
+        samples.append({"__key__": key, "png": buffer.getvalue(), "json": json_bytes(rows[-1])})
+    write_shard(out / "eval-000000.tar", samples[:3])
+    write_shard(out / "eval-000001.tar", samples[3:])
+    (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _export(tiny_models, folder, seed: int, kv_layers=(1,)):
+    torch.manual_seed(seed)
+    model = PixArtSigma(dataclasses.replace(PRESETS["tiny"], kv_compress_layers=kv_layers)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    components = FrozenComponents.from_paths(str(tiny_models / "t5"), str(tiny_models / "vae"), 0.13025)
+    return export_pipeline(model, folder, components)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return [
+        _export(tiny_models, root / "run_a" / "final", 1),
+        _export(tiny_models, root / "run_b" / "final", 2, ()),
+    ]
+
+
+def _args(eval_models, eval_set, *extra):
+    return ["--input", str(eval_set), "--inception", str(eval_models["inception"]), "--fid-features", "64",
+            "--clip-model", eval_models["clip"], "--steps", "3", "--batch-size", "2", "--device", "cpu", *extra]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# The numbers against reference computations
+# --------------------------------------------------------------------------------------------------
+
+
+class _Features(torch.nn.Module):
+    """A fixed "extractor": the input rows are the features (the FID code path after Inception)."""
+
+    num_features = 6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
+
+
+def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance of the two sample Gaussians with scipy's matrix square root (FID's formula)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def _fid(real: np.ndarray, fake: np.ndarray) -> float:
+    metric = FidMetric(device=CPU, extractor=_Features())
+    for chunk in np.array_split(real, 3):  # statistics are sums: updates in pieces, as ranks do
+        metric.update(torch.from_numpy(chunk), real=True)
+    for chunk in np.array_split(fake, 2):
+        metric.update(torch.from_numpy(chunk), real=False)
+    return metric.compute()
+
+
+def test_fid_on_fixed_features_matches_the_reference():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    assert abs(_fid(real, real)) < 1e-6  # a set against itself
+    shift = np.array([0.5, -1.0, 0.0, 2.0, 0.0, 0.0])
+    assert _fid(real, real + shift) == pytest.approx(float((shift**2).sum()), rel=1e-6)  # same covariance
+    other = rng.normal(size=(150, 6)) * 1.5 + 0.3
+    assert _fid(real, other) == pytest.approx(_reference_fid(real, other), rel=1e-5)
+    assert _fid(real, other) > _fid(real, real + 0.1)
+
+
+def test_clip_score_formula_on_fixed_embeddings():
+    image = torch.tensor([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    text = torch.tensor([[6.0, 8.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+    # 100 · max(cos, 0): identical directions, orthogonal, opposite (clamped to 0)
+    assert clip_score(image, text).tolist() == pytest.approx([100.0, 0.0, 0.0])
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 16)), rng.normal(size=(5, 16))
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    expected = 100 * np.maximum(cos, 0)
+    assert clip_score(torch.from_numpy(a), torch.from_numpy(b)).numpy() == pytest.approx(expected, abs=1e-9)
+
+
+def test_clip_score_of_matching_prompts_beats_shuffled(eval_models):
+    """On the tiny CLIP trained for a few steps: real images score higher with their own prompts."""
+    clip = ClipScorer(eval_models["clip"], None, device=CPU)
+    images = _real_images()
+    matching = clip(images, list(PROMPTS))
+    shuffled = clip(images, list(PROMPTS[1:] + PROMPTS[:1]))
+    assert matching.mean() > 0 and matching.mean() > shuffled.mean() + 5
+
+
+def test_inception_weights_must_be_a_plain_state_dict(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--inception"):
+        FidMetric(device=CPU, inception=tmp_path / "missing.pth")
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not torch-fidelity's Inception-v3"):
+        FidMetric(device=CPU, inception=tmp_path / "other.pth")
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def single(exports, eval_models, eval_set):
+    """One model, two images per prompt, in this process; output in the default <run>/eval/<name>."""
+    metrics = main(
+        ["--model", str(exports[0]), *_args(eval_models, eval_set, "--num-images-per-prompt", "2")]
+    )
+    return metrics, exports[0].parent / "eval" / "eval"
+
+
+def test_evaluate_writes_metrics_scores_tensorboard_and_page(single, eval_models):
+    metrics, out = single
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (metrics["num_prompts"], metrics["num_images"], metrics["fid_features"]) == (5, 10, 64)
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+
+    table = pq.read_table(out / "clip_scores.parquet").to_pylist()
+    assert [r["file"] for r in table] == [f"k{i:03d}-{j}.png" for i in range(5) for j in range(2)]
+    # each generated image lands in the bucket nearest to its real image's aspect (64 px table)
+    assert [(r["height"], r["width"]) for r in table[::2]] == [
+        nearest_bucket(h, w, 64) for h, w in EVAL_SIZES
+    ]
+    assert metrics["clip_score_real"] > 0  # the trained tiny CLIP knows the real pairs
+    # The written numbers are those of the saved files, recomputed here from disk.
+    clip = ClipScorer(eval_models["clip"], None, device=CPU)
+    images = [Image.open(out / "images" / r["file"]).convert("RGB") for r in table]
+    recomputed = clip(images, [r["prompt"] for r in table])
+    assert [r["clip_score"] for r in table] == pytest.approx(recomputed.tolist(), abs=1e-4)
+    assert metrics["clip_score"] == pytest.approx(float(recomputed.mean()), abs=1e-4)
+    fid = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
+    for r in table[::2]:
+        fid.update(pil_to_uint8(Image.open(out / "real" / r["real_file"]))[None], real=True)
+    for image in images:
+        fid.update(pil_to_uint8(image)[None], real=False)
+    assert metrics["fid"] == pytest.approx(fid.compute(), rel=1e-5)
+
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    page = (out / "index.html").read_text()
+    assert "Worst 8 CLIP scores" in page and "Best 8 CLIP scores" in page
+    assert (
+        "a bowl of fruit on a wooden table" in page
+        and "images/k004-1.png" in page
+        and "real/k004.png" in page
+    )
+
+
+def test_torchrun_two_ranks_give_the_single_process_numbers(single, exports, eval_models, eval_set, tmp_path):
+    """Rank-sharded generation and all-reduced FID statistics: the same numbers as one process."""
+    metrics, out = single
+    cmd = [str(os.path.join(os.path.dirname(sys.executable), "torchrun")), "--standalone", "--nproc_per_node=2",
+           "-m", "training.evaluate", "--model", str(exports[0]),
+           *_args(eval_models, eval_set, "--num-images-per-prompt", "2", "--output", str(tmp_path / "ddp"))]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert (ddp["world_size"], metrics["world_size"], ddp["num_images"]) == (2, 1, 10)
+    assert ddp["fid"] == pytest.approx(metrics["fid"], rel=1e-3)
+    assert ddp["clip_score"] == pytest.approx(metrics["clip_score"], abs=1e-2)
+    rows = pq.read_table(tmp_path / "ddp" / "clip_scores.parquet").to_pylist()
+    assert [r["file"] for r in rows] == [
+        f"k{i:03d}-{j}.png" for i in range(5) for j in range(2)
+    ]  # both ranks'
+    assert sorted(p.name for p in (tmp_path / "ddp" / "images").iterdir()) == [r["file"] for r in rows]
+
+
+def test_compare_mode_puts_two_models_side_by_side(exports, eval_models, eval_set, tmp_path):
+    models = ["--model", str(exports[0]), "--model", str(exports[1])]
+    result = main([*models, *_args(eval_models, eval_set, "--num-samples", "3", "--output", str(tmp_path))])
+    assert result["labels"] == ["run_a_final", "run_b_final"]
+    assert json.loads((tmp_path / "compare.json").read_text()) == result
+    first, second = result["models"]
+    assert (first["model"], second["model"]) == (str(exports[0]), str(exports[1]))
+    assert first["num_images"] == second["num_images"] == 3 and first["fid"] != second["fid"]
+    for label in result["labels"]:
+        assert json.loads((tmp_path / label / "metrics.json").read_text())["num_prompts"] == 3
+    page = (tmp_path / "index.html").read_text()
+    assert "run_a_final/images/k002.png" in page and "run_b_final/images/k002.png" in page
+    assert "real/k002.png" in page and "an oil painting of a castle" not in page  # only the first 3 prompts

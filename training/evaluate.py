@@ -519,14 +519,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI entry point (console script ``pixsigma-evaluate``)."""
+def run(argv: list[str] | None = None) -> dict:
+    """Parse the flags and evaluate; returns the metrics (compare mode: labels and each model's metrics)."""
     args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``pixsigma-evaluate`` (returns None: a console script's return value is its exit status)."""
+    run(argv)
 
 
 if __name__ == "__main__":

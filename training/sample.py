@@ -702,8 +702,8 @@ def parse_aspect_ratio(text: str) -> tuple[int, int]:
     return h, w
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """CLI entry point (console script ``pixsigma-sample``)."""
+def run(argv: list[str] | None = None) -> Path:
+    """Parse the flags, sample, write; returns the output folder."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
@@ -725,6 +725,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"{len(image_rows)} images ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) → {out}"
     )
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``pixsigma-sample`` (returns None: a console script's return value is its exit status)."""
+    run(argv)
 
 
 if __name__ == "__main__":

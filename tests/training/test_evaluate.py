@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import os
 import subprocess
@@ -16,104 +14,38 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from curation.tiny import build_tiny_clip
 from manifests.buckets import nearest_bucket
-from manifests.tars import json_bytes, write_shard
 from tests.training.conftest import REPO
-from training.evaluate import ClipScorer, FidMetric, clip_score, main, pil_to_uint8
-from training.model import PRESETS, PixArtSigma
-from training.pipeline import FrozenComponents, export_pipeline
-from training.tiny import synthetic_image
-from training.tiny_inception import build_tiny_inception
+from tests.training.eval_factories import (
+    EVAL_SIZES,
+    PROMPTS,
+    build_eval_models,
+    build_eval_set,
+    real_images,
+    tiny_export,
+)
+from training.evaluate import ClipScorer, FidMetric, clip_score, pil_to_uint8, run
 
 CPU = torch.device("cpu")
-EVAL_SIZES = ((64, 64), (48, 96), (96, 48), (64, 80), (80, 64))  # (height, width) of the real images
-
-
-PROMPTS = ("a photo of a cat at sunset", "a red car in the rain", "a lighthouse by the sea",
-           "an oil painting of a castle", "a bowl of fruit on a wooden table")  # fmt: skip
-
-
-def _real_images() -> list[Image.Image]:
-    return [synthetic_image(100 + i, size) for i, size in enumerate(EVAL_SIZES)]
-
-
-def _train_tiny_clip(out, images: list[Image.Image], prompts: list[str], *, steps: int = 40) -> str:
-    """curation's tiny open_clip model, trained a few contrastive steps on (image, prompt) pairs, saved back."""
-    import open_clip
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-
-    clip_dir = build_tiny_clip(out)
-    name = f"local-dir:{clip_dir}"
-    model, _, preprocess = open_clip.create_model_and_transforms(name)
-    pixels = torch.stack([preprocess(im) for im in images])
-    tokens = open_clip.get_tokenizer(name)(prompts)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    labels = torch.arange(len(images))
-    torch.manual_seed(0)
-    model.train()
-    for _ in range(steps):  # CLIP's symmetric InfoNCE loss
-        image = F.normalize(model.encode_image(pixels), dim=-1)
-        text = F.normalize(model.encode_text(tokens), dim=-1)
-        logits = model.logit_scale.exp() * image @ text.T
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(clip_dir / "open_clip_model.safetensors"),
-    )
-    return name
 
 
 @pytest.fixture(scope="session")
 def eval_models(tmp_path_factory):
     """A random Inception-v3 in torch-fidelity's layout, and a tiny open_clip trained a few steps on the eval set."""
-    out = tmp_path_factory.mktemp("eval_models")
-    return {
-        "inception": build_tiny_inception(out),
-        "clip": _train_tiny_clip(out, _real_images(), list(PROMPTS)),
-    }
+    return build_eval_models(tmp_path_factory.getbasetemp() / "eval_models")
 
 
 @pytest.fixture(scope="session")
 def eval_set(tmp_path_factory):
-    """An eval set as manifests.evalset writes it: eval-*.tar (original bytes + JSON) and prompts.jsonl."""
-    out = tmp_path_factory.mktemp("eval_shards") / "eval"
-    rows, samples = [], []
-    for i, (prompt, image) in enumerate(zip(PROMPTS, _real_images(), strict=True)):
-        key = f"k{i:03d}"
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        rows.append(
-            {"key": key, "prompt": prompt, "width": image.width, "height": image.height, "tier": "1k"}
-        )
-        samples.append({"__key__": key, "png": buffer.getvalue(), "json": json_bytes(rows[-1])})
-    write_shard(out / "eval-000000.tar", samples[:3])
-    write_shard(out / "eval-000001.tar", samples[3:])
-    (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
-def _export(tiny_models, folder, seed: int, kv_layers=(1,)):
-    torch.manual_seed(seed)
-    model = PixArtSigma(dataclasses.replace(PRESETS["tiny"], kv_compress_layers=kv_layers)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    components = FrozenComponents.from_paths(str(tiny_models / "t5"), str(tiny_models / "vae"), 0.13025)
-    return export_pipeline(model, folder, components)
+    return build_eval_set(tmp_path_factory.mktemp("eval_shards") / "eval")
 
 
 @pytest.fixture(scope="module")
 def exports(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     return [
-        _export(tiny_models, root / "run_a" / "final", 1),
-        _export(tiny_models, root / "run_b" / "final", 2, ()),
+        tiny_export(tiny_models, root / "run_a" / "final", 1),
+        tiny_export(tiny_models, root / "run_b" / "final", 2, ()),
     ]
 
 
@@ -179,7 +111,7 @@ def test_clip_score_formula_on_fixed_embeddings():
 def test_clip_score_of_matching_prompts_beats_shuffled(eval_models):
     """On the tiny CLIP trained for a few steps: real images score higher with their own prompts."""
     clip = ClipScorer(eval_models["clip"], None, device=CPU)
-    images = _real_images()
+    images = real_images()
     matching = clip(images, list(PROMPTS))
     shuffled = clip(images, list(PROMPTS[1:] + PROMPTS[:1]))
     assert matching.mean() > 0 and matching.mean() > shuffled.mean() + 5
@@ -201,9 +133,7 @@ def test_inception_weights_must_be_a_plain_state_dict(tmp_path):
 @pytest.fixture(scope="module")
 def single(exports, eval_models, eval_set):
     """One model, two images per prompt, in this process; output in the default <run>/eval/<name>."""
-    metrics = main(
-        ["--model", str(exports[0]), *_args(eval_models, eval_set, "--num-images-per-prompt", "2")]
-    )
+    metrics = run(["--model", str(exports[0]), *_args(eval_models, eval_set, "--num-images-per-prompt", "2")])
     return metrics, exports[0].parent / "eval" / "eval"
 
 
@@ -265,7 +195,7 @@ def test_torchrun_two_ranks_give_the_single_process_numbers(single, exports, eva
 
 def test_compare_mode_puts_two_models_side_by_side(exports, eval_models, eval_set, tmp_path):
     models = ["--model", str(exports[0]), "--model", str(exports[1])]
-    result = main([*models, *_args(eval_models, eval_set, "--num-samples", "3", "--output", str(tmp_path))])
+    result = run([*models, *_args(eval_models, eval_set, "--num-samples", "3", "--output", str(tmp_path))])
     assert result["labels"] == ["run_a_final", "run_b_final"]
     assert json.loads((tmp_path / "compare.json").read_text()) == result
     first, second = result["models"]

@@ -26,8 +26,8 @@ from training.sample import (
     dpm_solver_sample,
     guided_denoiser,
     load_source,
-    main,
     plan_jobs,
+    run,
 )
 
 TINY = PRESETS["tiny"]
@@ -68,9 +68,9 @@ def test_cli_is_deterministic_for_a_seed_on_cpu(export, tmp_path):
     )
     common = ["--model", str(export), "--input", str(prompts), "--prompt", "a castle", "--steps", "3",
               "--batch-size", "2", "--device", "cpu"]  # fmt: skip
-    main([*common, "--output", str(tmp_path / "a"), "--seed", "7"])
-    main([*common, "--output", str(tmp_path / "b"), "--seed", "7"])
-    main([*common, "--output", str(tmp_path / "c"), "--seed", "8"])
+    run([*common, "--output", str(tmp_path / "a"), "--seed", "7"])
+    run([*common, "--output", str(tmp_path / "b"), "--seed", "7"])
+    run([*common, "--output", str(tmp_path / "c"), "--seed", "8"])
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert a == b
     assert set(a) == {"000000.png", "k0.png", "k1.png", IMAGES_FILE}
@@ -85,15 +85,15 @@ def test_cli_is_deterministic_for_a_seed_on_cpu(export, tmp_path):
         ("dpm-solver", 3, 4.5, str(export))
     }
     with pytest.raises(SystemExit, match="already holds a sampling run"):
-        main([*common, "--output", str(tmp_path / "a")])
+        run([*common, "--output", str(tmp_path / "a")])
 
 
 def test_cli_iddpm_explicit_size_and_images_per_prompt(export, tmp_path):
     args = ["--model", str(export), "--prompt", "a dog", "--sampler", "iddpm", "--steps", "4", "--height", "32",
             "--width", "48", "--num-images-per-prompt", "2", "--cfg-scale", "3", "--negative-prompt", "blurry",
             "--device", "cpu"]  # fmt: skip
-    main([*args, "--output", str(tmp_path / "a")])
-    main([*args, "--output", str(tmp_path / "b")])
+    run([*args, "--output", str(tmp_path / "a")])
+    run([*args, "--output", str(tmp_path / "b")])
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     rows = [json.loads(line) for line in (tmp_path / "a" / IMAGES_FILE).read_text().splitlines()]
     assert [(r["seed"], r["height"], r["width"], r["sampler"], r["negative_prompt"]) for r in rows] == [

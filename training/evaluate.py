@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import html
 import io
 import json
@@ -102,16 +103,18 @@ class FidMetric:
     """torchmetrics' FID: sums of features and their outer products, all-reduced at ``compute``."""
 
     def __init__(self, *, device: torch.device, inception: str | Path | None = None, features: int = 2048,
-                 extractor: torch.nn.Module | None = None) -> None:  # fmt: skip
+                 extractor: torch.nn.Module | None = None, sync: bool = True) -> None:  # fmt: skip
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         if extractor is None:
             if features not in FID_FEATURES:
                 raise ValueError(f"FID features must be one of {FID_FEATURES}, got {features}")
             path = check_inception_weights(inception or default_inception_path())
-            self.metric = FrechetInceptionDistance(feature=features, feature_extractor_weights_path=str(path))
+            self.metric = FrechetInceptionDistance(
+                feature=features, feature_extractor_weights_path=str(path), sync_on_compute=sync
+            )
         else:  # fixed features in tests: any module with num_features
-            self.metric = FrechetInceptionDistance(feature=extractor)
+            self.metric = FrechetInceptionDistance(feature=extractor, sync_on_compute=sync)
         self.metric = self.metric.to(device)  # the statistics stay float64 (torchmetrics' states)
         self.device = device
 
@@ -446,6 +449,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     name = args.name or Path(args.input).name
     out = Path(args.output) if args.output else default_output(args.model[0], name)
     rows = read_eval_set(args.input, num_samples=args.num_samples)
+    if len(rows) < 2:
+        raise ValueError(
+            f"{args.input}: FID needs at least 2 prompts, the eval set (or --num-samples) gives {len(rows)}"
+        )
     real_bytes = read_real_images(args.input, {r["key"] for r in rows})
     fid = FidMetric(device=device, inception=args.inception, features=args.fid_features)
     clip = ClipScorer(args.clip_model, args.clip_pretrained, device=device)
@@ -489,6 +496,97 @@ def evaluate(args: argparse.Namespace) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return results[0][0] if not compare else {"labels": labels, "models": [m for m, _ in results]}
+
+
+# --------------------------------------------------------------------------------------------------
+# During training
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def training_evaluator(
+    eval_set: str, num_samples: int, inception: str, fid_features: int, clip_model: str, clip_pretrained: str,
+    device: str,
+) -> tuple[list[dict], dict[str, bytes], FidMetric, ClipScorer]:  # fmt: skip
+    """The eval subset, its real images, FID and CLIP models: loaded once per training process."""
+    rows = read_eval_set(eval_set, num_samples=num_samples)
+    real_bytes = read_real_images(eval_set, {r["key"] for r in rows})
+    # Rank 0 alone evaluates: no all-reduce of the statistics (the other ranks wait at a barrier).
+    fid = FidMetric(
+        device=torch.device(device), inception=inception or None, features=fid_features, sync=False
+    )
+    return rows, real_bytes, fid, ClipScorer(clip_model, clip_pretrained or None, device=torch.device(device))
+
+
+def training_eval_prompts(section) -> list[str]:
+    """Every prompt in-training evaluation encodes: the subset's, and the empty negative prompt."""
+    return [r["prompt"] for r in read_eval_set(section.eval_set, num_samples=section.num_samples)] + [""]
+
+
+def evaluate_during_training(
+    model: torch.nn.Module,
+    section,
+    *,
+    encode,
+    decode,
+    resolution: int,
+    run_dir: Path,
+    global_step: int,
+    device: torch.device,
+    writer=None,
+) -> dict:
+    """FID and CLIP score of the live model on the first ``section.num_samples`` eval prompts (one process).
+
+    ``section`` is the config's ``evaluation`` section; ``encode`` maps prompts to (T5 states, mask) and
+    ``decode`` scaled latents to images in [-1, 1], as the trainer holds them. Images go to
+    ``run_dir/eval/in_training/<step>/``, the scalars to ``eval/in_training.jsonl`` and, given a
+    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score``.
+    """
+    rows, real_bytes, fid, clip = training_evaluator(
+        section.eval_set, section.num_samples, section.inception, section.fid_features, section.clip_model,
+        section.clip_pretrained, str(device),
+    )  # fmt: skip
+    generator = ImageGenerator(
+        model, encode, lambda z, tile: (decode(z).float() + 1) / 2, name=f"step {global_step}",
+        resolution=resolution, device=device, vae_tiling="off",
+    )  # fmt: skip
+    settings = SamplingSettings(
+        steps=section.steps, cfg_scale=section.cfg_scale, batch_size=section.batch_size
+    )
+    out = Path(run_dir) / "eval"
+    was_training = model.training
+    model.eval()
+    try:
+        fid_value, image_rows = evaluate_generator(
+            generator, rows, real_bytes, settings=settings, eval_settings=EvalSettings(1, section.seed, resolution),
+            fid=fid, clip=clip, out=out / "in_training" / f"{global_step:08d}", real_out=None, env=Dist(),
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    values = {"global_step": global_step, "fid": fid_value, "num_images": len(image_rows),
+              "clip_score": float(np.mean([r["clip_score"] for r in image_rows]))}  # fmt: skip
+    with open(out / "in_training.jsonl", "a") as f:
+        f.write(json.dumps(values) + "\n")
+    if writer is not None:
+        writer.add_scalar("eval/fid", fid_value, global_step)
+        writer.add_scalar("eval/clip_score", values["clip_score"], global_step)
+    log.info("step %d: FID %.3f, CLIP score %.3f on %d eval prompts", global_step, fid_value,
+             values["clip_score"], len(image_rows))  # fmt: skip
+    return values
+
+
+def evaluate_in_training(model, cfg, stage, text, latents, env, metrics, global_step: int) -> None:
+    """The trainer's call: rank 0 evaluates ``model`` (EMA when kept) at this stage's resolution, the others wait.
+
+    ``text.encode`` gives prompt states, ``latents.decode`` images; ``metrics.writer`` is the TensorBoard writer.
+    """
+    if env.is_main:
+        evaluate_during_training(
+            model, cfg.evaluation, encode=text.encode, decode=latents.decode, resolution=stage.resolution,
+            run_dir=Path(cfg.run_dir), global_step=global_step, device=env.device, writer=metrics.writer,
+        )  # fmt: skip
+    if env.world_size > 1:
+        dist.barrier()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,12 +22,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from manifests.io import atomic_write_bytes
 from training.model import VAE_DOWNSAMPLE, PixArtSigma
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,13 @@ INFO_FILE = "pixsigma.json"
 INFO_FORMAT = "pixsigma.pipeline"
 FROZEN_COMPONENTS = ("tokenizer", "text_encoder", "vae")
 PIPELINE_ENTRIES = ("model_index.json", "transformer", "scheduler", *FROZEN_COMPONENTS, INFO_FILE)
+# What older trainer exports left at the top of final/: a bare transformer folder, or ours plus the config.
+LEGACY_FILES = (
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "train_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,30 @@ def export_pipeline(
     return folder
 
 
+def export_weights(model: PixArtSigma, ema: PixArtSigma | None, run_dir: str | Path, cfg: TrainConfig, *,
+                   stage: str | None = None) -> Path:  # fmt: skip
+    """The trainer's exports: ``final/`` and ``final_ema/``, or with ``stage`` ``final/<stage>/`` and
+    ``final_ema/<stage>/`` (checkpoint pruning never touches them), as pipelines that reference the run's
+    T5 and that stage's VAE and scaling factor (T5-XXL is not copied into every export)."""
+    if stage is not None and stage in PIPELINE_ENTRIES:
+        raise ValueError(
+            f"stage name {stage!r} collides with a pipeline entry of final/ ({PIPELINE_ENTRIES})"
+        )
+    stage_cfg = next(s for s in cfg.stages if s.name == stage) if stage else cfg.stages[-1]
+    components = FrozenComponents.from_paths(cfg.text.t5, stage_cfg.vae, stage_cfg.vae_scaling_factor)
+    extra = {"stage": stage_cfg.name, "train_config": dataclasses.asdict(cfg)}
+    run_dir = Path(run_dir)
+    for name, weights in (("final", model), ("final_ema", ema)):
+        if weights is not None:
+            export_pipeline(weights, run_dir / name / (stage or ""), components, extra=extra)
+    return run_dir / "final" / (stage or "")
+
+
+def is_exported(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a finished export (``pixsigma.json`` is written last)."""
+    return (Path(folder) / INFO_FILE).is_file()
+
+
 def _cpu_copy(model: PixArtSigma) -> PixArtSigma:
     import copy
 
@@ -153,7 +187,7 @@ def _publish(tmp: Path, folder: Path) -> None:
     """Move tmp's entries into folder (pixsigma.json last); drop pipeline entries this export has not."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INFO_FILE).unlink(missing_ok=True)  # an export in progress has no pixsigma.json
-    for stale in PIPELINE_ENTRIES:
+    for stale in (*PIPELINE_ENTRIES, *LEGACY_FILES):
         if not (tmp / stale).exists() and (folder / stale).exists():
             _remove(folder / stale)
     for entry in sorted(tmp.iterdir(), key=lambda p: p.name == INFO_FILE):

@@ -185,6 +185,15 @@ def load_source(
         )
         components = frozen_components(path, **overrides)
         return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
+    preferred = ("final_ema", "final") if weights == "ema" else ("final", "final_ema")
+    for name in preferred:  # a finished export (final/ may hold only final/<stage>/ exports mid-run)
+        if (path / name / "model_index.json").is_file() or (path / name / "config.json").is_file():
+            return load_source(str(path / name), weights=weights, **overrides)
+    from training.checkpoint import complete_checkpoints
+
+    checkpoints = complete_checkpoints(path)
+    if checkpoints:
+        return load_source(str(checkpoints[-1]), weights=weights, **overrides)
     if (path / "config.json").is_file():
         train_cfg = _train_config_beside(path)
         if json.loads((path / "config.json").read_text()).get("format") == FORMAT_NAME:
@@ -195,15 +204,6 @@ def load_source(
         components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides) if train_cfg \
             else _flag_components(path, **overrides)  # fmt: skip
         return LoadedModel(model, components, _resolution(model), spec)
-    preferred = ("final_ema", "final") if weights == "ema" else ("final", "final_ema")
-    for name in preferred:
-        if (path / name).is_dir():
-            return load_source(str(path / name), weights=weights, **overrides)
-    from training.checkpoint import complete_checkpoints
-
-    checkpoints = complete_checkpoints(path)
-    if checkpoints:
-        return load_source(str(checkpoints[-1]), weights=weights, **overrides)
     raise ValueError(
         f"{path}: not a model: expected a run folder (final/, final_ema/ or checkpoints/), a checkpoint (state.pt), "
         "a diffusers pipeline (model_index.json) or transformer (config.json), or a pixsigma folder"

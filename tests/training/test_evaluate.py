@@ -206,3 +206,54 @@ def test_compare_mode_puts_two_models_side_by_side(exports, eval_models, eval_se
     page = (tmp_path / "index.html").read_text()
     assert "run_a_final/images/k002.png" in page and "run_b_final/images/k002.png" in page
     assert "real/k002.png" in page and "an oil painting of a castle" not in page  # only the first 3 prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# Inside the trainer
+# --------------------------------------------------------------------------------------------------
+
+
+def test_trainer_exports_every_stage_and_evaluates_during_training(
+    tiny_models, shards, eval_models, eval_set, tmp_path
+):
+    """Two stages of the debug schedule (64 px, then KV on), in-training FID / CLIP every 2 steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import training.main as trainer
+    from tests.training.conftest import debug_config
+    from training.sample import ImageGenerator, ImageJob, SamplingSettings, load_source
+
+    evaluation = ["evaluation.every=2", f"evaluation.eval_set={eval_set}", "evaluation.num_samples=2",
+                  f"evaluation.inception={eval_models['inception']}", "evaluation.fid_features=64",
+                  f"evaluation.clip_model={eval_models['clip']}", "evaluation.steps=2"]  # fmt: skip
+    stages = [f"stages.{i}.{k}" for i in (2, 3) for k in ("steps=2", "validation_prompts=[]")]
+    cfg = debug_config(tiny_models, shards, tmp_path / "run", "log.progress_bar=false", *evaluation, *stages)
+    cfg.stages = cfg.stages[2:]
+    run_dir = trainer.main(cfg)
+
+    rows = [json.loads(line) for line in (run_dir / "eval" / "in_training.jsonl").read_text().splitlines()]
+    assert [(r["global_step"], r["num_images"]) for r in rows] == [(2, 2), (4, 2)]
+    assert all(np.isfinite(r["fid"]) and r["clip_score"] >= 0 for r in rows)
+    assert sorted(p.name for p in (run_dir / "eval" / "in_training" / "00000004" / "images").iterdir()) == [
+        "k000.png",
+        "k001.png",
+    ]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/fid")] == [2, 4]
+    for folder in ("final", "final_ema"):
+        assert json.loads((run_dir / folder / "model_index.json").read_text())["transformer"][1] == (
+            "PixArtKVTransformer2DModel"
+        )
+        assert (
+            json.loads((run_dir / folder / "64px" / "pixsigma.json").read_text())["model"][
+                "kv_compress_layers"
+            ]
+            == []
+        )
+        assert (run_dir / folder / "64px-kv" / "transformer").is_dir()
+    generator = ImageGenerator.load(
+        load_source(str(run_dir)), device=CPU
+    )  # the EMA export, T5/VAE as recorded
+    image = generator.decode(generator.latents([ImageJob(0, "a cat", 0, 48, 80)], SamplingSettings(steps=2)))
+    assert image.shape == (1, 3, 48, 80)

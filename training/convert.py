@@ -380,7 +380,9 @@ def export_cli(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, help="pipeline folder to write")
     parser.add_argument("--components", choices=("copy", "reference"), default="copy",
                         help="copy the T5/tokenizer/VAE into the folder, or name them in pixsigma.json")  # fmt: skip
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="for run folders and checkpoints"
+    )
     parser.add_argument("--t5", help="T5 folder or hub id (default: the one the model was trained with)")
     parser.add_argument("--vae", help="VAE folder or hub id (default: the one the model was trained with)")
     parser.add_argument(

@@ -441,6 +441,16 @@ def default_output(model: str, name: str) -> Path:
     raise ValueError(f"{model} is not inside a run folder: pass --output")
 
 
+def score_summary(fid_value: float, image_rows: list[dict]) -> dict:
+    """FID, the mean (and spread) of the CLIP scores, and the real images' own mean CLIP score."""
+    scores = np.array([r["clip_score"] for r in image_rows])
+    real_scores = np.array(list({r["real_key"]: r["real_clip_score"] for r in image_rows}.values()))
+    return {
+        "num_images": len(image_rows), "fid": fid_value, "clip_score": float(scores.mean()),
+        "clip_score_std": float(scores.std()), "clip_score_real": float(real_scores.mean()),
+    }  # fmt: skip
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Evaluate each --model on the eval set; returns the metrics (a list of them in compare mode)."""
     env, device = init_distributed()
@@ -469,13 +479,9 @@ def evaluate(args: argparse.Namespace) -> dict:
             generator, rows, real_bytes, settings=settings, eval_settings=eval_settings, fid=fid, clip=clip,
             out=model_out, real_out=out / "real" if index == 0 else None, env=env,
         )  # fmt: skip
-        scores = np.array([r["clip_score"] for r in image_rows])
-        real_scores = np.array(list({r["real_key"]: r["real_clip_score"] for r in image_rows}.values()))
         metrics = {
             "name": name, "model": model, "eval_set": str(args.input), "num_prompts": len(rows),
-            "num_images": len(image_rows), "fid": fid_value, "fid_features": args.fid_features,
-            "clip_score": float(scores.mean()), "clip_score_std": float(scores.std()),
-            "clip_score_real": float(real_scores.mean()), "clip_model": clip.name,
+            **score_summary(fid_value, image_rows), "fid_features": args.fid_features, "clip_model": clip.name,
             "inception": str(args.inception or default_inception_path()), "resolution": generator.resolution,
             "sampling": dataclasses.asdict(settings), "seed": args.seed, "world_size": env.world_size,
             "seconds": time.perf_counter() - started,
@@ -563,8 +569,7 @@ def evaluate_during_training(
         )  # fmt: skip
     finally:
         model.train(was_training)
-    values = {"global_step": global_step, "fid": fid_value, "num_images": len(image_rows),
-              "clip_score": float(np.mean([r["clip_score"] for r in image_rows]))}  # fmt: skip
+    values = {"global_step": global_step, **score_summary(fid_value, image_rows)}
     with open(out / "in_training.jsonl", "a") as f:
         f.write(json.dumps(values) + "\n")
     if writer is not None:

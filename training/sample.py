@@ -156,58 +156,82 @@ def load_source(
     vae_scaling_factor: float | None = None,
 ) -> LoadedModel:
     """A run folder, ``final/``, a checkpoint, a pipeline/transformer folder, our folder, a cached hub id or a .pth."""
-    from training.convert import FORMAT_NAME, load_diffusers, load_model, load_original_checkpoint
-
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = Path(spec).expanduser()
     overrides = {"t5": t5, "vae": vae, "vae_scaling_factor": vae_scaling_factor}
     if not path.exists():
-        return load_source(
-            str(cached_hub_snapshot(spec)), **overrides, weights=weights, resolution=resolution
-        )
+        path = cached_hub_snapshot(spec)
     if path.is_file():
-        if path.suffix not in (".pth", ".pt"):
-            raise ValueError(f"{path}: a file model must be an original PixArt .pth")
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        resolution = resolution or 1024
-        base_size, pe = pe_params_for_resolution(resolution, patch_size=PRESETS[preset].patch_size)
-        config = dataclasses.replace(PRESETS[preset], base_size=base_size, pe_interpolation=pe)
-        model = load_original_checkpoint(path, config, key="state_dict")
-        return LoadedModel(model, _flag_components(path, **overrides), resolution, spec)
+        return _load_pth(path, spec, preset=preset, resolution=resolution, **overrides)
     if (path / "state.pt").is_file():
         return _load_checkpoint(path, spec, weights=weights, **overrides)
     if (path / "model_index.json").is_file():
-        info = read_info(path) or {}
-        model = load_diffusers(
-            path, subfolder="transformer", max_token_length=info.get("max_token_length", DEFAULT_MAX_TOKENS)
-        )
-        components = frozen_components(path, **overrides)
-        return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
-    preferred = ("final_ema", "final") if weights == "ema" else ("final", "final_ema")
-    for name in preferred:  # a finished export (final/ may hold only final/<stage>/ exports mid-run)
-        if (path / name / "model_index.json").is_file() or (path / name / "config.json").is_file():
-            return load_source(str(path / name), weights=weights, **overrides)
-    from training.checkpoint import complete_checkpoints
-
-    checkpoints = complete_checkpoints(path)
-    if checkpoints:
-        return load_source(str(checkpoints[-1]), weights=weights, **overrides)
+        return _load_pipeline(path, spec, **overrides)
+    inner = _run_member(path, weights)
+    if inner is not None:
+        return load_source(str(inner), weights=weights, **overrides)
     if (path / "config.json").is_file():
-        train_cfg = _train_config_beside(path)
-        if json.loads((path / "config.json").read_text()).get("format") == FORMAT_NAME:
-            model = load_model(path)
-        else:
-            max_tokens = train_cfg["text"]["max_tokens"] if train_cfg else DEFAULT_MAX_TOKENS
-            model = load_diffusers(path, max_token_length=max_tokens)
-        components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides) if train_cfg \
-            else _flag_components(path, **overrides)  # fmt: skip
-        return LoadedModel(model, components, _resolution(model), spec)
+        return _load_transformer_folder(path, spec, **overrides)
     raise ValueError(
         f"{path}: not a model: expected a run folder (final/, final_ema/ or checkpoints/), a checkpoint (state.pt), "
         "a diffusers pipeline (model_index.json) or transformer (config.json), or a pixsigma folder"
     )
+
+
+def _run_member(path: Path, weights: str) -> Path | None:
+    """In a run folder: the finished EMA (or raw) export, else the newest complete checkpoint."""
+    from training.checkpoint import complete_checkpoints
+
+    for name in ("final_ema", "final") if weights == "ema" else ("final", "final_ema"):
+        # a finished export: final/ may hold only final/<stage>/ sub-exports while the run goes on
+        if (path / name / "model_index.json").is_file() or (path / name / "config.json").is_file():
+            return path / name
+    checkpoints = complete_checkpoints(path)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _load_pth(path: Path, spec: str, *, preset: str, resolution: int | None, **overrides) -> LoadedModel:
+    """An original PixArt ``.pth``: its shape from ``--preset``, its PE from ``--resolution``."""
+    from training.convert import load_original_checkpoint
+
+    if path.suffix not in (".pth", ".pt"):
+        raise ValueError(f"{path}: a file model must be an original PixArt .pth")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    resolution = resolution or 1024
+    base_size, pe = pe_params_for_resolution(resolution, patch_size=PRESETS[preset].patch_size)
+    config = dataclasses.replace(PRESETS[preset], base_size=base_size, pe_interpolation=pe)
+    model = load_original_checkpoint(path, config, key="state_dict")
+    return LoadedModel(model, _flag_components(**overrides), resolution, spec)
+
+
+def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
+    """A PixArtSigmaPipeline folder (ours, with pixsigma.json, or anyone's)."""
+    from training.convert import load_diffusers
+
+    info = read_info(path) or {}
+    max_tokens = info.get("max_token_length", DEFAULT_MAX_TOKENS)
+    model = load_diffusers(path, subfolder="transformer", max_token_length=max_tokens)
+    components = frozen_components(path, **overrides)
+    return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
+
+
+def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
+    """A diffusers transformer folder or one of ours, with the trainer's ``train_config.json`` beside or not."""
+    from training.convert import FORMAT_NAME, load_diffusers, load_model
+
+    train_cfg = _train_config_beside(path)
+    if json.loads((path / "config.json").read_text()).get("format") == FORMAT_NAME:
+        model = load_model(path)
+    else:
+        max_tokens = train_cfg["text"]["max_tokens"] if train_cfg else DEFAULT_MAX_TOKENS
+        model = load_diffusers(path, max_token_length=max_tokens)
+    if train_cfg is not None:
+        components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
+    else:
+        components = _flag_components(**overrides)
+    return LoadedModel(model, components, _resolution(model), spec)
 
 
 def cached_hub_snapshot(repo_id: str) -> Path:
@@ -247,7 +271,9 @@ def _components_from_train_config(
     )
 
 
-def _flag_components(path: Path, *, t5: str | None, vae: str | None, vae_scaling_factor: float | None):
+def _flag_components(
+    *, t5: str | None, vae: str | None, vae_scaling_factor: float | None
+) -> FrozenComponents | None:
     """Components named on the command line, for sources that do not say which T5/VAE they were trained with."""
     if t5 is None or vae is None:
         return None  # ImageGenerator raises, naming --t5/--vae, if asked to generate
@@ -629,16 +655,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampler flags shared with training.evaluate."""
     group = parser.add_argument_group("sampling")
-    group.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver")
-    group.add_argument("--steps", type=int, default=SAMPLE_STEPS)
-    group.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
-    group.add_argument("--negative-prompt", default="")
+    group.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver",
+                       help="DPM-Solver++ (diffusers, as PixArtSigmaPipeline) or IDDPM ancestral")  # fmt: skip
+    group.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps")
+    group.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance scale")
+    group.add_argument("--negative-prompt", default="", help="the unconditional side of guidance")
     group.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
-    group.add_argument("--batch-size", type=int, default=4)
+    group.add_argument("--batch-size", type=int, default=4, help="images per forward (same size)")
     group.add_argument(
         "--resolution", type=int, help="bucket table (px); default: the model's training resolution"
     )
-    group.add_argument("--num-images-per-prompt", type=int, default=1)
+    group.add_argument(
+        "--num-images-per-prompt", type=int, default=1, help="images per prompt, seeds in a row"
+    )
     group.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                        help=f"tiled VAE decode; auto: from {TILING_MIN_SIDE} px")  # fmt: skip
     group.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time")
@@ -681,7 +710,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--aspect-ratio", default="1:1", help="H:W, bucketed at --resolution (rows' own size wins)"
     )
     parser.add_argument("--height", type=int, help="explicit size in px (with --width), no bucketing")
-    parser.add_argument("--width", type=int)
+    parser.add_argument("--width", type=int, help="explicit width in px (with --height)")
     add_sampling_arguments(parser)
     add_model_arguments(parser)
     args = parser.parse_args(argv)

@@ -251,3 +251,15 @@ def test_folder_pth_and_cached_hub_sources(tiny_models, export, tmp_path, monkey
     assert from_hub.model.config.kv_compress_layers == (1,) and from_hub.components is not None
     with pytest.raises(ValueError, match="not in the HF cache"):
         load_source("pixsigma/not-downloaded")
+
+
+def test_vae_tiling_and_slicing_reach_the_decoder(export):
+    generator = ImageGenerator.load(load_source(str(export)), device=CPU, vae_tiling="on", vae_slicing=True)
+    latents = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(0))  # 128×192 px
+    images = generator.decode(latents)
+    vae = generator.decoder.vae
+    assert vae.use_tiling and vae.use_slicing and images.shape == (2, 3, 128, 192)
+    assert 0 <= images.min() and images.max() <= 1
+    auto = ImageGenerator.load(load_source(str(export)), device=CPU)  # auto: tiles only from 2048 px
+    auto.decode(latents)
+    assert not auto.decoder.vae.use_tiling

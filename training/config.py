@@ -92,7 +92,7 @@ class EvaluationSection:
     num_samples: int = 8  # prompts of the subset
     inception: str = ""  # FID Inception-v3 weights file; "" = torch-fidelity's file in the torch hub cache
     fid_features: int = 2048
-    clip_model: str = "ViT-L-14"  # open_clip name or local-dir:PATH
+    clip_model: str = "ViT-L-14-quickgelu"  # open_clip name (as curation's) or local-dir:PATH
     clip_pretrained: str = "openai"  # open_clip tag or weights file; ignored for local-dir:
     steps: int = 20
     cfg_scale: float = 4.5

@@ -610,7 +610,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fid-features", type=int, default=2048, choices=FID_FEATURES,
                         help="Inception feature tap (2048: standard FID)")  # fmt: skip
-    parser.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name or local-dir:PATH")
+    parser.add_argument("--clip-model", default="ViT-L-14-quickgelu",
+                        help="open_clip model name (OpenAI's ViT-L/14 uses QuickGELU) or local-dir:PATH")  # fmt: skip
     parser.add_argument(
         "--clip-pretrained", default="openai", help="open_clip tag or weights file (ignored for local-dir:)"
     )

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+import tomllib
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,11 +26,15 @@ from captioning.config import GenerationConfig, GuardConfig, ModelConfig
 from captioning.guards import apply_guards
 from captioning.reader import image_from_row
 from manifests import CAPTIONS, Rejected
+from manifests.checks import InputError, one_line
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
 
 GENERATE_ERROR = "generate_error"
+# Tokenizer classes of the T5 family (T5 v1.1 / Flan-T5 / mT5 / umT5): PixArt-Σ's text encoder is T5-XXL,
+# so caption lengths and the 300-token budget are counted in these units.
+T5_TOKENIZER_CLASSES = frozenset({"T5Tokenizer", "T5TokenizerFast", "MT5Tokenizer", "MT5TokenizerFast"})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _HASH_CHUNK = 8 << 20
 
@@ -129,18 +135,67 @@ def captioner_id(cfg: ModelConfig) -> str:
     return f"{cfg.model}@{config_path.parent.name}"
 
 
+def load_tokenizer(name: str):
+    """The guards' tokenizer by hub id or local path, counting without truncation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer.model_max_length = int(1e9)  # we count, we do not truncate: no length warning
+    return tokenizer
+
+
+def training_t5(config_path: str | os.PathLike) -> str:
+    """The T5 a training TOML names (``[text] t5``); read as a file, so captioning imports no training code."""
+    try:
+        with open(config_path, "rb") as f:
+            text = tomllib.load(f).get("text", {})
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise InputError(f"--training-config {str(config_path)!r} cannot be read: {one_line(err)}") from err
+    if not isinstance(text, dict) or not isinstance(text.get("t5"), str) or not text["t5"]:
+        raise InputError(f'--training-config {str(config_path)!r} names no T5: it has no [text] t5 = "…"')
+    return text["t5"]
+
+
+def _same_model(a: str, b: str) -> bool:
+    if Path(a).exists() and Path(b).exists():
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def check_tokenizer(name: str, *, training_config: str | None = None) -> str:
+    """Refuse a tokenizer whose token counts would not be in the training T5's units; returns its class.
+
+    Accepted: a T5-family tokenizer, or exactly the one ``training_config`` names. A VLM's own tokenizer
+    (Llama, Qwen, …) counts other tokens, so its ``num_tokens`` and the budget would mean nothing.
+    """
+    named = training_t5(training_config) if training_config else None
+    if named is not None and not _same_model(named, name):
+        raise InputError(
+            f"--tokenizer {name!r} is not the T5 that --training-config {training_config!r} names ({named!r}): "
+            "drop --tokenizer or pass that one"
+        )
+    try:
+        kind = type(load_tokenizer(name)).__name__
+    except (OSError, ValueError) as err:
+        raise InputError(f"--tokenizer {name!r} cannot be loaded: {one_line(err)}") from err
+    if named is None and kind not in T5_TOKENIZER_CLASSES:
+        raise InputError(
+            f"--tokenizer {name!r} loads as {kind}, not a T5 tokenizer: num_tokens and the token budget are "
+            "counted in the training T5's units; pass the T5 the training config names "
+            "(e.g. --tokenizer google/t5-v1_1-xxl, or --training-config configs/sigma.toml)"
+        )
+    return kind
+
+
 class CaptionGuard:
     """Generated text → ``captions`` rows: guards, T5 token count and budget, status and reason."""
 
     def __init__(self, *, guards: GuardConfig, prompt: str, captioner: str, gen_params: dict) -> None:
-        from transformers import AutoTokenizer
-
         self.cfg = guards
         self.prompt = prompt
         self.captioner = captioner
         self.gen_params = json.dumps(gen_params, sort_keys=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(guards.tokenizer)
-        self.tokenizer.model_max_length = int(1e9)  # we count, we do not truncate: no length warning
+        self.tokenizer = load_tokenizer(guards.tokenizer)
 
     def count_tokens(self, text: str) -> int:
         """T5 tokens including the closing ``</s>``, as the text encoder sees them."""

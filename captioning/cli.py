@@ -4,7 +4,8 @@
         [--where SQL] [--prompt-preset share-captioner|detailed | --prompt TEXT] [--output OUT] …
 
 Flags left out keep the preset's value (``--preset default|debug``); under ``default`` the prompt preset
-sets the decoding (greedy), under ``debug`` captions stay short.
+sets the decoding (greedy), under ``debug`` captions stay short. ``--training-config`` may stand in for
+``--tokenizer``: the T5 its ``[text] t5`` names. A bad flag is one line on stderr, exit status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 from typing import get_args
 
+from captioning.captioner import training_t5
 from captioning.config import (
     Backend,
     CaptioningConfig,
@@ -27,6 +29,9 @@ from captioning.config import (
     generation_for,
 )
 from captioning.pipeline import run
+from manifests import preflight
+from manifests.checks import InputError, cli
+from manifests.progress import quiet_library_bars
 
 PRESETS = ("default", "debug")
 
@@ -45,9 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--revision", help="hub revision of --model")
     parser.add_argument(
-        "--tokenizer", required=True, help="the training config's T5 tokenizer (num_tokens, budget)"
+        "--tokenizer",
+        help="the training T5's tokenizer (num_tokens and the budget are in its units); "
+        "default: the one --training-config names",
+    )
+    parser.add_argument(
+        "--training-config",
+        help="training TOML whose [text] t5 is the tokenizer (checked against --tokenizer)",
     )
     parser.add_argument("--where", help="DuckDB WHERE over the images view (default: status = 'kept')")
+    parser.add_argument(
+        "--retry-failed", action=argparse.BooleanOptionalAction, default=True,
+        help="caption again rows an earlier run rejected for shard_error, missing_in_shard or generate_error; "
+        "--no-retry-failed keeps them",
+    )  # fmt: skip
     parser.add_argument(
         "--preset", choices=PRESETS, default="default", help="config preset the flags override"
     )
@@ -82,14 +98,19 @@ def _override(obj, **values):
 def parse_args(argv: list[str] | None = None) -> CaptioningConfig:
     """The resolved config: preset, then flags."""
     args = build_parser().parse_args(argv)
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        if args.training_config is None:
+            raise InputError("--tokenizer is required (the training T5's tokenizer), or --training-config")
+        tokenizer = training_t5(args.training_config)
     if args.preset == "debug":
-        cfg = debug_config(args.input, model=args.model, tokenizer=args.tokenizer, output=args.output)
+        cfg = debug_config(args.input, model=args.model, tokenizer=tokenizer, output=args.output)
     else:
         cfg = CaptioningConfig(
             input=args.input,
             output=args.output,
             model=ModelConfig(model=args.model),
-            guards=GuardConfig(tokenizer=args.tokenizer),
+            guards=GuardConfig(tokenizer=tokenizer),
         )
     prompt = cfg.prompt
     if args.prompt is not None:
@@ -100,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> CaptioningConfig:
     generation = generation_for(prompt.preset) if args.preset == "default" else cfg.generation
     return dataclasses.replace(
         cfg,
-        where=args.where or cfg.where,
+        where=args.where if args.where is not None else cfg.where,
         prompt=prompt,
         model=_override(cfg.model, revision=args.revision, backend=args.backend, dtype=args.dtype),
         generation=_override(
@@ -120,13 +141,23 @@ def parse_args(argv: list[str] | None = None) -> CaptioningConfig:
             cfg.guards, token_budget=args.token_budget, truncate_at_sentence=args.truncate_at_sentence
         ),
         decode_min_side=args.decode_min_side if args.decode_min_side is not None else cfg.decode_min_side,
+        retry_failed=args.retry_failed,
+        training_config=args.training_config,
     )
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, run the job, print the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run(parse_args(argv))
+    quiet_library_bars()  # no \r bars (processor and tokenizer loads) in a log file
+    cfg = parse_args(argv)
+    # Before Ray starts an actor: the run folder, the output and the models (issue 11, preflight).
+    preflight.check_run_folder("--input", cfg.input)
+    preflight.check_output("--output", cfg.output)
+    preflight.check_model("--model", cfg.model.model, revision=cfg.model.revision)
+    preflight.check_model("--tokenizer", cfg.guards.tokenizer)
+    summary = run(cfg)
     print(json.dumps(summary, indent=2))
 
 

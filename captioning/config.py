@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from manifests.checks import check_where
+
 Backend = Literal["transformers", "vllm"]
 PromptPreset = Literal["share-captioner", "detailed", "custom"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -176,17 +178,22 @@ class CaptioningConfig:
     model: ModelConfig
     guards: GuardConfig
     output: str | None = None  # run folder for manifests/captions; defaults to input
-    where: str = "status = 'kept'"  # DuckDB WHERE over the `images` view
+    where: str = "status = 'kept'"  # DuckDB WHERE over the `images` view (one boolean expression)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     generation: GenerationConfig | None = None  # None: the prompt preset's defaults
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     decode_min_side: int | None = None  # reduced decode target; None: the processor's input size
+    # Rows rejected for a reason outside the image (its shard was missing or unreadable, generate ran out of
+    # memory) are captioned again on a rerun; False keeps their rejected rows as they are.
+    retry_failed: bool = True
+    training_config: str | None = (
+        None  # a training TOML: its [text] t5 is the tokenizer guards must count with
+    )
 
     def __post_init__(self) -> None:
         if self.output is None:
             self.output = self.input
-        if not self.where.strip():
-            raise ValueError("where must be a DuckDB boolean expression, e.g. \"status = 'kept'\"")
+        self.where = check_where(self.where, view="images", flag="--where")
         if self.generation is None:
             self.generation = generation_for(self.prompt.preset)
         if self.decode_min_side is not None and self.decode_min_side < 1:

@@ -4,7 +4,11 @@ The model-holding stages live in ``captioning.captioner`` and the guards in ``ca
 module is the only one here that knows about Ray. Every selected row ends in the ``captions`` manifest,
 kept or rejected with a reason. Resume: keys already captioned by the same captioner and prompt are
 skipped, and a part is visible only once committed, so a killed run loses at most its uncommitted parts
-and a rerun writes exactly those rows again.
+and a rerun writes exactly those rows again. Rows rejected for a reason outside the image (``shard_error``,
+``missing_in_shard``, ``generate_error``) are captioned again on a rerun (``retry_failed``; a shard failure
+once the shard is back and holds the key) and replace their old rows in place: the part that held them is
+rewritten under its own name, atomically, so there is still one row per (key, captioner, prompt). The
+``--where`` runs as a checked expression on a connection that reads only the run's manifests.
 """
 
 from __future__ import annotations
@@ -19,15 +23,27 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 import manifests
 from captioning import vllm_engine
-from captioning.captioner import Captioner, CaptionGuard, captioner_id, load_processor, processor_min_side
+from captioning.captioner import (
+    GENERATE_ERROR,
+    Captioner,
+    CaptionGuard,
+    captioner_id,
+    check_tokenizer,
+    load_processor,
+    processor_min_side,
+)
 from captioning.config import CaptioningConfig
-from captioning.reader import ReadImages
-from manifests import ManifestWriter, atomic_write_bytes
-from manifests.io import is_committed
+from captioning.reader import MISSING_IN_SHARD, SHARD_ERROR, ReadImages, available_keys
+from manifests import CAPTIONS, ManifestWriter, atomic_write_bytes
+from manifests.checks import InputError, one_line, squeeze
+from manifests.db import filter_sql, require_run
+from manifests.io import committed_parts, is_committed, read_committed_table
+from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -35,6 +51,10 @@ log = logging.getLogger(__name__)
 CAPTIONS_DIR = "manifests/captions"
 CONFIG_FILE = "captioning_config.json"
 SUMMARY_FILE = "captioning_summary.json"
+# Rejections that say nothing about the image: the shard was missing or unreadable, or generate failed
+# (out of memory). A rerun captions these rows again unless told to keep them.
+RETRYABLE_REASONS = frozenset({SHARD_ERROR, MISSING_IN_SHARD, GENERATE_ERROR})
+SUMMARY_COLUMNS = ["key", "status", "reason", "num_tokens", "truncated", "seconds"]
 
 
 def init_ray() -> None:
@@ -44,15 +64,19 @@ def init_ray() -> None:
 
 
 def select_rows(root: Path, where: str) -> list[dict]:
-    """Distinct (key, shard) of the ``images`` rows matching ``where`` that have a curated shard."""
-    con = manifests.connect(root)
+    """Distinct (key, shard) of the ``images`` rows matching ``where`` that have a curated shard.
+
+    ``where`` runs as a checked expression on a connection that may read the manifests and nothing else.
+    """
+    con = manifests.connect(root, restricted=True)
     try:
+        matched = filter_sql(con, "images", where)
         rows = con.execute(
-            f"SELECT key, any_value(shard) AS shard, count(shard) AS num_with_shard FROM images "
-            f"WHERE ({where}) GROUP BY key ORDER BY key"
+            f"SELECT key, any_value(shard) AS shard, count(shard) AS num_with_shard FROM (\n{matched}\n) "
+            "GROUP BY key ORDER BY key"
         ).fetchall()
     except duckdb.Error as err:
-        raise ValueError(f"where {where!r} is not a valid filter over the images view: {err}") from err
+        raise InputError(f"--where {squeeze(where)!r} failed over the images view: {one_line(err)}") from err
     finally:
         con.close()
     without_shard = sum(1 for _, _, n in rows if n == 0)
@@ -63,16 +87,71 @@ def select_rows(root: Path, where: str) -> list[dict]:
     return [{"key": key, "shard": shard} for key, shard, n in rows if n > 0]
 
 
-def done_keys(root: Path, captioner: str, prompt: str) -> set[str]:
-    """Keys that already have a committed caption row (kept or rejected) for this captioner and prompt."""
-    con = manifests.connect(root)
+def is_retryable(reason: str | None) -> bool:
+    """A rejection whose cause lies outside the image (``shard_error: …``, ``missing_in_shard``, …)."""
+    return reason is not None and reason.split(":", 1)[0] in RETRYABLE_REASONS
+
+
+def previous_rows(root: Path, captioner: str, prompt: str) -> list[tuple[str, str, str | None, str]]:
+    """(key, status, reason, part path) of the committed caption rows for this captioner and prompt."""
+    parts = [str(p) for p in committed_parts(root / CAPTIONS_DIR)]
+    if not parts:
+        return []
+    con = duckdb.connect()
     try:
-        rows = con.execute(
-            "SELECT DISTINCT key FROM captions WHERE captioner = ? AND prompt = ?", [captioner, prompt]
-        )
-        return {key for (key,) in rows.fetchall()}
+        return con.execute(
+            "SELECT key, status, reason, filename FROM read_parquet(?, filename = true) "
+            "WHERE captioner = ? AND prompt = ?",
+            [parts, captioner, prompt],
+        ).fetchall()
     finally:
         con.close()
+
+
+def done_keys(root: Path, captioner: str, prompt: str) -> set[str]:
+    """Keys that already have a committed caption row (kept or rejected) for this captioner and prompt."""
+    return {key for key, *_ in previous_rows(root, captioner, prompt)}
+
+
+def failed_rows(root: Path, captioner: str, prompt: str) -> dict[str, tuple[str, Path]]:
+    """Keys rejected for a retryable reason: (reason, the committed part that holds the row) per key."""
+    return {
+        key: (reason, Path(part))
+        for key, status, reason, part in previous_rows(root, captioner, prompt)
+        if status == REJECTED and is_retryable(reason)
+    }
+
+
+def worth_retrying(failed: dict[str, tuple[str, Path]], selected: list[dict], root: Path) -> set[str]:
+    """The failed keys (still selected) to caption again: a ``generate_error`` always; a shard failure only
+    once the shard is back, readable and holding the key (read on the driver, tar headers only)."""
+    shard_of = {r["key"]: r["shard"] for r in selected if r["key"] in failed}
+    retry = {k for k in shard_of if failed[k][0].split(":", 1)[0] == GENERATE_ERROR}
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(shard_of.keys() - retry):
+        by_shard[shard_of[key]].append(key)
+    for shard, keys in sorted(by_shard.items()):
+        present = available_keys(root / shard)
+        if present is not None:
+            retry.update(k for k in keys if k in present)
+    return retry
+
+
+def replace_rows(writer: ManifestWriter, parts: dict[str, tuple[str, Path]], retried: pa.Table) -> int:
+    """Rewrite each part holding a retried key with the new rows in place of the old; returns how many.
+
+    A part keeps its keys, so it keeps its name (``part_name``) and the rewrite is one atomic replace:
+    a run killed here leaves every part either old or new, never a key twice.
+    """
+    new_rows = {row["key"]: row for row in retried.to_pylist()}
+    by_part: dict[Path, set[str]] = defaultdict(set)
+    for key in new_rows:
+        by_part[parts[key][1]].add(key)
+    for part in sorted(by_part):
+        old = read_committed_table(part).to_pylist()
+        rows = [new_rows.get(row["key"], row) if row["key"] in by_part[part] else row for row in old]
+        writer.write(pa.Table.from_pylist(rows, schema=CAPTIONS), part.stem)
+    return len(by_part)
 
 
 def remove_uncommitted_parts(directory: Path) -> int:
@@ -159,20 +238,40 @@ def caption_dataset(
 
 
 def write_parts(
-    ds: ray.data.Dataset, writer: ManifestWriter, *, captioner: str, prompt: str, rows_per_part: int
+    ds: ray.data.Dataset,
+    writer: ManifestWriter,
+    *,
+    captioner: str,
+    prompt: str,
+    rows_per_part: int,
+    hold: frozenset[str] | set[str] = frozenset(),
+    held: list[pa.Table] | None = None,
+    total: int | None = None,
 ) -> pa.Table | None:
-    """Stream the dataset into committed parts of ``rows_per_part`` rows; returns the small columns."""
+    """Stream the dataset into committed parts of ``rows_per_part`` rows; returns the small columns.
+
+    Rows whose key is in ``hold`` (retried keys, whose old row lives in an existing part) are not written
+    as new parts but appended to ``held``, for ``replace_rows``.
+    """
     pending: list[pa.Table] = []
     written: list[pa.Table] = []
+    progress = ProgressLog("captions", total, logger=log)  # rate and ETA every 30 s
 
     def flush() -> None:
         table = pa.concat_tables(pending)
         pending.clear()
         writer.write(table, part_name(captioner, prompt, table.column("key").to_pylist()))
-        written.append(table.select(["key", "status", "reason", "num_tokens", "truncated", "seconds"]))
+        written.append(table.select(SUMMARY_COLUMNS))
         log.info("captions: %d rows committed", sum(t.num_rows for t in written))
 
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        progress.update(batch.num_rows)
+        if hold:
+            mask = pa.array([key in hold for key in batch.column("key").to_pylist()])
+            if held is not None:
+                held.append(batch.filter(mask))
+            written.append(batch.filter(mask).select(SUMMARY_COLUMNS))
+            batch = batch.filter(pc.invert(mask))
         pending.append(batch)
         while sum(t.num_rows for t in pending) >= rows_per_part:
             table = pa.concat_tables(pending)
@@ -212,9 +311,15 @@ def summarize(table: pa.Table | None, *, budget: int, seconds: float) -> dict:
 
 
 def run(cfg: CaptioningConfig) -> dict:
-    """Run the whole captioning job; returns the summary that is also written to the run folder."""
+    """Run the whole captioning job; returns the summary that is also written to the run folder.
+
+    Inputs are checked before anything is written or Ray starts: the run folder, the tokenizer (T5),
+    the ``--where``.
+    """
     started = time.time()
-    root, out = Path(cfg.input).resolve(), Path(cfg.output).resolve()
+    root, out = require_run(cfg.input).resolve(), Path(cfg.output).resolve()
+    check_tokenizer(cfg.guards.tokenizer, training_config=cfg.training_config)
+    selected = select_rows(root, cfg.where)
     if Path(cfg.model.model).is_dir():  # actors may run elsewhere than the driver's working directory
         cfg.model.model = str(Path(cfg.model.model).resolve())
     captioner, prompt = captioner_id(cfg.model), cfg.prompt.text
@@ -224,26 +329,31 @@ def run(cfg: CaptioningConfig) -> dict:
 
     writer = ManifestWriter(out / CAPTIONS_DIR, "captions")
     removed = remove_uncommitted_parts(writer.directory)
-    selected = select_rows(root, cfg.where)
-    done = done_keys(out, captioner, prompt)
+    failed = failed_rows(out, captioner, prompt) if cfg.retry_failed else {}
+    retry = worth_retrying(failed, selected, root)
+    done = done_keys(out, captioner, prompt) - retry
     todo = [r for r in selected if r["key"] not in done]
     log.info(
-        "captioning: %d selected, %d already captioned by %s, %d to do",
+        "captioning: %d selected, %d already captioned by %s, %d to do (%d of them retried)",
         len(selected),
         len(selected) - len(todo),
         captioner,
         len(todo),
+        len(retry),
     )
 
-    table, caption_seconds = None, 0.0
+    table, caption_seconds, retried = None, 0.0, []
     if todo:
         init_ray()
         plans = plan_reads(todo, root, cfg.resources.read_chunk_size)
         caption_started = time.time()
         ds = caption_dataset(plans, cfg, captioner=captioner, min_side=min_side)
         table = write_parts(
-            ds, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part
-        )
+            ds, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part,
+            hold=retry, held=retried, total=len(todo),
+        )  # fmt: skip
+        if retry:
+            replace_rows(writer, failed, pa.concat_tables(retried))
         caption_seconds = time.time() - caption_started
         assert table is not None and sorted(table.column("key").to_pylist()) == [r["key"] for r in todo], (
             "every selected key must produce exactly one caption row"
@@ -254,6 +364,7 @@ def run(cfg: CaptioningConfig) -> dict:
         "prompt": prompt,
         "selected": len(selected),
         "skipped_already_captioned": len(selected) - len(todo),
+        "retried_failed": len(retry),
         "uncommitted_parts_removed": removed,
         **summarize(table, budget=cfg.guards.token_budget, seconds=caption_seconds),
         "seconds": round(time.time() - started, 2),

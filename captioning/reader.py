@@ -16,8 +16,13 @@ from PIL import Image
 
 from manifests import Rejected
 from manifests.imageio import decode_rgb
+from manifests.tars import FORMAT_EXTENSIONS
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"})
+# Every member extension a curated shard can hold (HEIC and AVIF included), plus the common aliases.
+IMAGE_EXTENSIONS = frozenset({*FORMAT_EXTENSIONS.values(), "jpeg", "tiff"})
+SHARD_ERROR = "shard_error"  # the shard could not be opened or read: every key of the read task gets it
+MISSING_IN_SHARD = "missing_in_shard"  # the manifest names a shard that does not (or no longer) hold the key
+DECODE_ERROR = "decode_error"
 
 
 def read_members(shard: str | os.PathLike, keys: list[str]) -> dict[str, bytes]:
@@ -32,12 +37,30 @@ def read_members(shard: str | os.PathLike, keys: list[str]) -> dict[str, bytes]:
     return found
 
 
+def available_keys(shard: str | os.PathLike) -> set[str] | None:
+    """Keys with an image member in ``shard`` (tar headers only), or None if it cannot be opened or read.
+
+    A rerun asks this before captioning again a row that failed for its shard: only a shard that came back
+    is worth a retry.
+    """
+    keys = set()
+    try:
+        with tarfile.open(Path(shard), "r:") as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition(".")
+                if ext.lower() in IMAGE_EXTENSIONS and member.isfile():
+                    keys.add(key)
+    except (OSError, EOFError, tarfile.TarError):
+        return None
+    return keys
+
+
 def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
     """Decode once to an RGB image whose short side is ``min_side`` (never upscaled), EXIF-oriented."""
     try:
         im = decode_rgb(data, min_side=min_side)  # DCT-scaled / reduced, oriented, RGB
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return Rejected(f"decode_error: {type(err).__name__}: {err}")
+        return Rejected(f"{DECODE_ERROR}: {type(err).__name__}: {err}")
     short = min(im.size)
     if short > min_side:
         ratio = min_side / short
@@ -73,13 +96,13 @@ class ReadImages:
         try:
             members = read_members(plan["shard"], keys)
         except (OSError, tarfile.TarError) as err:  # a missing or broken shard: every key gets the reason
-            return [pixels_row(k, Rejected(f"shard_error: {type(err).__name__}: {err}")) for k in keys]
+            return [pixels_row(k, Rejected(f"{SHARD_ERROR}: {type(err).__name__}: {err}")) for k in keys]
         return [
             pixels_row(
                 k,
                 reduced_decode(members[k], min_side=self.min_side)
                 if k in members
-                else Rejected("missing_in_shard"),
+                else Rejected(MISSING_IN_SHARD),
             )
             for k in keys
         ]

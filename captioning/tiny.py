@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from manifests.progress import quiet_library_bars
+
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
@@ -168,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_bars()  # no "Writing model shards" \r bar in a log file
     print(build_tiny_llava(args.output, seed=args.seed))
 
 

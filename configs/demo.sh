@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo pipeline that `make demo` runs (and tests/test_demo.py runs on a smaller corpus):
-# corpus → tiny models → curation → captioning → selection → training shards → training → summary.
+# corpus → tiny models → curation → captioning → selection → training shards → training → sampling →
+# evaluation → summary.
 # Environment: DEMO_OUT, DEMO_N, DEMO_SEED, DEMO_CONFIG, NPROC (defaults below). Ray starts in-process
 # in each step unless RAY_ADDRESS names a cluster.
 set -euo pipefail
@@ -13,34 +14,35 @@ RUN=$OUT/run
 MODELS=$OUT/models
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/8 demo corpus ($N good images + one of each bad kind) → $OUT/corpus"
+step "1/10 demo corpus ($N good images + one of each bad kind) → $OUT/corpus"
 python -m curation.demo_corpus --output "$OUT/corpus" --num-images "$N" --seed "$SEED"
 
-step "2/8 tiny models built offline → $MODELS"
+step "2/10 tiny models built offline → $MODELS"
 [ -f "$MODELS/t5/config.json" ] || python -m training.tiny --output "$MODELS"
 [ -f "$MODELS/llava/config.json" ] || python -m captioning.tiny --output "$MODELS"
 [ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
+[ -f "$MODELS/inception/pt_inception-random.pth" ] || python -m training.tiny_inception --output "$MODELS"
 
-step "3/8 curation → $RUN"
+step "3/10 curation → $RUN"
 # Tiny random CLIP under the real LAION head: its scores mean nothing, so no aesthetic threshold.
 python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard 8 \
     --clip-model "local-dir:$MODELS/clip" \
     --min-aesthetic none
 
-step "4/8 captioning (tiny LLaVA) → $RUN/manifests/captions"
+step "4/10 captioning (tiny LLaVA) → $RUN/manifests/captions"
 python captioning/run.py --input "$RUN" --model "$MODELS/llava" --tokenizer "$MODELS/t5" --preset debug
 
-step "5/8 eval set (held out by key, sha256 and pHash group), then the training selection"
+step "5/10 eval set (held out by key, sha256 and pHash group), then the training selection"
 python -m manifests.evalset --input "$RUN" --name eval --num-samples 4 --samples-per-shard 4
 python -m manifests.selection --input "$RUN" --name demo --exclude eval \
     --where "caption_orig IS NOT NULL OR caption_vlm IS NOT NULL"
 
-step "6/8 training shards with cached T5 features and SDXL-like VAE latents at 32 and 64 px"
+step "6/10 training shards with cached T5 features and SDXL-like VAE latents at 32 and 64 px"
 # The SD-like VAE of the debug schedule's first stage is not cached: that stage encodes on the fly.
 python -m manifests.materialize --input "$RUN" --selection demo --samples-per-shard 4 \
     --t5 "$MODELS/t5" --vae "$MODELS/vae" --vae-resolution 32 --vae-resolution 64
 
-step "7/8 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
+step "7/10 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
 # Every stage's VAE path is overridden: stages whose VAE is "vae_sd" get the SD-like one, the rest SDXL-like.
 VAE_SETS=()
 i=0
@@ -51,5 +53,13 @@ done
 torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONFIG" --output "$OUT/train" \
     --set data.shards="$RUN/train_shards/demo" --set text.t5="$MODELS/t5" "${VAE_SETS[@]}"
 
-step "8/8 summary"
-python -m manifests.summary --input "$RUN" --train "$OUT/train" --output "$OUT/summary.json"
+step "8/10 sampling the eval prompts from the trained model (EMA weights, DPM-Solver++) → $OUT/samples"
+python -m training.sample --model "$OUT/train" --input "$RUN/eval_shards/eval/prompts.jsonl" \
+    --output "$OUT/samples" --steps 10 --overwrite
+
+step "9/10 FID / CLIP score on the eval set (random Inception, tiny CLIP: real code paths, meaningless values)"
+python -m training.evaluate --model "$OUT/train" --input "$RUN/eval_shards/eval" --steps 10 \
+    --inception "$MODELS/inception/pt_inception-random.pth" --clip-model "local-dir:$MODELS/clip"
+
+step "10/10 summary"
+python -m manifests.summary --input "$RUN" --train "$OUT/train" --samples "$OUT/samples" --output "$OUT/summary.json"

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from curation import keyspace
 from curation.sources import ListingUnit, list_unit
-from manifests.io import COMMITTED_DIR, is_committed
+from manifests.io import is_committed, marker_info
 
 # A source record (see curation.sources): what scan tasks read.
 RECORDS = pa.schema(
@@ -141,9 +141,8 @@ def records_digest(table: pa.Table) -> str:
 
 def committed_digest(folder: Path, name: str) -> str | None:
     """The records digest in a committed chunk's marker, ``None`` when not committed."""
-    if not is_committed(folder, name):
-        return None
-    return json.loads((folder / COMMITTED_DIR / name).read_text()).get("records_digest")
+    info = marker_info(folder, name)
+    return None if info is None else info.get("records_digest")
 
 
 def split_chunks(task: dict) -> list[dict]:

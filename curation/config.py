@@ -118,7 +118,10 @@ class DedupConfig:
 class DownloadConfig:
     """URL lists (``.parquet``/``.csv`` with ``url`` and optional ``caption``) go through img2dataset."""
 
-    timeout: int = 10  # seconds per request
+    timeout: int = 10  # seconds in all per URL (connect, redirects, headers, body), not per socket read
+    # Bodies over this are stopped (`download_too_large`). 64 MiB admits an 8K PNG photo; a web image
+    # larger than that is an archive, a video or a trap, and 32 threads × this bounds download memory.
+    max_bytes: int = 64 * 2**20
     retries: int = 0
     processes_count: int = 1
     thread_count: int = 32
@@ -127,6 +130,8 @@ class DownloadConfig:
     def __post_init__(self) -> None:
         if self.timeout < 1 or self.processes_count < 1 or self.thread_count < 1:
             raise ValueError("download.timeout, processes_count and thread_count must be ≥ 1")
+        if self.max_bytes < 1:
+            raise ValueError(f"download.max_bytes must be ≥ 1, got {self.max_bytes}")
 
 
 @dataclass

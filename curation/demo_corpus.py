@@ -15,7 +15,8 @@ short side ≥ 1024, else ``too_small``) and thresholds inside wide margins: a p
 Choices: CMYK, 16-bit and EXIF-rotated files are ≥ 1K and *kept* (a curator converts / transposes them;
 width and height are after EXIF orientation). The animated GIF is *rejected* (``animated``): shards hold
 the original bytes without re-encoding, so keeping it would ship an animation and a 256-colour palette
-to the trainer. Of a duplicate group a curator keeps one file; records of the copies say ``duplicate``
+to the trainer. The SVG is *rejected* (``unsupported_format``): by its name in a folder, by its content
+when it arrives through a URL list. Of a duplicate group a curator keeps one file; records of the copies say ``duplicate``
 with ``dup_of`` naming the original, but which member survives is the dedup pass's policy.
 """
 
@@ -52,6 +53,7 @@ REASON_TOO_MANY_PIXELS = "too_many_pixels"
 REASON_ASPECT_RATIO = "aspect_ratio"
 REASON_ANIMATED = "animated"
 REASON_DUPLICATE = "duplicate"
+REASON_UNSUPPORTED_FORMAT = "unsupported_format"  # an image format the shards do not carry (SVG)
 
 # Which pass of the curator can see the problem.
 DETECTED_BY_HEADER = "header"  # width/height/format/frames without decoding
@@ -589,6 +591,23 @@ def write_animated(out: Path, *, seed: int, num_frames: int = 4) -> dict[str, An
     return _write_item(out, "bad_animated.gif", buffer.getvalue(), caption, meta, expected)
 
 
+def write_svg(out: Path, *, seed: int) -> dict[str, Any]:
+    """A vector drawing (``.svg``): no pixels to score or train on; named in the manifest, never dropped."""
+    rng = _bad_rng(seed, "svg")
+    background, disc = (str(c) for c in rng.choice(list(PALETTE), size=2, replace=False))
+    svg = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<svg xmlns="http://www.w3.org/2000/svg" width="1024" height="1024" viewBox="0 0 1024 1024">\n'
+        f'  <rect width="1024" height="1024" fill="rgb{PALETTE[background]}"/>\n'
+        f'  <circle cx="512" cy="512" r="300" fill="rgb{PALETTE[disc]}"/>\n'
+        "</svg>\n"
+    )
+    caption = f"{_a(disc).capitalize()} {disc} disc on {_a(background)} {background} background."
+    meta = _generator_meta(seed, {"kind": "svg", "size": [1024, 1024]})
+    expected = _rejected("svg", None, None, REASON_UNSUPPORTED_FORMAT, DETECTED_BY_HEADER)
+    return _write_item(out, "bad_vector.svg", svg.encode(), caption, meta, expected)
+
+
 def write_duplicates(out: Path, original: dict[str, Any], *, seed: int) -> list[dict[str, Any]]:
     """A byte-identical copy of ``original`` and a re-encode of it at another JPEG quality."""
     data = (out / original["path"]).read_bytes()
@@ -620,6 +639,7 @@ BAD_WRITERS = (
     write_exif_rotated,
     write_panorama,
     write_animated,
+    write_svg,
 )
 BAD_KINDS: tuple[str, ...] = (
     "truncated",
@@ -631,6 +651,7 @@ BAD_KINDS: tuple[str, ...] = (
     "exif_rotated",
     "panorama",
     "animated",
+    "svg",
     "duplicate_exact",
     "duplicate_near",
 )

@@ -28,7 +28,6 @@ named are removed only after the new manifest is in place.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ from curation.executor import Executor, peak_rss_mib
 from curation.sources import read_bytes
 from curation.stages import sha256
 from manifests import IMAGES, ManifestWriter
-from manifests.io import COMMITTED_DIR, is_committed, mark_committed
+from manifests.io import is_committed, mark_committed, marker_info, unmark_committed
 from manifests.schema import KEPT, REJECTED
 from manifests.tars import FORMAT_EXTENSIONS, json_bytes, write_shard
 
@@ -724,10 +723,10 @@ def publish_manifest(partitions: list[Partition], *, root: Path, scratch: Path) 
     names = [f"part-{p.index:05d}" for p in partitions]
     for name in names:
         os.replace(staged / f"{name}.parquet", final / f"{name}.parquet")
-        mark_committed(final, name, json.loads((staged / COMMITTED_DIR / name).read_text()))
+        mark_committed(final, name, marker_info(staged, name))
     for stale in sorted(final.glob("part-*.parquet")):
         if stale.stem not in names:
-            (final / COMMITTED_DIR / stale.stem).unlink(missing_ok=True)
+            unmark_committed(final, stale.stem)
             stale.unlink()
     return len(names)
 
@@ -738,7 +737,7 @@ def remove_stale_shards(root: Path, shards: list[dict]) -> int:
     removed = 0
     for path in sorted((root / SHARDS_DIR).glob("*/*.tar")):
         if path.relative_to(root).as_posix() not in named:
-            (path.parent / COMMITTED_DIR / path.name).unlink(missing_ok=True)
+            unmark_committed(path.parent, path.name)
             path.unlink()
             removed += 1
     return removed

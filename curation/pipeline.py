@@ -44,11 +44,22 @@ from curation.aesthetic import (
 )
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
 from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib
-from curation.phases import HOW_TO_READ, SCORED, PostConfig, ScoredPart, post_scoring, remove_stale_shards
+from curation.phases import (
+    HOW_TO_READ,
+    SAMPLE_JSON_FIELDS,
+    SCORED,
+    SHARDS_DIR,
+    PostConfig,
+    ScoredPart,
+    post_scoring,
+    remove_stale_shards,
+)
 from curation.report import write_report
-from curation.sources import open_source, plan_listing
+from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
-from manifests.io import COMMITTED_DIR, mark_committed, publish, temp_path
+from manifests.cards import write_curated_card
+from manifests.io import file_record, mark_committed, publish, temp_path, unmark_committed
+from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -120,8 +131,8 @@ class ScanAndDecode:
                 row["tier"] = tier
                 f.seek(0)
                 data = f.read()
-        except OSError as err:  # vanished or unreadable source: a per-row reason, not a failed block
-            return _reject(row, Rejected(f"io_error: {stages.describe(err)}"))
+        except OSError as err:  # vanished, unreadable or not a regular file: a per-row reason
+            return _reject(row, io_rejection(err))
         decoded = stages.reduced_decode(data, min_side=self.decode.min_side)
         if isinstance(decoded, Rejected):
             return _reject(row, decoded)
@@ -283,14 +294,17 @@ class ScoreBatches:
         return pa.concat_tables(scored)
 
 
-def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
-    """The Ray Data pipeline: one scan task per scoring batch, then the scorer actor pool."""
+def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> ray.data.Dataset:
+    """The Ray Data pipeline: one scan task per scoring batch, then the scorer actor pool (lazy)."""
     num_batches = int(plan.starts[-1])
+    # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, the
+    # worst-case decode (RGB at tiers.max_pixels), also keeps the scan in its own task pool: Ray fuses a
+    # task stage into the next actor pool when their settings match.
     ds = ray.data.range(num_batches, override_num_blocks=num_batches).map_batches(
         ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan),  # stateless: plain tasks
         batch_size=1,
         batch_format="pyarrow",
-        max_retries=3,
+        memory=3 * cfg.tiers.max_pixels,
     )
     score = cfg.aesthetic
     return ds.map_batches(
@@ -301,9 +315,7 @@ def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Itera
         num_cpus=score.num_cpus,
         batch_size=None,
         batch_format="pyarrow",
-        max_restarts=3,  # a crashed actor is replaced and its batch retried
-        max_task_retries=3,
-    ).iter_batches(batch_format="pyarrow", batch_size=None)
+    )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
 
 
 def _scan_local(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
@@ -328,11 +340,16 @@ def scan_and_score(
             f"aesthetic.batch_size {cfg.aesthetic.batch_size} makes batches over {MAX_BATCH_BYTES >> 20} MiB"
         )
     plan = batch_plan(pending, cfg, scratch)
-    stream = (_scan_local if executor.name == "local" else _scan_dataset)(plan, cfg, clip_size)
+    if executor.name == "local":
+        stream = _scan_local(plan, cfg, clip_size)
+    else:
+        stream = _scan_dataset(plan, cfg, clip_size).iter_batches(batch_format="pyarrow", batch_size=None)
     expected = {c.name: c for c in pending}
     buffers: dict[str, list[pa.Table]] = {}
     counts: Counter = Counter()
+    progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
     for batch in stream:
+        progress.update(batch.num_rows)
         for name in pc.unique(batch["chunk"]).to_pylist():
             part = batch.filter(pc.equal(batch["chunk"], name))
             buffers.setdefault(name, []).append(part)
@@ -356,10 +373,12 @@ def commit_chunk(table: pa.Table, chunk: chunking.Chunk, cfg: CurationConfig, ro
     tmp = temp_path(path)
     try:
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        record = file_record(tmp)
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    mark_committed(folder, chunk.name, {"num_rows": table.num_rows, "records_digest": chunk.digest})
+    info = {**record, "file": path.name, "num_rows": table.num_rows, "records_digest": chunk.digest}
+    mark_committed(folder, chunk.name, info)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,7 +410,7 @@ def remove_stale_embeddings(root: Path, chunks: list[chunking.Chunk]) -> int:
     names = {c.name for c in chunks}
     stale = [p for p in sorted(folder.glob("*.parquet")) if p.stem not in names] if folder.is_dir() else []
     for path in stale:
-        (folder / COMMITTED_DIR / path.stem).unlink(missing_ok=True)
+        unmark_committed(folder, path.stem)
         path.unlink()
     return len(stale)
 
@@ -457,6 +476,9 @@ def run(cfg: CurationConfig) -> dict:
         remove_stale_embeddings(root, chunks)
         if cfg.report:
             write_report(root)
+        # An HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k") loads every
+        # image format and JSON field of the tier.
+        write_curated_card(root / SHARDS_DIR, json_fields=SAMPLE_JSON_FIELDS)
         seconds["cleanup_report"] = round(time.perf_counter() - phase_start, 3)
         digest = hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest()
         rundir.record(root, inputs, fingerprint={"records": num_records, "digest": digest}, config=config)

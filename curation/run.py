@@ -11,6 +11,7 @@ import json
 import logging
 
 from curation.config import (
+    BUILTIN_HEAD,
     TIERS,
     AestheticConfig,
     CurationConfig,
@@ -20,6 +21,8 @@ from curation.config import (
     TierConfig,
 )
 from curation.pipeline import run
+from manifests import preflight
+from manifests.checks import cli
 
 
 def parse_min_aesthetic(values: list[str] | None) -> dict[str, float]:
@@ -55,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--samples-per-shard", type=int, default=ShardConfig.samples_per_shard)
     add("--max-aspect-ratio", type=float, default=TierConfig.max_aspect_ratio)
     add("--max-pixels", type=int, default=TierConfig.max_pixels)
-    add("--clip-model", default=AestheticConfig.clip_model, help="open_clip name or local-dir:PATH")
+    add(
+        "--clip-model",
+        default=AestheticConfig.clip_model,
+        help="open_clip name (the --clip-pretrained weights are a hub download) or local-dir:PATH",
+    )
     add(
         "--clip-pretrained",
         default=AestheticConfig.pretrained,
@@ -109,7 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine similarity above which two embeddings are one picture",
     )
     add("--chunk-size", type=int, default=CurationConfig.chunk_size, help="inputs per committed work chunk")
-    add("--download-timeout", type=int, default=DownloadConfig.timeout, help="seconds per URL (URL lists)")
+    add(
+        "--download-timeout",
+        type=int,
+        default=DownloadConfig.timeout,
+        help="seconds in all per URL, redirects and body included (URL lists)",
+    )
+    add(
+        "--download-max-bytes",
+        type=int,
+        default=DownloadConfig.max_bytes,
+        help="a body over this is stopped and rejected as download_too_large (URL lists)",
+    )
     add("--no-report", action="store_true", help="skip OUT/report/index.html")
     add("--executor", choices=("ray", "local"), default=CurationConfig.executor, help="local: no Ray at all")
     return parser
@@ -139,16 +157,27 @@ def parse_args(argv: list[str] | None = None) -> CurationConfig:
             semantic=args.semantic,
             semantic_threshold=args.semantic_threshold,
         ),
-        download=DownloadConfig(timeout=args.download_timeout),
+        download=DownloadConfig(timeout=args.download_timeout, max_bytes=args.download_max_bytes),
         chunk_size=args.chunk_size,
         report=not args.no_report,
         executor=args.executor,
     )
 
 
+@cli  # a bad flag, input, output or model: one line on stderr, exit status 1
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run(parse_args(argv))
+    cfg = parse_args(argv)
+    # Before Ray starts an actor: inputs, output and models (issue 11, preflight).
+    preflight.check_inputs("--input", cfg.inputs)
+    preflight.check_output("--output", cfg.output)
+    score = cfg.aesthetic
+    preflight.check_open_clip(
+        "--clip-model", score.clip_model, pretrained=score.pretrained, pretrained_flag="--clip-pretrained"
+    )
+    if score.head != BUILTIN_HEAD:
+        preflight.check_file("--aesthetic-head", score.head, what="'builtin' or a .safetensors/.pth file")
+    summary = run(cfg)
     print(json.dumps(summary, indent=2))
 
 

@@ -26,11 +26,14 @@ from typing import Literal
 import duckdb
 import pyarrow as pa
 
-from manifests.db import connect
+from manifests import preflight
+from manifests.checks import InputError, check_name, check_where, cli, squeeze
+from manifests.db import connect, filter_sql, require_run
 from manifests.io import atomic_write_bytes
 from manifests.materialize import MaterializeConfig, materialize
 from manifests.selection import (
     DEFAULT_PHASH_MAX_DISTANCE,
+    VIEW,
     SelectionSpec,
     input_hashes,
     register_excluded,
@@ -57,26 +60,30 @@ class EvalSetSpec:
     phash_max_distance: int = DEFAULT_PHASH_MAX_DISTANCE
 
     def __post_init__(self) -> None:
+        check_name(self.name, flag="--name")
+        object.__setattr__(self, "where", check_where(self.where, view=VIEW))
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}")
+            raise InputError(f"--num-samples (num_samples) must be ≥ 1, got {self.num_samples}")
         if self.num_aesthetic_buckets < 1:
-            raise ValueError(f"num_aesthetic_buckets must be ≥ 1, got {self.num_aesthetic_buckets}")
+            raise InputError(
+                f"--aesthetic-buckets (num_aesthetic_buckets) must be ≥ 1, got {self.num_aesthetic_buckets}"
+            )
         if self.prompt not in ("vlm", "orig"):
-            raise ValueError(f"prompt must be one of ('vlm', 'orig'), got {self.prompt!r}")
+            raise InputError(f"--prompt (prompt) must be one of ('vlm', 'orig'), got {self.prompt!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        self.candidates()  # validates the name, the distance and that exclude does not name itself
+        self.candidates()  # validates the excluded names, the distance and that exclude does not name itself
 
     def candidates(self) -> SelectionSpec:
-        """The selection whose rows are the eval set's candidates (before stratified sampling)."""
+        """The selection whose rows, once they have a prompt, are the eval set's candidates."""
         return SelectionSpec(
-            self.name,
-            f"({self.where}) AND coalesce(caption_vlm, caption_orig) IS NOT NULL",
-            exclude=self.exclude,
-            phash_max_distance=self.phash_max_distance,
+            self.name, self.where, exclude=self.exclude, phash_max_distance=self.phash_max_distance
         )
 
-    def strata_sql(self) -> str:
-        """Candidates with their prompt and stratum (tier, aesthetic bucket; bucket 0 = no score)."""
+    def strata_sql(self, matched: str | None = None) -> str:
+        """Candidates with a prompt, their prompt and stratum (tier, aesthetic bucket; bucket 0 = no score).
+
+        ``matched``: the checked ``--where`` subquery (``manifests.db.filter_sql``).
+        """
         first, second = (
             ("caption_vlm", "caption_orig") if self.prompt == "vlm" else ("caption_orig", "caption_vlm")
         )
@@ -85,7 +92,8 @@ class EvalSetSpec:
             f"SELECT *, coalesce({first}, {second}) AS prompt, coalesce(tier, '') AS stratum_tier, "
             f"CASE WHEN aesthetic IS NULL THEN 0 ELSE ntile({k}) OVER "
             "(PARTITION BY tier, aesthetic IS NULL ORDER BY aesthetic, key) END AS aesthetic_bucket "
-            f"FROM ({self.candidates().candidates_sql()})"
+            f"FROM ({self.candidates().candidates_sql(matched)}) "
+            "WHERE coalesce(caption_vlm, caption_orig) IS NOT NULL"
         )
 
 
@@ -107,7 +115,7 @@ def eval_rows(con: duckdb.DuckDBPyConnection, spec: EvalSetSpec) -> tuple[pa.Tab
 
     ``con`` needs the views of ``manifests.connect`` and, when ``spec.exclude`` is set, ``excluded``.
     """
-    strata = spec.strata_sql()
+    strata = spec.strata_sql(filter_sql(con, VIEW, spec.where))
     counts = {
         (tier, bucket): count
         for tier, bucket, count in con.execute(
@@ -150,18 +158,35 @@ def write_prompts(out: Path, table: pa.Table) -> None:
 
 
 def build_eval_set(
-    root: str | os.PathLike, spec: EvalSetSpec, *, samples_per_shard: int = 1000, num_workers: int = 1
+    root: str | os.PathLike,
+    spec: EvalSetSpec,
+    *,
+    samples_per_shard: int = 1000,
+    num_workers: int = 1,
+    allow_empty: bool = False,
 ) -> Path:
-    """Select the eval rows, write them as a selection and as shards with prompts; returns the shard folder."""
-    root = Path(root)
-    con = connect(root)
+    """Select the eval rows, write them as a selection and as shards with prompts; returns the shard folder.
+
+    No candidate at all is an ``InputError`` with the counts unless ``allow_empty``.
+    """
+    root = require_run(root)
+    con = connect(root, restricted=True)
     excluded = register_excluded(con, root, spec.exclude)
     table, query, strata = eval_rows(con, spec)
+    if table.num_rows == 0 and not allow_empty:
+        one = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
+        matched = filter_sql(con, VIEW, spec.where)
+        raise InputError(
+            f"eval set {spec.name!r} has 0 rows ({one(f'SELECT count(*) FROM {VIEW}')} kept images in {VIEW}, "
+            f"{one(f'SELECT count(*) FROM ({matched})')} match --where {squeeze(spec.where)!r}, "
+            f"{one(f'SELECT count(*) FROM ({spec.candidates().candidates_sql(matched)})')} left after --exclude, "
+            "0 of them with a caption to prompt with); pass --allow-empty to write it anyway"
+        )
     record = {"spec": asdict(spec), "query": query, "inputs": input_hashes(root, excluded), "strata": strata}
     write_selection(root, spec.name, table, record)
     cfg = MaterializeConfig(
         root=str(root), selection=spec.name, samples_per_shard=samples_per_shard, seed=spec.seed,
-        num_workers=num_workers, output_dir=EVAL_SHARDS_DIR, shard_prefix="eval",
+        num_workers=num_workers, output_dir=EVAL_SHARDS_DIR, shard_prefix="eval", allow_empty=allow_empty,
     )  # fmt: skip
     out = materialize(cfg)
     write_prompts(out, table)
@@ -170,6 +195,7 @@ def build_eval_set(
     return out
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -187,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phash-max-distance", type=int, default=DEFAULT_PHASH_MAX_DISTANCE)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--allow-empty", action="store_true", help="write an eval set with 0 rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = EvalSetSpec(
@@ -194,9 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         num_aesthetic_buckets=args.aesthetic_buckets, prompt=args.prompt, seed=args.seed,
         phash_max_distance=args.phash_max_distance,
     )  # fmt: skip
+    preflight.check_run_folder("--input", args.input)  # before Ray starts an actor (issue 11, preflight)
     out = build_eval_set(
-        args.input, spec, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers
-    )
+        args.input, spec, samples_per_shard=args.samples_per_shard, num_workers=args.num_workers,
+        allow_empty=args.allow_empty,
+    )  # fmt: skip
     info = json.loads((out / "eval.json").read_text())
     print(f"eval set {spec.name}: {sum(s['num_selected'] for s in info['strata'])} rows → {out}")
 

@@ -1,10 +1,26 @@
-"""Image decoding shared by every stage: one reduced decode, EXIF orientation, RGB from any mode."""
+"""Image decoding shared by every stage: one reduced decode, EXIF orientation, RGB from any mode.
+
+Importing this module registers the image formats pixsigma curates beyond Pillow's own: HEIC/HEIF
+through ``pillow-heif`` (a declared dependency; phones write HEIC). AVIF is decoded by Pillow itself
+(built in since Pillow 11.2); ``AVIF_SUPPORTED`` says whether this Pillow build has it. Every reader
+of images (curation, captioning, training) imports this module, so a format that curation keeps is
+one that the later stages can decode.
+"""
 
 from __future__ import annotations
 
 import io
 
-from PIL import Image, ImageOps
+import pillow_heif
+from PIL import Image, ImageOps, features
+
+# Pillow's registry of openers is process-wide by design; registering twice is harmless.
+pillow_heif.register_heif_opener()
+AVIF_SUPPORTED: bool = features.check("avif")
+
+# Pillow formats whose decoder takes ``Image.draft`` (libjpeg DCT scaling). MPO is what cameras and phones
+# write: a baseline JPEG followed by preview or depth images; its first image is the picture.
+JPEG_FORMATS = ("JPEG", "MPO")
 
 
 def decode_rgb(data: bytes, *, min_side: int | None = None) -> Image.Image:
@@ -19,10 +35,10 @@ def decode_rgb(data: bytes, *, min_side: int | None = None) -> Image.Image:
     im = Image.open(io.BytesIO(data))
     width, height = im.size
     scale = max(1, min(width, height) // min_side) if min_side else 1
-    if im.format == "JPEG" and scale > 1:
+    if im.format in JPEG_FORMATS and scale > 1:
         im.draft("RGB", (max(width // scale, 1), max(height // scale, 1)))
     im.load()
-    if im.format != "JPEG" and scale > 1 and im.mode in ("RGB", "RGBA", "L", "LA"):
+    if im.format not in JPEG_FORMATS and scale > 1 and im.mode in ("RGB", "RGBA", "L", "LA"):
         im = im.reduce(min(scale, 8))
     im = ImageOps.exif_transpose(im)
     return to_rgb(im)

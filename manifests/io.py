@@ -1,14 +1,22 @@
 """Atomic writes: temporary name → fsync → rename → commit marker. Readers see committed files only.
 
-A part file ``<dir>/<part>.parquet`` is visible once renamed (rename is atomic on POSIX), and counts as
-committed once ``<dir>/_committed/<part>`` exists. A crash between the two leaves a complete file
-without a marker; the rerun rewrites it with the same bytes. Temporary files start with ``.`` and end
-with ``.tmp`` so no glob of ``*.parquet`` or ``*.tar`` ever matches them.
+A part file ``<dir>/<part>.parquet`` (or a shard ``<dir>/<name>.tar``) is visible once renamed (rename is
+atomic on POSIX), and counts as committed once its marker ``<dir>/_committed/<part>.committed`` exists. A
+crash between the two leaves a complete file without a marker; the rerun rewrites it with the same bytes.
+The marker is a small JSON: the file's name, size and sha256 plus what its writer wants to remember, so a
+reader can tell a truncated or replaced file from the committed one (``manifests.verify`` checks all).
+Markers end in ``.committed``, never in a data extension, so no glob of ``**/*.tar`` or ``**/*.parquet``
+matches one. Runs written before that named the marker after the part itself (``_committed/<shard>.tar``):
+such legacy markers still count, and ``migrate_markers`` (or ``pixsigma-verify --migrate``) renames them.
+Temporary files start with ``.`` and end with ``.tmp`` so no glob of ``*.parquet`` or ``*.tar`` ever
+matches them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -16,9 +24,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.checks import InputError, one_line
 from manifests.schema import SCHEMAS, conform
 
+log = logging.getLogger(__name__)
+
 COMMITTED_DIR = "_committed"
+MARKER_SUFFIX = ".committed"
+_HASH_BLOCK = 1 << 20
 
 
 def _fsync_dir(path: Path) -> None:
@@ -54,13 +67,84 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def mark_committed(directory: Path, part: str, info: dict | None = None) -> None:
+def marker_path(directory: str | os.PathLike, part: str) -> Path:
+    """Where the commit marker of ``part`` lives: ``<directory>/_committed/<part>.committed``."""
+    return Path(directory) / COMMITTED_DIR / f"{part}{MARKER_SUFFIX}"
+
+
+def _legacy_marker_path(directory: str | os.PathLike, part: str) -> Path:
+    """The marker name of runs written before markers had their own suffix (``_committed/<part>``)."""
+    return Path(directory) / COMMITTED_DIR / part
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike, sha256: str | None = None) -> dict:
+    """What a marker records about its file: name, size and sha256 (computed unless given)."""
+    path = Path(path)
+    return {"file": path.name, "num_bytes": path.stat().st_size, "sha256": sha256 or file_sha256(path)}
+
+
+def mark_committed(directory: str | os.PathLike, part: str, info: dict | None = None) -> None:
     """Write the commit marker of ``part`` (a small JSON with whatever the writer wants to remember)."""
-    atomic_write_bytes(directory / COMMITTED_DIR / part, json.dumps(info or {}, sort_keys=True).encode())
+    atomic_write_bytes(marker_path(directory, part), json.dumps(info or {}, sort_keys=True).encode())
+    _legacy_marker_path(directory, part).unlink(missing_ok=True)
+
+
+def unmark_committed(directory: str | os.PathLike, part: str) -> None:
+    """Remove the commit marker of ``part`` (new and legacy name): the file no longer counts as written."""
+    marker_path(directory, part).unlink(missing_ok=True)
+    legacy = _legacy_marker_path(directory, part)
+    if legacy.is_file():
+        legacy.unlink()
 
 
 def is_committed(directory: str | os.PathLike, part: str) -> bool:
-    return (Path(directory) / COMMITTED_DIR / part).exists()
+    return marker_path(directory, part).exists() or _legacy_marker_path(directory, part).is_file()
+
+
+def marker_info(directory: str | os.PathLike, part: str) -> dict | None:
+    """The JSON a committed part's marker holds (``{}`` for an empty legacy marker); None if uncommitted."""
+    for path in (marker_path(directory, part), _legacy_marker_path(directory, part)):
+        if path.is_file():
+            text = path.read_bytes()
+            return json.loads(text) if text.strip() else {}
+    return None
+
+
+def legacy_markers(directory: str | os.PathLike) -> list[Path]:
+    """Markers under ``<directory>/_committed`` still named the old way (no ``.committed`` suffix)."""
+    markers = Path(directory) / COMMITTED_DIR
+    if not markers.is_dir():
+        return []
+    return sorted(
+        p
+        for p in markers.iterdir()
+        if p.is_file() and not p.name.endswith(MARKER_SUFFIX) and not p.name.startswith(".")
+    )
+
+
+def migrate_markers(directory: str | os.PathLike) -> int:
+    """Rename the legacy markers of ``directory`` to ``<part>.committed``; returns how many were renamed."""
+    moved = 0
+    for legacy in legacy_markers(directory):
+        new = legacy.with_name(legacy.name + MARKER_SUFFIX)
+        if new.exists():
+            legacy.unlink()
+        else:
+            os.replace(legacy, new)
+        moved += 1
+    if moved:
+        _fsync_dir(Path(directory) / COMMITTED_DIR)
+        log.info("renamed %d legacy commit markers in %s", moved, Path(directory) / COMMITTED_DIR)
+    return moved
 
 
 def committed_parts(directory: str | os.PathLike, suffix: str = ".parquet") -> list[Path]:
@@ -69,6 +153,28 @@ def committed_parts(directory: str | os.PathLike, suffix: str = ".parquet") -> l
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob(f"*{suffix}") if is_committed(directory, p.name[: -len(suffix)]))
+
+
+class CorruptPartError(InputError):
+    """A committed file that no longer matches its commit marker (truncated, replaced) or cannot be read."""
+
+
+def check_committed_file(path: str | os.PathLike, part: str | None = None) -> None:
+    """Raise ``CorruptPartError`` naming ``path`` if its size differs from what its marker recorded.
+
+    Cheap (one stat and the small marker): readers call it on every part; ``manifests.verify`` also
+    compares the sha256.
+    """
+    path = Path(path)
+    part = part if part is not None else path.stem
+    info = marker_info(path.parent, part) or {}
+    expected = info.get("num_bytes")
+    if expected is not None and path.stat().st_size != expected:
+        raise CorruptPartError(
+            f"committed part {path} is {path.stat().st_size} bytes but its commit marker says {expected}: "
+            "it was truncated or replaced after it was written; restore it or rerun the stage that wrote it "
+            "(python -m manifests.verify --input RUN lists every such file)"
+        )
 
 
 class ManifestWriter:
@@ -83,6 +189,7 @@ class ManifestWriter:
         self.schema: pa.Schema = SCHEMAS[schema_name]
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        migrate_markers(self.directory)
 
     def path(self, part: str) -> Path:
         return self.directory / f"{part}.parquet"
@@ -100,10 +207,11 @@ class ManifestWriter:
         try:
             # Fixed writer options so reruns produce the same bytes.
             pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+            record = file_record(tmp)
             publish(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        mark_committed(self.directory, part, {"num_rows": table.num_rows})
+        mark_committed(self.directory, part, {**record, "file": path.name, "num_rows": table.num_rows})
         return path
 
 
@@ -123,4 +231,26 @@ def read_manifest(directory: str | os.PathLike, schema_name: str) -> pa.Table:
     parts = committed_parts(directory)
     if not parts:
         return schema.empty_table()
-    return pa.concat_tables([conform(pq.read_table(p), schema) for p in parts])
+    return pa.concat_tables([conform(read_committed_table(p), schema) for p in parts])
+
+
+def read_committed_table(path: str | os.PathLike) -> pa.Table:
+    """A committed Parquet part; a truncated or unreadable one raises ``CorruptPartError`` naming it."""
+    check_committed_file(path)
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise CorruptPartError(
+            f"cannot read committed part {path}: {type(err).__name__}: {one_line(err)}"
+        ) from err
+
+
+def read_committed_schema(path: str | os.PathLike) -> pa.Schema:
+    """The Arrow schema of a committed Parquet part (its footer), naming the part if it cannot be read."""
+    check_committed_file(path)
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise CorruptPartError(
+            f"cannot read committed part {path}: {type(err).__name__}: {one_line(err)}"
+        ) from err

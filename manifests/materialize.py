@@ -4,6 +4,9 @@ Each sample holds the original image bytes, a JSON sidecar (key, size, both capt
 bucket per base resolution) and, when configured, ``t5_orig.npy``/``t5_vlm.npy`` (valid tokens only,
 float16) and ``vae<res>.npy`` (posterior mean and std stacked, unscaled, float16, at the bucket size after
 resize-to-cover + center-crop) so training can resample a latent each step.
+Shards follow the selection they are given: each shard's commit marker records the sha256 of its plan (its
+rows and the feature settings), so a rerun keeps a shard only if it would write the same one, rewrites the
+others and removes shards the new plan no longer has. An empty selection is an error unless ``--allow-empty``.
 CLI: ``python -m manifests.materialize --input OUT --selection NAME [--t5 PATH] [--vae PATH --vae-resolution 256]``.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -23,12 +27,25 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
+from manifests import preflight
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.cards import write_shards_card
+from manifests.checks import InputError, check_name, cli, squeeze
 from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
 from manifests.features import NULL_CAPTION_FILE
 from manifests.imageio import decode_rgb
-from manifests.io import atomic_write_bytes, is_committed, publish, temp_path
-from manifests.selection import SELECTIONS_DIR
+from manifests.io import (
+    COMMITTED_DIR,
+    MARKER_SUFFIX,
+    atomic_write_bytes,
+    marker_info,
+    migrate_markers,
+    publish,
+    temp_path,
+    unmark_committed,
+)
+from manifests.progress import quiet_library_bars
+from manifests.selection import RECORD_FILE, ROWS_FILE, require_selection
 from manifests.tars import extension_for, json_bytes, npy_bytes, read_members, write_shard
 
 log = logging.getLogger(__name__)
@@ -53,9 +70,13 @@ class MaterializeConfig:
     feature_batch_size: int = 32  # captions or same-size crops per encoder call
     output_dir: str = TRAIN_SHARDS_DIR  # folder under root; the eval set writes to eval_shards/
     shard_prefix: str = "train"  # shards are <prefix>-NNNNNN.tar (the trainer globs train-*.tar)
+    allow_empty: bool = False  # an empty selection writes 0 shards instead of failing
 
     def __post_init__(self) -> None:
-        self.name = self.name or self.selection
+        check_name(self.selection, flag="--selection")
+        self.name = check_name(self.name or self.selection, flag="--name")
+        check_name(self.output_dir, flag="output_dir")
+        check_name(self.shard_prefix, flag="shard_prefix")
         if self.vae_resolutions and not self.vae:
             raise ValueError("vae_resolutions is set but vae is not: name the VAE to cache latents with")
         if self.samples_per_shard < 1:
@@ -68,19 +89,33 @@ class MaterializeConfig:
         return Path(self.root) / self.output_dir / self.name
 
 
+def feature_settings(cfg: MaterializeConfig) -> dict:
+    """What, besides its rows, decides a shard's bytes (part of each shard's plan hash)."""
+    return {
+        "resolutions": list(cfg.resolutions),
+        "t5": cfg.t5,
+        "vae": cfg.vae,
+        "vae_resolutions": list(cfg.vae_resolutions),
+    }
+
+
 def plan(rows: list[dict], cfg: MaterializeConfig) -> list[dict]:
-    """Shuffle the selection with the seed, then cut fixed-size shards; same inputs, same plan."""
+    """Shuffle the selection with the seed, then cut fixed-size shards; same inputs, same plan.
+
+    Each item carries ``plan_sha256`` (its rows and the feature settings): a committed shard is kept on a
+    rerun only when its marker holds the same hash.
+    """
     rows = sorted(rows, key=lambda r: r["key"])
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     shuffled = [rows[i] for i in order]
     size = cfg.samples_per_shard
-    return [
-        {
-            "shard": f"{cfg.shard_prefix}-{i:06d}.tar",
-            "rows": json.dumps(shuffled[start : start + size], default=str),
-        }
-        for i, start in enumerate(range(0, len(shuffled), size))
-    ]
+    features = json.dumps(feature_settings(cfg), sort_keys=True)
+    items = []
+    for i, start in enumerate(range(0, len(shuffled), size)):
+        rows_json = json.dumps(shuffled[start : start + size], default=str)
+        digest = hashlib.sha256(f"{rows_json}\0{features}".encode()).hexdigest()
+        items.append({"shard": f"{cfg.shard_prefix}-{i:06d}.tar", "rows": rows_json, "plan_sha256": digest})
+    return items
 
 
 class ShardWriter:
@@ -98,14 +133,19 @@ class ShardWriter:
         rows = json.loads(item["rows"])
         buckets = Counter()
         written = False
-        if not is_committed(self.out, item["shard"]):  # resume: a committed shard is not read again
+        # Resume: a shard committed from this very plan is not read again; one from another plan (the
+        # selection or the features changed) is rewritten.
+        if not self._is_done(item):
+            unmark_committed(self.out, item["shard"])
             images = self._read_images(rows)
             samples = [self.sample(row, images[row["key"]]) for row in rows]
             if self.t5:
                 self._add_t5(rows, samples)
             if self.vae:
                 self._add_vae(rows, samples)
-            written = write_shard(self.out / item["shard"], samples)
+            written = write_shard(
+                self.out / item["shard"], samples, info={"plan_sha256": item["plan_sha256"]}
+            )
         for row in rows:
             for res in self.cfg.resolutions:
                 buckets[f"{res}:{'x'.join(map(str, nearest_bucket(row['height'], row['width'], res)))}"] += 1
@@ -115,6 +155,16 @@ class ShardWriter:
             "buckets": json.dumps(dict(sorted(buckets.items()))),
             "written": written,
         }
+
+    def _is_done(self, item: dict) -> bool:
+        """Committed from this very plan, and still the size its marker recorded."""
+        info = marker_info(self.out, item["shard"]) or {}
+        path = self.out / item["shard"]
+        return (
+            info.get("plan_sha256") == item["plan_sha256"]
+            and path.is_file()
+            and path.stat().st_size == info.get("num_bytes")
+        )
 
     def _read_images(self, rows: list[dict]) -> dict[str, bytes]:
         """Original bytes per key, reading each curated tar once."""
@@ -183,17 +233,60 @@ class ShardWriter:
                         samples[i][member] = npy_bytes(posterior)
 
 
+def remove_stale_shards(out: Path, plans: list[dict], prefix: str) -> int:
+    """Delete ``<prefix>-*.tar`` shards (and markers) the plan does not have: an earlier, larger selection's."""
+    planned = {p["shard"] for p in plans}
+    stale = [p for p in sorted(out.glob(f"{prefix}-*.tar")) if p.name not in planned]
+    for path in stale:
+        unmark_committed(out, path.name)
+        path.unlink()
+    for marker in sorted(out.glob(f"{COMMITTED_DIR}/{prefix}-*.tar{MARKER_SUFFIX}")):  # markers left alone
+        if marker.name.removesuffix(MARKER_SUFFIX) not in planned:
+            marker.unlink()
+    return len(stale)
+
+
+def load_selection(root: Path, cfg: MaterializeConfig) -> tuple[list[dict], dict]:
+    """The selection's rows and record; an ``InputError`` when it is missing, or empty without allow_empty."""
+    folder = require_selection(root, cfg.selection)
+    record = json.loads((folder / RECORD_FILE).read_text())
+    rows = pq.read_table(folder / ROWS_FILE).to_pylist()
+    if not rows and not cfg.allow_empty:
+        where = record.get("spec", {}).get("where")
+        raise InputError(
+            f"selection {cfg.selection!r} has 0 rows (selected with --where {squeeze(str(where))!r}, "
+            f"see {folder / RECORD_FILE}): nothing to materialise; select again with another --where, "
+            "or pass --allow-empty to write 0 shards"
+        )
+    return rows, record
+
+
 def materialize(cfg: MaterializeConfig) -> Path:
     """Write the training shards of a selection and their index; returns the output folder."""
     root = Path(cfg.root)
-    rows = pq.read_table(root / SELECTIONS_DIR / cfg.selection / "rows.parquet").to_pylist()
+    if not root.is_dir():
+        raise InputError(f"--input {cfg.root!r} is not a folder: pass the run folder that holds selections/")
+    rows, selection_record = load_selection(root, cfg)
     out = cfg.out_dir()
     out.mkdir(parents=True, exist_ok=True)
+    migrate_markers(out)
     plans = plan(rows, cfg)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, configure_logging=False)
+    previous = out / "shards.json"
+    if previous.is_file():
+        before = json.loads(previous.read_text()).get("selection_keys_sha256")
+        if before != selection_record["keys_sha256"]:
+            log.warning(
+                "%s holds shards of another version of selection %r: rewriting them", out, cfg.selection
+            )
+            previous.unlink()  # nothing describes the folder until it is consistent again
+            (out / INDEX_FILE).unlink(missing_ok=True)
+    removed = remove_stale_shards(out, plans, cfg.shard_prefix)
+    if removed:
+        log.info("removed %d shards the selection no longer fills", removed)
     results = []
     if plans:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False, configure_logging=False)
         ds = ray.data.from_items(plans, override_num_blocks=len(plans)).map(
             ShardWriter,
             fn_constructor_args=(cfg,),
@@ -219,7 +312,6 @@ def materialize(cfg: MaterializeConfig) -> Path:
         from manifests.features import T5Features
 
         atomic_write_bytes(out / NULL_CAPTION_FILE, npy_bytes(T5Features(cfg.t5)([""])[0]))
-    selection_record = json.loads((root / SELECTIONS_DIR / cfg.selection / "selection.json").read_text())
     info = {
         "config": dataclasses.asdict(cfg),
         "selection_keys_sha256": selection_record["keys_sha256"],
@@ -228,10 +320,12 @@ def materialize(cfg: MaterializeConfig) -> Path:
         "features": {"t5": cfg.t5, "vae": cfg.vae, "vae_resolutions": list(cfg.vae_resolutions)},
     }
     atomic_write_bytes(out / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
+    write_shards_card(cfg, image_formats={r["format"] for r in rows})  # HF dataset card (issue 11)
     log.info("materialised %d samples into %d shards at %s", len(rows), len(plans), out)
     return out
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -247,13 +341,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--num-gpus", type=float, default=0.0)
     parser.add_argument("--feature-batch-size", type=int, default=32)
+    parser.add_argument("--allow-empty", action="store_true", help="an empty selection writes 0 shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
     cfg = MaterializeConfig(
         root=args.input, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
         seed=args.seed, t5=args.t5, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
         num_workers=args.num_workers, num_gpus=args.num_gpus, feature_batch_size=args.feature_batch_size,
+        allow_empty=args.allow_empty,
     )  # fmt: skip
+    # Before Ray starts an actor: the run folder and the encoders (issue 11, preflight).
+    preflight.check_run_folder("--input", cfg.root)
+    for flag, model in (("--t5", cfg.t5), ("--vae", cfg.vae)):
+        if model:
+            preflight.check_model(flag, model)
     out = materialize(cfg)
     print(f"training shards → {out}")
 

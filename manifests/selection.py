@@ -4,6 +4,9 @@ A selection is ``<root>/selections/<name>/rows.parquet`` plus ``selection.json``
 the sha256 of every input manifest part and of the rows written, so a training run can name exactly
 what it trained on. A selection can exclude other selections (an eval set, say): no row shares a key, a
 sha256 or a pHash group (Hamming distance ≤ ``phash_max_distance``) with a row of an excluded one.
+The ``WHERE`` is one boolean expression, checked (``manifests.checks.check_where``) and run on a
+connection that can read the manifests and nothing else. A selection with 0 rows is an error that shows
+the counts, unless ``--allow-empty``.
 CLI: ``python -m manifests.selection --input OUT --name NAME --where SQL [--limit N] [--exclude EVAL]``.
 """
 
@@ -20,12 +23,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.db import connect, manifest_files
-from manifests.io import atomic_write_bytes, publish, temp_path
+from manifests.checks import InputError, check_name, check_where, cli, squeeze
+from manifests.db import SELECTION_ROWS_FILE, SELECTIONS_DIR, connect, filter_sql, manifest_files, require_run
+from manifests.io import atomic_write_bytes, file_sha256, publish, temp_path
 
-SELECTIONS_DIR = "selections"
-ROWS_FILE = "rows.parquet"
+ROWS_FILE = SELECTION_ROWS_FILE
 RECORD_FILE = "selection.json"
+VIEW = "image_captions"  # the view a selection's WHERE filters
 PHASH_BITS = 64
 # Two 64-bit pHashes this close count as one image: ≤ 4 of 64 bits is a common near-duplicate cut-off
 # (resize, re-encode, small crops), tight enough that unrelated images almost never meet it.
@@ -49,31 +53,38 @@ class SelectionSpec:
     phash_max_distance: int = DEFAULT_PHASH_MAX_DISTANCE
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        check_name(self.name, flag="--name")
+        for excluded in self.exclude:
+            check_name(excluded, flag="--exclude")
+        object.__setattr__(self, "where", check_where(self.where, view=VIEW))
         if self.sample_fraction is not None and not 0 < self.sample_fraction <= 1:
-            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+            raise InputError(
+                f"--sample-fraction (sample_fraction) must be in (0, 1], got {self.sample_fraction}"
+            )
         if self.limit is not None and self.limit < 0:
-            raise ValueError(f"limit must be ≥ 0, got {self.limit}")
+            raise InputError(f"--limit must be ≥ 0, got {self.limit}")
         if not 0 <= self.phash_max_distance < PHASH_BITS // 2:
-            raise ValueError(
-                f"phash_max_distance must be in [0, {PHASH_BITS // 2}), got {self.phash_max_distance}"
+            raise InputError(
+                f"--phash-max-distance (phash_max_distance) must be in [0, {PHASH_BITS // 2}), got {self.phash_max_distance}"
             )
         if self.name in self.exclude:
-            raise ValueError(f"exclude must not name the selection itself ({self.name!r})")
+            raise InputError(f"--exclude must not name the selection itself ({self.name!r})")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
-    def candidates_sql(self) -> str:
+    def candidates_sql(self, matched: str | None = None) -> str:
         """Rows matching ``where`` (and the sample), minus excluded ones; unordered, no limit.
 
+        ``matched`` is the checked ``SELECT * FROM image_captions WHERE (<where>)`` (``filter_sql``); the
+        user's expression lives only inside it, so it cannot reach the sample or exclusion conditions.
         Sampling hashes the key with the seed, so it does not depend on row order. Exclusion reads the
         view ``excluded`` (key, sha256, phash of the excluded selections; see ``register_excluded``).
         """
+        matched = matched or f"SELECT * FROM {VIEW} WHERE ({self.where})"
         columns = ", ".join(SELECTION_COLUMNS)
-        query = f"SELECT {columns} FROM image_captions WHERE ({self.where})"
+        query = f"SELECT {columns} FROM (\n{matched}\n) AS matched"
         if self.sample_fraction is not None:
             threshold = int(self.sample_fraction * 2**32)
-            query += f" AND ('0x' || left(md5(key || '#{self.seed}'), 8))::UBIGINT < {threshold}"
+            query += f" WHERE ('0x' || left(md5(key || '#{self.seed}'), 8))::UBIGINT < {threshold}"
         if not self.exclude:
             return query
         near = near_duplicates_sql("candidates", "excluded", self.phash_max_distance)
@@ -84,9 +95,9 @@ class SelectionSpec:
             "AND key NOT IN (SELECT key FROM near)"
         )
 
-    def sql(self) -> str:
+    def sql(self, matched: str | None = None) -> str:
         """The full query: the candidates ordered by key, then the limit."""
-        query = f"SELECT * FROM ({self.candidates_sql()}) ORDER BY key"
+        query = f"SELECT * FROM ({self.candidates_sql(matched)}) ORDER BY key"
         if self.limit is not None:
             query += f" LIMIT {self.limit}"
         return query
@@ -123,7 +134,24 @@ def near_duplicates_sql(candidates: str, excluded: str, max_distance: int) -> st
 
 
 def selection_dir(root: str | os.PathLike, name: str) -> Path:
-    return Path(root) / SELECTIONS_DIR / name
+    return Path(root) / SELECTIONS_DIR / check_name(name)
+
+
+def selection_names(root: str | os.PathLike) -> list[str]:
+    """Names of the selections written under ``root`` (those with a ``selection.json``)."""
+    return sorted(p.parent.name for p in (Path(root) / SELECTIONS_DIR).glob(f"*/{RECORD_FILE}"))
+
+
+def require_selection(root: str | os.PathLike, name: str, *, flag: str = "--selection") -> Path:
+    """The folder of selection ``name``; an ``InputError`` naming the fix when there is none."""
+    folder = Path(root) / SELECTIONS_DIR / check_name(name, flag=flag)
+    if not (folder / RECORD_FILE).is_file() or not (folder / ROWS_FILE).is_file():
+        have = ", ".join(selection_names(root)) or "none"
+        raise InputError(
+            f"{flag} {name!r}: no selection of that name in {Path(root) / SELECTIONS_DIR} (have: {have}); "
+            f"write it first: python -m manifests.selection --input {root} --name {name} --where '…'"
+        )
+    return folder
 
 
 def register_excluded(
@@ -132,10 +160,8 @@ def register_excluded(
     """Create the view ``excluded`` over the named selections; returns each one's ``keys_sha256``."""
     paths, hashes = [], {}
     for name in names:
-        folder = selection_dir(root, name)
-        if not (folder / RECORD_FILE).is_file():
-            raise ValueError(f"exclude names selection {name!r}, but {folder / RECORD_FILE} does not exist")
-        paths.append(str(folder / ROWS_FILE))
+        folder = require_selection(root, name, flag="--exclude")
+        paths.append(str((folder / ROWS_FILE).absolute()))
         hashes[name] = json.loads((folder / RECORD_FILE).read_text())["keys_sha256"]
     if paths:
         files = "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
@@ -145,16 +171,9 @@ def register_excluded(
     return hashes
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def input_hashes(root: Path, excluded: dict[str, str]) -> dict:
     """sha256 of every committed manifest part below ``root``, and the keys hash of each excluded selection."""
+    root = Path(root).absolute()
     inputs = {
         name: {str(Path(p).relative_to(root)): file_sha256(p) for p in manifest_files(root, name)}
         for name in ("images", "captions")
@@ -185,17 +204,38 @@ def write_selection(root: Path, name: str, table: pa.Table, record: dict) -> Pat
     return out
 
 
-def select(root: str | os.PathLike, spec: SelectionSpec) -> Path:
-    """Run the selection over the manifests below ``root``; returns the selection folder."""
-    root = Path(root)
-    con = connect(root)
+def empty_report(con: duckdb.DuckDBPyConnection, spec: SelectionSpec, matched: str) -> str:
+    """One line with the row counts at each step, for a selection that came out empty."""
+    one = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
+    num_kept = one(f"SELECT count(*) FROM {VIEW}")
+    num_matched = one(f"SELECT count(*) FROM ({matched})")
+    steps = f"{num_kept} kept images in {VIEW}, {num_matched} match --where {squeeze(spec.where)!r}"
+    if spec.sample_fraction is not None or spec.exclude:
+        num_left = one(f"SELECT count(*) FROM ({spec.candidates_sql(matched)})")
+        steps += f", {num_left} left after --sample-fraction/--exclude"
+    if spec.limit == 0:
+        steps += ", --limit 0"
+    return f"selection {spec.name!r} has 0 rows ({steps}); pass --allow-empty to write it anyway"
+
+
+def select(root: str | os.PathLike, spec: SelectionSpec, *, allow_empty: bool = False) -> Path:
+    """Run the selection over the manifests of ``root``; returns the selection folder.
+
+    0 rows is an ``InputError`` with the counts per step unless ``allow_empty``.
+    """
+    root = require_run(root)
+    con = connect(root, restricted=True)
     excluded = register_excluded(con, root, spec.exclude)
-    query = spec.sql()
+    matched = filter_sql(con, VIEW, spec.where)
+    query = spec.sql(matched)
     table = con.sql(query).to_arrow_table()
+    if table.num_rows == 0 and not allow_empty:
+        raise InputError(empty_report(con, spec, matched))
     record = {"spec": asdict(spec), "query": query, "inputs": input_hashes(root, excluded)}
     return write_selection(root, spec.name, table, record)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -208,12 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", action="append", default=[], help="a selection to stay disjoint from")
     parser.add_argument("--phash-max-distance", type=int, default=DEFAULT_PHASH_MAX_DISTANCE)
+    parser.add_argument("--allow-empty", action="store_true", help="write a selection with 0 rows")
     args = parser.parse_args(argv)
     spec = SelectionSpec(
         args.name, args.where, args.limit, args.sample_fraction, args.seed,
         exclude=tuple(args.exclude), phash_max_distance=args.phash_max_distance,
     )  # fmt: skip
-    out = select(args.input, spec)
+    out = select(args.input, spec, allow_empty=args.allow_empty)
     record = json.loads((out / RECORD_FILE).read_text())
     print(f"selection {spec.name}: {record['num_rows']} rows → {out}")
 

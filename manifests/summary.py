@@ -1,7 +1,8 @@
 """The end-of-run summary: what came in, what was kept, captioned, selected and trained, and where it lies.
 
-CLI: ``python -m manifests.summary --input OUT/run [--train OUT/train]``. Reads only files (manifests,
-selection records, the trainer's metrics.jsonl), so it imports no stage.
+CLI: ``python -m manifests.summary --input OUT/run [--train OUT/train] [--samples DIR]``. Reads only files
+(manifests, selection records, the trainer's metrics.jsonl, evaluations' metrics.json, a sampling run's
+images.jsonl), so it imports no stage.
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
+from manifests.checks import cli
 from manifests.db import connect
 from manifests.selection import SELECTIONS_DIR
 
 
-def summarize(root: str | Path, train_dir: str | Path | None = None) -> dict:
-    """Counts from the manifests under ``root`` and, when given, the training run's first/last loss."""
+def summarize(
+    root: str | Path, train_dir: str | Path | None = None, samples_dir: str | Path | None = None
+) -> dict:
+    """Counts from the manifests under ``root``; when given, the training run's first/last loss and its
+    evaluations (``<train>/eval/<name>/metrics.json``), and a sampling run's images (``images.jsonl``)."""
     root = Path(root)
     con = connect(root)
     one = lambda sql: con.execute(sql).fetchall()[0][0]  # noqa: E731
@@ -61,7 +66,23 @@ def summarize(root: str | Path, train_dir: str | Path | None = None) -> dict:
             "last_loss": metrics[-1]["loss"] if metrics else None,
         }
         summary["outputs"]["train_run"] = str(train_dir)
+        _add_evaluations(summary, Path(train_dir))
+    if samples_dir is not None:
+        rows = (Path(samples_dir) / "images.jsonl").read_text().splitlines()
+        summary["outputs"]["samples"] = f"{samples_dir} ({len(rows)} images, images.jsonl)"
     return summary
+
+
+def _add_evaluations(summary: dict, train_dir: Path) -> None:
+    """FID / CLIP score of every evaluation under ``<train>/eval/<name>/`` (training/evaluate.py's files)."""
+    for metrics_file in sorted((train_dir / "eval").glob("*/metrics.json")):
+        m = json.loads(metrics_file.read_text())
+        summary.setdefault("evaluation", {})[metrics_file.parent.name] = {
+            "fid": m["fid"], "clip_score": m["clip_score"], "num_images": m["num_images"], "model": m["model"],
+        }  # fmt: skip
+        summary["outputs"][f"eval/{metrics_file.parent.name}"] = (
+            f"{metrics_file.parent} (metrics.json, clip_scores.parquet, index.html, images/)"
+        )
 
 
 def format_summary(summary: dict) -> str:
@@ -77,20 +98,26 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"training:            {t['steps']} steps over {t['stages']}, loss {t['first_loss']:.4f} → {t['last_loss']:.4f}"
         )
+    for name, e in summary.get("evaluation", {}).items():
+        lines.append(
+            f"evaluation {name + ':':<9} FID {e['fid']:.3f}, CLIP score {e['clip_score']:.3f} ({e['num_images']} images)"
+        )
     lines.append("outputs:")
     lines += [f"  {name:<22} {where}" for name, where in summary["outputs"].items()]
     return "\n".join(lines)
 
 
+@cli
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--input", required=True, help="run folder")
-    parser.add_argument("--train")
+    parser.add_argument("--train", help="training run folder (its eval/<name>/ evaluations are listed too)")
+    parser.add_argument("--samples", help="a sampling output folder (python -m training.sample --output)")
     parser.add_argument("--output", help="also write the summary here as JSON")
     args = parser.parse_args(argv)
-    summary = summarize(args.input, args.train)
+    summary = summarize(args.input, args.train, args.samples)
     if args.output:
         Path(args.output).write_text(json.dumps(summary, indent=2))
     print(format_summary(summary))

@@ -7,6 +7,7 @@ path can do no harm.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -28,6 +29,8 @@ FORMAT_EXTENSIONS = {
     "GIF": "gif",
     "BMP": "bmp",
     "TIFF": "tif",
+    "HEIF": "heic",  # pillow-heif's format name (see manifests.imageio)
+    "AVIF": "avif",
 }
 
 
@@ -49,19 +52,24 @@ def tar_bytes(samples: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(path: str | os.PathLike, samples: list[dict]) -> bool:
-    """Write a shard atomically and commit it; returns False when it was already committed."""
+def write_shard(path: str | os.PathLike, samples: list[dict], *, info: dict | None = None) -> bool:
+    """Write a shard atomically and commit it; returns False when it was already committed.
+
+    The commit marker records the shard's size, sha256 and sample count, plus ``info``.
+    """
     path = Path(path)
     if is_committed(path.parent, path.name):
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = tar_bytes(samples)
     tmp = temp_path(path)
     try:
-        tmp.write_bytes(tar_bytes(samples))
+        tmp.write_bytes(data)
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    mark_committed(path.parent, path.name, {"num_samples": len(samples)})
+    record = {"file": path.name, "num_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mark_committed(path.parent, path.name, {**(info or {}), **record, "num_samples": len(samples)})
     return True
 
 

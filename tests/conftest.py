@@ -62,7 +62,11 @@ class RayCluster:
             f"--ray-client-server-port={free_port()}",
         ]  # fmt: skip
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The nodes run this venv's `python` (a `ray job submit … -- python …` entrypoint resolves it on PATH).
+        env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 90) -> None:
@@ -110,3 +114,22 @@ def ray_cluster():
     ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
     cluster.stop()
+
+
+def ray_job_submit(
+    cluster: RayCluster, entrypoint: list[str], *, cwd: Path, env: dict, working_dir: bool = True
+) -> subprocess.CompletedProcess:
+    """`ray job submit [--working-dir .] -- ENTRYPOINT` on ``cluster``; waits for the job to end.
+
+    The head's job agent registers a few seconds after the dashboard answers: retried until it takes the job.
+    """
+    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster.dashboard]
+    command += ["--working-dir", "."] if working_dir else []
+    for _ in range(60):
+        result = subprocess.run(
+            [*command, "--", *entrypoint], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        )
+        if "No available agent" not in result.stdout + result.stderr:
+            return result
+        time.sleep(2)
+    raise RuntimeError(f"the job agent never came up: {result.stderr[-2000:]}")

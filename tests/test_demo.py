@@ -46,3 +46,13 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     shards = json.loads((out / "run" / "train_shards" / "demo" / "shards.json").read_text())
     assert shards["features"]["vae_resolutions"]  # trained from cached features
     assert "inputs:" in result.stdout and "training:" in result.stdout
+    # The trained demo model sampled the eval prompts and was evaluated (issue 12).
+    num_eval = summary["selections"]["eval"]
+    assert len((out / "samples" / "images.jsonl").read_text().splitlines()) == num_eval
+    evaluation = summary["evaluation"]["eval"]
+    assert (
+        evaluation["num_images"] == num_eval and evaluation["fid"] == evaluation["fid"]
+    )  # a number, not NaN
+    assert (out / "train" / "eval" / "eval" / "index.html").exists()
+    assert "evaluation eval:" in result.stdout and "FID" in result.stdout
+    assert {"samples", "eval/eval"} <= set(summary["outputs"])

@@ -84,6 +84,31 @@ class ValidationSection:
 
 
 @dataclass
+class EvaluationSection:
+    """In-training FID / CLIP score on the first prompts of an eval set (training/evaluate.py), rank 0."""
+
+    every: int = 0  # steps between evaluations inside a stage; 0: off
+    eval_set: str = ""  # eval shards folder (prompts.jsonl + eval-*.tar), as manifests.evalset writes it
+    num_samples: int = 8  # prompts of the subset
+    inception: str = ""  # FID Inception-v3 weights file; "" = torch-fidelity's file in the torch hub cache
+    fid_features: int = 2048
+    clip_model: str = "ViT-L-14-quickgelu"  # open_clip name (as curation's) or local-dir:PATH
+    clip_pretrained: str = "openai"  # open_clip tag or weights file; ignored for local-dir:
+    steps: int = 20
+    cfg_scale: float = 4.5
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("evaluation: every must be >= 0; num_samples, steps and batch_size >= 1")
+        if self.every and not self.eval_set:
+            raise ValueError("evaluation.every is set but evaluation.eval_set (an eval set folder) is not")
+        if self.fid_features not in (64, 192, 768, 2048):
+            raise ValueError(f"evaluation.fid_features must be 64, 192, 768 or 2048, got {self.fid_features}")
+
+
+@dataclass
 class LogSection:
     every: int = 1  # steps between metric records
     progress_bar: bool = True  # tqdm on rank 0
@@ -137,11 +162,13 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)  # issue 12: in-training FID/CLIP
     log: LogSection = field(default_factory=LogSection)
     faults: FaultSection = field(default_factory=FaultSection)
     seed: int = 0
     checkpoint_every: int = 50  # steps; also where the data stream is reseeded (see training/data.py)
     keep_checkpoints: int = 2
+    export_stages: bool = True  # final/<stage>/ (+ final_ema/<stage>/) at each stage's end, never pruned
 
     def __post_init__(self) -> None:
         if not self.stages:

@@ -3,7 +3,12 @@
 Our parameter names are the reference's, so an original ``.pth`` loads after dropping ``pos_embed``.
 diffusers splits the fused projections (``attn.qkv`` → ``attn1.to_q/k/v``, ``cross_attn.kv_linear`` →
 ``attn2.to_k/v``) and renames the rest; the table below is the whole mapping. diffusers has no KV
-compression, so a compressed model goes to our own folder (safetensors + config json) instead.
+compression: a compressed model becomes a ``training.kv_processor.PixArtKVTransformer2DModel`` (the plain
+diffusers model plus a KV-compression attention processor whose weights are ``attn1.processor.sr|norm``),
+or goes to our own folder (safetensors + config json).
+
+CLI (export any source to a complete ``PixArtSigmaPipeline`` folder; see ``training.pipeline``):
+``python -m training.convert --input RUN/final --output OUT [--components copy|reference]``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ _FUSED = {
     "attn.qkv": ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
     "cross_attn.kv_linear": ("attn2.to_k", "attn2.to_v"),
 }
+# KV compression (when on in block i): ours "blocks.{i}.attn.*" → the processor's "transformer_blocks.{i}.attn1.processor.*"
+_KV_COMPRESSION = {"attn.sr": "attn1.processor.sr", "attn.norm": "attn1.processor.norm"}
 # ours only: the null caption (diffusers passes the negative prompt instead)
 _NULL_CAPTION_KEYS = ("y_embedder.y_embedding", "y_embedder.y_mask")
 # reference keys we do not support: PixArt-α 1024-MS micro-conditions
@@ -93,9 +100,24 @@ def diffusers_config(config: ModelConfig) -> dict:
     """``PixArtTransformer2DModel`` kwargs for this config (Σ: no micro-conditions, explicit PE scale)."""
     if config.kv_compress_layers:
         raise ValueError(
-            f"KV compression (layers {list(config.kv_compress_layers)}) has no diffusers equivalent; "
-            "use training.convert.save_model to export this model to a pixsigma folder"
+            f"KV compression (layers {list(config.kv_compress_layers)}) has no diffusers equivalent in "
+            "PixArtTransformer2DModel; export with training.pipeline.export_pipeline (PixArtKVTransformer2DModel, "
+            "loads in PixArtSigmaPipeline) or with training.convert.save_model"
         )
+    return _transformer_kwargs(config)
+
+
+def kv_diffusers_config(config: ModelConfig) -> dict:
+    """``PixArtKVTransformer2DModel`` kwargs: the plain ones plus the compressed layers and the ratio."""
+    plain = dataclasses.replace(config, kv_compress_layers=())
+    return {
+        **_transformer_kwargs(plain),
+        "kv_compress_layers": list(config.kv_compress_layers),
+        "kv_compress_ratio": config.kv_compress_ratio,
+    }
+
+
+def _transformer_kwargs(config: ModelConfig) -> dict:
     if config.mlp_ratio != 4.0:
         raise ValueError(f"diffusers' FeedForward is fixed at mlp_ratio 4, got {config.mlp_ratio}")
     return {
@@ -137,6 +159,12 @@ def to_diffusers_state_dict(state: dict[str, Tensor], depth: int) -> dict[str, T
                 chunks = state.pop(f"blocks.{i}.{ours}.{suffix}").chunk(len(parts), dim=0)
                 for part, chunk in zip(parts, chunks, strict=True):
                     out[f"transformer_blocks.{i}.{part}.{suffix}"] = chunk.clone()
+        for ours, theirs in _KV_COMPRESSION.items():  # only in compressed blocks
+            for suffix in ("weight", "bias"):
+                if f"blocks.{i}.{ours}.{suffix}" in state:
+                    out[f"transformer_blocks.{i}.{theirs}.{suffix}"] = state.pop(
+                        f"blocks.{i}.{ours}.{suffix}"
+                    )
     out["scale_shift_table"] = state.pop("final_layer.scale_shift_table")
     if state:
         raise ValueError(f"keys with no diffusers equivalent: {sorted(state)[:8]}")
@@ -156,6 +184,12 @@ def from_diffusers_state_dict(state: dict[str, Tensor], depth: int) -> dict[str,
             for suffix in ("weight", "bias"):
                 chunks = [state.pop(f"transformer_blocks.{i}.{part}.{suffix}") for part in parts]
                 out[f"blocks.{i}.{ours}.{suffix}"] = torch.cat(chunks, dim=0)
+        for ours, theirs in _KV_COMPRESSION.items():
+            for suffix in ("weight", "bias"):
+                if f"transformer_blocks.{i}.{theirs}.{suffix}" in state:
+                    out[f"blocks.{i}.{ours}.{suffix}"] = state.pop(
+                        f"transformer_blocks.{i}.{theirs}.{suffix}"
+                    )
     out["final_layer.scale_shift_table"] = state.pop("scale_shift_table")
     if state:
         raise ValueError(
@@ -166,14 +200,24 @@ def from_diffusers_state_dict(state: dict[str, Tensor], depth: int) -> dict[str,
 
 def export_diffusers(model: PixArtSigma, folder: str | Path) -> None:
     """Save as a diffusers ``PixArtTransformer2DModel`` folder; refuses a KV-compressed model."""
+    diffusers_config(model.config)  # raises for KV compression
+    to_diffusers_transformer(model).save_pretrained(folder)
+    logger.info("exported diffusers PixArtTransformer2DModel to %s (null caption not included)", folder)
+
+
+def to_diffusers_transformer(model: PixArtSigma) -> PixArtTransformer2DModel:
+    """An fp32 CPU diffusers copy: ``PixArtTransformer2DModel``, or ``PixArtKVTransformer2DModel`` when KV is on."""
     from diffusers import PixArtTransformer2DModel
 
-    kwargs = diffusers_config(model.config)  # raises for KV compression
-    transformer = PixArtTransformer2DModel(**kwargs)
+    if model.config.kv_compress_layers:
+        from training.kv_processor import PixArtKVTransformer2DModel
+
+        transformer = PixArtKVTransformer2DModel(**kv_diffusers_config(model.config))
+    else:
+        transformer = PixArtTransformer2DModel(**diffusers_config(model.config))
     state = to_diffusers_state_dict(model.state_dict(), model.config.depth)
     transformer.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()}, strict=True)
-    transformer.save_pretrained(folder)
-    logger.info("exported diffusers PixArtTransformer2DModel to %s (null caption not included)", folder)
+    return transformer.eval()
 
 
 def from_diffusers_model(
@@ -181,8 +225,11 @@ def from_diffusers_model(
 ) -> PixArtSigma:
     """Build our model from a loaded ``PixArtTransformer2DModel`` (fp32 copy of its weights)."""
     c = transformer.config
+    kv_layers = tuple(c.get("kv_compress_layers") or ())
+    if kv_layers and not hasattr(transformer.transformer_blocks[kv_layers[0]].attn1.processor, "sr"):
+        raise ValueError(f"config names KV layers {list(kv_layers)} but the transformer has no KV processors")
     expected = {
-        "norm_type": "ada_norm_single",
+        "norm_type": _kv_norm_type() if kv_layers else "ada_norm_single",
         "activation_fn": "gelu-approximate",
         "attention_bias": True,
         "norm_elementwise_affine": False,
@@ -220,6 +267,8 @@ def from_diffusers_model(
         max_token_length=max_token_length,
         base_size=c.sample_size // c.patch_size,
         pe_interpolation=float(pe_interpolation),
+        kv_compress_layers=kv_layers,
+        kv_compress_ratio=int(c.get("kv_compress_ratio", 2)),
     )
     model = PixArtSigma(config)
     state = from_diffusers_state_dict(
@@ -233,13 +282,22 @@ def from_diffusers_model(
 def load_diffusers(
     path: str | Path, *, subfolder: str | None = None, max_token_length: int = 300
 ) -> PixArtSigma:
-    """Load a diffusers ``PixArtTransformer2DModel`` folder (or a pipeline folder with subfolder="transformer")."""
+    """Load a diffusers transformer folder (plain or KV) or a pipeline folder with subfolder="transformer"."""
     from diffusers import PixArtTransformer2DModel
 
-    transformer = PixArtTransformer2DModel.from_pretrained(
-        path, subfolder=subfolder, torch_dtype=torch.float32
-    )
+    from training.kv_processor import PixArtKVTransformer2DModel, refuse_pixsigma_folder
+
+    refuse_pixsigma_folder(path, subfolder)
+    config = PixArtTransformer2DModel.load_config(path, subfolder=subfolder)
+    cls = PixArtKVTransformer2DModel if config.get("kv_compress_layers") else PixArtTransformer2DModel
+    transformer = cls.from_pretrained(path, subfolder=subfolder, dtype=torch.float32)
     return from_diffusers_model(transformer, max_token_length=max_token_length)
+
+
+def _kv_norm_type() -> str:
+    from training.kv_processor import KV_NORM_TYPE
+
+    return KV_NORM_TYPE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,3 +356,60 @@ def _load_exact(
             f"{source} does not match {model.config}: unexpected keys {unexpected[:8]}, missing keys {missing[:8]}"
         )
     model.load_state_dict(state, strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: any source → a complete PixArtSigmaPipeline folder
+# --------------------------------------------------------------------------------------------------
+
+
+def export_cli(argv: list[str] | None = None) -> Path:
+    """``python -m training.convert`` / ``pixsigma-export``: export any model source as a PixArtSigmaPipeline."""
+    import argparse
+
+    from training.pipeline import export_pipeline
+    from training.sample import load_source
+
+    parser = argparse.ArgumentParser(
+        prog="pixsigma-export",
+        description="Export a run, checkpoint, .pth, diffusers or pixsigma folder as a complete PixArtSigmaPipeline "
+        "folder (KV-compressed models as PixArtKVTransformer2DModel).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", required=True, help="the model, as training.sample's --model takes it")
+    parser.add_argument("--output", required=True, help="pipeline folder to write")
+    parser.add_argument("--components", choices=("copy", "reference"), default="copy",
+                        help="copy the T5/tokenizer/VAE into the folder, or name them in pixsigma.json")  # fmt: skip
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="for run folders and checkpoints"
+    )
+    parser.add_argument("--t5", help="T5 folder or hub id (default: the one the model was trained with)")
+    parser.add_argument("--vae", help="VAE folder or hub id (default: the one the model was trained with)")
+    parser.add_argument(
+        "--vae-scaling-factor", type=float, help="default: recorded with the model, else the VAE's"
+    )
+    parser.add_argument("--preset", default="XL/2", help="model shape of an original .pth")
+    parser.add_argument("--resolution", type=int, help="training resolution of an original .pth (px)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    loaded = load_source(
+        args.input, weights=args.weights, preset=args.preset, resolution=args.resolution, t5=args.t5, vae=args.vae,
+        vae_scaling_factor=args.vae_scaling_factor,
+    )  # fmt: skip
+    if loaded.components is None:
+        parser.error(f"{args.input} does not record its T5 and VAE: pass --t5 and --vae")
+    folder = export_pipeline(loaded.model, args.output, loaded.components, mode=args.components,
+                             extra={"source": args.input})  # fmt: skip
+    print(
+        f"PixArtSigmaPipeline ({'KV-compressed' if loaded.model.config.kv_compress_layers else 'plain'}) → {folder}"
+    )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``pixsigma-export`` (returns None: a console script's return value is its exit status)."""
+    export_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

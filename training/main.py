@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -29,13 +28,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from manifests.io import atomic_write_bytes
+from manifests.progress import quiet_library_bars
 from training.checkpoint import capture_rng, complete_checkpoints, restore_rng, save_checkpoint
 from training.config import OptimSection, StageSection, TrainConfig, load_config, to_dict
 from training.data import make_stream, stream_seed
 from training.diffusion import GaussianDiffusion, sample
 from training.encoders import CaptionEncoder, LatentEncoder, ShardFeatures
+from training.evaluate import evaluate_in_training
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.observe import MetricsSink, image_grid, peak_tflops, save_grid, train_flops
+from training.pipeline import export_weights
 
 log = logging.getLogger("training")
 
@@ -94,6 +96,7 @@ def setup_logging(env: Dist) -> None:
         level=logging.INFO if env.is_main else logging.WARNING,
         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
     )
+    quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
 
 
 def write_resolved_config(cfg: TrainConfig, env: Dist, run_dir: Path) -> None:
@@ -309,6 +312,8 @@ def main(cfg: TrainConfig) -> Path:
             cfg, index, model, ema, diffusion, text, env, metrics, features,
             global_step=global_step, resume=stage_resume, resumed_run=resume is not None,
         )  # fmt: skip
+        if cfg.export_stages and env.is_main:  # issue 12: final/<stage>/ pipelines, never pruned
+            export_weights(model, ema, run_dir, cfg, stage=stage.name)
     metrics.close()
     if env.is_main:
         export(model, ema, run_dir, cfg)
@@ -398,6 +403,8 @@ def train_stage(
                      images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
         if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
             validate(ema or model, stage, text, latents, cfg, env, metrics, global_step)
+        if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
+            evaluate_in_training(ema or model, cfg, stage, text, latents, env, metrics, global_step)
         if last or (step + 1) % cfg.checkpoint_every == 0:
             save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
     validate(ema or model, stage, text, latents, cfg, env, metrics, global_step)
@@ -562,28 +569,9 @@ def validate(
 
 
 def export(model: PixArtSigma, ema: PixArtSigma | None, run_dir: Path, cfg: TrainConfig) -> Path:
-    """``final/``: a diffusers transformer folder, or our safetensors folder when KV compression is on.
-
-    diffusers' PixArtTransformer2DModel has no KV compression, hence the two formats (training/convert.py).
-    The EMA weights, when kept, go to ``final_ema/`` the same way. The resolved config lies beside them.
-    """
-    from training.convert import export_diffusers, save_model
-
-    for name, weights in (("final", model), ("final_ema", ema)):
-        if weights is None:
-            continue
-        out, tmp = run_dir / name, run_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cpu = copy.deepcopy(weights).cpu().float()
-        if cpu.config.kv_compress_layers:
-            save_model(cpu, tmp)
-        else:
-            export_diffusers(cpu, tmp)
-        atomic_write_bytes(tmp / "train_config.json", json.dumps(to_dict(cfg), indent=2).encode())
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        log.info("exported %s (%s)", out, "ours" if cpu.config.kv_compress_layers else "diffusers")
-    return run_dir / "final"
+    """``final/`` and ``final_ema/``: complete PixArtSigmaPipeline folders (KV-compressed models included), which
+    reference the run's T5 and last VAE; ``final/<stage>/`` sub-exports inside stay (training/pipeline.py)."""
+    return export_weights(model, ema, run_dir, cfg)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -1,4 +1,5 @@
-"""What a run shows while it trains: metrics.jsonl, TensorBoard scalars, a rank-0 progress bar, sample grids.
+"""What a run shows while it trains: metrics.jsonl, TensorBoard scalars, a rank-0 progress bar (a progress
+line every 30 s when stderr is not a terminal), sample grids.
 
 Only rank 0 writes. Throughput numbers are over the window since the last record: images per second,
 the share of step time spent waiting for data, achieved TFLOP/s from the analytic FLOP counter
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from manifests.progress import ProgressLog, interactive
 from training.config import LogSection
 from training.flops import forward_flops
 from training.model import ModelConfig
@@ -56,7 +58,7 @@ class MetricsSink:
         self.enabled = enabled
         self.cfg = cfg
         self.path = run_dir / METRICS_FILE
-        self.writer = self.bar = None
+        self.writer = self.bar = self.progress = None
         self.window = {"seconds": 0.0, "data_seconds": 0.0, "images": 0, "flops": 0}
         if not enabled:
             return
@@ -65,10 +67,14 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_global_step or None)
-        if cfg.progress_bar:
+        if cfg.progress_bar and interactive():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=resume_global_step, desc="train", dynamic_ncols=True)
+        elif cfg.progress_bar:  # a log file: a line with rate and ETA every 30 s, not a line of \r frames
+            self.progress = ProgressLog(
+                "train", total_steps, unit="steps", initial=resume_global_step, logger=log
+            )
 
     def step(
         self, record: dict, *, seconds: float, data_seconds: float, images: int, flops: int, peak: float
@@ -84,6 +90,8 @@ class MetricsSink:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}")
+        elif self.progress is not None:
+            self.progress.update(1, note=f"stage {record['stage']}, loss {record['loss']:.4f}")
         if not (record.pop("force", False) or record["global_step"] % self.cfg.every == 0):
             return
         elapsed = max(window["seconds"], 1e-9)

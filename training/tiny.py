@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from manifests.progress import quiet_library_bars
 from training.config import SD_VAE_SCALING, SDXL_VAE_SCALING  # named once, in the trainer config
 
 logger = logging.getLogger(__name__)
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_library_bars()  # no "Writing model shards" \r bar in a log file
     print(f"t5:     {build_tiny_t5(args.output)}")
     print(f"vae:    {build_tiny_vae(args.output, scaling_factor=SDXL_VAE_SCALING_FACTOR, name='vae')}")
     print(f"vae_sd: {build_tiny_vae(args.output, scaling_factor=SD_VAE_SCALING_FACTOR, name='vae_sd')}")

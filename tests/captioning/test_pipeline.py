@@ -40,7 +40,7 @@ def leave_killed_run_debris(run: Path, captioner: str, prompt: str, key: str) ->
     writer = manifests.ManifestWriter(run / pipeline.CAPTIONS_DIR, "captions")
     row = {"key": key, "caption": "a photo.", "captioner": captioner, "prompt": prompt, "status": "kept"}
     orphan = writer.write([row], "part-bbbbbbbbbbbbbbbb")
-    (writer.directory / "_committed" / orphan.stem).unlink()
+    manifests.io.unmark_committed(writer.directory, orphan.stem)
     (writer.directory / ".part-cccccccccccccccc.parquet.1234abcd.tmp").write_bytes(b"partial")
     writer.write([{**row, "captioner": "other@0"}], "part-dddddddddddddddd")
     return orphan

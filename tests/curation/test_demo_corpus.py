@@ -42,6 +42,7 @@ EXPECTED_BAD = {
     "exif_rotated": ("kept", "1k", None, None),
     "panorama": ("rejected", None, "aspect_ratio", "header"),
     "animated": ("rejected", None, "animated", "header"),
+    "svg": ("rejected", None, "unsupported_format", "header"),
     "duplicate_exact": ("rejected", None, "duplicate", "dedup"),
     "duplicate_near": ("rejected", None, "duplicate", "dedup"),
 }

@@ -62,6 +62,16 @@ def test_scan_reads_header_only_and_orients():
             b"<html><body>not found</body></html>",
             "unreadable: UnidentifiedImageError: cannot identify image file",
         ),
+        (  # a page with an inline icon is still a page
+            b"<!DOCTYPE html><html><body><svg></svg></body></html>",
+            "unreadable: UnidentifiedImageError: cannot identify image file",
+        ),
+        # SVG served for an image URL (logos): named, not "unreadable"
+        (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format: svg"),
+        (
+            b'\xef\xbb\xbf<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>',
+            "unsupported_format: svg",
+        ),
     ],
 )
 def test_scan_rejects_unreadable(data, reason):

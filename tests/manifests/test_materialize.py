@@ -14,6 +14,7 @@ import manifests
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
 from manifests.features import T5Features, VaeFeatures
 from manifests.imageio import decode_rgb
+from manifests.io import unmark_committed
 from manifests.materialize import MaterializeConfig, materialize, plan
 from manifests.selection import SelectionSpec, select
 from tests.manifests.factories import make_run
@@ -121,7 +122,7 @@ def test_resume_skips_committed_shards_and_rerun_gives_identical_bytes(ray_clust
     before = {p.name: p.read_bytes() for p in shards}
     mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
     shards[1].unlink()  # as if the job died before this shard was written
-    (out / "_committed" / shards[1].name).unlink()
+    unmark_committed(out, shards[1].name)
     materialize(cfg)
     assert {p.name: p.read_bytes() for p in sorted(out.glob("train-*.tar"))} == before
     for p in (shards[0], shards[2]):

@@ -71,7 +71,7 @@ def test_tiny_model_overfits_and_follows_its_captions(tiny_models: Path, tmp_pat
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
 
-    model = load_diffusers(run_dir / "final", max_token_length=MAX_TOKENS).eval()
+    model = load_diffusers(run_dir / "final", subfolder="transformer", max_token_length=MAX_TOKENS).eval()
     text = CaptionEncoder(
         str(tiny_models / "t5"), max_tokens=MAX_TOKENS, device=torch.device("cpu"), cached=False
     )

@@ -138,9 +138,20 @@ def test_debug_schedule_runs_every_transition(tiny_models, shards, tmp_path, mon
     assert list(dict.fromkeys(m["stage"] for m in metrics)) == names
     for name in names:
         assert len(list((run_dir / "samples" / name).glob("*.png"))) == 1
-    assert (run_dir / "final" / "model.safetensors").exists()  # KV on: our format, not diffusers
-    assert json.loads((run_dir / "final" / "config.json").read_text())["kv_compress_layers"] == [1]
-    assert (run_dir / "final_ema" / "model.safetensors").exists()
+    # Exports: complete PixArtSigmaPipeline folders, KV-compressed as PixArtKVTransformer2DModel (training/pipeline.py),
+    # at the end of the run and of every stage (final/<stage>/, never pruned).
+    for folder in ("final", "final_ema"):
+        transformer = json.loads((run_dir / folder / "transformer" / "config.json").read_text())
+        assert (transformer["_class_name"], transformer["kv_compress_layers"]) == (
+            "PixArtKVTransformer2DModel",
+            [1],
+        )
+        for name in names:
+            info = json.loads((run_dir / folder / name / "pixsigma.json").read_text())
+            assert (info["stage"], info["model"]["kv_compress_layers"]) == (
+                name,
+                [1] if name == "64px-kv" else [],
+            )
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((run_dir / "config.json").read_text())["stages"][3]["name"] == "64px-kv"
 

@@ -1,0 +1,60 @@
+"""The README's "Sampling, export and evaluation" commands, run verbatim on tiny models built here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from tests.training.conftest import REPO
+from tests.training.eval_factories import PROMPTS, build_eval_models, build_eval_set, tiny_export
+
+HEADING = "## Sampling, export and evaluation"
+
+
+def readme_block(heading: str) -> str:
+    """The first ```bash block under ``heading`` in README.md, as written."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading) :]
+    match = re.search(r"^```bash\n(.*?)^```$", section, flags=re.S | re.M)
+    assert match, f"no bash block under {heading!r}"
+    return match.group(1)
+
+
+def test_readme_sampling_export_and_evaluation_commands_run(tiny_models, tmp_path_factory, tmp_path):
+    run, baseline = tmp_path / "run", tmp_path / "run0" / "train"
+    # A run as the trainer leaves it: train/final/ (KV-compressed, the last stage of the schedule), final_ema/.
+    tiny_export(tiny_models, run / "train" / "final", seed=1)
+    tiny_export(tiny_models, run / "train" / "final_ema", seed=2)
+    tiny_export(tiny_models, baseline / "final_ema", seed=3, kv_layers=())
+    models = build_eval_models(tmp_path_factory.getbasetemp() / "eval_models")
+    build_eval_set(run / "eval_shards" / "eval", num=3)
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        # Only the variables the README names:
+        "RUN": str(run), "BASELINE": str(baseline), "INCEPTION": models["inception"], "CLIP": models["clip"],
+        "NPROC": "1",
+    }  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_block(HEADING)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    rows = [json.loads(line) for line in (run / "samples" / "images.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a lighthouse by the sea at dawn", *PROMPTS[:3]]
+    assert json.loads((run / "pipeline" / "model_index.json").read_text())["transformer"][1] == (
+        "PixArtKVTransformer2DModel"
+    )
+    assert (run / "pipeline" / "lighthouse.png").is_file()
+    compare = json.loads((run / "train" / "eval" / "compare" / "compare.json").read_text())
+    assert [m["model"] for m in compare["models"]] == [str(run / "train"), str(baseline)]
+    assert [(m["num_images"], m["fid_features"]) for m in compare["models"]] == [(3, 2048), (3, 2048)]
+    for label in compare["labels"]:
+        assert (run / "train" / "eval" / "compare" / label / "metrics.json").is_file()
+    assert (run / "train" / "eval" / "compare" / "index.html").is_file()

@@ -1,0 +1,282 @@
+"""Complete ``PixArtSigmaPipeline`` folders from our model, KV compression included, and loading them back.
+
+A folder written by ``export_pipeline`` is what ``PixArtSigmaPipeline.save_pretrained`` writes —
+``model_index.json``, ``transformer/``, ``scheduler/`` (DPM-Solver++ on our noise schedule, the settings
+we sample with) and, with ``components="copy"``, ``vae/``, ``text_encoder/``, ``tokenizer/`` — plus
+``pixsigma.json``: the model config, the caption budget, the VAE scaling factor trained with, the
+resolution, and where the frozen components come from. With ``components="reference"`` (the trainer's
+default: T5-XXL is ~19 GB) those three are ``[null, null]`` in ``model_index.json`` and named by path or
+hub id in ``pixsigma.json``; ``load_pipeline`` fills them in, and a plain diffusers user passes them to
+``from_pretrained`` (README, "Sampling, export and evaluation").
+
+A KV-compressed model's transformer is a ``training.kv_processor.PixArtKVTransformer2DModel``: diffusers
+loads it inside ``PixArtSigmaPipeline.from_pretrained`` once ``training.kv_processor`` is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from manifests.io import atomic_write_bytes
+from training.model import VAE_DOWNSAMPLE, PixArtSigma
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "pixsigma.json"
+INFO_FORMAT = "pixsigma.pipeline"
+FROZEN_COMPONENTS = ("tokenizer", "text_encoder", "vae")
+PIPELINE_ENTRIES = ("model_index.json", "transformer", "scheduler", *FROZEN_COMPONENTS, INFO_FILE)
+# What older trainer exports left at the top of final/: a bare transformer folder, or ours plus the config.
+LEGACY_FILES = (
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "train_config.json",
+)
+
+
+@dataclass(frozen=True)
+class ComponentRef:
+    """Where a frozen component loads from: a local folder or hub id, and the subfolder inside it."""
+
+    path: str
+    subfolder: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "subfolder": self.subfolder}
+
+
+@dataclass(frozen=True)
+class FrozenComponents:
+    """T5 tokenizer and encoder, and the VAE with the scaling factor the DiT was trained with."""
+
+    tokenizer: ComponentRef
+    text_encoder: ComponentRef
+    vae: ComponentRef
+    vae_scaling_factor: float
+
+    @classmethod
+    def from_paths(cls, t5: str, vae: str, vae_scaling_factor: float) -> FrozenComponents:
+        """A T5 folder/id holding tokenizer and encoder (as google/t5-v1_1-xxl), and a VAE folder/id."""
+        t5, vae = local_or_id(t5), local_or_id(vae)
+        return cls(ComponentRef(t5), ComponentRef(t5), ComponentRef(vae), vae_scaling_factor)
+
+    def ref(self, name: str) -> ComponentRef:
+        return getattr(self, name)
+
+
+def local_or_id(path_or_id: str) -> str:
+    """An existing local path made absolute (exports outlive the working directory), else the id as is."""
+    path = Path(path_or_id).expanduser()
+    return str(path.resolve()) if path.exists() else path_or_id
+
+
+def scheduler():
+    """DPM-Solver++ (2M) on the IDDPM training schedule (linear betas 1e-4 → 0.02, 1000 steps), ε-prediction."""
+    from training.diffusion import GaussianDiffusion
+
+    return GaussianDiffusion().scheduler()
+
+
+def model_resolution(model: PixArtSigma) -> int:
+    """The training resolution in pixels: token grid side × patch × VAE factor (e.g. 64 · 2 · 8 = 1024)."""
+    return model.config.base_size * model.config.patch_size * VAE_DOWNSAMPLE
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def export_pipeline(
+    model: PixArtSigma,
+    folder: str | Path,
+    components: FrozenComponents,
+    *,
+    mode: Literal["copy", "reference"] = "reference",
+    extra: dict | None = None,
+) -> Path:
+    """Write a complete ``PixArtSigmaPipeline`` folder for ``model`` (plain or KV-compressed).
+
+    Entries are written to a temporary sibling and then moved in one by one with ``pixsigma.json`` last,
+    so a crash leaves either the previous export or a folder without a new ``pixsigma.json``; entries not
+    produced by this export (e.g. ``final/<stage>/`` sub-exports) are left alone.
+    """
+    from diffusers import PixArtSigmaPipeline
+
+    from training.convert import to_diffusers_transformer
+
+    if mode not in ("copy", "reference"):
+        raise ValueError(f"mode must be 'copy' or 'reference', got {mode!r}")
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cpu = model if next(model.parameters()).device.type == "cpu" else None
+    transformer = to_diffusers_transformer(cpu if cpu is not None else _cpu_copy(model))
+    frozen = (
+        load_frozen(components, dtype=torch.float32) if mode == "copy" else dict.fromkeys(FROZEN_COMPONENTS)
+    )
+    pipe = PixArtSigmaPipeline(transformer=transformer, scheduler=scheduler(), **frozen)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    info = {
+        "format": INFO_FORMAT,
+        "model": {**dataclasses.asdict(model.config), "grad_checkpointing": False},
+        "max_token_length": model.config.max_token_length,
+        "resolution": model_resolution(model),
+        "vae_scaling_factor": components.vae_scaling_factor,
+        "components_mode": mode,
+        # Referenced components are loaded from these; copied ones were saved from them.
+        "components": {name: components.ref(name).to_dict() for name in FROZEN_COMPONENTS},
+        "sampling": {
+            "scheduler": "DPMSolverMultistepScheduler (dpmsolver++, order 2)",
+            "steps": 20,
+            "cfg_scale": 4.5,
+        },
+        **(extra or {}),
+    }
+    atomic_write_bytes(tmp / INFO_FILE, json.dumps(info, indent=2, default=str).encode())
+    _publish(tmp, folder)
+    log.info("exported PixArtSigmaPipeline (%s, components %s) to %s",
+             type(transformer).__name__, mode, folder)  # fmt: skip
+    return folder
+
+
+def export_weights(model: PixArtSigma, ema: PixArtSigma | None, run_dir: str | Path, cfg: TrainConfig, *,
+                   stage: str | None = None) -> Path:  # fmt: skip
+    """The trainer's exports: ``final/`` and ``final_ema/``, or with ``stage`` ``final/<stage>/`` and
+    ``final_ema/<stage>/`` (checkpoint pruning never touches them), as pipelines that reference the run's
+    T5 and that stage's VAE and scaling factor (T5-XXL is not copied into every export)."""
+    if stage is not None and stage in PIPELINE_ENTRIES:
+        raise ValueError(
+            f"stage name {stage!r} collides with a pipeline entry of final/ ({PIPELINE_ENTRIES})"
+        )
+    stage_cfg = next(s for s in cfg.stages if s.name == stage) if stage else cfg.stages[-1]
+    components = FrozenComponents.from_paths(cfg.text.t5, stage_cfg.vae, stage_cfg.vae_scaling_factor)
+    extra = {"stage": stage_cfg.name, "train_config": dataclasses.asdict(cfg)}
+    run_dir = Path(run_dir)
+    for name, weights in (("final", model), ("final_ema", ema)):
+        if weights is not None:
+            export_pipeline(weights, run_dir / name / (stage or ""), components, extra=extra)
+    return run_dir / "final" / (stage or "")
+
+
+def is_exported(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a finished export (``pixsigma.json`` is written last)."""
+    return (Path(folder) / INFO_FILE).is_file()
+
+
+def _cpu_copy(model: PixArtSigma) -> PixArtSigma:
+    import copy
+
+    return copy.deepcopy(model).cpu().float()
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move tmp's entries into folder (pixsigma.json last); drop pipeline entries this export has not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INFO_FILE).unlink(missing_ok=True)  # an export in progress has no pixsigma.json
+    for stale in (*PIPELINE_ENTRIES, *LEGACY_FILES):
+        if not (tmp / stale).exists() and (folder / stale).exists():
+            _remove(folder / stale)
+    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == INFO_FILE):
+        target = folder / entry.name
+        if target.exists():
+            _remove(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------
+
+
+def read_info(folder: str | Path) -> dict | None:
+    """``pixsigma.json`` of an export, or None for a folder diffusers or someone else wrote."""
+    path = Path(folder) / INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def frozen_components(folder: str | Path, *, t5: str | None = None, vae: str | None = None,
+                      vae_scaling_factor: float | None = None) -> FrozenComponents:  # fmt: skip
+    """Where a pipeline folder's tokenizer, T5 and VAE come from: the folder, pixsigma.json, or the overrides."""
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    info = read_info(folder) or {}
+    refs = {}
+    for name in FROZEN_COMPONENTS:
+        if index.get(name, [None])[0] is not None and (folder / name).is_dir():
+            refs[name] = ComponentRef(str(folder), name)
+        elif name in info.get("components", {}):
+            refs[name] = ComponentRef(**info["components"][name])
+    if t5 is not None:
+        refs["tokenizer"] = refs["text_encoder"] = ComponentRef(local_or_id(t5))
+    if vae is not None:
+        refs["vae"] = ComponentRef(local_or_id(vae))
+    missing = [name for name in FROZEN_COMPONENTS if name not in refs]
+    if missing:
+        raise ValueError(
+            f"{folder}: no {', '.join(missing)} in the folder or its {INFO_FILE}; name them with --t5 / --vae"
+        )
+    if vae_scaling_factor is None:
+        vae_scaling_factor = info.get("vae_scaling_factor")
+    if vae_scaling_factor is None:
+        vae_scaling_factor = _vae_config(refs["vae"])["scaling_factor"]
+    return FrozenComponents(refs["tokenizer"], refs["text_encoder"], refs["vae"], float(vae_scaling_factor))
+
+
+def _vae_config(ref: ComponentRef) -> dict:
+    from diffusers import AutoencoderKL
+
+    return dict(AutoencoderKL.load_config(ref.path, subfolder=ref.subfolder))
+
+
+def load_frozen(
+    components: FrozenComponents, *, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> dict:
+    """{tokenizer, text_encoder, vae} loaded; the VAE's config carries the scaling factor trained with."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tok, enc, vae_ref = components.tokenizer, components.text_encoder, components.vae
+    tokenizer = AutoTokenizer.from_pretrained(tok.path, subfolder=tok.subfolder or "")
+    text_encoder = T5EncoderModel.from_pretrained(enc.path, subfolder=enc.subfolder or "", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(vae_ref.path, subfolder=vae_ref.subfolder, torch_dtype=dtype)
+    if abs(float(vae.config.scaling_factor) - components.vae_scaling_factor) > 1e-9:
+        log.info("VAE %s: scaling_factor %s → %s (the factor the DiT was trained with)",
+                 vae_ref.path, vae.config.scaling_factor, components.vae_scaling_factor)  # fmt: skip
+        vae.register_to_config(scaling_factor=components.vae_scaling_factor)
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder.to(device).eval(),
+        "vae": vae.to(device).eval(),
+    }
+
+
+def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  t5: str | None = None, vae: str | None = None):  # fmt: skip
+    """``PixArtSigmaPipeline`` from any export of ours (plain or KV, components copied or referenced)."""
+    from diffusers import PixArtSigmaPipeline
+
+    import training.kv_processor  # noqa: F401  (diffusers resolves PixArtKVTransformer2DModel through it)
+
+    components = frozen_components(folder, t5=t5, vae=vae)
+    frozen = load_frozen(components, dtype=dtype, device=device)
+    pipe = PixArtSigmaPipeline.from_pretrained(str(folder), dtype=dtype, **frozen)
+    return pipe.to(device)

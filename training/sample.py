@@ -1,0 +1,765 @@
+"""Sample images from any PixArt-Σ weights: a run folder, a checkpoint, a diffusers folder, a hub id, a .pth.
+
+    python -m training.sample --model RUN --input run/eval_shards/eval/prompts.jsonl --output samples/
+    python -m training.sample --model RUN/final --prompt "a cat" --resolution 1024 --aspect-ratio 16:9
+
+Every source becomes our ``PixArtSigma`` (``training.convert``), so one code path samples them all; the
+frozen T5 and VAE come from the export (``pixsigma.json``, ``train_config.json``), the checkpoint's config,
+or ``--t5``/``--vae``. Samplers: DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler`` on our noise
+schedule, what ``PixArtSigmaPipeline`` runs) and the IDDPM ancestral sampler with the learned variance on
+respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
+against the encoded negative prompt ("" by default, the pipeline's choice); only the ε channels are guided.
+Each image's starting noise (and IDDPM's per-step noise) comes from its own CPU generator seeded with
+``--seed`` + its index, so an image does not depend on the batch it lands in or on the device.
+Writes one PNG per image and ``images.jsonl`` (prompt, seed, size, sampler, steps, cfg, model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from manifests.buckets import nearest_bucket
+from manifests.io import atomic_write_bytes
+from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
+from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
+from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("dpm-solver", "iddpm")
+IMAGES_FILE = "images.jsonl"
+DEFAULT_MAX_TOKENS = 300  # PixArt-Σ's caption budget, for sources that do not record theirs
+TILING_MIN_SIDE = 2048  # --vae-tiling auto: tile decodes from 2K up (an SDXL VAE decode of 4K needs > 40 GB)
+
+
+# --------------------------------------------------------------------------------------------------
+# What to generate
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image: its prompt, seed and pixel size; ``key`` ties it to an eval-set row."""
+
+    index: int
+    prompt: str
+    seed: int
+    height: int
+    width: int
+    key: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", self.key) if self.key is not None else f"{self.index:06d}"
+        return f"{stem}.png"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Sampler, steps, guidance scale, negative prompt and batch size."""
+
+    sampler: str = "dpm-solver"
+    steps: int = SAMPLE_STEPS
+    cfg_scale: float = CFG_SCALE
+    negative_prompt: str = ""
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.sampler == "iddpm" and self.steps < 2:
+            raise ValueError("the IDDPM sampler needs steps >= 2 (respaced timesteps include 0 and 999)")
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Rows with ``prompt`` (and ``key``, ``width``, ``height`` when given) from a JSONL or one-per-line text file."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
+        if bad:
+            raise ValueError(f"{path}: rows {bad[:5]} have no string 'prompt'")
+        return rows
+    return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+
+
+def plan_jobs(
+    rows: list[dict],
+    *,
+    resolution: int,
+    seed: int,
+    num_images_per_prompt: int = 1,
+    size: tuple[int, int] | None = None,
+    aspect_ratio: tuple[int, int] = (1, 1),
+) -> list[ImageJob]:
+    """One job per prompt × image: an explicit size, else the bucket nearest to the row's (or the given) aspect."""
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    if size is not None and (size[0] % 16 or size[1] % 16 or min(size) < 16):
+        raise ValueError(f"height and width must be positive multiples of 16 (VAE 8 × patch 2), got {size}")
+    jobs = []
+    for row_index, row in enumerate(rows):
+        if size is not None:
+            height, width = size
+        elif row.get("width") and row.get("height"):
+            height, width = nearest_bucket(int(row["height"]), int(row["width"]), resolution)
+        else:
+            height, width = nearest_bucket(aspect_ratio[0], aspect_ratio[1], resolution)
+        for j in range(num_images_per_prompt):
+            index = row_index * num_images_per_prompt + j
+            key = row.get("key")
+            if key is not None and num_images_per_prompt > 1:
+                key = f"{key}-{j}"
+            jobs.append(ImageJob(index, row["prompt"], seed + index, height, width, key))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading any source as our model + frozen components
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """Our model in fp32 on CPU, where its T5/VAE come from, its training resolution and its caption budget."""
+
+    model: PixArtSigma
+    components: FrozenComponents | None
+    resolution: int
+    name: str
+
+
+def load_source(
+    spec: str,
+    *,
+    weights: str = "ema",
+    preset: str = "XL/2",
+    resolution: int | None = None,
+    t5: str | None = None,
+    vae: str | None = None,
+    vae_scaling_factor: float | None = None,
+) -> LoadedModel:
+    """A run folder, ``final/``, a checkpoint, a pipeline/transformer folder, our folder, a cached hub id or a .pth."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    path = Path(spec).expanduser()
+    overrides = {"t5": t5, "vae": vae, "vae_scaling_factor": vae_scaling_factor}
+    if not path.exists():
+        path = cached_hub_snapshot(spec)
+    if path.is_file():
+        return _load_pth(path, spec, preset=preset, resolution=resolution, **overrides)
+    if (path / "state.pt").is_file():
+        return _load_checkpoint(path, spec, weights=weights, **overrides)
+    if (path / "model_index.json").is_file():
+        return _load_pipeline(path, spec, **overrides)
+    inner = _run_member(path, weights)
+    if inner is not None:
+        return load_source(str(inner), weights=weights, **overrides)
+    if (path / "config.json").is_file():
+        return _load_transformer_folder(path, spec, **overrides)
+    raise ValueError(
+        f"{path}: not a model: expected a run folder (final/, final_ema/ or checkpoints/), a checkpoint (state.pt), "
+        "a diffusers pipeline (model_index.json) or transformer (config.json), or a pixsigma folder"
+    )
+
+
+def _run_member(path: Path, weights: str) -> Path | None:
+    """In a run folder: the finished EMA (or raw) export, else the newest complete checkpoint."""
+    from training.checkpoint import complete_checkpoints
+
+    for name in ("final_ema", "final") if weights == "ema" else ("final", "final_ema"):
+        # a finished export: final/ may hold only final/<stage>/ sub-exports while the run goes on
+        if (path / name / "model_index.json").is_file() or (path / name / "config.json").is_file():
+            return path / name
+    checkpoints = complete_checkpoints(path)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _load_pth(path: Path, spec: str, *, preset: str, resolution: int | None, **overrides) -> LoadedModel:
+    """An original PixArt ``.pth``: its shape from ``--preset``, its PE from ``--resolution``."""
+    from training.convert import load_original_checkpoint
+
+    if path.suffix not in (".pth", ".pt"):
+        raise ValueError(f"{path}: a file model must be an original PixArt .pth")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    resolution = resolution or 1024
+    base_size, pe = pe_params_for_resolution(resolution, patch_size=PRESETS[preset].patch_size)
+    config = dataclasses.replace(PRESETS[preset], base_size=base_size, pe_interpolation=pe)
+    model = load_original_checkpoint(path, config, key="state_dict")
+    return LoadedModel(model, _flag_components(**overrides), resolution, spec)
+
+
+def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
+    """A PixArtSigmaPipeline folder (ours, with pixsigma.json, or anyone's)."""
+    from training.convert import load_diffusers
+
+    info = read_info(path) or {}
+    max_tokens = info.get("max_token_length", DEFAULT_MAX_TOKENS)
+    model = load_diffusers(path, subfolder="transformer", max_token_length=max_tokens)
+    components = frozen_components(path, **overrides)
+    return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
+
+
+def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
+    """A diffusers transformer folder or one of ours, with the trainer's ``train_config.json`` beside or not."""
+    from training.convert import FORMAT_NAME, load_diffusers, load_model
+
+    train_cfg = _train_config_beside(path)
+    if json.loads((path / "config.json").read_text()).get("format") == FORMAT_NAME:
+        model = load_model(path)
+    else:
+        max_tokens = train_cfg["text"]["max_tokens"] if train_cfg else DEFAULT_MAX_TOKENS
+        model = load_diffusers(path, max_token_length=max_tokens)
+    if train_cfg is not None:
+        components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
+    else:
+        components = _flag_components(**overrides)
+    return LoadedModel(model, components, _resolution(model), spec)
+
+
+def cached_hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub pipeline already in the HF cache (nothing is downloaded here)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id}: no such file or folder, and not a hub id of the form owner/name")
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise ValueError(
+            f"{repo_id}: not a local path and not in the HF cache; download it first "
+            f"(`hf download {repo_id}`) or pass a local folder"
+        ) from error
+
+
+def _resolution(model: PixArtSigma) -> int:
+    return model.config.base_size * model.config.patch_size * VAE_DOWNSAMPLE
+
+
+def _train_config_beside(path: Path) -> dict | None:
+    """The trainer writes ``train_config.json`` into its exports (older ``final/`` folders)."""
+    config = path / "train_config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def _components_from_train_config(
+    cfg: dict, stage_index: int, *, t5: str | None, vae: str | None, vae_scaling_factor: float | None
+) -> FrozenComponents:
+    stage = cfg["stages"][stage_index]
+    return FrozenComponents.from_paths(
+        t5 or cfg["text"]["t5"],
+        vae or stage["vae"],
+        vae_scaling_factor if vae_scaling_factor is not None else stage["vae_scaling_factor"],
+    )
+
+
+def _flag_components(
+    *, t5: str | None, vae: str | None, vae_scaling_factor: float | None
+) -> FrozenComponents | None:
+    """Components named on the command line, for sources that do not say which T5/VAE they were trained with."""
+    if t5 is None or vae is None:
+        return None  # ImageGenerator raises, naming --t5/--vae, if asked to generate
+    if vae_scaling_factor is None:
+        from diffusers import AutoencoderKL
+
+        vae_scaling_factor = AutoencoderKL.load_config(local_or_id(vae))["scaling_factor"]
+    return FrozenComponents.from_paths(t5, vae, vae_scaling_factor)
+
+
+def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scaling_factor) -> LoadedModel:
+    """A trainer checkpoint: the model shape from its config and state dict, the stage it was in."""
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    cfg, position = state["config"], state["position"]
+    stage = cfg["stages"][position["stage_index"]]
+    weights_state = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
+    preset = PRESETS[cfg["model"]["preset"]]
+    null = weights_state["y_embedder.y_embedding"]  # (max_tokens, C): the caption width and budget
+    kv_layers = tuple(i for i in range(preset.depth) if f"blocks.{i}.attn.sr.weight" in weights_state)
+    ratio = int(weights_state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]) if kv_layers else 2
+    base_size, default_pe = pe_params_for_resolution(stage["resolution"], patch_size=preset.patch_size)
+    config = dataclasses.replace(
+        preset, caption_channels=null.shape[1], max_token_length=null.shape[0], base_size=base_size,
+        pe_interpolation=stage.get("pe_interpolation") or default_pe, kv_compress_layers=kv_layers,
+        kv_compress_ratio=ratio, grad_checkpointing=False,
+    )  # fmt: skip
+    model = PixArtSigma(config)
+    model.load_state_dict(weights_state, strict=True)
+    components = _components_from_train_config(
+        cfg, position["stage_index"], t5=t5, vae=vae, vae_scaling_factor=vae_scaling_factor
+    )
+    return LoadedModel(model.eval(), components, stage["resolution"], spec)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen encoders at sampling time
+# --------------------------------------------------------------------------------------------------
+
+
+class PromptEncoder:
+    """Prompts → T5 states (B, L, C) float32 and mask (B, L), L = the longest prompt's token count."""
+
+    def __init__(
+        self, tokenizer: ComponentRef, encoder: ComponentRef, *, max_tokens: int, device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer.path, subfolder=tokenizer.subfolder or "")
+        self.encoder = T5EncoderModel.from_pretrained(
+            encoder.path, subfolder=encoder.subfolder or "", dtype=dtype
+        )
+        self.encoder = self.encoder.to(device).eval().requires_grad_(False)
+        self.max_tokens = max_tokens
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        tokens = self.tokenizer(
+            prompts, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
+        ).to(self.device)
+        states = self.encoder(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state
+        length = int(tokens.attention_mask.sum(dim=1).max())  # the padding every prompt shares is dropped
+        return states[:, :length].float(), tokens.attention_mask[:, :length].bool()  # (B, L, C), (B, L)
+
+
+class LatentDecoder:
+    """Scaled latents (B, C, h, w) → images (B, 3, H, W) in [0, 1]; tiling/slicing for 2K/4K decodes."""
+
+    def __init__(
+        self,
+        vae: ComponentRef,
+        *,
+        scaling_factor: float,
+        device: torch.device,
+        dtype: torch.dtype,
+        slicing: bool,
+    ) -> None:
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(vae.path, subfolder=vae.subfolder, dtype=dtype)
+        self.vae = self.vae.to(device).eval().requires_grad_(False)
+        self.scaling_factor = scaling_factor
+        if slicing:
+            self.vae.enable_slicing()
+
+    @torch.no_grad()
+    def __call__(self, latents: Tensor, tile: bool) -> Tensor:
+        if tile:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+        z = (latents / self.scaling_factor).to(self.vae.device, self.vae.dtype)
+        images = self.vae.decode(z).sample.float()  # (B, 3, H, W) in ~[-1, 1]
+        return (images / 2 + 0.5).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------------
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x (B, C, h, w), t (B,)) → model output (B, C_out, h, w)
+
+
+def guided_denoiser(
+    model: PixArtSigma, y: Tensor, mask: Tensor, y_neg: Tensor, mask_neg: Tensor, cfg_scale: float
+) -> Denoiser:
+    """Classifier-free guidance on the ε channels against the negative prompt; σ channels from the prompt pass."""
+    C = model.config.in_channels
+    dtype = next(model.parameters()).dtype
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x.to(dtype), t, y.to(dtype), mask).float()
+    length = max(y.shape[1], y_neg.shape[1])
+    y_both = torch.cat([_pad_tokens(y, length), _pad_tokens(y_neg, length)]).to(dtype)  # (2B, L, C_cap)
+    mask_both = torch.cat([_pad_tokens(mask, length), _pad_tokens(mask_neg, length)])  # (2B, L)
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        out = model(
+            torch.cat([x, x]).to(dtype), torch.cat([t, t]), y_both, mask_both
+        ).float()  # (2B, C_out, h, w)
+        cond, uncond = out.chunk(2)
+        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])  # (B, C, h, w)
+        return torch.cat([eps, cond[:, C:]], dim=1)
+
+    return denoise
+
+
+def _pad_tokens(x: Tensor, length: int) -> Tensor:
+    """Zero-pad (B, L, …) to (B, length, …); padded mask entries are False."""
+    pad = length - x.shape[1]
+    if pad == 0:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], pad, *x.shape[2:]))], dim=1)
+
+
+def dpm_solver_sample(denoise: Denoiser, noise: Tensor, *, steps: int, in_channels: int) -> Tensor:
+    """DPM-Solver++ (2M): the loop ``PixArtSigmaPipeline`` runs, on our schedule; returns x_0 (B, C, h, w)."""
+    scheduler = GaussianDiffusion().scheduler()
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise.float() * scheduler.init_noise_sigma  # (B, C, h, w)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        out = denoise(model_input, t.expand(x.shape[0]))  # (B, C_out, h, w)
+        eps = out[:, :in_channels]  # the σ channels are not used by an ODE solver
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+class RespacedDiffusion:
+    """IDDPM tables on ``num_steps`` of the 1000 training timesteps (improved-diffusion ``respace.py``).
+
+    Timesteps are ``round(i · 999 / (num_steps - 1))``; the betas of the shorter chain are
+    1 - ᾱ_{t_k}/ᾱ_{t_{k-1}}, so the marginals q(x_t | x_0) are those of training; the model sees the
+    original timestep t_k. With 1000 steps these are the training tables exactly (tested).
+    """
+
+    def __init__(self, num_steps: int, base: GaussianDiffusion | None = None) -> None:
+        base = base or GaussianDiffusion()
+        T = base.num_timesteps
+        if not 2 <= num_steps <= T:
+            raise ValueError(f"num_steps must be in [2, {T}], got {num_steps}")
+        stride = (T - 1) / (num_steps - 1)
+        self.timesteps = torch.tensor(sorted({round(i * stride) for i in range(num_steps)}))  # ascending
+        ac = base.alphas_cumprod[self.timesteps]  # float64
+        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+        self.alphas_cumprod = ac
+        self.betas = 1.0 - ac / ac_prev
+        self.posterior_variance = self.betas * (1.0 - ac_prev) / (1.0 - ac)
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
+        self.posterior_mean_coef1 = self.betas * ac_prev.sqrt() / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * (1.0 - self.betas).sqrt() / (1.0 - ac)
+
+    def step(self, k: int, x: Tensor, out: Tensor, noise: Tensor | None) -> Tensor:
+        """x_{t_{k-1}} from x_{t_k} and the model output [ε, v] (learned-range variance), as IDDPM p_sample."""
+        C = x.shape[1]
+        eps, var_values = out[:, :C], out[:, C:]
+        f = lambda table: float(table[k])  # noqa: E731
+        frac = (var_values + 1) / 2  # v ∈ [-1, 1] → between log β̃ (v = -1) and log β (v = 1)
+        log_variance = frac * math.log(f(self.betas)) + (1 - frac) * f(self.posterior_log_variance_clipped)
+        x0 = math.sqrt(1.0 / f(self.alphas_cumprod)) * x - math.sqrt(1.0 / f(self.alphas_cumprod) - 1.0) * eps
+        mean = f(self.posterior_mean_coef1) * x0 + f(self.posterior_mean_coef2) * x
+        return mean if noise is None else mean + torch.exp(0.5 * log_variance) * noise
+
+
+def iddpm_sample(
+    denoise: Denoiser, noise: Tensor, *, steps: int, in_channels: int, generators: list[torch.Generator]
+) -> Tensor:
+    """Ancestral IDDPM sampling with the learned variance; per-step noise from each image's own generator."""
+    diffusion = RespacedDiffusion(steps)
+    x = noise.float()  # (B, C, h, w)
+    for k in reversed(range(len(diffusion.timesteps))):
+        t = diffusion.timesteps[k].expand(x.shape[0]).to(x.device)  # the model's (original) timestep
+        out = denoise(x, t)  # (B, 2C, h, w)
+        if out.shape[1] != 2 * in_channels:
+            raise ValueError(
+                "the IDDPM sampler needs a learned-sigma model (2·in_channels outputs); use dpm-solver"
+            )
+        step_noise = _per_image_noise(generators, x.shape[1:], x.device) if k > 0 else None
+        x = diffusion.step(k, x, out, step_noise)
+    return x
+
+
+def _per_image_noise(generators: list[torch.Generator], shape: tuple, device: torch.device) -> Tensor:
+    """(B, *shape) standard normal, row i from generators[i] on the CPU (device-independent)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------------------
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA (PixArt-Σ samples in half precision), fp32 on CPU."""
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in choices:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(choices)}, got {name!r}")
+    return choices[name]
+
+
+class ImageGenerator:
+    """Our model + a prompt encoder + a latent decoder on one device: prompts and seeds in, images out.
+
+    ``load`` builds one from any source; the trainer builds one around its live model, T5 and VAE.
+    """
+
+    def __init__(
+        self,
+        model: PixArtSigma,
+        text: Callable[[list[str]], tuple[Tensor, Tensor]],
+        decoder: Callable[[Tensor, bool], Tensor],
+        *,
+        name: str,
+        resolution: int,
+        device: torch.device,
+        vae_tiling: str = "auto",
+    ) -> None:
+        if vae_tiling not in ("auto", "on", "off"):
+            raise ValueError(f"vae_tiling must be auto, on or off, got {vae_tiling!r}")
+        self.model, self.text, self.decoder = model, text, decoder
+        self.name, self.resolution, self.device, self.vae_tiling = name, resolution, device, vae_tiling
+
+    @classmethod
+    def load(
+        cls,
+        loaded: LoadedModel,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        vae_tiling: str = "auto",
+        vae_slicing: bool = False,
+    ) -> ImageGenerator:
+        """Move the model to ``device``/``dtype`` (bf16 on CUDA by default) and load its T5 and VAE there."""
+        if loaded.components is None:
+            raise ValueError(
+                f"{loaded.name}: the T5 and VAE it was trained with are not recorded; pass --t5 and --vae"
+            )
+        device = device or default_device()
+        dtype = dtype or resolve_dtype("auto", device)
+        model = loaded.model.to(device, dtype).eval().requires_grad_(False)
+        c = loaded.components
+        text = PromptEncoder(c.tokenizer, c.text_encoder, max_tokens=model.config.max_token_length,
+                             device=device, dtype=dtype)  # fmt: skip
+        decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=device, dtype=dtype,
+                                slicing=vae_slicing)  # fmt: skip
+        return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution, device=device,
+                   vae_tiling=vae_tiling)  # fmt: skip
+
+    @torch.no_grad()
+    def latents(self, jobs: list[ImageJob], settings: SamplingSettings) -> Tensor:
+        """Final latents (B, C, h, w) for jobs of one size."""
+        height, width = jobs[0].height, jobs[0].width
+        assert all((j.height, j.width) == (height, width) for j in jobs)
+        C = self.model.config.in_channels
+        latent_hw = (height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+        generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
+        noise = _per_image_noise(generators, (C, *latent_hw), self.device)  # (B, C, h, w)
+        y, mask = self.text([j.prompt for j in jobs])
+        y_neg, mask_neg = self.text([settings.negative_prompt] * len(jobs))
+        denoise = guided_denoiser(self.model, y, mask, y_neg, mask_neg, settings.cfg_scale)
+        if settings.sampler == "iddpm":
+            return iddpm_sample(denoise, noise, steps=settings.steps, in_channels=C, generators=generators)
+        return dpm_solver_sample(denoise, noise, steps=settings.steps, in_channels=C)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, 3, H, W) float images in [0, 1]."""
+        side = max(latents.shape[-2:]) * VAE_DOWNSAMPLE
+        tile = self.vae_tiling == "on" or (self.vae_tiling == "auto" and side >= TILING_MIN_SIDE)
+        return self.decoder(latents, tile).cpu()
+
+    def generate(self, jobs: list[ImageJob], settings: SamplingSettings) -> Iterator[tuple[ImageJob, Tensor]]:
+        """(job, (3, H, W) image in [0, 1]) for every job; batches hold jobs of one size, in job order."""
+        by_size: dict[tuple[int, int], list[ImageJob]] = {}
+        for job in jobs:
+            by_size.setdefault((job.height, job.width), []).append(job)
+        for group in by_size.values():
+            for start in range(0, len(group), settings.batch_size):
+                batch = group[start : start + settings.batch_size]
+                images = self.decode(self.latents(batch, settings))
+                yield from zip(batch, images, strict=True)
+
+
+def to_png_bytes(image: Tensor) -> bytes:
+    """(3, H, W) in [0, 1] → PNG bytes (8-bit, rounded)."""
+    import io
+
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_row(job: ImageJob, settings: SamplingSettings, model_name: str) -> dict:
+    """The JSONL record of one generated image."""
+    return {
+        "file": job.file_name, "index": job.index, "key": job.key, "prompt": job.prompt,
+        "negative_prompt": settings.negative_prompt, "seed": job.seed, "height": job.height, "width": job.width,
+        "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale, "model": model_name,
+    }  # fmt: skip
+
+
+def write_images(
+    generator: ImageGenerator,
+    jobs: list[ImageJob],
+    settings: SamplingSettings,
+    out_dir: Path,
+    *,
+    on_image: Callable[[ImageJob, Tensor], None] | None = None,
+) -> list[dict]:
+    """Generate ``jobs`` into ``out_dir`` (one PNG each, written atomically); returns their rows in job order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for job, image in generator.generate(jobs, settings):
+        atomic_write_bytes(out_dir / job.file_name, to_png_bytes(image))
+        rows[job.index] = image_row(job, settings, generator.name)
+        if on_image is not None:
+            on_image(job, image)
+        log.info("%s (%dx%d) %s", job.file_name, job.width, job.height, job.prompt[:60])
+    return [rows[job.index] for job in jobs]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with training.evaluate: where the model and its frozen components come from."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--weights", choices=("ema", "model"), default="ema",
+                       help="for run folders and checkpoints: the EMA weights (when kept) or the raw ones")  # fmt: skip
+    group.add_argument("--t5", help="T5 folder or hub id (default: the one the model was trained with)")
+    group.add_argument("--vae", help="VAE folder or hub id (default: the one the model was trained with)")
+    group.add_argument(
+        "--vae-scaling-factor", type=float, help="default: recorded with the model, else the VAE's"
+    )
+    group.add_argument(
+        "--preset", default="XL/2", choices=sorted(PRESETS), help="model shape of an original .pth"
+    )
+    group.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    group.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sampler flags shared with training.evaluate."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver",
+                       help="DPM-Solver++ (diffusers, as PixArtSigmaPipeline) or IDDPM ancestral")  # fmt: skip
+    group.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps")
+    group.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance scale")
+    group.add_argument("--negative-prompt", default="", help="the unconditional side of guidance")
+    group.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
+    group.add_argument("--batch-size", type=int, default=4, help="images per forward (same size)")
+    group.add_argument(
+        "--resolution", type=int, help="bucket table (px); default: the model's training resolution"
+    )
+    group.add_argument(
+        "--num-images-per-prompt", type=int, default=1, help="images per prompt, seeds in a row"
+    )
+    group.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+                       help=f"tiled VAE decode; auto: from {TILING_MIN_SIDE} px")  # fmt: skip
+    group.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time")
+
+
+def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
+    return SamplingSettings(args.sampler, args.steps, args.cfg_scale, args.negative_prompt, args.batch_size)
+
+
+def generator_from_args(
+    args: argparse.Namespace, model: str, device: torch.device | None = None
+) -> ImageGenerator:
+    """Load ``model`` as the flags say and put it on ``device`` (default: --device)."""
+    device = device or (default_device() if args.device == "auto" else torch.device(args.device))
+    loaded = load_source(
+        model, weights=args.weights, preset=args.preset, resolution=args.resolution, t5=args.t5, vae=args.vae,
+        vae_scaling_factor=args.vae_scaling_factor,
+    )  # fmt: skip
+    return ImageGenerator.load(loaded, device=device, dtype=resolve_dtype(args.dtype, device),
+                               vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pixsigma-sample", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--model", required=True,
+                        help="run folder, final/, checkpoint, pipeline/transformer folder, cached hub id or .pth")  # fmt: skip
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument(
+        "--input", help="prompts: JSONL with 'prompt' (and key/width/height), or one per line"
+    )
+    parser.add_argument("--num-samples", type=int, help="only the first N prompts")
+    parser.add_argument("--output", required=True, help="folder for the PNGs and images.jsonl")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a previous sampling run in --output"
+    )
+    parser.add_argument(
+        "--aspect-ratio", default="1:1", help="H:W, bucketed at --resolution (rows' own size wins)"
+    )
+    parser.add_argument("--height", type=int, help="explicit size in px (with --width), no bucketing")
+    parser.add_argument("--width", type=int, help="explicit width in px (with --height)")
+    add_sampling_arguments(parser)
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.input:
+        parser.error("give --prompt and/or --input")
+    if (args.height is None) != (args.width is None):
+        parser.error("--height and --width go together")
+    return args
+
+
+def parse_aspect_ratio(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.split(":"))
+    except ValueError as error:
+        raise ValueError(f"aspect ratio must look like H:W (e.g. 9:16), got {text!r}") from error
+    if h < 1 or w < 1:
+        raise ValueError(f"aspect ratio must be positive, got {text!r}")
+    return h, w
+
+
+def run(argv: list[str] | None = None) -> Path:
+    """Parse the flags, sample, write; returns the output folder."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.output)
+    if (out / IMAGES_FILE).exists() and not args.overwrite:
+        raise SystemExit(
+            f"{out} already holds a sampling run ({IMAGES_FILE}); pass --overwrite to replace it"
+        )
+    rows = [{"prompt": p} for p in args.prompt] + (read_prompts(args.input) if args.input else [])
+    rows = rows[: args.num_samples] if args.num_samples is not None else rows
+    generator = generator_from_args(args, args.model)
+    size = (args.height, args.width) if args.height is not None else None
+    jobs = plan_jobs(rows, resolution=args.resolution or generator.resolution, seed=args.seed,
+                     num_images_per_prompt=args.num_images_per_prompt, size=size,
+                     aspect_ratio=parse_aspect_ratio(args.aspect_ratio))  # fmt: skip
+    settings = settings_from_args(args)
+    image_rows = write_images(generator, jobs, settings, out)
+    write_rows(out / IMAGES_FILE, image_rows)
+    print(
+        f"{len(image_rows)} images ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) → {out}"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``pixsigma-sample`` (returns None: a console script's return value is its exit status)."""
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -251,8 +251,8 @@ input; a Ray run adds a fixed start-up (cluster join, actor model load), measure
 vs img2dataset". img2dataset's time is net of its fixed start-up (measured on a one-URL list in the same
 run) and includes HTTP transfer on loopback; ours reads local files. Each of its runs uses 1 process, 8
 threads. With 24 4K images img2dataset's net time is a difference of a few seconds over its ~11 s start-up,
-so its 4K figure varies severalfold between runs on this shared machine (7.5 and 31 images/s in two runs
-minutes apart while this section was written); the mix rows rest on larger differences.
+so its 4K figure varies severalfold between runs on this shared machine; the mix rows rest on larger
+differences.
 """
 
 

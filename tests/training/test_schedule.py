@@ -136,8 +136,12 @@ def test_debug_schedule_runs_every_transition(tiny_models, shards, tmp_path, mon
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["global_step"] for m in metrics] == list(range(1, 25))
     assert list(dict.fromkeys(m["stage"] for m in metrics)) == names
-    for name in names:
-        assert len(list((run_dir / "samples" / name).glob("*.png"))) == 1
+    for i, name in enumerate(names):  # validation grids from the raw and the EMA weights, at each stage's end
+        step = 6 * (i + 1)
+        assert sorted(p.name for p in (run_dir / "samples" / name).glob("*.png")) == [
+            f"{step:08d}-ema.png",
+            f"{step:08d}.png",
+        ]
     # Exports: complete PixArtSigmaPipeline folders, KV-compressed as PixArtKVTransformer2DModel (training/pipeline.py),
     # at the end of the run and of every stage (final/<stage>/, never pruned).
     for folder in ("final", "final_ema"):

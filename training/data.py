@@ -285,11 +285,10 @@ def collate(batch: list[Sample], *, caption_channels: int | None = None) -> dict
         pixels = torch.from_numpy(np.stack([s.pixels for s in batch])).permute(0, 3, 1, 2)  # (B, 3, H, W)
         out["pixels"] = pixels.float().div(127.5).sub(1.0)  # [-1, 1], as manifests.features does
     cached = [s.caption_features for s in batch if s.caption_features is not None]
-    if cached and len(cached) + sum(s.null_caption and s.caption_features is None for s in batch) == len(
-        batch
-    ):
+    complete = all(s.caption_features is not None or s.null_caption for s in batch)
+    if complete and (cached or caption_channels):
         dim = cached[0].shape[1] if caption_channels is None else caption_channels
-        length = max(len(c) for c in cached)
+        length = max((len(c) for c in cached), default=1)
         features = torch.zeros(len(batch), length, dim)  # (B, L, C)
         mask = torch.zeros(len(batch), length, dtype=torch.bool)  # (B, L)
         for i, s in enumerate(batch):

@@ -464,13 +464,13 @@ class PixArtSigma(nn.Module):
         t0 = self.t_block(t)  # (B, 6·D)
         keep_own_mask = cfg.null_caption == "upstream"
         y, mask = self.y_embedder(y, mask, drop_ids, keep_own_mask=keep_own_mask)  # (B, L, D), (B, L)
+        # Compiled blocks for training only: sampling (no grad) would add graphs for little gain.
+        run_block = self._run_block if torch.is_grad_enabled() else _call_block
         for block in self.blocks:
             if cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(
-                    self._run_block, block, x, y, t0, mask, (h, w), use_reentrant=False
-                )  # (B, N, D)
+                x = checkpoint(run_block, block, x, y, t0, mask, (h, w), use_reentrant=False)  # (B, N, D)
             else:
-                x = self._run_block(block, x, y, t0, mask, (h, w))  # (B, N, D)
+                x = run_block(block, x, y, t0, mask, (h, w))  # (B, N, D)
         x = self.final_layer(x, t)  # (B, N, p²·C_out)
         return self.unpatchify(x, h, w)  # (B, C_out, H, W)
 
@@ -542,8 +542,10 @@ class PixArtSigma(nn.Module):
 
         Shapes are dynamic: the token grid (one per aspect-ratio bucket), caption length and batch size
         vary, and a static compile would recompile per bucket until Dynamo's limit makes it fall back to
-        eager. The PE (cached per grid), embeddings and final layer stay outside; the module is not wrapped,
-        so state_dict names and DDP's ``no_sync`` are unchanged.
+        eager. What still specialises: plain vs KV blocks (2 graphs), a batch of 1, and for KV blocks a grid
+        side not divisible by R (edge padding) or compressed to 1 — a handful of graphs, not one per bucket.
+        The PE (cached per grid), embeddings and final layer stay outside; the module is not wrapped, so
+        state_dict names and DDP's ``no_sync`` are unchanged. Sampling (no grad) runs the blocks eagerly.
         """
         self._run_block = (
             torch.compile(_call_block, dynamic=True, backend=backend) if enabled else _call_block

@@ -289,13 +289,16 @@ def collate(batch: list[Sample], *, caption_channels: int | None = None) -> dict
     if complete and (cached or caption_channels):
         dim = cached[0].shape[1] if caption_channels is None else caption_channels
         length = max((len(c) for c in cached), default=1)
-        features = torch.zeros(len(batch), length, dim)  # (B, L, C)
+        # fp16 when cached so (as materialize writes them): half the host memory and copies; the trainer
+        # casts on the device.
+        dtype = torch.float16 if all(c.dtype == np.float16 for c in cached) else torch.float32
+        features = torch.zeros(len(batch), length, dim, dtype=dtype)  # (B, L, C)
         mask = torch.zeros(len(batch), length, dtype=torch.bool)  # (B, L)
         for i, s in enumerate(batch):
             if s.caption_features is None:  # no caption: one placeholder token, swapped for the null caption
                 mask[i, 0] = True
                 continue
-            features[i, : len(s.caption_features)] = torch.from_numpy(s.caption_features.astype(np.float32))
+            features[i, : len(s.caption_features)] = torch.from_numpy(s.caption_features).to(dtype)
             mask[i, : len(s.caption_features)] = True
         out["caption_features"], out["caption_mask"] = features, mask
     return out

@@ -204,7 +204,7 @@ class CaptionEncoder:
         if "caption_features" in batch:
             features = batch["caption_features"][:, : self.max_tokens]  # (B, L, C)
             mask = batch["caption_mask"][:, : self.max_tokens]  # (B, L)
-            return features.to(self.device), mask.to(self.device)
+            return features.to(self.device).float(), mask.to(self.device)
         return self.encode(batch["captions"])
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,13 +74,17 @@ def same_model(recorded: str | None, wanted: str) -> bool:
 
 def vae_scaling_factor(vae: str) -> float | None:
     """The ``scaling_factor`` in a VAE's config (reads config.json only), or None when it cannot be read."""
-    from diffusers import AutoencoderKL
+    local = Path(vae) / "config.json"
+    if local.is_file():  # a local folder: no need to import diffusers for one number
+        config = json.loads(local.read_text())
+    else:
+        from diffusers import AutoencoderKL
 
-    try:
-        config = AutoencoderKL.load_config(vae)
-    except (OSError, ValueError) as err:  # not a local folder and not reachable/cached on the hub
-        log.debug("cannot read the config of VAE %s: %s", vae, err)
-        return None
+        try:
+            config = AutoencoderKL.load_config(vae)
+        except (OSError, ValueError) as err:  # not a local folder and not reachable/cached on the hub
+            log.debug("cannot read the config of VAE %s: %s", vae, err)
+            return None
     value = config.get("scaling_factor")
     return float(value) if value is not None else None
 

@@ -449,7 +449,10 @@ def wrap_model(model: PixArtSigma, stage: StageSection, cfg: TrainConfig, env: D
     The blocks are compiled, not the DDP wrapper: DDP stays the outer module (``no_sync`` is found and
     used), the PE and embeddings stay eager, and with dynamic shapes every bucket shares one graph.
     """
-    model.set_compile(compile_enabled(cfg, stage), backend=cfg.model.compile_backend)
+    compiled = compile_enabled(cfg, stage)
+    model.set_compile(compiled, backend=cfg.model.compile_backend)
+    if compiled:
+        log.info("stage %s: blocks compiled (%s, dynamic shapes)", stage.name, cfg.model.compile_backend)
     return DistributedDataParallel(model) if env.world_size > 1 else model
 
 

@@ -121,10 +121,10 @@ def test_tiny_model_overfits_and_follows_its_captions(tiny_models: Path, tmp_pat
                 total += (out[:, :4] - noise).pow(2).mean().item()
             errors[name] = total
         assert errors["null"] < 2.5 * errors["caption"], errors
-        # The VB term trained the variance output v (the log-variance between β̃_t at v = -1 and β_t at +1).
+        # The VB term trained the variance output v (log-variance from β̃_t at v = -1 to β_t at v = +1).
         t = torch.tensor([1, 11, 21, 31])
         v = model(diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g)), t, y, mask)[:, 4:]
-        assert v.abs().mean() > 0.1 and v.abs().max() < 1.5, v.abs().mean()
+        assert v.abs().mean() > 0.1, v.abs().mean()  # without the VB term v stays exactly 0
         # The padding mask holds: what sits in padded caption slots changes nothing.
         t = torch.full((NUM_IMAGES,), 500)
         x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))

@@ -26,7 +26,7 @@ keep_checkpoints = 2
 [model]
 preset = "tiny"
 init = "{init}"
-compile_backend = "aot_eager"  # Dynamo + AOTAutograd for real; no C++ code generation on a CPU test box
+compile_backend = "eager"  # Dynamo graph capture (dynamic shapes, under DDP); no code generation on a CPU box
 [text]
 t5 = "{models}/t5"
 max_tokens = 300  # PixArt-Σ's; the init has PixArt-α's 120
@@ -103,7 +103,7 @@ def test_alpha_to_sigma_schedule_on_two_ranks_with_sigterm_and_resume(
     log = first.stderr
     assert "caption tokens 120 → 300 (PixArt-α → Σ)" in log and "null caption: upstream" in log
     assert "VAE swap" in log and "resolution 32→64 px" in log and "resolution 64→96 px" in log
-    assert "blocks compiled (aot_eager, dynamic shapes)" in log
+    assert "blocks compiled (eager, dynamic shapes)" in log
     assert "SIGTERM: checkpoint at stage 128px step 1 saved" in log
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())][-1] == "00000013-128px"
     assert sorted(p.name for p in (run_dir / "final").iterdir()) == [

@@ -519,6 +519,7 @@ def main(cfg: TrainConfig) -> Path:
 
 
 def run(cfg: TrainConfig, env: Dist, features: ShardFeatures, stop: StopRequest) -> Path:
+    """Build → resume → every stage → final export (the story ``main`` sets up and tears down)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, env, run_dir)

@@ -118,6 +118,19 @@ def test_t5_runs_once_per_run_and_never_at_validation(tiny_models, shards, tmp_p
     assert len(loads) == 1
 
 
+def test_validation_decodes_tiled_one_image_at_a_time(tiny_models) -> None:
+    """2K/4K grids decode in tiles (diffusers' AutoencoderKL tiling), switched on for decoding only."""
+    from training.encoders import LatentEncoder
+
+    latents = LatentEncoder(str(tiny_models / "vae"), scaling_factor=0.13025, device=CPU, cached=True)
+    vae = latents.vae.vae
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z, **kw: seen.append((vae.use_tiling, z.shape[0])) or decode(z, **kw)
+    images = latents.decode(torch.randn(3, 4, 8, 8))
+    assert images.shape == (3, 3, 64, 64) and seen == [(True, 1)] * 3 and not vae.use_tiling
+
+
 def test_adamw_uses_its_own_eps_and_came_its_own() -> None:
     model = torch.nn.Linear(2, 2)
     adamw = trainer.build_optimizer(model, OptimSection(name="adamw"), 1e-3)

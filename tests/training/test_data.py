@@ -145,7 +145,7 @@ def test_a_sample_without_captions_trains_on_the_null_caption_not_t5(
     )
     cfg.stages = cfg.stages[1:2]
     trainer.main(cfg)
-    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert (tmp_path / "run" / "final" / "model_index.json").exists()
 
 
 def test_stream_batches_are_one_bucket_and_buckets_all_appear(shards) -> None:

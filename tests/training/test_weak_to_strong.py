@@ -122,12 +122,11 @@ def test_alpha_to_sigma_schedule_on_two_ranks_with_sigterm_and_resume(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in rows] == list(range(1, STEPS * len(STAGES) + 1))
     assert [r["stage"] for r in rows][::STEPS] == [name for name, *_ in STAGES]
-    for name, *_, kv, _ in STAGES:  # every stage exported, in diffusers' format until KV compression
-        weights = "model.safetensors" if kv else "diffusion_pytorch_model.safetensors"
-        assert (run_dir / "final" / name / weights).exists() and (
-            run_dir / "final_ema" / name / weights
-        ).exists()
-    final = json.loads((run_dir / "final" / "config.json").read_text())
+    for name, *_, kv, _ in STAGES:  # every stage exported (PixArtSigmaPipeline folders, training/pipeline.py)
+        for folder in ("final", "final_ema"):
+            info = json.loads((run_dir / folder / name / "pixsigma.json").read_text())
+            assert (info["stage"], info["model"]["kv_compress_layers"]) == (name, kv), (folder, name)
+    final = json.loads((run_dir / "final" / "pixsigma.json").read_text())["model"]
     assert final["kv_compress_layers"] == [1] and final["max_token_length"] == 300
     assert final["null_caption"] == "upstream" and (run_dir / "samples" / "128px-kv").is_dir()
     resolved = json.loads((run_dir / "run.json").read_text())

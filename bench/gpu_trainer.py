@@ -1,15 +1,21 @@
-"""GPU benchmark (prepared; one script, under 8 minutes): the PixArt-XL/2 training step from cached features
-vs with T5-XXL and the SDXL VAE run on the fly. Random weights, architectures from their configs.
+"""GPU benchmark (prepared; one call, under 9 minutes): the PixArt-XL/2 training step.
 
-    python -m bench.gpu_trainer [--output OUT] [--seconds 25] [--record]
+    python -m bench.gpu_trainer [--output OUT] [--part all|cache|highres] [--seconds 20] [--record]
+    python -m bench.gpu_trainer --smoke        # CPU, tiny preset and small sizes: checks every code path
 
-For 512 and 1024 px it reports img/s, MFU (training/flops.py against the device's bf16 peak), peak memory
-and the data-wait share, then the same step with the frozen encoders in the loop, giving the cache's real
-speed-up (goal ≥ 1.5×; data-wait goal < 5 %). Needs torch and transformers only: the SDXL VAE encoder is
-diffusers' ``AutoencoderKL`` when diffusers is installed, else the same architecture written out below
-(timing only; random weights either way). Cached batches come through the trainer's own WebDataset stream
-(``training/data.py``, DataLoader workers) over synthetic shards written to a temporary folder, so the
-data-wait share is the real decode cost; without webdataset it falls back to in-memory batches.
+Part ``cache`` (512 and 1024 px): img/s, MFU, peak memory and data-wait share of the step from cached
+features vs with T5-XXL and the SDXL VAE run on the fly, giving the cache's real speed-up (goal ≥ 1.5×;
+data-wait goal < 5 %). Cached batches come through the trainer's own WebDataset stream (training/data.py,
+DataLoader workers) over synthetic shards written to a temporary folder.
+
+Part ``highres`` (2K = the 2048 table's square bucket, 128² tokens; 4K = the 2880 table's, 180² tokens):
+the trainer's own step (``training.main.train_step``: CAME, bf16 autocast, grad clip, EMA-free) with KV
+compression off and on (R = 2 in blocks 14–27, as configs/sigma.toml) and gradient checkpointing on and
+off, reporting step time, img/s, MFU against the device's bf16 peak (training/flops.py) and peak memory.
+Configurations that do not fit are reported as OOM. ``--compile`` adds the per-block compiled variant.
+
+Random weights, architectures from their configs; needs torch, transformers (T5-XXL config) and, for the
+SDXL VAE, diffusers (else a replica of its encoder below, timing only).
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import io
+import itertools
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +41,7 @@ from torch import nn
 
 from training.flops import forward_flops
 from training.model import PRESETS, PixArtSigma
+from training.observe import peak_tflops
 
 T5_TOKENS = 300  # PixArt-Σ's caption budget
 T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64}
@@ -231,8 +242,6 @@ def measure(
             break
     times, waits = times[3:], waits[3:]  # warm-up
     step = sum(times) / len(times)
-    from training.observe import peak_tflops
-
     peak = peak_tflops(device, 0.0)
     return {
         "resolution": resolution, "batch": batch, "mode": "on the fly" if on_the_fly else "cached",
@@ -241,6 +250,152 @@ def measure(
         "data_wait_share": sum(waits) / sum(times), "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "grad_checkpointing": grad_ckpt,
     }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# 2K / 4K: the trainer's own step, KV compression and gradient checkpointing on and off
+# ------------------------------------------------------------------------------------------------
+
+# (name, resolution, batch per GPU, KV compression, gradient checkpointing)
+HIGH_RES = (
+    ("2K", 2048, 2, False, True),
+    ("2K", 2048, 2, True, True),
+    ("2K", 2048, 2, True, False),
+    ("4K", 2880, 1, False, True),
+    ("4K", 2880, 1, True, True),
+    ("4K", 2880, 1, True, False),
+)
+SMOKE_SIZES = {2048: 64, 2880: 96}  # --smoke: the same runs at tiny size on the CPU
+
+
+def trainer_config(*, kv: bool, grad_ckpt: bool, compiled: bool, smoke: bool):
+    """configs/sigma.toml (XL/2, CAME, bf16, clip 0.01) or, for --smoke, configs/debug.toml's tiny preset."""
+    from training.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    preset = "debug.toml" if smoke else "sigma.toml"
+    overrides = [f"model.grad_checkpointing={str(grad_ckpt).lower()}", f"model.compile={str(compiled).lower()}",
+                 "optim.ema_decay=0.0", "optim.mixed_precision=\"bf16\""]  # fmt: skip
+    if smoke:
+        overrides.append('model.compile_backend="eager"')
+    cfg = load_config(root / preset, overrides=overrides)
+    depth = PRESETS[cfg.model.preset].depth
+    layers = tuple(range(depth // 2, depth)) if kv else ()  # 14–27 of 28, as the 2K/4K stages
+    return cfg, layers
+
+
+def measure_highres(
+    name: str, resolution: int, batch: int, *, kv: bool, grad_ckpt: bool, compiled: bool, seconds: float,
+    device: torch.device, smoke: bool,
+) -> dict:  # fmt: skip
+    """Time ``training.main.train_step`` plus the optimizer step on random cached-like batches."""
+    import training.main as trainer
+    from training.diffusion import GaussianDiffusion
+    from training.encoders import CaptionEncoder, LatentEncoder
+
+    cfg, layers = trainer_config(kv=kv, grad_ckpt=grad_ckpt, compiled=compiled, smoke=smoke)
+    size = SMOKE_SIZES[resolution] if smoke else resolution
+    preset = PRESETS[cfg.model.preset]
+    base_size = size // 16
+    config = dataclasses.replace(
+        preset, base_size=base_size, pe_interpolation=size / 512, grad_checkpointing=grad_ckpt
+    )
+    model = PixArtSigma(config).to(device).train()
+    if layers:
+        model.enable_kv_compression(layers, 2)
+    stage = dataclasses.replace(cfg.stages[0], compile=compiled)
+    env = trainer.Dist(0, 1, device)
+    net = trainer.wrap_model(model, stage, cfg, env)
+    optimizer = trainer.build_optimizer(model, cfg.optim, 2e-5)
+    tokens = 16 if smoke else T5_TOKENS
+    h = size // 8
+    batch_data = {
+        "latents": torch.randn(batch, 4, h, h), "null_caption": torch.zeros(batch, dtype=torch.bool),
+        "caption_features": torch.randn(batch, tokens, preset.caption_channels, dtype=torch.float16),
+        "caption_mask": torch.ones(batch, tokens, dtype=torch.bool),
+    }  # fmt: skip
+    stream = iter(lambda: batch_data, None)
+    text = CaptionEncoder("unused", max_tokens=tokens, device=device, cached=True)
+    latents = LatentEncoder("unused", scaling_factor=0.13025, device=device, cached=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    diffusion = GaussianDiffusion()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: list[float] = []
+    started = time.perf_counter()
+    while True:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = trainer.train_step(
+            net, model, stream, diffusion, text, latents, generator, cfg, env, len(times)
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if (time.perf_counter() - started > seconds and len(times) > 4) or (smoke and len(times) >= 3):
+            break
+    steady = times[2:] if len(times) > 3 else times[-1:]  # warm-up (and compilation) excluded
+    step = sum(steady) / len(steady)
+    flops = out["flops"]
+    peak = peak_tflops(device, 0.0)
+    return {
+        "name": name, "resolution": size, "batch": batch, "kv": bool(layers), "grad_checkpointing": grad_ckpt,
+        "compiled": compiled, "tokens": (size // 16) ** 2, "step_ms": 1e3 * step, "images_per_s": batch / step,
+        "tflops": flops / step / 1e12, "mfu": flops / step / (peak * 1e12) if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "loss": out["loss"],
+    }  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def markdown_highres(rows: list[dict], device: str, command: str) -> str:
+    lines = [
+        "## Trainer on GPU at 2K and 4K: KV compression and gradient checkpointing",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {device}, torch {torch.__version__}. The trainer's own step (training.main.train_step: CAME, "
+        "bf16 autocast, grad clip 0.01) on random latents and 300-token captions, PixArt-XL/2, square bucket "
+        "(2K: 2048 px, 128² tokens; 4K: 2880 px, 180² tokens), KV compression R = 2 in blocks 14–27. MFU counts "
+        "training/flops.py's FLOPs (forward ×3, ×4 with checkpointing) against the data-sheet bf16 peak.",
+        "",
+        "| size | px | batch | KV | grad ckpt | compiled | step (ms) | img/s | TFLOP/s | MFU | peak mem (GiB) |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "oom" in r:
+            lines.append(f"| {r['name']} | {r['resolution']} | {r['batch']} | {'on' if r['kv'] else 'off'} | "
+                         f"{'on' if r['grad_checkpointing'] else 'off'} | {'yes' if r['compiled'] else 'no'} | OOM | | | | |")  # fmt: skip
+            continue
+        mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+        lines.append(f"| {r['name']} | {r['resolution']} | {r['batch']} | {'on' if r['kv'] else 'off'} | "
+                     f"{'on' if r['grad_checkpointing'] else 'off'} | {'yes' if r['compiled'] else 'no'} | "
+                     f"{r['step_ms']:.0f} | {r['images_per_s']:.2f} | {r['tflops']:.0f} | {mfu} | {mem} |")  # fmt: skip
+    return "\n".join(lines + [""])
+
+
+def run_highres(args, device: torch.device) -> list[dict]:
+    rows = []
+    variants = [False, True] if args.compile else [False]
+    for (name, resolution, batch, kv, grad_ckpt), compiled in itertools.product(HIGH_RES, variants):
+        spec = {"name": name, "resolution": resolution, "batch": batch, "kv": kv, "grad_checkpointing": grad_ckpt,
+                "compiled": compiled}  # fmt: skip
+        try:
+            rows.append(measure_highres(name, resolution, batch, kv=kv, grad_ckpt=grad_ckpt, compiled=compiled,
+                                        seconds=args.seconds, device=device, smoke=args.smoke))  # fmt: skip
+        except torch.OutOfMemoryError:
+            rows.append({**spec, "oom": True})
+        print(json.dumps(rows[-1]), flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def markdown(rows: list[dict], device: str) -> str:
@@ -265,14 +420,7 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines + [""])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=os.environ.get("OUT", "."))
-    parser.add_argument("--seconds", type=float, default=25.0, help="timed seconds per configuration")
-    parser.add_argument("--record", action="store_true", help="write the section into docs/benchmarks.md")
-    args = parser.parse_args()
-    device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True
+def run_cache(args, device: torch.device) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for resolution, batch in RESOLUTIONS.items():
@@ -284,16 +432,51 @@ def main() -> None:
                                         device=device, tmp=folder))  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
                 torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name(device)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--output", default=os.environ.get("OUT", "."), help="folder for gpu_trainer.{json,md}"
+    )
+    parser.add_argument("--part", choices=("all", "cache", "highres"), default="all")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per configuration")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the per-block compiled step (highres)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny preset, 3 steps per run (highres part)"
+    )
+    parser.add_argument("--record", action="store_true", help="write the sections into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    command = (
+        "python -m bench.gpu_trainer " + shlex.join(argv if argv is not None else sys.argv[1:])
+    ).strip()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke run)"
+    result: dict = {"device": name}
+    texts = []
+    if args.part in ("all", "cache") and not args.smoke:
+        result["cache"] = run_cache(args, device)
+        texts.append(("trainer-gpu", markdown(result["cache"], name)))
+    if args.part in ("all", "highres"):
+        result["highres"] = run_highres(args, device)
+        texts.append(("trainer-gpu-highres", markdown_highres(result["highres"], name, command)))
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    (Path(args.output) / "gpu_trainer.json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
-    text = markdown(rows, name)
-    (Path(args.output) / "gpu_trainer.md").write_text(text)
-    print(text)
-    if args.record:
+    (Path(args.output) / "gpu_trainer.json").write_text(json.dumps(result, indent=2))
+    (Path(args.output) / "gpu_trainer.md").write_text("\n".join(text for _, text in texts))
+    for _, text in texts:
+        print(text)
+    if args.record and not args.smoke:
         from bench.record import write_section
 
-        write_section("trainer-gpu", text)
+        for section, text in texts:
+            write_section(section, text)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,13 @@ def load_selection(root: Path, cfg: MaterializeConfig) -> tuple[list[dict], dict
     return rows, record
 
 
+def _vae_scaling_factor(vae: str) -> float:
+    """The VAE's own scaling_factor, from its config.json (no weights loaded)."""
+    from diffusers import AutoencoderKL
+
+    return float(AutoencoderKL.load_config(vae)["scaling_factor"])
+
+
 def materialize(cfg: MaterializeConfig) -> Path:
     """Write the training shards of a selection and their index; returns the output folder."""
     root = Path(cfg.root)
@@ -317,7 +324,13 @@ def materialize(cfg: MaterializeConfig) -> Path:
         "selection_keys_sha256": selection_record["keys_sha256"],
         "num_samples": len(rows),
         "num_shards": len(plans),
-        "features": {"t5": cfg.t5, "vae": cfg.vae, "vae_resolutions": list(cfg.vae_resolutions)},
+        "features": {
+            "t5": cfg.t5,
+            "vae": cfg.vae,
+            "vae_resolutions": list(cfg.vae_resolutions),
+            # The trainer checks its stages' vae_scaling_factor against this (a wrong one trains silently).
+            "vae_scaling_factor": _vae_scaling_factor(cfg.vae) if cfg.vae else None,
+        },
     }
     atomic_write_bytes(out / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
     write_shards_card(cfg, image_formats={r["format"] for r in rows})  # HF dataset card (issue 11)

@@ -100,7 +100,15 @@ def console_scripts() -> dict[str, str]:
 
 
 # One name for one thing across every entry point (STYLE.md, "CLI vocabulary").
-RETIRED_FLAGS = ("--root", "--out ", "--json", "--num-actors", "--aesthetic-actors", "--aesthetic-gpus", "--n ")
+RETIRED_FLAGS = (
+    "--root",
+    "--out ",
+    "--json",
+    "--num-actors",
+    "--aesthetic-actors",
+    "--aesthetic-gpus",
+    "--n ",
+)
 
 
 @pytest.mark.parametrize("script", sorted(console_scripts()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -48,12 +49,43 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / COMPLETE_MARKER).exists())
 
 
-def load_latest(run_dir: Path) -> dict | None:
-    """The newest complete checkpoint's state (tensors on CPU), or None. Never unpickles code."""
-    checkpoints = complete_checkpoints(run_dir)
-    if not checkpoints:
-        return None
-    return torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
+class CheckpointError(ValueError):
+    """A checkpoint folder whose state does not load (truncated, corrupt, or not ours)."""
+
+
+REQUIRED_KEYS = ("model", "optimizer", "position", "rng")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """``path/state.pt`` as tensors on the CPU (never unpickles code), or CheckpointError naming the file."""
+    file = Path(path) / "state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+    ) as err:  # torch's zip reader: RuntimeError
+        raise CheckpointError(f"{file} does not load: {str(err).splitlines()[0]}") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file} lacks {missing}")
+    return state
+
+
+def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint that loads, with its state; an unreadable newer one is skipped (warned).
+
+    A checkpoint can be complete and still not load: a disk that filled after the marker, a copy cut short.
+    Resuming from the one before costs ``checkpoint_every`` steps; aborting would cost the run.
+    """
+    for path in reversed(complete_checkpoints(run_dir)):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("%s; falling back to the checkpoint before it", err)
+    return None
 
 
 def capture_rng(generator: torch.Generator) -> dict:

@@ -7,7 +7,9 @@ schedule). CLI flags only override fields: ``--output DIR`` and ``--set section.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,13 @@ from typing import Any, Literal
 
 SD_VAE_SCALING = 0.18215  # SD 1.x/2.x VAE latents × this (PixArt-α)
 SDXL_VAE_SCALING = 0.13025  # SDXL VAE (PixArt-Σ)
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # stage names become folder names
+
+
+def _at_least(name: str, value: float, low: float, *, strict: bool = False) -> None:
+    """Range check whose message names the field (``_build`` prefixes the section)."""
+    if value < low or (strict and value == low):
+        raise ValueError(f"{name} must be {'>' if strict else '≥'} {low}, got {value}")
 
 
 @dataclass
@@ -22,28 +31,62 @@ class ModelSection:
     preset: str = "tiny"  # a key of training.model.PRESETS
     grad_checkpointing: bool = False  # per-block activation checkpointing
     init: str = ""  # external init: a PixArt-α/Σ .pth, a diffusers transformer folder or one of ours
-    compile: bool = False  # torch.compile the model (dynamic shapes: buckets change the grid)
+    # torch.compile each transformer block (dynamic shapes, so every aspect-ratio bucket shares one graph;
+    # the PE and embeddings stay eager). A stage's own `compile` overrides this.
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" skips code generation)
+
+    def __post_init__(self) -> None:
+        from training.model import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
 
 
 @dataclass
 class TextSection:
     t5: str = "google/t5-v1_1-xxl"  # HF id or local path (tokenizer + encoder)
-    max_tokens: int = 300  # PixArt-Σ's caption budget
+    max_tokens: int = 300  # PixArt-Σ's caption budget (PixArt-α: 120)
+    # What a dropped caption (classifier-free guidance) looks like to the model:
+    #   upstream  — T5("") padded to max_tokens, attended under the sample's own mask (PixArt's train.py and
+    #               samplers); what the released α/Σ weights were trained with.
+    #   diffusers — T5("")'s valid tokens under their own mask (diffusers' negative prompt).
+    #   auto      — upstream when model.init names official weights (.pth or diffusers folder), the init's
+    #               own choice for one of our folders, else diffusers.
+    null_caption: Literal["auto", "upstream", "diffusers"] = "auto"
+
+    def __post_init__(self) -> None:
+        _at_least("max_tokens", self.max_tokens, 1)
 
 
 @dataclass
 class DataSection:
-    shards: str = ""  # folder of training shards (train-*.tar + index.parquet), or a brace/glob pattern
+    shards: str = ""  # folder of training shards (train-*.tar + shards.json), or a brace/glob pattern
     real_prompt_ratio: float = 0.5  # PixArt-Σ mixes the original and the VLM caption 50/50
-    shuffle_buffer: int = 64
+    shuffle_buffer: int = 64  # samples per worker in the shuffle buffer (also capped by shuffle_buffer_mb)
+    # Host RAM per DataLoader worker (or per rank with num_workers = 0): the shuffle buffer holds raw samples
+    # already stripped to what the stage reads; the bucket buffer holds decoded samples waiting for their
+    # aspect-ratio bucket to fill. See configs/sigma.toml for the cost at XL/2 1024 px.
+    shuffle_buffer_mb: float = 256.0
+    bucket_buffer_mb: float = 256.0
     num_workers: int = 0  # DataLoader workers per rank decoding samples (0: in the training process)
     use_cached_features: bool = True  # False: always encode on the fly (the benchmark's baseline)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.real_prompt_ratio <= 1.0:
-            raise ValueError(f"data.real_prompt_ratio must be in [0, 1], got {self.real_prompt_ratio}")
-        if self.num_workers < 0 or self.shuffle_buffer < 1:
-            raise ValueError("data.num_workers must be ≥ 0 and data.shuffle_buffer ≥ 1")
+            raise ValueError(f"real_prompt_ratio must be in [0, 1], got {self.real_prompt_ratio}")
+        _at_least("num_workers", self.num_workers, 0)
+        _at_least("shuffle_buffer", self.shuffle_buffer, 1)
+        _at_least("shuffle_buffer_mb", self.shuffle_buffer_mb, 0, strict=True)
+        _at_least("bucket_buffer_mb", self.bucket_buffer_mb, 0, strict=True)
+
+
+# Each optimiser's own defaults: CAME as PixArt-Σ's configs set it; AdamW's from torch (its eps is 1e-8,
+# not CAME's 1e-16, which would make AdamW's update explode on near-zero second moments).
+OPTIMIZER_DEFAULTS = {
+    "came": {"betas": (0.9, 0.999, 0.9999), "eps": (1e-30, 1e-16)},
+    "adamw": {"betas": (0.9, 0.999), "eps": (1e-8,)},
+}
 
 
 @dataclass
@@ -52,8 +95,8 @@ class OptimSection:
 
     name: Literal["came", "adamw"] = "came"
     base_lr: float = 2e-5  # at global batch 256; scaled by sqrt(global_batch / 256)
-    betas: tuple[float, ...] = (0.9, 0.999, 0.9999)
-    eps: tuple[float, ...] = (1e-30, 1e-16)
+    betas: tuple[float, ...] = ()  # empty: the optimiser's defaults (OPTIMIZER_DEFAULTS)
+    eps: tuple[float, ...] = ()  # empty: the optimiser's defaults (CAME 2 values, AdamW 1)
     weight_decay: float = 0.0
     grad_clip: float = 0.01  # PixArt-Σ's clip_grad_norm
     mixed_precision: Literal["no", "bf16"] = "bf16"  # autocast on CUDA only; fp32 master weights
@@ -61,26 +104,35 @@ class OptimSection:
     ema_decay: float = 0.0  # fp32 EMA of the weights when > 0 (e.g. 0.9999); 0 turns it off
 
     def __post_init__(self) -> None:
-        if self.name not in ("came", "adamw"):
-            raise ValueError(f"optim.name must be 'came' or 'adamw', got {self.name!r}")
-        if self.name == "came" and (len(self.betas) != 3 or len(self.eps) != 2):
-            raise ValueError("optim: CAME needs 3 betas and 2 eps")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"optim.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"optim.grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
+        defaults = OPTIMIZER_DEFAULTS[self.name]
+        self.betas = self.betas or defaults["betas"]
+        self.eps = self.eps or defaults["eps"]
+        if len(self.betas) != len(defaults["betas"]) or len(self.eps) != len(defaults["eps"]):
+            raise ValueError(
+                f"betas/eps: {self.name} takes {len(defaults['betas'])} betas and {len(defaults['eps'])} eps, "
+                f"got {list(self.betas)} and {list(self.eps)} (leave them out for {defaults})"
+            )
+        _at_least("base_lr", self.base_lr, 0, strict=True)
+        _at_least("weight_decay", self.weight_decay, 0)
+        _at_least("grad_clip", self.grad_clip, 0, strict=True)
+        _at_least("grad_accum_steps", self.grad_accum_steps, 1)
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
 class ValidationSection:
-    """Samples for each stage's validation prompts: fixed seed, DPM-Solver++ (diffusers), one grid per call."""
+    """Samples of each stage's prompts from the raw and the EMA weights: fixed seed, DPM-Solver++ (diffusers)."""
 
     every: int = 0  # steps between validations inside a stage; 0: only at each stage's end
     seed: int = 0
     num_steps: int = 20
     cfg_scale: float = 4.5
+
+    def __post_init__(self) -> None:
+        _at_least("every", self.every, 0)
+        _at_least("num_steps", self.num_steps, 1)
+        _at_least("cfg_scale", self.cfg_scale, 0, strict=True)
 
 
 @dataclass
@@ -111,9 +163,17 @@ class EvaluationSection:
 @dataclass
 class LogSection:
     every: int = 1  # steps between metric records
-    progress_bar: bool = True  # tqdm on rank 0
+    progress_bar: bool = (
+        True  # tqdm on rank 0 when stderr is a terminal; else a log line per progress_every_s
+    )
+    progress_every_s: float = 30.0
     tensorboard: bool = True  # scalars under RUN_DIR/tensorboard
     peak_tflops: float = 0.0  # per device, for MFU; 0: looked up for known GPUs, else MFU is not logged
+
+    def __post_init__(self) -> None:
+        _at_least("every", self.every, 1)
+        _at_least("progress_every_s", self.progress_every_s, 0)
+        _at_least("peak_tflops", self.peak_tflops, 0)
 
 
 @dataclass
@@ -125,6 +185,11 @@ class FaultSection:
     inject_rank: int = 0
     kill_at_step: int = -1  # SIGKILL kill_rank before this global step, unless the run resumed
     kill_rank: int = 0
+    sigterm_at_step: int = -1  # a real SIGTERM to sigterm_rank before this global step, unless resumed
+    sigterm_rank: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least("max_nonfinite_steps", self.max_nonfinite_steps, 1)
 
 
 @dataclass
@@ -143,14 +208,25 @@ class StageSection:
     lr: float | None = None  # default: optim.base_lr scaled by the global batch
     warmup_steps: int = 0
     validation_prompts: tuple[str, ...] = ()
+    compile: bool | None = None  # None: model.compile
 
     def __post_init__(self) -> None:
-        if self.resolution % 32:
-            raise ValueError(f"stages.{self.name}.resolution must be a multiple of 32, got {self.resolution}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"stages.{self.name}: steps and batch_size must be ≥ 1")
+        if not STAGE_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"name must be letters, digits, '_', '.', '-' (it names folders), got {self.name!r}"
+            )
+        if self.resolution < 32 or self.resolution % 32:
+            raise ValueError(f"resolution must be a positive multiple of 32, got {self.resolution}")
+        _at_least("vae_scaling_factor", self.vae_scaling_factor, 0, strict=True)
+        _at_least("kv_compress_ratio", self.kv_compress_ratio, 1)
+        _at_least("steps", self.steps, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        if self.lr is not None:
+            _at_least("lr", self.lr, 0, strict=True)
         if self.pe_interpolation is None:
             self.pe_interpolation = self.resolution / 512
+        _at_least("pe_interpolation", self.pe_interpolation, 0, strict=True)
 
 
 @dataclass
@@ -171,39 +247,86 @@ class TrainConfig:
     export_stages: bool = True  # final/<stage>/ (+ final_ema/<stage>/) at each stage's end, never pruned
 
     def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise ValueError("run_dir must name the run folder (or pass --output)")
         if not self.stages:
-            raise ValueError("stages must list at least one stage")
+            raise ValueError("stages must list at least one stage ([[stages]] tables)")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every and keep_checkpoints must be ≥ 1")
+            raise ValueError(f"stages: names must be unique, got {names}")
+        _at_least("checkpoint_every", self.checkpoint_every, 1)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field's type (ints widen to floats, lists become tuples), else a one-line ValueError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where} must be a list, got {value!r} ({type(value).__name__})")
+        return tuple(_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, hint)
+        raise ValueError(f"{where} must be {kind}, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
-    """Build a dataclass (recursively) from parsed TOML, rejecting unknown keys with their path."""
-    if not dataclasses.is_dataclass(cls):
-        return data
+    """Build a dataclass (recursively) from parsed TOML: unknown keys, wrong types and ranges name their path.
+
+    ``where`` is the path as ``--set`` spells it (``stages.0``, ``optim``); a field's error reads
+    ``stages.0.steps must be an integer, got '4' (str)``.
+    """
+    prefix = f"{where}." if where else ""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a table, got {data!r}")
+        raise ValueError(f"{where or 'config'} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
+        raise ValueError(f"{where or 'config'}: unknown fields {sorted(unknown)}; allowed: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        origin = typing.get_origin(hint)
-        if origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            if not isinstance(value, list):
+                raise ValueError(f"{prefix}{key} must be a list of tables ([[{key}]]), got {value!r}")
             item_cls = typing.get_args(hint)[0]
-            value = [_build(item_cls, v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+            value = [_build(item_cls, v, f"{prefix}{key}.{i}") for i, v in enumerate(value)]
         elif dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
+            value = _build(hint, value, f"{prefix}{key}")
+        else:
+            value = _check_type(value, hint, f"{prefix}{key}")
         kwargs[key] = value
-    return cls(**kwargs)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
+    if missing:
+        raise ValueError(f"{where or 'config'}: missing required fields {missing}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # range checks in __post_init__ name the field; add where it lives
+        raise ValueError(f"{prefix}{err}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _set(data: dict, path: str, raw: str) -> None:
@@ -214,26 +337,47 @@ def _set(data: dict, path: str, raw: str) -> None:
         value = raw
     node: Any = data
     parts = path.split(".")
-    for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(
+                    f"--set {path}={raw}: {here} has {len(node)} entries, so the index after "
+                    f"'{here}.' must be 0–{len(node) - 1}, got {part!r}"
+                )
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise ValueError(f"--set {path}={raw}: {here} is a value ({node!r}), not a table")
+        if last:
+            node[key] = value
+        elif isinstance(node, dict):
+            node = node.setdefault(key, {})
+        else:
+            node = node[key]
 
 
 def load_config(path: str | Path, *, overrides: list[str] = (), output: str | None = None) -> TrainConfig:
-    """Read a TOML config, apply ``section.field=value`` overrides and ``--output``, validate."""
-    data = tomllib.loads(Path(path).read_text())
+    """Read a TOML config, apply ``section.field=value`` overrides and ``--output``, validate every field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"--config {path}: no such file (the presets are in configs/: sigma.toml, debug.toml)"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"--config {path}: not valid TOML ({err})") from None
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override must look like section.field=value, got {item!r}")
+            raise ValueError(f"--set must look like section.field=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set(data, key, raw)
+        _set(data, key.strip(), raw.strip())
     if output is not None:
         data["run_dir"] = output
-    return _build(TrainConfig, data, "config")
+    return _build(TrainConfig, data, "")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

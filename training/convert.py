@@ -73,7 +73,12 @@ _MICRO_CONDITION_PREFIXES = ("csize_embedder.", "ar_embedder.")
 def load_original_checkpoint(
     path: str | Path, config: ModelConfig, *, key: str = "state_dict"
 ) -> PixArtSigma:
-    """Build a model from a reference ``.pth`` (e.g. PixArt-Sigma-XL-2-1024-MS.pth); ``key`` picks EMA or not."""
+    """Build a model from a reference ``.pth`` (PixArt-α or -Σ); ``key`` picks EMA or not.
+
+    The widths come from ``config``; what differs between the released checkpoints comes from the keys:
+    KV compression (``blocks.{i}.attn.sr``, PixArt-Σ 2K/4K) and the caption length of the stored null
+    caption (``y_embedding``: 120 rows in PixArt-α, 300 in PixArt-Σ).
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt[key] if key in ckpt else ckpt
     if "x_embedder.proj.weight" not in state:
@@ -85,10 +90,28 @@ def load_original_checkpoint(
         )
     # The PE is recomputed for each grid; the saved one is for the training grid only.
     state = {k: v for k, v in state.items() if k != "pos_embed"}
+    config = dataclasses.replace(config, **_shape_from_keys(state, config))
     model = PixArtSigma(config)
     # Reference checkpoints have no null-caption mask: keep ours (all valid) and warn via the missing list.
     _load_exact(model, state, allowed_missing={"y_embedder.y_mask"}, source=str(path))
     return model
+
+
+def _shape_from_keys(state: dict[str, Tensor], config: ModelConfig) -> dict:
+    """ModelConfig fields a reference state dict decides: KV layers and ratio, caption token count."""
+    kv_layers = sorted(
+        int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.endswith("attn.sr.weight")
+    )
+    fields: dict = {"kv_compress_layers": tuple(kv_layers)}
+    if kv_layers:
+        fields["kv_compress_ratio"] = int(state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1])
+    null = state.get("y_embedder.y_embedding")
+    if null is not None and null.ndim == 2:
+        fields["max_token_length"] = int(null.shape[0])
+    changed = {k: v for k, v in fields.items() if getattr(config, k) != v}
+    if changed:
+        logger.info("from the checkpoint's keys: %s", changed)
+    return fields
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,23 +4,30 @@ PixArt-Σ pre-extracts T5 and VAE features because running T5-XXL and the VAE ev
 shards written by ``manifests.materialize`` may hold them. A cached feature is only used when it was made
 by the same model the config names (``shards.json`` records which), so a VAE-swap stage whose VAE the
 shards were not encoded with runs its VAE on the fly.
+
+What the run needs from T5 besides the batches (the null caption, the validation prompts) is computed
+once at the start, saved in the run folder and T5 freed (``TextFeatures``): a run on cached features
+never keeps T5-XXL (~9.5 GB) resident.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from manifests.features import NULL_CAPTION_FILE, T5Features, VaeFeatures
 
 log = logging.getLogger(__name__)
 
 SHARDS_INFO_FILE = "shards.json"
+TEXT_FEATURES_FILE = "text_features.safetensors"
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,9 @@ class ShardFeatures:
     t5: str | None = None
     vae: str | None = None
     vae_resolutions: tuple[int, ...] = ()
+    vae_scaling_factor: float | None = (
+        None  # the VAE's own factor (shards written before it was recorded: None)
+    )
 
     @classmethod
     def read(cls, shards: str) -> ShardFeatures:
@@ -38,7 +48,12 @@ class ShardFeatures:
         if not info.exists():
             return cls()
         features = json.loads(info.read_text()).get("features", {})
-        return cls(features.get("t5"), features.get("vae"), tuple(features.get("vae_resolutions") or ()))
+        return cls(
+            features.get("t5"),
+            features.get("vae"),
+            tuple(features.get("vae_resolutions") or ()),
+            features.get("vae_scaling_factor"),
+        )
 
     def has_text(self, t5: str) -> bool:
         return same_model(self.t5, t5)
@@ -55,6 +70,112 @@ def same_model(recorded: str | None, wanted: str) -> bool:
     if a.exists() and b.exists():
         return a.resolve() == b.resolve()
     return recorded == wanted
+
+
+def vae_scaling_factor(vae: str) -> float | None:
+    """The ``scaling_factor`` in a VAE's config (reads config.json only), or None when it cannot be read."""
+    local = Path(vae) / "config.json"
+    if local.is_file():  # a local folder: no need to import diffusers for one number
+        config = json.loads(local.read_text())
+    else:
+        from diffusers import AutoencoderKL
+
+        try:
+            config = AutoencoderKL.load_config(vae)
+        except (OSError, ValueError) as err:  # not a local folder and not reachable/cached on the hub
+            log.debug("cannot read the config of VAE %s: %s", vae, err)
+            return None
+    value = config.get("scaling_factor")
+    return float(value) if value is not None else None
+
+
+@dataclass
+class TextFeatures:
+    """T5 outputs a run needs besides its batches: the null caption and each validation prompt's states."""
+
+    null: torch.Tensor  # (L, C): T5("") — valid tokens (diffusers) or padded to max_tokens (upstream)
+    null_mask: torch.Tensor  # (L,) bool
+    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (L_p, C), (L_p,)
+
+    def prompt_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, L, C) states and (P, L) mask of ``prompts``, zero-padded to the longest."""
+        states = [self.prompts[p][0] for p in prompts]
+        length = max(s.shape[0] for s in states)
+        y = torch.zeros(len(states), length, states[0].shape[1])  # (P, L, C)
+        mask = torch.zeros(len(states), length, dtype=torch.bool)  # (P, L)
+        for i, prompt in enumerate(prompts):
+            s, m = self.prompts[prompt]
+            y[i, : s.shape[0]], mask[i, : s.shape[0]] = s, m
+        return y, mask
+
+    def save(self, path: Path, key: dict) -> None:
+        """Safetensors with ``key`` (the settings it was computed for) in its metadata."""
+        tensors = {"null": self.null.contiguous(), "null_mask": self.null_mask.contiguous()}
+        for i, (states, mask) in enumerate(self.prompts.values()):
+            tensors[f"prompt.{i}"], tensors[f"prompt_mask.{i}"] = states.contiguous(), mask.contiguous()
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, key: dict) -> TextFeatures | None:
+        """The saved features when they were computed for ``key``, else None."""
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            saved = json.loads((f.metadata() or {}).get("key", "null"))
+        if saved != json.loads(json.dumps(key, sort_keys=True)):
+            return None
+        tensors = load_file(str(path))
+        prompts = {
+            p: (tensors[f"prompt.{i}"], tensors[f"prompt_mask.{i}"]) for i, p in enumerate(key["prompts"])
+        }
+        return cls(tensors["null"], tensors["null_mask"], prompts)
+
+
+def compute_text_features(
+    t5: str,
+    *,
+    max_tokens: int,
+    mode: str,
+    prompts: list[str],
+    device: torch.device,
+    cached_null: Path | None = None,
+    encoder: T5Features | None = None,
+) -> TextFeatures:
+    """T5("") for ``mode`` and the prompts' states; loads T5 only when needed and frees it after.
+
+    ``upstream`` keeps T5("") padded to ``max_tokens``, every row (PixArt's ``null_embed``), since a
+    dropped caption is attended under the sample's own mask; ``diffusers`` keeps its valid tokens. A
+    shard folder's ``t5_null.npy`` (valid tokens) serves ``diffusers`` without T5. ``encoder`` is reused
+    when the run keeps T5 loaded anyway (captions encoded on the fly).
+    """
+    needs_t5 = bool(prompts) or mode == "upstream" or cached_null is None
+    if not needs_t5:
+        null = torch.from_numpy(np.load(cached_null, allow_pickle=False).astype(np.float32))  # (L, C)
+        return TextFeatures(null, torch.ones(null.shape[0], dtype=torch.bool))
+    owned = encoder is None
+    if owned:
+        log.info("loading T5 %s once for the null caption and %d validation prompts", t5, len(prompts))
+        encoder = T5Features(t5, max_tokens=max_tokens, device=device)
+    states, mask = encoder.encode_padded(["", *prompts])  # (1 + P, max_tokens, C), (1 + P, max_tokens)
+    states, mask = states.float().cpu(), mask.bool().cpu()
+    lengths = mask.sum(dim=1).tolist()
+    if mode == "upstream":
+        null, null_mask = states[0], mask[0]
+    else:
+        null, null_mask = states[0, : lengths[0]], mask[0, : lengths[0]]
+    features = TextFeatures(null.clone(), null_mask.clone())
+    for i, prompt in enumerate(prompts, start=1):
+        features.prompts[prompt] = (states[i, : lengths[i]].clone(), mask[i, : lengths[i]].clone())
+    if owned:
+        del encoder
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return features
 
 
 class CaptionEncoder:
@@ -87,7 +208,7 @@ class CaptionEncoder:
         if "caption_features" in batch:
             features = batch["caption_features"][:, : self.max_tokens]  # (B, L, C)
             mask = batch["caption_mask"][:, : self.max_tokens]  # (B, L)
-            return features.to(self.device), mask.to(self.device)
+            return features.to(self.device).float(), mask.to(self.device)
         return self.encode(batch["captions"])
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +232,13 @@ class LatentEncoder:
     def vae(self) -> VaeFeatures:
         if self._vae is None:
             log.info("loading VAE %s", self.path)
-            self._vae = VaeFeatures(self.path, device=self.device)
-            recorded = self._vae.scaling_factor
-            if abs(recorded - self.scaling_factor) > 1e-6:
-                log.warning(
-                    "VAE %s says scaling_factor %s; the stage's vae_scaling_factor %s is used",
-                    self.path, recorded, self.scaling_factor,
-                )  # fmt: skip
+            vae = VaeFeatures(self.path, device=self.device)
+            if abs(vae.scaling_factor - self.scaling_factor) > 1e-6:
+                raise ValueError(
+                    f"VAE {self.path} has scaling_factor {vae.scaling_factor}, the stage sets vae_scaling_factor "
+                    f"{self.scaling_factor}: set it to {vae.scaling_factor} (SD {0.18215}, SDXL {0.13025})"
+                )
+            self._vae = vae
         return self._vae
 
     def __call__(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
@@ -130,7 +251,18 @@ class LatentEncoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1]."""
+        """Scaled latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1], on the CPU.
+
+        One image at a time, tiled: a 2K/4K decode in one piece needs tens of GB of activations. Tiling
+        is switched on only here, so on-the-fly training latents stay those of the whole image (as cached).
+        """
         vae = self.vae.vae
-        images = vae.decode((latents / self.scaling_factor).to(self.device, vae.dtype)).sample
-        return images.float().clamp(-1, 1)
+        vae.enable_tiling()
+        try:
+            images = [
+                vae.decode((z[None] / self.scaling_factor).to(self.device, vae.dtype)).sample.float().cpu()
+                for z in latents
+            ]
+        finally:
+            vae.disable_tiling()
+        return torch.cat(images).clamp(-1, 1)

@@ -3,9 +3,13 @@
     torchrun --nproc_per_node=N training/main.py --config configs/debug.toml [--output RUN_DIR] [--set k=v]
 
 The same command runs on a laptop (gloo, CPU, tiny preset) and on a GPU cluster (NCCL). ``main`` reads
-as the story: setup → build → resume → for each stage: transition, loop (checkpoints, validation) →
-export. Stages follow PixArt-Σ §3 (arXiv 2403.04692): each starts from the previous stage's weights, and
-the three transitions (VAE swap, resolution up, KV compression on) keep every existing weight.
+as the story: setup → preflight (config, data, models: fail in seconds) → build → resume → for each
+stage: transition, loop (checkpoints, validation), stage export → final export. Stages follow PixArt-Σ §3
+(arXiv 2403.04692): each starts from the previous stage's weights, and the transitions (caption length
+120 → 300 from PixArt-α weights, VAE swap, resolution up, KV compression on) keep every existing weight.
+
+SIGTERM (pre-emption) checkpoints at the next step boundary on every rank and exits with code 143; the
+same command resumes exactly where it stopped, mid data segment included.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import json
 import logging
 import math
 import os
+import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,19 +33,41 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from manifests.features import NULL_CAPTION_FILE
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
-from training.checkpoint import capture_rng, complete_checkpoints, restore_rng, save_checkpoint
+from training.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint
 from training.config import OptimSection, StageSection, TrainConfig, load_config, to_dict
 from training.data import make_stream, stream_seed
 from training.diffusion import GaussianDiffusion, sample
-from training.encoders import CaptionEncoder, LatentEncoder, ShardFeatures
+from training.encoders import (
+    TEXT_FEATURES_FILE,
+    CaptionEncoder,
+    LatentEncoder,
+    ShardFeatures,
+    TextFeatures,
+    compute_text_features,
+    vae_scaling_factor,
+)
 from training.evaluate import evaluate_in_training
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.observe import MetricsSink, image_grid, peak_tflops, save_grid, train_flops
-from training.pipeline import export_weights
+from training.pipeline import export_weights, is_exported
 
 log = logging.getLogger("training")
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a scheduler expects from a job it terminated
+
+
+class PreflightError(ValueError):
+    """The config, the data or a model does not check out; the message names the field and the fix."""
+
+
+class Preempted(SystemExit):
+    """Raised after the SIGTERM checkpoint: the run stopped cleanly; the same command resumes it."""
+
+    def __init__(self) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,6 +127,26 @@ def setup_logging(env: Dist) -> None:
     quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
 
 
+class StopRequest:
+    """SIGTERM sets a flag; the ranks agree on it in the step's all-reduce and stop at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
 def write_resolved_config(cfg: TrainConfig, env: Dist, run_dir: Path) -> None:
     """``config.json`` (loadable back) and ``run.json`` (what the config resolved to on this launch)."""
     if not env.is_main:
@@ -108,11 +156,13 @@ def write_resolved_config(cfg: TrainConfig, env: Dist, run_dir: Path) -> None:
         "world_size": env.world_size,
         "device": str(env.device),
         "torch": torch.__version__,
+        "null_caption": null_caption_mode(cfg),
         "stages": {
             s.name: {
                 "global_batch": global_batch(s, cfg.optim, env.world_size),
                 "lr": stage_lr(s, cfg.optim, global_batch(s, cfg.optim, env.world_size)),
                 "pe_interpolation": s.pe_interpolation,
+                "compile": compile_enabled(cfg, s),
             }
             for s in cfg.stages
         },
@@ -134,20 +184,159 @@ def lr_at(step: int, *, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
 
 
+def compile_enabled(cfg: TrainConfig, stage: StageSection) -> bool:
+    return cfg.model.compile if stage.compile is None else stage.compile
+
+
+# ------------------------------------------------------------------------------------------------
+# Preflight: everything that can be checked before a model is loaded
+# ------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def preflight(cfg: TrainConfig) -> ShardFeatures:
+    """Check the data, the models and the stages against each other; one-line errors that name the fix."""
+    check_shards(cfg.data.shards)
+    features = ShardFeatures.read(cfg.data.shards)
+    preset = PRESETS[cfg.model.preset]
+    if cfg.model.init and not Path(cfg.model.init).exists():
+        raise PreflightError(
+            f"model.init = {cfg.model.init}: no such file or folder (a PixArt .pth or a model folder)"
+        )
+    for i, stage in enumerate(cfg.stages):
+        bad = [k for k in stage.kv_compress_layers if not 0 <= k < preset.depth]
+        if bad:
+            raise PreflightError(
+                f"stages.{i}.kv_compress_layers {bad}: preset {cfg.model.preset} has {preset.depth} blocks"
+            )
+    cached_text = cfg.data.use_cached_features and features.has_text(cfg.text.t5)
+    if t5_needed(cfg, features, cached_text):
+        check_model_source(cfg.text.t5, "text.t5")
+    for i, stage in enumerate(cfg.stages):
+        cached = cfg.data.use_cached_features and features.has_latents(stage.vae, stage.resolution)
+        if not cached or stage.validation_prompts:
+            check_model_source(stage.vae, f"stages.{i}.vae")
+        check_vae_scaling(i, stage, features, cached=cached)
+    return features
+
+
+def check_shards(shards: str) -> None:
+    """``data.shards`` names a folder of train-*.tar, a tar, or a pattern/URL (checked when opened)."""
+    fix = "pass --set data.shards=<the train_shards/<name> folder written by manifests.materialize>"
+    if not shards:
+        raise PreflightError(f"data.shards is empty: {fix}")
+    if "://" in shards or any(c in shards for c in "*?[{"):
+        return
+    path = Path(shards)
+    if not path.exists():
+        raise PreflightError(f"data.shards = {shards} does not exist: {fix}")
+    if path.is_dir() and not any(path.glob("train-*.tar")):
+        raise PreflightError(f"data.shards = {shards} holds no train-*.tar: {fix}")
+
+
+def check_model_source(value: str, name: str) -> None:
+    """A model named by local path, or by hub id (cached, or the hub reachable); else a one-line error."""
+    if Path(value).exists():
+        return
+    if not _HUB_ID.fullmatch(value):
+        raise PreflightError(
+            f"{name} = {value}: no such folder (pass a local model folder or a hub id like org/name)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(value, "config.json"), str):
+            raise PreflightError(
+                f"{name} = {value}: not a local folder and not in the hub cache, and HF_HUB_OFFLINE is set; "
+                f"download it first or pass a local path"
+            )
+
+
+def check_vae_scaling(index: int, stage: StageSection, features: ShardFeatures, *, cached: bool) -> None:
+    """The stage's vae_scaling_factor must be its VAE's: the one recorded with cached latents, else the VAE's."""
+    recorded = features.vae_scaling_factor if cached else None
+    source = f"shards.json (latents made with {features.vae})"
+    if recorded is None:
+        recorded, source = vae_scaling_factor(stage.vae), f"the config of VAE {stage.vae}"
+    if recorded is None:
+        log.warning("stages.%d: cannot read the scaling factor of VAE %s to check it", index, stage.vae)
+    elif abs(recorded - stage.vae_scaling_factor) > 1e-6:
+        raise PreflightError(
+            f"stages.{index}.vae_scaling_factor = {stage.vae_scaling_factor}, but {source} says {recorded}: "
+            f"set --set stages.{index}.vae_scaling_factor={recorded}"
+        )
+
+
+def t5_needed(cfg: TrainConfig, features: ShardFeatures, cached_text: bool) -> bool:
+    """Whether this launch loads T5: captions on the fly, or text features not yet saved in the run folder."""
+    if not cached_text:
+        return True
+    key = text_features_key(cfg)
+    if TextFeatures.load(Path(cfg.run_dir) / TEXT_FEATURES_FILE, key) is not None:
+        return False
+    has_null = (Path(cfg.data.shards) / NULL_CAPTION_FILE).exists()
+    return bool(key["prompts"]) or key["mode"] == "upstream" or not has_null
+
+
 # ------------------------------------------------------------------------------------------------
 # Build
 # ------------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, null_caption: torch.Tensor, device: torch.device) -> PixArtSigma:
+def null_caption_mode(cfg: TrainConfig) -> str:
+    """``text.null_caption``, with ``auto`` resolved: upstream for official weights, an init's own, else diffusers."""
+    if cfg.text.null_caption != "auto":
+        return cfg.text.null_caption
+    init = Path(cfg.model.init) if cfg.model.init else None
+    if init is None:
+        return "diffusers"
+    if init.suffix in (".pth", ".pt"):
+        return "upstream"
+    from training.convert import CONFIG_NAME, FORMAT_NAME
+
+    config = json.loads((init / CONFIG_NAME).read_text())
+    if config.get("format") == FORMAT_NAME:
+        return config.get("null_caption", "diffusers")
+    return "upstream"  # a diffusers folder: the released PixArt weights were trained with upstream's
+
+
+def text_features_key(cfg: TrainConfig) -> dict:
+    """What the saved text features depend on."""
+    prompts = sorted({p for s in cfg.stages for p in s.validation_prompts})
+    return {
+        "t5": cfg.text.t5,
+        "max_tokens": cfg.text.max_tokens,
+        "mode": null_caption_mode(cfg),
+        "prompts": prompts,
+    }
+
+
+def prepare_text_features(cfg: TrainConfig, env: Dist, text: CaptionEncoder) -> TextFeatures:
+    """The null caption and validation prompts' T5 states: rank 0 computes them once (T5 freed after)."""
+    path, key = Path(cfg.run_dir) / TEXT_FEATURES_FILE, text_features_key(cfg)
+    if env.is_main and TextFeatures.load(path, key) is None:
+        cached_null = Path(cfg.data.shards) / NULL_CAPTION_FILE
+        features = compute_text_features(
+            cfg.text.t5, max_tokens=cfg.text.max_tokens, mode=key["mode"], prompts=key["prompts"],
+            device=env.device, cached_null=cached_null if text.cached and cached_null.exists() else None,
+            encoder=None if text.cached else text.t5,
+        )  # fmt: skip
+        features.save(path, key)
+    if env.world_size > 1:
+        dist.barrier()
+    features = TextFeatures.load(path, key)
+    assert features is not None
+    return features
+
+
+def build_model(cfg: TrainConfig, text: TextFeatures, device: torch.device) -> PixArtSigma:
     """The preset sized to the caption features, optionally from external weights, with T5("") as null."""
-    if cfg.model.preset not in PRESETS:
-        raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {cfg.model.preset!r}")
     first = cfg.stages[0]
     base_size, _ = pe_params_for_resolution(first.resolution, patch_size=PRESETS[cfg.model.preset].patch_size)
     model_cfg = dataclasses.replace(
         PRESETS[cfg.model.preset],
-        caption_channels=null_caption.shape[1],
+        caption_channels=text.null.shape[1],
         max_token_length=cfg.text.max_tokens,
         base_size=base_size,
         pe_interpolation=first.pe_interpolation,
@@ -158,13 +347,19 @@ def build_model(cfg: TrainConfig, null_caption: torch.Tensor, device: torch.devi
     model = PixArtSigma(model_cfg)
     if cfg.model.init:
         load_init(model, cfg.model.init)
-    model.set_null_caption(null_caption, torch.ones(null_caption.shape[0], dtype=torch.bool))
+    mode = null_caption_mode(cfg)
+    model.set_null_caption(text.null, text.null_mask, mode=mode)
+    log.info("null caption: %s (%d tokens stored)", mode, text.null.shape[0])
     return model.to(device)
 
 
 def load_init(model: PixArtSigma, path: str) -> None:
-    """External init: a PixArt-α/Σ ``.pth``, one of our folders, or a diffusers transformer folder."""
-    from training.convert import FORMAT_NAME, load_diffusers, load_model, load_original_checkpoint
+    """External init: a PixArt-α/Σ ``.pth``, one of our folders, or a diffusers transformer folder.
+
+    KV compression comes from the source (its keys, or its config); a different caption length (PixArt-α
+    stores 120 tokens, Σ 300) is the α → Σ transition: the source's null caption is replaced by ours.
+    """
+    from training.convert import FORMAT_NAME, load_model, load_original_checkpoint
 
     source_path = Path(path)
     if source_path.suffix in (".pth", ".pt"):
@@ -172,7 +367,7 @@ def load_init(model: PixArtSigma, path: str) -> None:
     elif json.loads((source_path / "config.json").read_text()).get("format") == FORMAT_NAME:
         source = load_model(source_path)
     else:
-        source = load_diffusers(source_path, max_token_length=model.config.max_token_length)
+        source = _load_diffusers_folder(source_path, model.config.max_token_length)
     shape = ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "caption_channels")
     wrong = {
         k: getattr(source.config, k) for k in shape if getattr(source.config, k) != getattr(model.config, k)
@@ -181,10 +376,27 @@ def load_init(model: PixArtSigma, path: str) -> None:
         raise ValueError(f"model.init {path} has {wrong}; model.preset differs there")
     if source.config.kv_compress_layers:
         model.enable_kv_compression(source.config.kv_compress_layers, source.config.kv_compress_ratio)
+    if source.config.max_token_length != model.config.max_token_length:
+        log.info(
+            "caption tokens %d → %d (PixArt-α → Σ): the init's null caption is replaced by T5(\"\")",
+            source.config.max_token_length, model.config.max_token_length,
+        )  # fmt: skip
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("y_embedder.y_")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("y_embedder.y_") for k in missing), (missing, unexpected)
     log.info("initialised from %s", path)
+
+
+def _load_diffusers_folder(path: Path, max_token_length: int) -> PixArtSigma:
+    """A diffusers transformer folder; its "no null-caption buffer" warning is moot here (the trainer sets it)."""
+    from training import convert
+
+    previous = convert.logger.level
+    convert.logger.setLevel(logging.ERROR)
+    try:
+        return convert.load_diffusers(path, max_token_length=max_token_length)
+    finally:
+        convert.logger.setLevel(previous)
 
 
 def apply_stage(model: PixArtSigma, stage: StageSection) -> list[str]:
@@ -231,15 +443,28 @@ def enter_stage(
     log.info("stage %s: %s", stage.name, "; ".join(changes) or "same model, same data")
 
 
+def wrap_model(model: PixArtSigma, stage: StageSection, cfg: TrainConfig, env: Dist) -> torch.nn.Module:
+    """The module the loop calls: blocks compiled or not for this stage, inside DDP when distributed.
+
+    The blocks are compiled, not the DDP wrapper: DDP stays the outer module (``no_sync`` is found and
+    used), the PE and embeddings stay eager, and with dynamic shapes every bucket shares one graph.
+    """
+    compiled = compile_enabled(cfg, stage)
+    model.set_compile(compiled, backend=cfg.model.compile_backend)
+    if compiled:
+        log.info("stage %s: blocks compiled (%s, dynamic shapes)", stage.name, cfg.model.compile_backend)
+    return DistributedDataParallel(model) if env.world_size > 1 else model
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimSection, lr: float) -> torch.optim.Optimizer:
-    """CAME (PixArt-Σ's optimiser) or AdamW, over the trainable parameters; a fresh one per stage."""
+    """CAME (PixArt-Σ's optimiser) or AdamW, each with its own betas/eps, over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if optim.name == "came":
         from came_pytorch import CAME
 
         return CAME(params, lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(
-        params, lr=lr, betas=optim.betas[:2], eps=optim.eps[-1], weight_decay=optim.weight_decay
+        params, lr=lr, betas=optim.betas, eps=optim.eps[0], weight_decay=optim.weight_decay
     )
 
 
@@ -251,23 +476,22 @@ def update_ema(ema: PixArtSigma, model: PixArtSigma, decay: float) -> None:
 
 
 def load_resume(run_dir: Path, env: Dist) -> dict | None:
-    """The newest complete checkpoint; rank 0 picks it and every rank loads the same one."""
-    names = [str(complete_checkpoints(run_dir)[-1]) if complete_checkpoints(run_dir) else None]
+    """The newest complete checkpoint that loads; rank 0 picks it and every rank loads the same one."""
+    found = load_latest(run_dir) if env.is_main else None
+    names = [str(found[0]) if found else None]
     if env.world_size > 1:
         dist.broadcast_object_list(names, src=0)
     if names[0] is None:
         return None
-    state = torch.load(Path(names[0]) / "state.pt", map_location="cpu", weights_only=True)
+    state = (
+        found[1] if found else torch.load(Path(names[0]) / "state.pt", map_location="cpu", weights_only=True)
+    )
     if len(state["rng"]) != env.world_size:
         log.warning(
             "checkpoint from %d ranks, now %d: RNG states reseeded", len(state["rng"]), env.world_size
         )
-    log.info(
-        "resuming from %s (stage %s, step %d)",
-        names[0],
-        state["position"]["stage"],
-        state["position"]["step"],
-    )
+    position = state["position"]
+    log.info("resuming from %s (stage %s, step %d)", names[0], position["stage"], position["step"])
     return state
 
 
@@ -277,49 +501,62 @@ def load_resume(run_dir: Path, env: Dist) -> dict | None:
 
 
 def main(cfg: TrainConfig) -> Path:
-    """Run every stage of ``cfg`` (resuming from the newest checkpoint); returns the run folder."""
+    """Run every stage of ``cfg`` (resuming from the newest checkpoint); returns the run folder.
+
+    Raises ``Preempted`` (exit code 143) after the checkpoint a SIGTERM asked for.
+    """
+    features = preflight(cfg)  # before any process group or model: a config error costs seconds
     env = setup_distributed()
     setup_logging(env)
+    stop = StopRequest()
+    stop.install()
+    try:
+        return run(cfg, env, features, stop)
+    finally:
+        stop.uninstall()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: TrainConfig, env: Dist, features: ShardFeatures, stop: StopRequest) -> Path:
+    """Build → resume → every stage → final export (the story ``main`` sets up and tears down)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(cfg, env, run_dir)
 
-    # Build: caption features decide the model's caption width; T5("") becomes its null caption.
-    features = ShardFeatures.read(cfg.data.shards)
+    # Build: T5 runs once for the null caption and the prompts (then freed); its width sizes the model.
     cached_text = cfg.data.use_cached_features and features.has_text(cfg.text.t5)
     text = CaptionEncoder(cfg.text.t5, max_tokens=cfg.text.max_tokens, device=env.device, cached=cached_text)
-    model = build_model(cfg, text.null_caption(cfg.data.shards), env.device)
+    text_features = prepare_text_features(cfg, env, text)
+    model = build_model(cfg, text_features, env.device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay else None
     diffusion = GaussianDiffusion()
 
     resume = load_resume(run_dir, env)
     position = resume["position"] if resume else {"stage_index": 0, "step": 0, "global_step": 0}
-    torch.manual_seed(
-        cfg.seed * 7919 + env.rank + 1
-    )  # per-rank randomness (class dropout), restored on resume
+    torch.manual_seed(cfg.seed * 7919 + env.rank + 1)  # per-rank randomness, restored on resume
     metrics = MetricsSink(
         run_dir, cfg.log, enabled=env.is_main, total_steps=sum(s.steps for s in cfg.stages),
         resume_global_step=position["global_step"],
     )  # fmt: skip
     global_step = position["global_step"]
-    for index, stage in enumerate(cfg.stages):
-        previous = cfg.stages[index - 1] if index else None
-        enter_stage(model, ema, previous, stage, quiet=index < position["stage_index"])
-        if index < position["stage_index"]:
-            continue
-        stage_resume = resume if resume is not None and index == position["stage_index"] else None
-        global_step = train_stage(
-            cfg, index, model, ema, diffusion, text, env, metrics, features,
-            global_step=global_step, resume=stage_resume, resumed_run=resume is not None,
-        )  # fmt: skip
-        if cfg.export_stages and env.is_main:  # issue 12: final/<stage>/ pipelines, never pruned
-            export_weights(model, ema, run_dir, cfg, stage=stage.name)
-    metrics.close()
+    try:
+        for index, stage in enumerate(cfg.stages):
+            previous = cfg.stages[index - 1] if index else None
+            enter_stage(model, ema, previous, stage, quiet=index < position["stage_index"])
+            if index < position["stage_index"]:
+                continue
+            stage_resume = resume if resume is not None and index == position["stage_index"] else None
+            global_step = train_stage(
+                cfg, index, model, ema, diffusion, text, text_features, env, metrics, features, stop,
+                global_step=global_step, resume=stage_resume, resumed_run=resume is not None,
+            )  # fmt: skip
+    finally:
+        metrics.close()
     if env.is_main:
         export(model, ema, run_dir, cfg)
-    if dist.is_initialized():
+    if env.world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
     return run_dir
 
 
@@ -330,9 +567,11 @@ def train_stage(
     ema: PixArtSigma | None,
     diffusion: GaussianDiffusion,
     text: CaptionEncoder,
+    text_features: TextFeatures,
     env: Dist,
     metrics: MetricsSink,
     features: ShardFeatures,
+    stop: StopRequest,
     *,
     global_step: int,
     resume: dict | None,
@@ -345,70 +584,82 @@ def train_stage(
         model.load_state_dict(resume["model"])
         if ema is not None and resume["ema"] is not None:
             ema.load_state_dict(resume["ema"])
-    if start_step >= stage.steps:
-        return global_step
     cached = cfg.data.use_cached_features and features.has_latents(stage.vae, stage.resolution)
     latents = LatentEncoder(
         stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
     )
+    if start_step >= stage.steps:  # resumed from this stage's last checkpoint
+        export_stage(model, ema, stage, cfg, env)
+        return global_step
     log.info("stage %s: latents %s, captions %s", stage.name, "cached" if cached else "VAE on the fly",
              "cached" if text.cached else "T5 on the fly")  # fmt: skip
     lr = stage_lr(stage, cfg.optim, global_batch(stage, cfg.optim, env.world_size))
     optimizer = build_optimizer(model, cfg.optim, lr)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 104_729 + index * 1_009 + env.rank)
     nonfinite = 0
+    skip = 0  # batches of the first data segment already read before a mid-segment checkpoint
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         nonfinite = resume["nonfinite_streak"]
+        skip = segment_batches_read(resume, cfg, env)
         if len(resume["rng"]) == env.world_size:
             restore_rng(resume["rng"][env.rank], generator)
     model.train()
-    net = DistributedDataParallel(model) if env.world_size > 1 else model
-    net = torch.compile(net) if cfg.model.compile else net
+    net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
     stream = None
 
     for step in range(start_step, stage.steps):
         if stream is None or step % cfg.checkpoint_every == 0:  # a new data segment per checkpoint interval
-            stream = open_stream(
-                cfg, stage, index, step // cfg.checkpoint_every, env, latents.cached, text.cached
-            )
+            stream = open_stream(cfg, stage, index, step // cfg.checkpoint_every, env, latents.cached,
+                                 text.cached, model)  # fmt: skip
+            for _ in range(skip):
+                next(stream)
+            skip = 0
         inject_faults(cfg, global_step, env.rank, resumed_run=resumed_run)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr=lr, warmup_steps=stage.warmup_steps)
-        out = train_step(net, model, stream, diffusion, text, latents, generator, cfg, env, global_step)
+        out = train_step(net, model, stream, diffusion, text, latents, generator, cfg, env, global_step, stop)
         if out["finite"]:
             optimizer.step()
             if ema is not None:
                 update_ema(ema, model, cfg.optim.ema_decay)
             nonfinite = 0
         else:
-            nonfinite += 1
-            log.warning(
-                "stage %s step %d: non-finite loss/gradient; step skipped on every rank", stage.name, step
-            )
-            if nonfinite >= cfg.faults.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"stage {stage.name} step {step}: {nonfinite} non-finite steps in a row "
-                    f"(faults.max_nonfinite_steps={cfg.faults.max_nonfinite_steps}); aborting. Lower the lr, "
-                    f"check grad_clip and the data; the last good checkpoint is under {cfg.run_dir}/checkpoints"
-                )
+            nonfinite = skip_nonfinite(stage, step, nonfinite + 1, cfg)
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
         last = step + 1 == stage.steps
-        record = {"stage": stage.name, "step": step, "global_step": global_step, "loss": out["loss"],
-                  "grad_norm": out["grad_norm"], "lr": optimizer.param_groups[0]["lr"], "skipped": not out["finite"],
-                  "force": last}  # fmt: skip
+        record = {"stage": stage.name, "step": step, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
+                  **{k: out[k] for k in ("loss", "mse", "vb", "latent_std", "grad_norm")},
+                  "skipped": not out["finite"], "force": last or out["stop"]}  # fmt: skip
         metrics.step(record, seconds=out["seconds"], data_seconds=out["data_seconds"],
                      images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
+        if last or out["stop"] or (step + 1) % cfg.checkpoint_every == 0:
+            save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
+        if out["stop"] and not last:
+            log.warning("SIGTERM: checkpoint at stage %s step %d saved; rerun the same command to resume",
+                        stage.name, step + 1)  # fmt: skip
+            raise Preempted()
         if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
-            validate(ema or model, stage, text, latents, cfg, env, metrics, global_step)
+            validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
         if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
             evaluate_in_training(ema or model, cfg, stage, text, latents, env, metrics, global_step)
-        if last or (step + 1) % cfg.checkpoint_every == 0:
-            save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
-    validate(ema or model, stage, text, latents, cfg, env, metrics, global_step)
+    validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
+    export_stage(model, ema, stage, cfg, env)
     return global_step
+
+
+def skip_nonfinite(stage: StageSection, step: int, streak: int, cfg: TrainConfig) -> int:
+    """Warn about a skipped non-finite step; abort after faults.max_nonfinite_steps in a row."""
+    log.warning("stage %s step %d: non-finite loss/gradient; step skipped on every rank", stage.name, step)
+    if streak >= cfg.faults.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"stage {stage.name} step {step}: {streak} non-finite steps in a row "
+            f"(faults.max_nonfinite_steps={cfg.faults.max_nonfinite_steps}); aborting. Lower the lr, "
+            f"check grad_clip and the data; the last good checkpoint is under {cfg.run_dir}/checkpoints"
+        )
+    return streak
 
 
 def open_stream(
@@ -419,13 +670,16 @@ def open_stream(
     env: Dist,
     cached_latents: bool,
     cached_text: bool,
+    model: PixArtSigma,
 ):
     """This rank's batches for one checkpoint segment of a stage (see training/data.py on resume)."""
+    d = cfg.data
     return make_stream(
-        cfg.data.shards, resolution=stage.resolution, batch_size=stage.batch_size,
-        real_prompt_ratio=cfg.data.real_prompt_ratio, seed=stream_seed(cfg.seed, index, segment), rank=env.rank,
-        shuffle_buffer=cfg.data.shuffle_buffer, cached_latents=cached_latents, cached_text=cached_text,
-        num_workers=cfg.data.num_workers,
+        d.shards, resolution=stage.resolution, batch_size=stage.batch_size, seed=stream_seed(cfg.seed, index, segment),
+        rank=env.rank, num_workers=d.num_workers, real_prompt_ratio=d.real_prompt_ratio,
+        shuffle_buffer=d.shuffle_buffer, shuffle_buffer_mb=d.shuffle_buffer_mb, bucket_buffer_mb=d.bucket_buffer_mb,
+        cached_latents=cached_latents, cached_text=cached_text, caption_channels=model.config.caption_channels,
+        latent_channels=model.config.in_channels,
     )  # fmt: skip
 
 
@@ -440,43 +694,69 @@ def train_step(
     cfg: TrainConfig,
     env: Dist,
     global_step: int,
+    stop: StopRequest | None = None,
 ) -> dict:
-    """Forward/backward over grad_accum_steps micro-batches, clip, and agree on finiteness across ranks."""
+    """Forward/backward over grad_accum_steps micro-batches, clip, and agree on finiteness and stop across ranks.
+
+    Gradients are all-reduced on the last micro-batch only (``no_sync`` on the others). Captions are
+    dropped for classifier-free guidance here (probability class_dropout_prob, and always for a sample
+    with no caption), with the trainer's seeded generator.
+    """
     started = time.perf_counter()
     num_micro = cfg.optim.grad_accum_steps
     autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
-    loss_sum, data_seconds, images, flops = torch.zeros((), device=env.device), 0.0, 0, 0
+    sums = torch.zeros(4, device=env.device)  # loss, mse, vb, latent std (summed over micro-batches)
+    data_seconds, images, flops = 0.0, 0, 0
     for micro in range(num_micro):
         fetch = time.perf_counter()
         batch = next(stream)
         data_seconds += time.perf_counter() - fetch
         x0 = latents(batch, generator)  # (B, 4, h, w), scaled
         y, mask = text(batch)  # (B, L, C), (B, L)
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=env.device, generator=generator)
+        B = x0.shape[0]
+        t = torch.randint(0, diffusion.num_timesteps, (B,), device=env.device, generator=generator)
         noise = torch.randn(x0.shape, device=env.device, generator=generator)  # (B, 4, h, w)
         x_t = diffusion.q_sample(x0, t, noise).float()
+        drop = torch.rand(B, device=env.device, generator=generator) < model.config.class_dropout_prob  # (B,)
+        drop = drop | batch["null_caption"].to(env.device)
         sync = micro == num_micro - 1 or not isinstance(net, DistributedDataParallel)
         with contextlib.nullcontext() if sync else net.no_sync():
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = net(x_t, t, y, mask)  # (B, 8, h, w)
-            loss = diffusion.training_losses(out.float(), x0, t, noise)["loss"].mean() / num_micro
+                out = net(x_t, t, y, mask, force_drop_ids=drop)  # (B, 8, h, w)
+            terms = diffusion.training_losses(out.float(), x0, t, noise)
+            loss = terms["loss"].mean() / num_micro
             if global_step in cfg.faults.inject_nan_steps and env.rank == cfg.faults.inject_rank:
                 loss = loss * float("nan")  # fault injection (tests): a NaN on one rank only
             loss.backward()
-        loss_sum += loss.detach()
-        images += x0.shape[0]
+        parts = [
+            loss.detach(),
+            terms["mse"].detach().mean(),
+            terms["vb"].detach().mean(),
+            x0.detach().float().std(),
+        ]
+        sums += torch.stack(parts) / torch.tensor([1.0, num_micro, num_micro, num_micro], device=env.device)
+        images += B
         flops += train_flops(model.config, x0, y.shape[1])
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    # One all-reduce: the loss summed over ranks, and how many ranks saw a finite loss and gradient.
-    local_ok = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-    stats = torch.stack([torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0), local_ok.float()])
+    # One all-reduce: the sums over ranks, how many ranks saw a finite loss and gradient, and any SIGTERM.
+    local_ok = torch.isfinite(sums[0]) & torch.isfinite(grad_norm)
+    stop_flag = torch.tensor(float(stop is not None and stop.requested), device=env.device)
+    stats = torch.cat(
+        [torch.nan_to_num(sums, nan=0.0, posinf=0.0, neginf=0.0), local_ok.float()[None], stop_flag[None]]
+    )
     if env.world_size > 1:
         dist.all_reduce(stats)
-    finite = int(stats[1].item()) == env.world_size
+    finite = int(stats[4].item()) == env.world_size
+    mean = (stats[:4] / env.world_size).tolist()
+    nan = float("nan")
     return {
         "finite": finite,
-        "loss": stats[0].item() / env.world_size if finite else float("nan"),
-        "grad_norm": float(grad_norm) if finite else float("nan"),
+        "stop": bool(stats[5].item() > 0),
+        "loss": mean[0] if finite else nan,
+        "mse": mean[1] if finite else nan,
+        "vb": mean[2] if finite else nan,
+        "latent_std": mean[3],
+        "grad_norm": float(grad_norm) if finite else nan,
         "seconds": time.perf_counter() - started,
         "data_seconds": data_seconds,
         "images": images,
@@ -485,11 +765,17 @@ def train_step(
 
 
 def inject_faults(cfg: TrainConfig, global_step: int, rank: int, *, resumed_run: bool) -> None:
-    """Fault injection for the resume tests: SIGKILL one rank once, in a run that did not resume."""
-    if global_step == cfg.faults.kill_at_step and rank == cfg.faults.kill_rank and not resumed_run:
+    """Fault injection for the resume tests: SIGKILL or a real SIGTERM to one rank once, in a run that did not resume."""
+    faults = cfg.faults
+    if resumed_run:
+        return
+    if global_step == faults.kill_at_step and rank == faults.kill_rank:
         log.warning("fault injection: SIGKILL rank %d before global step %d", rank, global_step)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+    if global_step == faults.sigterm_at_step and rank == faults.sigterm_rank:
+        log.warning("fault injection: SIGTERM to rank %d before global step %d", rank, global_step)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def save_state(
@@ -531,39 +817,82 @@ def save_state(
 
 def data_position(cfg: TrainConfig, index: int, step: int) -> dict:
     """Where this rank's data stream stands: the stage, the segment it reopens, batches read so far."""
+    segment = step // cfg.checkpoint_every
     return {
         "stage_index": index,
-        "segment": step // cfg.checkpoint_every,
-        "segment_seed": stream_seed(cfg.seed, index, step // cfg.checkpoint_every),
-        "batches_read": step * cfg.optim.grad_accum_steps,
+        "segment": segment,
+        "segment_seed": stream_seed(cfg.seed, index, segment),
+        "batches_read": step * cfg.optim.grad_accum_steps,  # in this stage
+        "segment_start_batch": segment * cfg.checkpoint_every * cfg.optim.grad_accum_steps,
     }
+
+
+def segment_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
+    """Batches of the resumed segment that were read before the checkpoint (0 at a segment boundary)."""
+    data = resume["data"][env.rank] if len(resume["data"]) == env.world_size else None
+    if data is None or "segment_start_batch" not in data:
+        step = resume["position"]["step"]
+        return (step % cfg.checkpoint_every) * cfg.optim.grad_accum_steps
+    return data["batches_read"] - data["segment_start_batch"]
 
 
 @torch.no_grad()
 def validate(
     model: PixArtSigma,
+    ema: PixArtSigma | None,
     stage: StageSection,
-    text: CaptionEncoder,
+    text: TextFeatures,
     latents: LatentEncoder,
     cfg: TrainConfig,
     env: Dist,
     metrics: MetricsSink,
     global_step: int,
 ) -> None:
-    """Rank 0 samples the stage's prompts (fixed seed, DPM-Solver++) and saves one image grid."""
+    """Rank 0 samples the stage's prompts from the raw and the EMA weights (fixed seed, DPM-Solver++).
+
+    Both, because an EMA at 0.9999 still holds most of the weights from before a transition for
+    thousands of steps (after 2K steps, 0.9999^2000 ≈ 82 %): the raw grid shows what the stage learnt.
+    Prompt states were computed at the start (T5 is not loaded here); bf16 autocast on CUDA; the VAE
+    decodes tiled.
+    """
     if env.is_main and stage.validation_prompts:
-        was_training = model.training
-        model.eval()
-        y, mask = text.encode(list(stage.validation_prompts))  # (P, L, C), (P, L)
-        generator = torch.Generator(device=env.device).manual_seed(cfg.validation.seed)
+        y, mask = text.prompt_batch(list(stage.validation_prompts))  # (P, L, C), (P, L)
+        y, mask = y.to(env.device), mask.to(env.device)
+        autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
         size = stage.resolution // 8
-        z = sample(model, y, mask, latent_size=(size, size), num_steps=cfg.validation.num_steps,
-                   cfg_scale=cfg.validation.cfg_scale, generator=generator)  # fmt: skip
-        grid = image_grid(latents.decode(z).cpu())
-        path = save_grid(grid, Path(cfg.run_dir) / "samples" / stage.name / f"{global_step:08d}.png")
-        metrics.image(f"samples/{stage.name}", grid, global_step)
-        log.info("validation samples → %s", path)
-        model.train(was_training)
+        for suffix, weights in (("", model), ("-ema", ema)):
+            if weights is None:
+                continue
+            was_training = weights.training
+            weights.eval()
+            generator = torch.Generator(device=env.device).manual_seed(cfg.validation.seed)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
+                z = sample(weights, y, mask, latent_size=(size, size), num_steps=cfg.validation.num_steps,
+                           cfg_scale=cfg.validation.cfg_scale, generator=generator)  # fmt: skip
+            weights.train(was_training)
+            grid = image_grid(latents.decode(z.float()))
+            path = save_grid(
+                grid, Path(cfg.run_dir) / "samples" / stage.name / f"{global_step:08d}{suffix}.png"
+            )
+            metrics.image(f"samples{suffix}/{stage.name}", grid, global_step)
+            log.info("validation samples → %s", path)
+    if env.world_size > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------------
+
+
+def export_stage(
+    model: PixArtSigma, ema: PixArtSigma | None, stage: StageSection, cfg: TrainConfig, env: Dist
+) -> None:
+    """``final/<stage>/`` (and ``final_ema/<stage>/``) pipelines of each stage's end weights, which checkpoint
+    pruning never removes (training/pipeline.py); skipped when ``export_stages`` is off or the export is
+    already there (a run resumed from a stage's last checkpoint)."""
+    if cfg.export_stages and env.is_main and not is_exported(Path(cfg.run_dir) / "final" / stage.name):
+        export_weights(model, ema, Path(cfg.run_dir), cfg, stage=stage.name)
     if env.world_size > 1:
         dist.barrier()
 
@@ -586,12 +915,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field"
     )
     args = parser.parse_args(argv)
-    return load_config(args.config, overrides=args.set, output=args.output)
+    try:
+        return load_config(args.config, overrides=args.set, output=args.output)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """Console script ``pixsigma-train`` (under torchrun: ``torchrun --no-python … pixsigma-train …``)."""
-    main(parse_args(argv))
+    """Console script ``pixsigma-train`` (under torchrun: ``torchrun --no-python … pixsigma-train …``) and
+    ``torchrun … training/main.py``: config and preflight errors are one line (exit code 2 for --set/TOML)."""
+    cfg = parse_args(argv)
+    try:
+        main(cfg)
+    except PreflightError as err:
+        if "RANK" in os.environ and os.environ["RANK"] != "0":
+            raise SystemExit(2) from None
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

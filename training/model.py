@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,10 @@ VAE_DOWNSAMPLE = 8  # SD / SDXL VAE: 8 pixels per latent cell
 PE_REFERENCE_RESOLUTION = 512  # pe_interpolation = resolution / 512 (PixArt-Σ: 0.5, 1, 2, 4 at 256…2K)
 TIMESTEP_FREQ_DIM = 256  # sinusoidal frequencies fed to the timestep MLP
 NORM_EPS = 1e-6  # every non-affine LayerNorm of the backbone
+PE_CACHE_SIZE = (
+    128  # PEs kept per model: (grid, base size, interpolation, device, dtype); ~40 buckets a stage
+)
+NULL_CAPTION_MODES = ("upstream", "diffusers")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,6 +55,10 @@ class ModelConfig:
     kv_compress_layers: tuple[int, ...] = ()
     kv_compress_ratio: int = 2  # R: K/V tokens N → N/R²
     grad_checkpointing: bool = False
+    # How a dropped caption is attended (see CaptionEmbedder): "upstream" keeps the sample's own mask over
+    # T5("") padded to max_token_length (PixArt's training code and samplers); "diffusers" uses the null
+    # caption's own mask (diffusers' negative prompt).
+    null_caption: str = "diffusers"
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.num_heads < 1 or self.patch_size < 1 or self.in_channels < 1:
@@ -67,6 +75,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.null_caption not in NULL_CAPTION_MODES:
+            raise ValueError(f"null_caption must be one of {NULL_CAPTION_MODES}, got {self.null_caption!r}")
         if self.kv_compress_ratio < 1:
             raise ValueError(f"kv_compress_ratio must be >= 1, got {self.kv_compress_ratio}")
         bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
@@ -208,13 +218,15 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, caption_channels: int, hidden_size: int, max_token_length: int) -> None:
         super().__init__()
         self.y_proj = Mlp(caption_channels, hidden_size, hidden_size)
-        # The null caption: the trainer fills it with T5("") padded to max_token_length (`set_null_caption`).
-        # y_mask is its key-padding mask, so a dropped caption attends exactly what the sampler's negative
-        # prompt will (the reference kept the dropped sample's own mask; see set_null_caption).
+        # The null caption: the trainer fills it with T5("") (`set_null_caption`); y_mask is its key-padding
+        # mask. Which mask a dropped caption is attended with is the model's `null_caption` mode.
         self.register_buffer("y_embedding", torch.zeros(max_token_length, caption_channels))
         self.register_buffer("y_mask", torch.ones(max_token_length, dtype=torch.bool))
 
-    def forward(self, y: Tensor, mask: Tensor, drop_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, y: Tensor, mask: Tensor, drop_ids: Tensor | None, *, keep_own_mask: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Caption MLP; samples in ``drop_ids`` get the null caption, under its mask or (upstream) their own."""
         if drop_ids is not None:
             num_tokens = y.shape[1]
             if num_tokens > self.y_embedding.shape[0]:
@@ -224,7 +236,8 @@ class CaptionEmbedder(nn.Module):
             drop = drop_ids.to(device=y.device, dtype=torch.bool)  # (B,)
             null = self.y_embedding[:num_tokens].to(y.dtype)  # (L, C)
             y = torch.where(drop[:, None, None], null[None], y)  # (B, L, C)
-            mask = torch.where(drop[:, None], self.y_mask[None, :num_tokens], mask)  # (B, L)
+            if not keep_own_mask:
+                mask = torch.where(drop[:, None], self.y_mask[None, :num_tokens], mask)  # (B, L)
         return self.y_proj(y), mask  # (B, L, D), (B, L)
 
 
@@ -257,6 +270,15 @@ class Attention(nn.Module):
         dim = self.qkv.in_features
         factory = {"device": self.qkv.weight.device, "dtype": self.qkv.weight.dtype}
         self.sr = nn.Conv2d(dim, dim, kernel_size=ratio, stride=ratio, groups=dim, **factory)
+        # K/V arrive channels-last (a transpose of (B, N, D) tokens), so the conv runs channels-last and its
+        # weight gradient comes back channels-last: (D, 1, R, R) with stride 1 on the size-1 dim. A weight
+        # stored the same way keeps DDP's bucket views and the gradients in one layout (no "Grad strides do
+        # not match bucket view strides" warning, no copy per step).
+        # (`.contiguous(memory_format=torch.channels_last)` would be a no-op: with one input channel the
+        # default layout already counts as channels-last, so the strides are set explicitly.)
+        shape = self.sr.weight.shape  # (D, 1, R, R)
+        weight = torch.empty_strided(shape, (ratio * ratio, 1, ratio, 1), **factory)
+        self.sr.weight = nn.Parameter(weight.copy_(self.sr.weight.data))
         self.norm = nn.LayerNorm(dim, **factory)  # affine, eps 1e-5: the reference's nn.LayerNorm(dim)
         self.sr_ratio = ratio
 
@@ -371,6 +393,8 @@ class PixArtSigma(nn.Module):
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
         for i in config.kv_compress_layers:
             self.blocks[i].attn.add_kv_compression(config.kv_compress_ratio)
+        self._pe_cache: dict[tuple, Tensor] = {}  # not state: a function of the config and the grid
+        self._run_block = _call_block  # the blocks' forward, eager or compiled (`set_compile`)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -434,16 +458,19 @@ class PixArtSigma(nn.Module):
         if drop_ids is None and self.training and cfg.class_dropout_prob > 0:
             drop_ids = torch.rand(B, device=x.device) < cfg.class_dropout_prob  # (B,)
 
-        pos = self.pos_embed(h, w).to(device=x.device, dtype=x.dtype)  # (h·w, D)
+        pos = self.pos_embed(h, w, device=x.device, dtype=x.dtype)  # (h·w, D), cached per grid
         x = self.x_embedder(x) + pos[None]  # (B, N, D), N = h·w
         t = self.t_embedder(timestep)  # (B, D)
         t0 = self.t_block(t)  # (B, 6·D)
-        y, mask = self.y_embedder(y, mask, drop_ids)  # (B, L, D), (B, L)
+        keep_own_mask = cfg.null_caption == "upstream"
+        y, mask = self.y_embedder(y, mask, drop_ids, keep_own_mask=keep_own_mask)  # (B, L, D), (B, L)
+        # Compiled blocks for training only: sampling (no grad) would add graphs for little gain.
+        run_block = self._run_block if torch.is_grad_enabled() else _call_block
         for block in self.blocks:
             if cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, y, t0, mask, (h, w), use_reentrant=False)  # (B, N, D)
+                x = checkpoint(run_block, block, x, y, t0, mask, (h, w), use_reentrant=False)  # (B, N, D)
             else:
-                x = block(x, y, t0, mask, (h, w))  # (B, N, D)
+                x = run_block(block, x, y, t0, mask, (h, w))  # (B, N, D)
         x = self.final_layer(x, t)  # (B, N, p²·C_out)
         return self.unpatchify(x, h, w)  # (B, C_out, H, W)
 
@@ -470,12 +497,30 @@ class PixArtSigma(nn.Module):
         eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])  # (B, C, H, W)
         return torch.cat([eps, cond[:, C:]], dim=1)  # (B, C_out, H, W)
 
-    def pos_embed(self, h: int, w: int) -> Tensor:
-        """Sin-cos PE recomputed for this (h, w) grid at the model's base_size / pe_interpolation."""
+    def pos_embed(
+        self, h: int, w: int, *, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """Sin-cos PE for an (h, w) grid at the model's base_size / pe_interpolation, (h·w, D), cached.
+
+        Computing it costs float64 work on the CPU and a host-to-device copy (at 2K, ~0.8 s and 140 MiB
+        per forward), so each (grid, base_size, pe_interpolation, device, dtype) is computed once.
+        """
         cfg = self.config
-        return get_2d_sincos_pos_embed(
-            cfg.hidden_size, (h, w), base_size=cfg.base_size, pe_interpolation=cfg.pe_interpolation
-        )  # (h·w, D)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (h, w, cfg.base_size, cfg.pe_interpolation, device, dtype)
+        pe = self._pe_cache.get(key)
+        if pe is None:
+            if len(self._pe_cache) >= PE_CACHE_SIZE:
+                self._pe_cache.clear()
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+            ):  # a plain tensor even if built in inference mode
+                pe = get_2d_sincos_pos_embed(
+                    cfg.hidden_size, (h, w), base_size=cfg.base_size, pe_interpolation=cfg.pe_interpolation
+                ).to(device=device, dtype=dtype)  # (h·w, D)
+            self._pe_cache[key] = pe
+        return pe
 
     def unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
         """(B, h·w, p²·C) → (B, C, h·p, w·p)."""
@@ -489,8 +534,22 @@ class PixArtSigma(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def set_resolution(self, base_size: int, pe_interpolation: float) -> None:
-        """Move to a new training resolution; the PE is recomputed from these on every forward."""
+        """Move to a new training resolution; the PE follows (its cache is keyed by these)."""
         self.config = dataclasses.replace(self.config, base_size=base_size, pe_interpolation=pe_interpolation)
+
+    def set_compile(self, enabled: bool, *, backend: str | Callable = "inductor") -> None:
+        """torch.compile the transformer blocks (one graph for all blocks alike), or run them eagerly again.
+
+        Shapes are dynamic: the token grid (one per aspect-ratio bucket), caption length and batch size
+        vary, and a static compile would recompile per bucket until Dynamo's limit makes it fall back to
+        eager. What still specialises: plain vs KV blocks (2 graphs), a batch of 1, and for KV blocks a grid
+        side not divisible by R (edge padding) or compressed to 1 — a handful of graphs, not one per bucket.
+        The PE (cached per grid), embeddings and final layer stay outside; the module is not wrapped, so
+        state_dict names and DDP's ``no_sync`` are unchanged. Sampling (no grad) runs the blocks eagerly.
+        """
+        self._run_block = (
+            torch.compile(_call_block, dynamic=True, backend=backend) if enabled else _call_block
+        )
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
         """Turn per-block activation checkpointing on or off."""
@@ -514,8 +573,14 @@ class PixArtSigma(nn.Module):
             conv_avg_init_(self.blocks[i].attn)
         logger.info("KV compression R=%d now in layers %s", ratio, list(merged))
 
-    def set_null_caption(self, features: Tensor, mask: Tensor) -> None:
-        """Store T5("") features (L, C) and mask (L,) as the null caption, zero-padded to max_token_length."""
+    def set_null_caption(self, features: Tensor, mask: Tensor, *, mode: str | None = None) -> None:
+        """Store T5("") features (L, C) and mask (L,) as the null caption, zero-padded to max_token_length.
+
+        ``mode`` (``upstream`` or ``diffusers``, see ModelConfig.null_caption) changes how it is attended;
+        for ``upstream`` pass T5("") padded to max_token_length, every row, as PixArt's code stores it.
+        """
+        if mode is not None:
+            self.config = dataclasses.replace(self.config, null_caption=mode)  # validates
         max_len = self.config.max_token_length
         features, mask = features.reshape(-1, features.shape[-1]), mask.reshape(-1)
         if features.shape[0] > max_len or features.shape != (mask.shape[0], self.config.caption_channels):
@@ -530,6 +595,13 @@ class PixArtSigma(nn.Module):
             buf[:num] = features.to(buf)
             buf_mask.fill_(False)
             buf_mask[:num] = mask.to(device=buf_mask.device, dtype=torch.bool)
+
+
+def _call_block(
+    block: PixArtBlock, x: Tensor, y: Tensor, t0: Tensor, mask: Tensor, grid_hw: tuple[int, int]
+) -> Tensor:
+    """One block's forward; a function of the block so that one compiled graph serves every block."""
+    return block(x, y, t0, mask, grid_hw)
 
 
 def conv_avg_init_(attn: Attention) -> None:

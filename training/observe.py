@@ -1,5 +1,5 @@
 """What a run shows while it trains: metrics.jsonl, TensorBoard scalars, a rank-0 progress bar (a progress
-line every 30 s when stderr is not a terminal), sample grids.
+line every log.progress_every_s when stderr is not a terminal), sample grids.
 
 Only rank 0 writes. Throughput numbers are over the window since the last record: images per second,
 the share of step time spent waiting for data, achieved TFLOP/s from the analytic FLOP counter
@@ -25,6 +25,18 @@ from training.model import ModelConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SCALARS = (
+    "loss",
+    "mse",
+    "vb",
+    "latent_std",
+    "lr",
+    "grad_norm",
+    "images_per_s",
+    "data_wait_share",
+    "tflops",
+    "mfu",
+)
 # Dense bf16 peak TFLOP/s per device, from the vendors' data sheets (SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
@@ -73,8 +85,9 @@ class MetricsSink:
             self.bar = tqdm(total=total_steps, initial=resume_global_step, desc="train", dynamic_ncols=True)
         elif cfg.progress_bar:  # a log file: a line with rate and ETA every 30 s, not a line of \r frames
             self.progress = ProgressLog(
-                "train", total_steps, unit="steps", initial=resume_global_step, logger=log
-            )
+                "train", total_steps, unit="steps", initial=resume_global_step, logger=log,
+                every_seconds=cfg.progress_every_s,
+            )  # fmt: skip
 
     def step(
         self, record: dict, *, seconds: float, data_seconds: float, images: int, flops: int, peak: float
@@ -106,7 +119,7 @@ class MetricsSink:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for name in ("loss", "lr", "grad_norm", "images_per_s", "data_wait_share", "tflops", "mfu"):
+            for name in SCALARS:
                 value = record.get(name)
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(f"train/{name}", value, record["global_step"])

@@ -317,7 +317,12 @@ def write_synthetic_shards(
     info = {
         "num_samples": len(samples),
         "num_shards": len(shards),
-        "features": {"t5": t5, "vae": vae, "vae_resolutions": list(vae_resolutions)},
+        "features": {
+            "t5": t5,
+            "vae": vae,
+            "vae_resolutions": list(vae_resolutions),
+            "vae_scaling_factor": latents.scaling_factor if latents is not None else None,
+        },
     }
     atomic_write_bytes(out_dir / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
     return out_dir

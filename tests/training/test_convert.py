@@ -225,8 +225,14 @@ def test_original_pth_errors(tmp_path):
     with pytest.raises(ValueError, match="micro-conditioning"):
         load_original_checkpoint(tmp_path / "ms.pth", TINY)
     torch.save({"state_dict": ref}, tmp_path / "ok.pth")
-    with pytest.raises(ValueError, match=r"unexpected keys \[\].*missing keys \['blocks.1.attn.norm.bias'"):
-        load_original_checkpoint(tmp_path / "ok.pth", dataclasses.replace(TINY, kv_compress_layers=(1,)))
+    # KV compression is read from the keys, not taken from the config: this .pth has none.
+    loaded = load_original_checkpoint(tmp_path / "ok.pth", dataclasses.replace(TINY, kv_compress_layers=(1,)))
+    assert loaded.config.kv_compress_layers == ()
+    torch.save(
+        {"state_dict": {k: v for k, v in ref.items() if k != "blocks.1.attn.proj.bias"}}, tmp_path / "cut.pth"
+    )
+    with pytest.raises(ValueError, match=r"unexpected keys \[\].*missing keys \['blocks.1.attn.proj.bias'"):
+        load_original_checkpoint(tmp_path / "cut.pth", TINY)
     # weights_only=True: a pickle carrying arbitrary objects is rejected by torch
     torch.save({"state_dict": ref, "extra": random.Random(0)}, tmp_path / "unsafe.pth")
     with pytest.raises(Exception, match="weights_only"):

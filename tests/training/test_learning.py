@@ -4,6 +4,13 @@ A real check of the loss, the conditioning and the sampler together: the loss mu
 start, and the image sampled for each caption must be nearer (pixel MSE) to that caption's image than to
 the others. The tiny VAE is random, so "that caption's image" is its reconstruction through the VAE.
 AdamW at 1e-3 memorises in 1500 steps; CAME at PixArt's settings needs far more steps than a CPU test has.
+
+The same run checks what a model can learn wrong while still memorising its images (each check failed
+with one deliberate bug, measured margins in brackets): latents scaled by the wrong VAE factor (their std
+≈ 1 after scaling: 1.11 right, 1.55 with SD's factor on SDXL latents), captions never dropped (the null
+caption's denoising error near the captions': ratio 1.3 right, 5.0 without dropout), no VB term (the
+variance output moves off its zero init: mean |v| 0.43 right, exactly 0 without), the caption padding
+mask ignored (padded tokens change nothing: 0 right, 0.7 without).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 
 from training.config import load_config
 from training.convert import load_diffusers
-from training.diffusion import sample
+from training.diffusion import GaussianDiffusion, sample
 from training.encoders import CaptionEncoder, LatentEncoder
 from training.main import main
 from training.tiny import write_synthetic_shards
@@ -89,9 +96,46 @@ def test_tiny_model_overfits_and_follows_its_captions(tiny_models: Path, tmp_pat
     mse = ((sampled[:, None] - targets[None]) ** 2).mean(dim=(2, 3, 4))  # (samples, images)
     assert torch.equal(mse.argmin(dim=1), torch.arange(NUM_IMAGES)), mse
 
+    # The VAE scaling factor brings the latents to unit variance (SDXL's 0.13025 on SDXL latents).
+    latent_std = np.mean(
+        [json.loads(line)["latent_std"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    )
+    assert 0.8 < latent_std < 1.3, latent_std
+    x0 = posterior_means(shards) * latents.scaling_factor  # (4, 4, 4, 4)
+    diffusion = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # Captions were dropped (class dropout): the null caption denoises the training images almost as well.
+        errors = {}
+        for name, drop in (("caption", False), ("null", True)):
+            total = 0.0
+            for step in (50, 200, 400, 600, 800):
+                t, noise = torch.full((NUM_IMAGES,), step), torch.randn(x0.shape, generator=g)
+                out = model(
+                    diffusion.q_sample(x0, t, noise),
+                    t,
+                    y,
+                    mask,
+                    force_drop_ids=torch.full((NUM_IMAGES,), drop),
+                )
+                total += (out[:, :4] - noise).pow(2).mean().item()
+            errors[name] = total
+        assert errors["null"] < 2.5 * errors["caption"], errors
+        # The VB term trained the variance output v (log-variance from β̃_t at v = -1 to β_t at v = +1).
+        t = torch.tensor([1, 11, 21, 31])
+        v = model(diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g)), t, y, mask)[:, 4:]
+        assert v.abs().mean() > 0.1, v.abs().mean()  # without the VB term v stays exactly 0
+        # The padding mask holds: what sits in padded caption slots changes nothing.
+        t = torch.full((NUM_IMAGES,), 500)
+        x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+        padded_y = torch.cat([y, torch.zeros(NUM_IMAGES, 3, y.shape[2])], dim=1)  # (4, L + 3, C)
+        padded_mask = torch.cat([mask, torch.zeros(NUM_IMAGES, 3, dtype=torch.bool)], dim=1)  # (4, L + 3)
+        garbage = padded_y.masked_fill(~padded_mask[..., None], 5.0)
+        torch.testing.assert_close(model(x_t, t, garbage, padded_mask), model(x_t, t, padded_y, padded_mask))
 
-def reconstructions(shards: Path, latents: LatentEncoder) -> torch.Tensor:
-    """Each training image through the VAE (its cached posterior mean, decoded), in key order."""
+
+def posterior_means(shards: Path) -> torch.Tensor:
+    """Each training image's cached posterior mean (unscaled), in key order, (4, 4, 4, 4)."""
     import io
     import tarfile
 
@@ -102,4 +146,9 @@ def reconstructions(shards: Path, latents: LatentEncoder) -> torch.Tensor:
             )
             for i in range(NUM_IMAGES)
         ]
-    return latents.decode(torch.stack(means) * latents.scaling_factor)
+    return torch.stack(means)
+
+
+def reconstructions(shards: Path, latents: LatentEncoder) -> torch.Tensor:
+    """Each training image through the VAE (its cached posterior mean, decoded), in key order."""
+    return latents.decode(posterior_means(shards) * latents.scaling_factor)

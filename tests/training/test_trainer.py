@@ -12,6 +12,7 @@ import torch
 import training.main as trainer
 from training.checkpoint import capture_rng, restore_rng
 from training.data import make_stream
+from training.encoders import TextFeatures
 from training.model import PRESETS, PixArtSigma
 
 from .conftest import debug_config
@@ -74,7 +75,7 @@ def test_external_init(fmt: str, tiny_models, shards, tmp_path: Path) -> None:
     from training.convert import export_diffusers, save_model
 
     cfg = debug_config(tiny_models, shards, tmp_path / "run")
-    null = torch.zeros(3, 32)
+    null = TextFeatures(torch.zeros(3, 32), torch.ones(3, dtype=torch.bool))
     torch.manual_seed(5)
     source = PixArtSigma(dataclasses.replace(PRESETS["tiny"], caption_channels=32))
     with torch.no_grad():
@@ -102,4 +103,6 @@ def test_decoder_reads_every_image_format_a_curated_shard_holds():
     meta = {"key": "k", "width": 80, "height": 64, "caption_orig": "a blue square", "caption_vlm": None}
     raw = {"__key__": "k", "gif": buffer.getvalue(), "json": _json.dumps(meta).encode()}
     sample = SampleDecoder(resolution=64, real_prompt_ratio=1.0, seed=0)(raw)
-    assert sample.pixels is not None and sample.pixels.shape[0] == 3 and sample.caption == "a blue square"
+    assert (
+        sample.pixels is not None and sample.pixels.shape == (48, 64, 3) and sample.caption == "a blue square"
+    )

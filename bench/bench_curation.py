@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.terminate()
     md = render(results, args, four_k)
+    shutil.rmtree(root, ignore_errors=True)
     print(md)
     if not args.no_write:
         write_section("curation", md)

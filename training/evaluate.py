@@ -583,11 +583,17 @@ def evaluate_during_training(
 def evaluate_in_training(model, cfg, stage, text, latents, env, metrics, global_step: int) -> None:
     """The trainer's call: rank 0 evaluates ``model`` (EMA when kept) at this stage's resolution, the others wait.
 
-    ``text.encode`` gives prompt states, ``latents.decode`` images; ``metrics.writer`` is the TensorBoard writer.
+    ``text`` holds the prompts' T5 states computed at the start (``training_eval_prompts``; T5 is not
+    loaded here), ``latents.decode`` gives images, ``metrics.writer`` is the TensorBoard writer.
     """
     if env.is_main:
+
+        def encode(prompts: list[str]) -> tuple[Tensor, Tensor]:
+            y, mask = text.prompt_batch(prompts)  # (P, L, C), (P, L)
+            return y.to(env.device), mask.to(env.device)
+
         evaluate_during_training(
-            model, cfg.evaluation, encode=text.encode, decode=latents.decode, resolution=stage.resolution,
+            model, cfg.evaluation, encode=encode, decode=latents.decode, resolution=stage.resolution,
             run_dir=Path(cfg.run_dir), global_step=global_step, device=env.device, writer=metrics.writer,
         )  # fmt: skip
     if env.world_size > 1:

@@ -49,7 +49,7 @@ from training.encoders import (
     compute_text_features,
     vae_scaling_factor,
 )
-from training.evaluate import evaluate_in_training
+from training.evaluate import evaluate_in_training, training_eval_prompts
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.observe import MetricsSink, image_grid, peak_tflops, save_grid, train_flops
 from training.pipeline import export_weights, is_exported
@@ -302,8 +302,12 @@ def null_caption_mode(cfg: TrainConfig) -> str:
 
 
 def text_features_key(cfg: TrainConfig) -> dict:
-    """What the saved text features depend on."""
-    prompts = sorted({p for s in cfg.stages for p in s.validation_prompts})
+    """What the saved text features depend on: the validation prompts and, when the run evaluates while it
+    trains, the eval subset's prompts, so that T5 is never loaded again after the start."""
+    prompts = {p for s in cfg.stages for p in s.validation_prompts}
+    if cfg.evaluation.every:
+        prompts.update(training_eval_prompts(cfg.evaluation))
+    prompts = sorted(prompts)
     return {
         "t5": cfg.text.t5,
         "max_tokens": cfg.text.max_tokens,
@@ -644,7 +648,7 @@ def train_stage(
         if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
             validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
         if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
-            evaluate_in_training(ema or model, cfg, stage, text, latents, env, metrics, global_step)
+            evaluate_in_training(ema or model, cfg, stage, text_features, latents, env, metrics, global_step)
     validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
     export_stage(model, ema, stage, cfg, env)
     return global_step

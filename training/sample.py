@@ -403,6 +403,18 @@ def guided_denoiser(
     return denoise
 
 
+def null_caption_denoiser(model: PixArtSigma, y: Tensor, mask: Tensor, cfg_scale: float) -> Denoiser:
+    """Guidance against the model's stored null caption: how a model trained with ``null_caption = "upstream"``
+    is sampled. PixArt's own samplers (scripts/inference.py in PixArt-sigma) guide against the padded T5("")
+    buffer attended under the *prompt's* mask, the way such a model saw dropped captions in training;
+    encoding "" as a negative prompt (diffusers' way) would attend one token instead."""
+    dtype = next(model.parameters()).dtype
+    y = y.to(dtype)
+    if cfg_scale == 1.0:
+        return lambda x, t: model(x.to(dtype), t, y, mask).float()
+    return lambda x, t: model.forward_with_cfg(x.to(dtype), t, y, mask, cfg_scale=cfg_scale).float()
+
+
 def _pad_tokens(x: Tensor, length: int) -> Tensor:
     """Zero-pad (B, L, …) to (B, length, …); padded mask entries are False."""
     pad = length - x.shape[1]
@@ -562,8 +574,11 @@ class ImageGenerator:
         generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
         noise = _per_image_noise(generators, (C, *latent_hw), self.device)  # (B, C, h, w)
         y, mask = self.text([j.prompt for j in jobs])
-        y_neg, mask_neg = self.text([settings.negative_prompt] * len(jobs))
-        denoise = guided_denoiser(self.model, y, mask, y_neg, mask_neg, settings.cfg_scale)
+        if settings.negative_prompt == "" and self.model.config.null_caption == "upstream":
+            denoise = null_caption_denoiser(self.model, y, mask, settings.cfg_scale)
+        else:
+            y_neg, mask_neg = self.text([settings.negative_prompt] * len(jobs))
+            denoise = guided_denoiser(self.model, y, mask, y_neg, mask_neg, settings.cfg_scale)
         if settings.sampler == "iddpm":
             return iddpm_sample(denoise, noise, steps=settings.steps, in_channels=C, generators=generators)
         return dpm_solver_sample(denoise, noise, steps=settings.steps, in_channels=C)

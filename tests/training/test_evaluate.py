@@ -214,14 +214,21 @@ def test_compare_mode_puts_two_models_side_by_side(exports, eval_models, eval_se
 
 
 def test_trainer_exports_every_stage_and_evaluates_during_training(
-    tiny_models, shards, eval_models, eval_set, tmp_path
+    tiny_models, shards, eval_models, eval_set, tmp_path, monkeypatch
 ):
-    """Two stages of the debug schedule (64 px, then KV on), in-training FID / CLIP every 2 steps."""
+    """Two stages of the debug schedule (64 px, then KV on), in-training FID / CLIP every 2 steps; the eval
+    prompts' T5 states are computed once at the start with the validation prompts, never on the fly."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import training.main as trainer
     from tests.training.conftest import debug_config
+    from training.encoders import CaptionEncoder
+    from training.evaluate import training_eval_prompts
     from training.sample import ImageGenerator, ImageJob, SamplingSettings, load_source
+
+    on_the_fly: list[str] = []
+    encode = CaptionEncoder.encode
+    monkeypatch.setattr(CaptionEncoder, "encode", lambda self, c: (on_the_fly.extend(c), encode(self, c))[1])
 
     evaluation = ["evaluation.every=2", f"evaluation.eval_set={eval_set}", "evaluation.num_samples=2",
                   f"evaluation.inception={eval_models['inception']}", "evaluation.fid_features=64",
@@ -233,6 +240,9 @@ def test_trainer_exports_every_stage_and_evaluates_during_training(
 
     rows = [json.loads(line) for line in (run_dir / "eval" / "in_training.jsonl").read_text().splitlines()]
     assert [(r["global_step"], r["num_images"]) for r in rows] == [(2, 2), (4, 2)]
+    eval_prompts = training_eval_prompts(cfg.evaluation)
+    assert len(eval_prompts) == 3 and not set(eval_prompts) & set(on_the_fly)
+    assert set(eval_prompts) <= set(trainer.text_features_key(cfg)["prompts"])
     assert all(np.isfinite(r["fid"]) and r["clip_score"] >= 0 for r in rows)
     assert sorted(p.name for p in (run_dir / "eval" / "in_training" / "00000004" / "images").iterdir()) == [
         "k000.png",

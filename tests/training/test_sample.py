@@ -147,6 +147,42 @@ def test_dpm_solver_with_empty_negative_prompt_equals_the_trainers_sampler(tiny_
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_an_upstream_model_is_guided_against_its_own_null_caption_under_the_prompts_mask(tiny_models):
+    """null_caption = "upstream" (issue 13 §10): the sampler guides against the stored padded T5("") under
+    the prompt's mask, as PixArt's samplers and the trainer's validation do, and never encodes ""."""
+    ref = lambda name: type("Ref", (), {"path": str(tiny_models / name), "subfolder": None})()  # noqa: E731
+    encoder = PromptEncoder(
+        ref("t5"), ref("t5"), max_tokens=TINY.max_token_length, device=CPU, dtype=torch.float32
+    )
+    asked: list[str] = []
+
+    def text(prompts):
+        asked.extend(prompts)
+        return encoder(prompts)
+
+    prompts = ["a photo of a cat at sunset", "a red car"]
+    y, mask = encoder(prompts)
+    null, null_mask = encoder([""])
+    latents = {}
+    for mode in ("upstream", "diffusers"):
+        model = _tiny()
+        model.set_null_caption(null[0], null_mask[0], mode=mode)
+        generator = ImageGenerator(model, text, lambda z, tile: z, name=mode, resolution=64, device=CPU)
+        jobs = [ImageJob(i, p, seed=i, height=48, width=80) for i, p in enumerate(prompts)]
+        asked.clear()
+        latents[mode] = generator.latents(jobs, SamplingSettings(steps=4, cfg_scale=4.5))
+        assert ("" in asked) == (mode == "diffusers")
+        if mode == "upstream":
+            noise = torch.stack(
+                [torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+            )
+            with torch.no_grad():
+                expected = sample(model, y, mask, latent_size=(6, 10), num_steps=4, cfg_scale=4.5, latents=noise)
+            assert (latents[mode] - expected).abs().max().item() <= 1e-5
+    # the two semantics attend the null caption under different masks: different images
+    assert (latents["upstream"] - latents["diffusers"]).abs().max().item() > 1e-3
+
+
 def test_respaced_tables_at_full_length_are_the_training_tables():
     base, full = GaussianDiffusion(), RespacedDiffusion(1000)
     assert torch.equal(full.timesteps, torch.arange(1000))

@@ -177,7 +177,9 @@ def test_an_upstream_model_is_guided_against_its_own_null_caption_under_the_prom
                 [torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(i)) for i in range(2)]
             )
             with torch.no_grad():
-                expected = sample(model, y, mask, latent_size=(6, 10), num_steps=4, cfg_scale=4.5, latents=noise)
+                expected = sample(
+                    model, y, mask, latent_size=(6, 10), num_steps=4, cfg_scale=4.5, latents=noise
+                )
             assert (latents[mode] - expected).abs().max().item() <= 1e-5
     # the two semantics attend the null caption under different masks: different images
     assert (latents["upstream"] - latents["diffusers"]).abs().max().item() > 1e-3

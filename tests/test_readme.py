@@ -157,7 +157,14 @@ def test_readme_commands_run_verbatim_from_a_fresh_clone(ray_cluster, tiny, clon
     assert "\r" not in output and "RayDeprecationWarning" not in output and "accelerate" not in output
 
     run = Path(tiny["RUN"])
-    assert json.loads((run / "curation_summary.json").read_text())["kept_per_tier"]["4k"] == 1
+    summary = json.loads((run / "curation_summary.json").read_text())
+    expected = [
+        json.loads(line) for line in (Path(tiny["INPUT"]) / "expected.jsonl").read_text().splitlines()
+    ]
+    assert summary["inputs"] == len(expected)  # every input of the corpus, good and bad, is a row
+    # The original, its byte copy and its re-encode are one group with one keeper.
+    assert summary["kept"] == sum(e["expected_status"] == "kept" for e in expected)
+    assert summary["kept_per_tier"]["4k"] == 1
     images = pq.read_table(run / "manifests" / "images", columns=["aesthetic_model"]).column(0).drop_null()
     assert {m.split("@")[0] for m in images.to_pylist()} == {
         "laion_aesthetic_v2.safetensors"

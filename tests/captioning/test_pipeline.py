@@ -4,9 +4,6 @@ WHERE, resume, a killed run's leftovers, and per-item retry of a failing batch."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -46,31 +43,11 @@ def leave_killed_run_debris(run: Path, captioner: str, prompt: str, key: str) ->
     return orphan
 
 
-def submit_job(ray_cluster, *args: str) -> None:
-    """`ray job submit --working-dir <repo> -- python captioning/run.py …` against the session cluster."""
-    repo = Path(__file__).resolve().parents[2]
-    cmd = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
-        "--working-dir", str(repo), "--", sys.executable, "captioning/run.py", *args,
-    ]  # fmt: skip
-    done = subprocess.run(
-        cmd,
-        env={**os.environ, "RAY_ADDRESS": ray_cluster.dashboard},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
 def test_where_resume_and_killed_run(curated_run, layout, tiny_llava, tiny_t5, ray_cluster):
     run = curated_run()
-    # First run through the CLI by path under `ray job submit` (one such test is enough: it is slow).
-    submit_job(
-        ray_cluster, "--input", str(run), "--model", str(tiny_llava), "--tokenizer", str(tiny_t5),
-        "--preset", "debug", "--max-new-tokens", "8", "--rows-per-part", "3", "--where", "tier = '4k'",
-    )  # fmt: skip
-    first = json.loads((run / pipeline.SUMMARY_FILE).read_text())
+    # (`ray job submit … captioning/run.py` itself runs in tests/test_readme.py, verbatim from the README.)
+    first = pipeline.run(config(run, tiny_llava, tiny_t5, where="tier = '4k'"))
+    assert json.loads((run / pipeline.SUMMARY_FILE).read_text()) == first
     captioner, prompt = first["captioner"], first["prompt"]
     assert (first["selected"], first["captioned"], first["skipped_already_captioned"]) == (3, 3, 0)
     assert [r[0] for r in caption_rows(run)] == layout["4k"]

@@ -11,6 +11,8 @@ DEMO_N ?= 24
 DEMO_SEED ?= 0
 DEMO_CONFIG ?= configs/debug.toml
 NPROC ?= 2
+# Test processes (pytest-xdist; one file per process at a time, each with its own local Ray cluster of ~0.6 GB).
+TEST_WORKERS ?= 2
 
 # Offline and quiet: nothing here may download weights or phone home.
 export RAY_USAGE_STATS_ENABLED := 0
@@ -38,7 +40,7 @@ demo: $(STAMP)
 		PATH=$(abspath $(VENV))/bin:$$PATH bash configs/demo.sh
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

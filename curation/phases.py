@@ -371,7 +371,7 @@ def resolve_duplicates(task: dict) -> dict:
         con.register("edges", edges)
         attributes = _glob(scratch / "attributes")
         nodes_attributes = (
-            con.execute(
+            con.sql(
                 f"SELECT key, pixels, aesthetic FROM read_parquet({sql_list(attributes)}) WHERE key IN "
                 "(SELECT a FROM edges UNION SELECT b FROM edges)"
             ).to_arrow_table()

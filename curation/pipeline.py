@@ -79,6 +79,9 @@ BATCH_FIELDS = [
 # A scoring batch is never split across Ray blocks as long as it stays under Ray Data's slicing limit
 # (1.5 × the 128 MiB target); a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
 MAX_BATCH_BYTES = 64 * 1024**2
+# A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
+# Data's memory issue detector on the demo; declared with headroom so the scheduler counts it.
+SCAN_WORKER_BYTES = 256 * 1024**2
 
 
 def init_ray() -> None:
@@ -297,14 +300,14 @@ class ScoreBatches:
 def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> ray.data.Dataset:
     """The Ray Data pipeline: one scan task per scoring batch, then the scorer actor pool (lazy)."""
     num_batches = int(plan.starts[-1])
-    # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, the
-    # worst-case decode (RGB at tiers.max_pixels), also keeps the scan in its own task pool: Ray fuses a
-    # task stage into the next actor pool when their settings match.
+    # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
+    # worker's own footprint plus the worst-case decode (RGB at tiers.max_pixels), also keeps the scan in its
+    # own task pool: Ray fuses a task stage into the next actor pool when their settings match.
     ds = ray.data.range(num_batches, override_num_blocks=num_batches).map_batches(
         ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan),  # stateless: plain tasks
         batch_size=1,
         batch_format="pyarrow",
-        memory=3 * cfg.tiers.max_pixels,
+        memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels,
     )
     score = cfg.aesthetic
     return ds.map_batches(

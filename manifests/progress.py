@@ -33,6 +33,13 @@ def quiet_library_bars() -> None:
         sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
+def quiet_root_info() -> None:
+    """Drop INFO records sent to the root logger itself: libraries that call ``logging.info`` directly
+    (open_clip logs a dozen lines per model load) would otherwise print through our INFO handlers."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.name != "root" or record.levelno >= logging.WARNING)
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

@@ -46,6 +46,10 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     shards = json.loads((out / "run" / "train_shards" / "demo" / "shards.json").read_text())
     assert shards["features"]["vae_resolutions"]  # trained from cached features
     assert "inputs:" in result.stdout and "training:" in result.stdout
+    # Quiet logs (issue 11): no \r bars, no library chatter through the root logger, no spurious warnings.
+    output = result.stdout + result.stderr
+    assert "\r" not in output and "INFO root:" not in output, output[-3000:]
+    assert "null-caption buffer" not in output and "issue_detector" not in output, output[-3000:]
     # The trained demo model sampled the eval prompts and was evaluated (issue 12).
     num_eval = summary["selections"]["eval"]
     assert len((out / "samples" / "images.jsonl").read_text().splitlines()) == num_eval

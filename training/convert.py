@@ -297,8 +297,9 @@ def from_diffusers_model(
     state = from_diffusers_state_dict(
         {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}, config.depth
     )
+    # diffusers keeps no null-caption buffer (its pipeline encodes the negative prompt): the trainer stores
+    # T5("") with set_null_caption before training; sampling encodes "" as diffusers does.
     _load_exact(model, state, allowed_missing=set(_NULL_CAPTION_KEYS), source="diffusers model")
-    logger.warning('diffusers has no null-caption buffer: call set_null_caption with T5("") before training')
     return model
 
 

@@ -46,6 +46,7 @@ from torch import Tensor
 from manifests.buckets import resize_to_cover_and_crop
 from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
+from manifests.progress import quiet_library_bars, quiet_root_info
 from training.sample import (
     ImageGenerator,
     ImageJob,
@@ -636,6 +637,8 @@ def run(argv: list[str] | None = None) -> dict:
         level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
+    quiet_root_info()  # open_clip's model-loading chatter
     return evaluate(args)
 
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from manifests.buckets import nearest_bucket
 from manifests.io import atomic_write_bytes
+from manifests.progress import quiet_library_bars
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
 from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
@@ -750,6 +751,7 @@ def run(argv: list[str] | None = None) -> Path:
     """Parse the flags, sample, write; returns the output folder."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
     out = Path(args.output)
     if (out / IMAGES_FILE).exists() and not args.overwrite:
         raise SystemExit(

@@ -24,6 +24,13 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(OFFLINE_ENV)
+# Under `make test` (pytest-xdist) the test processes share the cores: each, and the CLIs it starts, gets
+# its share of threads, since torch's default of one thread per core in every process oversubscribes the
+# machine (a CPU-bound test ran 5× slower beside another).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(
+        max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -58,7 +58,7 @@ from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
-from manifests.io import file_record, mark_committed, publish, temp_path, unmark_committed
+from manifests.io import commit_parquet, unmark_committed
 from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
 
@@ -372,16 +372,7 @@ def commit_chunk(table: pa.Table, chunk: chunking.Chunk, cfg: CurationConfig, ro
     table = table.select(SCORED.names).cast(SCORED)
     folder = work_dir(root, cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{chunk.name}.parquet"
-    tmp = temp_path(path)
-    try:
-        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
-        record = file_record(tmp)
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    info = {**record, "file": path.name, "num_rows": table.num_rows, "records_digest": chunk.digest}
-    mark_committed(folder, chunk.name, info)
+    commit_parquet(table, folder, chunk.name, {"records_digest": chunk.digest})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,6 +19,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@torch.no_grad()
+def t5_states(tokenizer, encoder, texts: list[str], *, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, max_tokens, D) last hidden states in the encoder's dtype and (B, max_tokens) attention mask, every
+    text tokenised to ``max_tokens`` (PixArt's ``padding="max_length"``)."""
+    tokens = tokenizer(
+        texts, max_length=max_tokens, padding="max_length", truncation=True, return_tensors="pt"
+    ).to(encoder.device)
+    states = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    return states, tokens.attention_mask
+
+
 class T5Features:
     """Caption → T5 encoder states of the valid tokens only (never the padding)."""
 
@@ -39,13 +50,8 @@ class T5Features:
     @torch.no_grad()
     def encode_padded(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, max_tokens, D) float32 states and (B, max_tokens) mask, padded to ``max_tokens``."""
-        tokens = self.tokenizer(
-            captions, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
-        ).to(self.device)
-        states = self.encoder(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        ).last_hidden_state
-        return states.float(), tokens.attention_mask  # (B, L, D), (B, L)
+        states, mask = t5_states(self.tokenizer, self.encoder, captions, max_tokens=self.max_tokens)
+        return states.float(), mask  # (B, L, D), (B, L)
 
     def __call__(self, captions: list[str]) -> list[np.ndarray]:
         """One (num_valid_tokens, D) float16 array per caption."""

@@ -177,6 +177,23 @@ def check_committed_file(path: str | os.PathLike, part: str | None = None) -> No
         )
 
 
+def commit_parquet(
+    table: pa.Table, directory: str | os.PathLike, part: str, info: dict | None = None
+) -> Path:
+    """Write ``table`` as ``directory/<part>.parquet`` atomically, then commit it: the marker records the file's
+    size and sha256, its row count and ``info``. Fixed writer options, so a rerun writes the same bytes."""
+    path = Path(directory) / f"{part}.parquet"
+    tmp = temp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        record = file_record(tmp)
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    mark_committed(directory, part, {**record, "file": path.name, "num_rows": table.num_rows, **(info or {})})
+    return path
+
+
 class ManifestWriter:
     """Writes Parquet parts of one manifest (``images``, ``captions``, …) atomically.
 
@@ -201,18 +218,7 @@ class ManifestWriter:
         """Write ``table`` as ``<part>.parquet`` and commit it. Returns the final path."""
         if isinstance(table, list):
             table = pa.Table.from_pylist(table, schema=_loose(self.schema, table))
-        table = conform(table, self.schema)
-        path = self.path(part)
-        tmp = temp_path(path)
-        try:
-            # Fixed writer options so reruns produce the same bytes.
-            pq.write_table(table, tmp, compression="zstd", write_statistics=True)
-            record = file_record(tmp)
-            publish(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        mark_committed(self.directory, part, {**record, "file": path.name, "num_rows": table.num_rows})
-        return path
+        return commit_parquet(conform(table, self.schema), self.directory, part)
 
 
 def _loose(schema: pa.Schema, rows: list[dict]) -> pa.Schema:

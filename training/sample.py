@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from manifests.buckets import nearest_bucket
+from manifests.features import t5_states
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
@@ -331,16 +332,10 @@ class PromptEncoder:
         self.max_tokens = max_tokens
         self.device = device
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        tokens = self.tokenizer(
-            prompts, max_length=self.max_tokens, padding="max_length", truncation=True, return_tensors="pt"
-        ).to(self.device)
-        states = self.encoder(
-            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
-        ).last_hidden_state
-        length = int(tokens.attention_mask.sum(dim=1).max())  # the padding every prompt shares is dropped
-        return states[:, :length].float(), tokens.attention_mask[:, :length].bool()  # (B, L, C), (B, L)
+        states, mask = t5_states(self.tokenizer, self.encoder, prompts, max_tokens=self.max_tokens)
+        length = int(mask.sum(dim=1).max())  # the padding every prompt shares is dropped
+        return states[:, :length].float(), mask[:, :length].bool()  # (B, L, C), (B, L)
 
 
 class LatentDecoder:

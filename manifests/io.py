@@ -242,20 +242,18 @@ def read_manifest(directory: str | os.PathLike, schema_name: str) -> pa.Table:
 
 def read_committed_table(path: str | os.PathLike) -> pa.Table:
     """A committed Parquet part; a truncated or unreadable one raises ``CorruptPartError`` naming it."""
-    check_committed_file(path)
-    try:
-        return pq.read_table(path)
-    except (OSError, pa.ArrowException) as err:
-        raise CorruptPartError(
-            f"cannot read committed part {path}: {type(err).__name__}: {one_line(err)}"
-        ) from err
+    return _read_committed(path, pq.read_table)
 
 
 def read_committed_schema(path: str | os.PathLike) -> pa.Schema:
     """The Arrow schema of a committed Parquet part (its footer), naming the part if it cannot be read."""
+    return _read_committed(path, pq.read_schema)
+
+
+def _read_committed(path: str | os.PathLike, read):
     check_committed_file(path)
     try:
-        return pq.read_schema(path)
+        return read(path)
     except (OSError, pa.ArrowException) as err:
         raise CorruptPartError(
             f"cannot read committed part {path}: {type(err).__name__}: {one_line(err)}"

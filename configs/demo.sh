@@ -38,7 +38,7 @@ python -m manifests.selection --input "$RUN" --name demo --exclude eval \
     --where "caption_orig IS NOT NULL OR caption_vlm IS NOT NULL"
 
 step "6/10 training shards with cached T5 features and SDXL-like VAE latents at 32 and 64 px"
-# The SD-like VAE of the debug schedule's first stage is not cached: that stage encodes on the fly.
+# The SD-like VAE of the debug schedule's first stage is not cached: that stage encodes on the fly (vae_on_the_fly).
 python -m manifests.materialize --input "$RUN" --selection demo --samples-per-shard 4 \
     --t5 "$MODELS/t5" --vae "$MODELS/vae" --vae-resolution 32 --vae-resolution 64
 

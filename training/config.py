@@ -200,6 +200,9 @@ class StageSection:
     resolution: int  # base resolution in pixels; picks the bucket table
     vae: str  # HF id or path
     vae_scaling_factor: float = SDXL_VAE_SCALING
+    # True: encode with this stage's VAE on the fly although the shards cache latents of another VAE (the
+    # weak stage of a VAE swap, whose VAE the shards were not made with). False: such a stage is refused.
+    vae_on_the_fly: bool = False
     pe_interpolation: float | None = None  # default resolution / 512
     kv_compress_layers: tuple[int, ...] = ()
     kv_compress_ratio: int = 2

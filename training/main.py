@@ -6,10 +6,12 @@ The same command runs on a laptop (gloo, CPU, tiny preset) and on a GPU cluster 
 as the story: setup → preflight (config, data, models: fail in seconds) → build → resume → for each
 stage: transition, loop (checkpoints, validation), stage export → final export. Stages follow PixArt-Σ §3
 (arXiv 2403.04692): each starts from the previous stage's weights, and the transitions (caption length
-120 → 300 from PixArt-α weights, VAE swap, resolution up, KV compression on) keep every existing weight.
+120 → 300 from PixArt-α weights, VAE swap, resolution up, KV compression on) keep every existing weight;
+the EMA is re-seeded from the weights entering each stage (``reseed_ema``).
 
-SIGTERM (pre-emption) checkpoints at the next step boundary on every rank and exits with code 143; the
-same command resumes exactly where it stopped, mid data segment included.
+SIGTERM (pre-emption) checkpoints at the next step boundary on every rank and exits with code 143, a
+stage's last step included (its validation and export then run on resume); the same command resumes
+exactly where it stopped, mid data segment included.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from training.encoders import (
     ShardFeatures,
     TextFeatures,
     compute_text_features,
+    same_model,
     vae_scaling_factor,
 )
 from training.evaluate import evaluate_in_training, training_eval_prompts
@@ -214,7 +217,8 @@ def preflight(cfg: TrainConfig) -> ShardFeatures:
     if t5_needed(cfg, features, cached_text):
         check_model_source(cfg.text.t5, "text.t5")
     for i, stage in enumerate(cfg.stages):
-        cached = cfg.data.use_cached_features and features.has_latents(stage.vae, stage.resolution)
+        check_cached_vae(i, stage, features, use_cached=cfg.data.use_cached_features)
+        cached = latents_cached(cfg, stage, features)
         if not cached or stage.validation_prompts:
             check_model_source(stage.vae, f"stages.{i}.vae")
         check_vae_scaling(i, stage, features, cached=cached)
@@ -251,6 +255,23 @@ def check_model_source(value: str, name: str) -> None:
                 f"{name} = {value}: not a local folder and not in the hub cache, and HF_HUB_OFFLINE is set; "
                 f"download it first or pass a local path"
             )
+
+
+def latents_cached(cfg: TrainConfig, stage: StageSection, features: ShardFeatures) -> bool:
+    """Whether the stage reads the shards' cached latents (same VAE, its resolution cached) or encodes them."""
+    use = cfg.data.use_cached_features and not stage.vae_on_the_fly
+    return use and features.has_latents(stage.vae, stage.resolution)
+
+
+def check_cached_vae(index: int, stage: StageSection, features: ShardFeatures, *, use_cached: bool) -> None:
+    """Shards that cache latents of another VAE are refused, unless the stage asks for its VAE on the fly."""
+    if not use_cached or stage.vae_on_the_fly or features.vae is None or same_model(features.vae, stage.vae):
+        return
+    raise PreflightError(
+        f"stages.{index}.vae = {stage.vae}, but the shards' cached latents were made with VAE {features.vae}: "
+        f"set --set stages.{index}.vae={features.vae}, or --set stages.{index}.vae_on_the_fly=true to encode "
+        f"with {stage.vae} on the fly"
+    )
 
 
 def check_vae_scaling(index: int, stage: StageSection, features: ShardFeatures, *, cached: bool) -> None:
@@ -426,10 +447,11 @@ def enter_stage(
     *,
     quiet: bool,
 ) -> None:
-    """Apply the transition to the model and its EMA, and log what changed (PixArt-Σ's weak-to-strong)."""
+    """Apply the transition to the model, re-seed its EMA, and log what changed (PixArt-Σ's weak-to-strong)."""
     new_params = apply_stage(model, stage)
     if ema is not None:
-        apply_stage(ema, stage)  # same deterministic init for the new layers, so EMA = model there
+        apply_stage(ema, stage)  # the same transition (PE, KV layers), so the state dicts match
+        reseed_ema(ema, model)
     if quiet:
         return
     changes = []
@@ -470,6 +492,20 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection, lr: float) -> t
     return torch.optim.AdamW(
         params, lr=lr, betas=optim.betas, eps=optim.eps[0], weight_decay=optim.weight_decay
     )
+
+
+@torch.no_grad()
+def reseed_ema(ema: PixArtSigma, model: PixArtSigma) -> None:
+    """EMA ← the weights entering the stage: each stage's EMA averages that stage's weights only.
+
+    PixArt-Σ keeps no EMA (train_scripts/train.py builds none and saves none; ``ema_rate`` in
+    configs/PixArt_xl2_internal.py is unread, and a stage starts from the previous stage's raw
+    ``state_dict`` with ``load_ema=False``). An EMA carried across a transition would, at 0.9999 over a
+    2K-step stage, still be 0.9999^2000 ≈ 82 % the previous stage's weights (SD-VAE latents, another
+    resolution). Re-seeding from the raw weights at every transition is the nearest to upstream: the stage
+    starts from the same raw weights as theirs, and ``final_ema/<stage>/`` is an average of that stage alone.
+    """
+    ema.load_state_dict(model.state_dict())
 
 
 @torch.no_grad()
@@ -588,12 +624,12 @@ def train_stage(
         model.load_state_dict(resume["model"])
         if ema is not None and resume["ema"] is not None:
             ema.load_state_dict(resume["ema"])
-    cached = cfg.data.use_cached_features and features.has_latents(stage.vae, stage.resolution)
+    cached = latents_cached(cfg, stage, features)
     latents = LatentEncoder(
         stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
     )
-    if start_step >= stage.steps:  # resumed from this stage's last checkpoint
-        export_stage(model, ema, stage, cfg, env)
+    if start_step >= stage.steps:  # resumed from this stage's last checkpoint: its end, if not done yet
+        finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=True)
         return global_step
     log.info("stage %s: latents %s, captions %s", stage.name, "cached" if cached else "VAE on the fly",
              "cached" if text.cached else "T5 on the fly")  # fmt: skip
@@ -641,17 +677,49 @@ def train_stage(
                      images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
         if last or out["stop"] or (step + 1) % cfg.checkpoint_every == 0:
             save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
-        if out["stop"] and not last:
+        if out["stop"]:  # the last step of a stage too: its validation and export run on resume
             log.warning("SIGTERM: checkpoint at stage %s step %d saved; rerun the same command to resume",
                         stage.name, step + 1)  # fmt: skip
             raise Preempted()
         if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
             validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
         if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
-            evaluate_in_training(ema or model, cfg, stage, text_features, latents, env, metrics, global_step)
-    validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
-    export_stage(model, ema, stage, cfg, env)
+            # The weights this stage trains (as PixArt's log_validation samples its model), not the EMA.
+            evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
+    finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=False)
+    if stop_agreed(stop, env):  # a SIGTERM during the stage's end: its last step's checkpoint is the state
+        log.warning("SIGTERM: stage %s finished and checkpointed; rerun the same command to resume", stage.name)
+        raise Preempted()
     return global_step
+
+
+def finish_stage(
+    model: PixArtSigma,
+    ema: PixArtSigma | None,
+    stage: StageSection,
+    text_features: TextFeatures,
+    latents: LatentEncoder,
+    cfg: TrainConfig,
+    env: Dist,
+    metrics: MetricsSink,
+    global_step: int,
+    *,
+    resumed: bool,
+) -> None:
+    """A stage's end: validation grids and ``final/<stage>/``. Resumed from its last checkpoint, only what the
+    stopped run did not do (the export is written after the validation, so an export means both are done)."""
+    exported = cfg.export_stages and is_exported(Path(cfg.run_dir) / "final" / stage.name)
+    if not (resumed and exported):
+        validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
+    export_stage(model, ema, stage, cfg, env)
+
+
+def stop_agreed(stop: StopRequest, env: Dist) -> bool:
+    """Whether any rank has a SIGTERM pending (one all-reduce, so every rank stops at the same point)."""
+    flag = torch.tensor(float(stop.requested), device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)
 
 
 def skip_nonfinite(stage: StageSection, step: int, streak: int, cfg: TrainConfig) -> int:
@@ -854,9 +922,9 @@ def validate(
 ) -> None:
     """Rank 0 samples the stage's prompts from the raw and the EMA weights (fixed seed, DPM-Solver++).
 
-    Both, because an EMA at 0.9999 still holds most of the weights from before a transition for
-    thousands of steps (after 2K steps, 0.9999^2000 ≈ 82 %): the raw grid shows what the stage learnt.
-    Prompt states were computed at the start (T5 is not loaded here); bf16 autocast on CUDA; the VAE
+    Both, because the EMA (re-seeded at each transition, ``reseed_ema``) still holds most of the weights
+    that entered the stage for thousands of steps (after 2K steps at 0.9999, 0.9999^2000 ≈ 82 %): the raw
+    grid shows what the stage learnt. Prompt states were computed at the start (T5 is not loaded here); bf16 autocast on CUDA; the VAE
     decodes tiled.
     """
     if env.is_main and stage.validation_prompts:

@@ -534,8 +534,13 @@ class PixArtSigma(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def set_resolution(self, base_size: int, pe_interpolation: float) -> None:
-        """Move to a new training resolution; the PE follows (its cache is keyed by these)."""
+        """Move to a new training resolution; the PE follows, and the previous stage's cached PEs are freed.
+
+        The cache then holds one stage's grids at most (one per bucket, ~40): kept across stages, one PE per
+        bucket of every sigma stage at width 1152 in fp32 came to ~7.35 GiB on the device after the 2880 stage.
+        """
         self.config = dataclasses.replace(self.config, base_size=base_size, pe_interpolation=pe_interpolation)
+        self._pe_cache.clear()
 
     def set_compile(self, enabled: bool, *, backend: str | Callable = "inductor") -> None:
         """torch.compile the transformer blocks (one graph for all blocks alike), or run them eagerly again.

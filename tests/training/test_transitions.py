@@ -1,0 +1,153 @@
+"""What a stage transition resets and what it must not carry: the EMA (re-seeded from the weights entering
+the stage), the PE cache (one stage's grids at most), a SIGTERM at a stage's last step (exit after that step),
+and cached latents from another VAE (refused at preflight)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.main as trainer
+from training.config import load_config
+from training.convert import load_diffusers
+from training.encoders import ShardFeatures
+from training.model import PRESETS, PixArtSigma
+from manifests.buckets import bucket_table
+
+from .conftest import DEBUG_CONFIG, MAX_TOKENS, debug_config
+
+STEPS = 3  # per stage
+DECAY = 0.9  # far from 1, so an EMA that carried the previous stage differs by far more than float noise
+
+
+def _two_stages(models: Path, shards: Path, run_dir: Path, *extra: str):
+    """The debug preset's cached stages 32px-sdxl-vae → 64px (a resolution transition), STEPS steps each."""
+    sets = [f"stages.{i}.steps={STEPS}" for i in (1, 2)] + ["stages.2.validation_prompts=[]"]
+    cfg = debug_config(models, shards, run_dir, *sets, *extra)
+    cfg.stages = cfg.stages[1:3]
+    return cfg
+
+
+def _records(run_dir: Path) -> list[dict]:
+    keys = ("stage", "step", "global_step", "loss", "grad_norm", "lr")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in keys} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-stage EMA
+# ------------------------------------------------------------------------------------------------
+
+
+def test_ema_restarts_from_the_weights_entering_each_stage(tiny_models, shards, tmp_path) -> None:
+    """EMA after step k of a stage = the plain recurrence e ← d·e + (1-d)·w_k started at the entry weights."""
+    cfg = _two_stages(tiny_models, shards, tmp_path / "run", "checkpoint_every=1", "keep_checkpoints=100",
+                      f"optim.ema_decay={DECAY}", "stages.1.validation_prompts=[]")  # fmt: skip
+    run_dir = trainer.main(cfg)
+    states = {
+        int(p.name[:8]): torch.load(p / "state.pt", weights_only=True)
+        for p in (run_dir / "checkpoints").iterdir()
+    }
+    assert sorted(states) == list(range(1, 2 * STEPS + 1))
+    entry = states[STEPS]["model"]  # the first stage's last weights enter the second (no new layers at 64 px)
+    expected = {k: v.clone() for k, v in entry.items() if v.is_floating_point()}
+    for k in range(STEPS + 1, 2 * STEPS + 1):
+        weights = states[k]["model"]
+        expected = {key: DECAY * e + (1 - DECAY) * weights[key] for key, e in expected.items()}
+        ema = states[k]["ema"]
+        assert ema.keys() == entry.keys()
+        for key in expected:
+            torch.testing.assert_close(ema[key], expected[key], rtol=1e-5, atol=1e-7, msg=f"step {k} {key}")
+    # The stage's EMA export is that EMA, and the first stage's export its own (checkpointed) EMA.
+    for step, name in ((STEPS, cfg.stages[0].name), (2 * STEPS, cfg.stages[1].name)):
+        exported = load_diffusers(run_dir / "final_ema" / name, subfolder="transformer", max_token_length=MAX_TOKENS)
+        ema = states[step]["ema"]
+        for key, value in exported.state_dict().items():
+            if not key.startswith("y_embedder.y_"):
+                torch.testing.assert_close(value, ema[key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+# ------------------------------------------------------------------------------------------------
+# PE cache
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pe_cache_holds_one_stage_of_the_sigma_buckets_at_most() -> None:
+    """Every bucket of every stage of configs/sigma.toml (manifests/buckets.py tables), stage after stage."""
+    stages = load_config(DEBUG_CONFIG.parent / "sigma.toml").stages
+    torch.manual_seed(0)
+    model = PixArtSigma(dataclasses.replace(PRESETS["tiny"], hidden_size=16, num_heads=2))
+    cell = 8 * model.config.patch_size  # pixels per token
+    for stage in stages:
+        trainer.apply_stage(model, dataclasses.replace(stage, kv_compress_layers=()))  # XL's layers: not tiny's
+        table = bucket_table(stage.resolution)
+        current = (model.config.base_size, model.config.pe_interpolation)
+        for height, width in table:
+            model.pos_embed(height // cell, width // cell)
+            cached = list(model._pe_cache)
+            assert len(cached) <= len(table), stage.name
+            assert {(key[2], key[3]) for key in cached} == {current}, stage.name  # no earlier stage's PE
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGTERM at a stage's last step
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(tiny_models, shards, tmp_path) -> None:
+    base = ["checkpoint_every=2", "keep_checkpoints=5"]
+    full = trainer.main(_two_stages(tiny_models, shards, tmp_path / "full", *base))
+    # A real SIGTERM to this process before global step STEPS - 1: the first stage's last step.
+    cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base, f"faults.sigterm_at_step={STEPS - 1}")
+    first, second = (s.name for s in cfg.stages)
+    with pytest.raises(trainer.Preempted) as stopped:
+        trainer.main(cfg)
+    assert stopped.value.code == 143
+    run_dir = tmp_path / "run"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"00000002-{first}", f"00000003-{first}"]  # that step, checkpointed; none after
+    assert [r["global_step"] for r in _records(run_dir)] == [1, 2, 3]
+    assert not (run_dir / "final").exists()  # no export (nor validation, nor next stage) before exiting
+    assert not list(run_dir.glob("samples/**/*.png"))
+
+    trainer.main(cfg)  # the same command: the first stage's end (validation, export), then the second stage
+    assert _records(run_dir) == _records(full)
+    weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    for folder in ("final", "final_ema", f"final/{first}", f"final_ema/{first}", f"final/{second}"):
+        a, b = load_file(run_dir / folder / weights), load_file(full / folder / weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    assert sorted(p.name for p in (run_dir / "samples" / first).glob("*.png")) == [
+        f"{STEPS:08d}-ema.png",
+        f"{STEPS:08d}.png",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached latents from another VAE
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cached_latents_from_another_vae_are_refused_naming_both(tiny_models, shards, tmp_path) -> None:
+    # The debug preset's first stage (SD-like VAE) over shards cached with the SDXL-like one, not asking for
+    # its VAE on the fly.
+    cfg = debug_config(tiny_models, shards, tmp_path / "run", "stages.0.vae_on_the_fly=false")
+    sd, sdxl = tiny_models / "vae_sd", tiny_models / "vae"
+    with pytest.raises(trainer.PreflightError) as refused:
+        trainer.main(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and f"stages.0.vae = {sd}," in message
+    assert f"made with VAE {sdxl}:" in message and "stages.0.vae_on_the_fly=true" in message
+    assert not (tmp_path / "run").exists()  # refused before anything was built
+
+    features = ShardFeatures.read(str(shards))
+    asked = debug_config(tiny_models, shards, tmp_path / "run")  # the preset asks: vae_on_the_fly = true
+    assert asked.stages[0].vae_on_the_fly and not trainer.latents_cached(asked, asked.stages[0], features)
+    assert trainer.latents_cached(asked, asked.stages[1], features)  # the shards' own VAE: cached
+    trainer.check_cached_vae(0, cfg.stages[0], features, use_cached=False)  # nothing cached is used: no error
+    on_the_fly = debug_config(tiny_models, shards, tmp_path / "run", "stages.1.vae_on_the_fly=true")
+    assert not trainer.latents_cached(on_the_fly, on_the_fly.stages[1], features)  # asked for, even if cached

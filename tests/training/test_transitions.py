@@ -44,10 +44,16 @@ def _records(run_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_ema_restarts_from_the_weights_entering_each_stage(tiny_models, shards, tmp_path) -> None:
-    """EMA after step k of a stage = the plain recurrence e ← d·e + (1-d)·w_k started at the entry weights."""
+def test_ema_restarts_from_the_weights_entering_each_stage(tiny_models, shards, tmp_path, monkeypatch) -> None:
+    """EMA after step k of a stage = the plain recurrence e ← d·e + (1-d)·w_k started at the entry weights;
+    in-training evaluation sees the weights the stage trains, not the EMA."""
+    evaluated = {}  # global step → the weights handed to in-training evaluation (FID itself: test_evaluate)
+    monkeypatch.setattr(trainer, "training_eval_prompts", lambda section: [])
+    monkeypatch.setattr(trainer, "evaluate_in_training", lambda model, cfg, stage, text, latents, env, metrics, step:
+                        evaluated.setdefault(step, {k: v.clone() for k, v in model.state_dict().items()}))  # fmt: skip
     cfg = _two_stages(tiny_models, shards, tmp_path / "run", "checkpoint_every=1", "keep_checkpoints=100",
-                      f"optim.ema_decay={DECAY}", "stages.1.validation_prompts=[]")  # fmt: skip
+                      f"optim.ema_decay={DECAY}", "stages.1.validation_prompts=[]", "evaluation.every=1",
+                      "evaluation.eval_set=unread")  # fmt: skip
     run_dir = trainer.main(cfg)
     states = {
         int(p.name[:8]): torch.load(p / "state.pt", weights_only=True)
@@ -63,6 +69,9 @@ def test_ema_restarts_from_the_weights_entering_each_stage(tiny_models, shards, 
         assert ema.keys() == entry.keys()
         for key in expected:
             torch.testing.assert_close(ema[key], expected[key], rtol=1e-5, atol=1e-7, msg=f"step {k} {key}")
+    assert sorted(evaluated) == sorted(states)
+    for step, weights in evaluated.items():
+        assert all(torch.equal(weights[k], states[step]["model"][k]) for k in weights), step
     # The stage's EMA export is that EMA, and the first stage's export its own (checkpointed) EMA.
     for step, name in ((STEPS, cfg.stages[0].name), (2 * STEPS, cfg.stages[1].name)):
         exported = load_diffusers(run_dir / "final_ema" / name, subfolder="transformer", max_token_length=MAX_TOKENS)

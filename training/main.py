@@ -688,7 +688,7 @@ def train_stage(
             evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
     finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=False)
     if stop_agreed(stop, env):  # a SIGTERM during the stage's end: its last step's checkpoint is the state
-        log.warning("SIGTERM: stage %s finished and checkpointed; rerun the same command to resume", stage.name)
+        log.warning("SIGTERM: stage %s done and checkpointed; rerun the same command to resume", stage.name)
         raise Preempted()
     return global_step
 
@@ -924,8 +924,8 @@ def validate(
 
     Both, because the EMA (re-seeded at each transition, ``reseed_ema``) still holds most of the weights
     that entered the stage for thousands of steps (after 2K steps at 0.9999, 0.9999^2000 ≈ 82 %): the raw
-    grid shows what the stage learnt. Prompt states were computed at the start (T5 is not loaded here); bf16 autocast on CUDA; the VAE
-    decodes tiled.
+    grid shows what the stage learnt. Prompt states were computed at the start (T5 is not loaded here);
+    bf16 autocast on CUDA; the VAE decodes tiled.
     """
     if env.is_main and stage.validation_prompts:
         y, mask = text.prompt_batch(list(stage.validation_prompts))  # (P, L, C), (P, L)

@@ -46,7 +46,8 @@ def _gradients(tiny_models, shards, tmp_path, grad_clip: float) -> tuple[dict[st
     stream = make_stream(str(shards), resolution=32, batch_size=2, real_prompt_ratio=0.5, seed=0, rank=0,
                          shuffle_buffer=4, cached_latents=True, cached_text=True)  # fmt: skip
     text = CaptionEncoder(str(tiny_models / "t5"), max_tokens=MAX_TOKENS, device=CPU, cached=True)
-    latents = LatentEncoder(str(tiny_models / "vae"), scaling_factor=SDXL_VAE_SCALING_FACTOR, device=CPU, cached=True)
+    vae = str(tiny_models / "vae")
+    latents = LatentEncoder(vae, scaling_factor=SDXL_VAE_SCALING_FACTOR, device=CPU, cached=True)
     env = trainer.Dist(0, 1, CPU)
     generator = torch.Generator().manual_seed(0)
     out = trainer.train_step(model, model, stream, GaussianDiffusion(), text, latents, generator, cfg, env, 0)
@@ -65,7 +66,7 @@ def test_the_step_clips_the_total_gradient_norm_to_grad_clip(tiny_models, shards
     clipped, out = _gradients(tiny_models, shards, tmp_path, grad_clip=clip)
     assert out["grad_norm"] == pytest.approx(norm, rel=1e-4)  # the logged norm is the norm before clipping
     assert clipped.keys() == free.keys()
-    assert _total_norm(clipped) == pytest.approx(clip, rel=1e-4)  # … and the step's gradient has norm grad_clip
+    assert _total_norm(clipped) == pytest.approx(clip, rel=1e-4)  # the step's gradient: norm grad_clip
     for name, g in free.items():  # same direction: every parameter scaled by the same factor
         torch.testing.assert_close(clipped[name], g * (clip / norm), rtol=1e-4, atol=1e-9, msg=name)
 
@@ -116,4 +117,4 @@ def _assert_standard_normal(z: np.ndarray) -> None:
     """z over draws × cells: mean 0 and std 1 (a posterior mean alone gives std 0), no two draws alike."""
     assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05, (z.mean(), z.std())
     assert abs(z.mean(axis=0)).max() < 5 / np.sqrt(len(z))  # every cell centred on its own mean
-    assert all(not np.array_equal(a, b) for a, b in zip(z, z[1:]))
+    assert all(not np.array_equal(a, b) for a, b in zip(z, z[1:], strict=False))

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import training.main as trainer
+from manifests.buckets import bucket_table
 from training.config import load_config
 from training.convert import load_diffusers
 from training.encoders import ShardFeatures
 from training.model import PRESETS, PixArtSigma
-from manifests.buckets import bucket_table
 
 from .conftest import DEBUG_CONFIG, MAX_TOKENS, debug_config
 
@@ -44,7 +44,9 @@ def _records(run_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_ema_restarts_from_the_weights_entering_each_stage(tiny_models, shards, tmp_path, monkeypatch) -> None:
+def test_ema_restarts_from_the_weights_entering_each_stage(
+    tiny_models, shards, tmp_path, monkeypatch
+) -> None:
     """EMA after step k of a stage = the plain recurrence e ← d·e + (1-d)·w_k started at the entry weights;
     in-training evaluation sees the weights the stage trains, not the EMA."""
     evaluated = {}  # global step → the weights handed to in-training evaluation (FID itself: test_evaluate)
@@ -74,7 +76,9 @@ def test_ema_restarts_from_the_weights_entering_each_stage(tiny_models, shards, 
         assert all(torch.equal(weights[k], states[step]["model"][k]) for k in weights), step
     # The stage's EMA export is that EMA, and the first stage's export its own (checkpointed) EMA.
     for step, name in ((STEPS, cfg.stages[0].name), (2 * STEPS, cfg.stages[1].name)):
-        exported = load_diffusers(run_dir / "final_ema" / name, subfolder="transformer", max_token_length=MAX_TOKENS)
+        exported = load_diffusers(
+            run_dir / "final_ema" / name, subfolder="transformer", max_token_length=MAX_TOKENS
+        )
         ema = states[step]["ema"]
         for key, value in exported.state_dict().items():
             if not key.startswith("y_embedder.y_"):
@@ -93,7 +97,10 @@ def test_pe_cache_holds_one_stage_of_the_sigma_buckets_at_most() -> None:
     model = PixArtSigma(dataclasses.replace(PRESETS["tiny"], hidden_size=16, num_heads=2))
     cell = 8 * model.config.patch_size  # pixels per token
     for stage in stages:
-        trainer.apply_stage(model, dataclasses.replace(stage, kv_compress_layers=()))  # XL's layers: not tiny's
+        tiny_stage = dataclasses.replace(
+            stage, kv_compress_layers=()
+        )  # XL's KV layers: not in the tiny model
+        trainer.apply_stage(model, tiny_stage)
         table = bucket_table(stage.resolution)
         current = (model.config.base_size, model.config.pe_interpolation)
         for height, width in table:
@@ -108,7 +115,9 @@ def test_pe_cache_holds_one_stage_of_the_sigma_buckets_at_most() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(tiny_models, shards, tmp_path) -> None:
+def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(
+    tiny_models, shards, tmp_path
+) -> None:
     base = ["checkpoint_every=2", "keep_checkpoints=5"]
     full = trainer.main(_two_stages(tiny_models, shards, tmp_path / "full", *base))
     # A real SIGTERM to this process before global step STEPS - 1: the first stage's last step.

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,39 @@ def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(
         f"{STEPS:08d}-ema.png",
         f"{STEPS:08d}.png",
     ]
+
+
+def test_sigterm_during_a_stages_validation_exits_before_the_next_stage(
+    tiny_models, shards, tmp_path, monkeypatch
+) -> None:
+    """A SIGTERM that lands while the stage's end runs (validation grids, export): exit at the stage boundary."""
+    base = ["checkpoint_every=2", "keep_checkpoints=5"]
+    full = trainer.main(_two_stages(tiny_models, shards, tmp_path / "full", *base))
+    validate, sent = trainer.validate, []
+
+    def validate_then_sigterm(*args, **kwargs):
+        validate(*args, **kwargs)
+        if not sent:  # the first launch only: a real SIGTERM to this process
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "validate", validate_then_sigterm)
+    cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base)
+    first = cfg.stages[0].name
+    with pytest.raises(trainer.Preempted):
+        trainer.main(cfg)
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        f"00000002-{first}",
+        f"00000003-{first}",
+    ]
+    assert [r["global_step"] for r in _records(run_dir)] == [1, 2, 3]  # not one step of the next stage
+    trainer.main(cfg)
+    assert _records(run_dir) == _records(full)
+    weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    for folder in ("final", "final_ema"):
+        a, b = load_file(run_dir / folder / weights), load_file(full / folder / weights)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
 
 
 # ------------------------------------------------------------------------------------------------

@@ -112,6 +112,20 @@ def test_pe_cache_holds_one_stage_of_the_sigma_buckets_at_most() -> None:
             assert {(key[2], key[3]) for key in cached} == {current}, stage.name  # no earlier stage's PE
 
 
+def test_pe_cache_keeps_its_byte_budget_dropping_the_least_recently_used(monkeypatch) -> None:
+    import training.model
+
+    model = PixArtSigma(PRESETS["tiny"])  # width 64: a 4×4 grid's PE is 16·64·4 = 4 KiB in fp32
+    monkeypatch.setattr(training.model, "PE_CACHE_BYTES", 3 * 16 * 64 * 4)  # three 4×4-sized PEs
+    a, b, c = (model.pos_embed(4, 4 + i) for i in range(3))  # 4×4, 4×5, 4×6: 4, 5, 6 KiB
+    assert list(model._pe_cache.values()) == [b, c]  # 4 + 5 + 6 > 12 KiB: the oldest, a, went
+    assert model.pos_embed(4, 5) is b  # a hit, now the most recent
+    model.pos_embed(4, 4)  # a again: computed anew, and c (least recently used) goes
+    assert [t.shape[0] for t in model._pe_cache.values()] == [20, 16]
+    assert sum(t.nbytes for t in model._pe_cache.values()) <= training.model.PE_CACHE_BYTES
+    torch.testing.assert_close(model.pos_embed(4, 4), a, rtol=0, atol=0)  # recomputed, the same numbers
+
+
 # ------------------------------------------------------------------------------------------------
 # SIGTERM at a stage's last step
 # ------------------------------------------------------------------------------------------------

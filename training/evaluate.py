@@ -582,7 +582,7 @@ def evaluate_during_training(
 
 
 def evaluate_in_training(model, cfg, stage, text, latents, env, metrics, global_step: int) -> None:
-    """The trainer's call: rank 0 evaluates ``model`` (the weights the stage trains) at its resolution, the others wait.
+    """The trainer's call: rank 0 evaluates ``model`` (the raw weights the stage trains), the others wait.
 
     ``text`` holds the prompts' T5 states computed at the start (``training_eval_prompts``; T5 is not
     loaded here), ``latents.decode`` gives images, ``metrics.writer`` is the TensorBoard writer.

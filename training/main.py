@@ -258,7 +258,7 @@ def check_model_source(value: str, name: str) -> None:
 
 
 def latents_cached(cfg: TrainConfig, stage: StageSection, features: ShardFeatures) -> bool:
-    """Whether the stage reads the shards' cached latents (same VAE, its resolution cached) or encodes them."""
+    """Whether the stage reads the shards' cached latents (same VAE, resolution cached) or encodes them."""
     use = cfg.data.use_cached_features and not stage.vae_on_the_fly
     return use and features.has_latents(stage.vae, stage.resolution)
 
@@ -268,9 +268,9 @@ def check_cached_vae(index: int, stage: StageSection, features: ShardFeatures, *
     if not use_cached or stage.vae_on_the_fly or features.vae is None or same_model(features.vae, stage.vae):
         return
     raise PreflightError(
-        f"stages.{index}.vae = {stage.vae}, but the shards' cached latents were made with VAE {features.vae}: "
-        f"set --set stages.{index}.vae={features.vae}, or --set stages.{index}.vae_on_the_fly=true to encode "
-        f"with {stage.vae} on the fly"
+        f"stages.{index}.vae = {stage.vae}, but the shards' cached latents were made with VAE "
+        f"{features.vae}: set --set stages.{index}.vae={features.vae}, or --set "
+        f"stages.{index}.vae_on_the_fly=true to encode with {stage.vae} on the fly"
     )
 
 
@@ -447,7 +447,7 @@ def enter_stage(
     *,
     quiet: bool,
 ) -> None:
-    """Apply the transition to the model, re-seed its EMA, and log what changed (PixArt-Σ's weak-to-strong)."""
+    """Apply the transition to the model, re-seed its EMA, log what changed (PixArt-Σ's weak-to-strong)."""
     new_params = apply_stage(model, stage)
     if ema is not None:
         apply_stage(ema, stage)  # the same transition (PE, KV layers), so the state dicts match

@@ -553,8 +553,8 @@ class PixArtSigma(nn.Module):
     def set_resolution(self, base_size: int, pe_interpolation: float) -> None:
         """Move to a new training resolution; the PE follows, and the previous stage's cached PEs are freed.
 
-        The cache then holds one stage's grids at most (one per bucket, ~40): kept across stages, one PE per
-        bucket of every sigma stage at width 1152 in fp32 came to ~7.35 GiB on the device after the 2880 stage.
+        The cache then holds one stage's grids at most (one per bucket, 40): kept across stages, one PE per
+        bucket of every sigma stage at width 1152 in fp32 would be 8.8 GiB on the device.
         """
         self.config = dataclasses.replace(self.config, base_size=base_size, pe_interpolation=pe_interpolation)
         self._pe_cache.clear()

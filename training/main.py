@@ -264,12 +264,14 @@ def latents_cached(cfg: TrainConfig, stage: StageSection, features: ShardFeature
 
 
 def check_cached_vae(index: int, stage: StageSection, features: ShardFeatures, *, use_cached: bool) -> None:
-    """Shards that cache latents of another VAE are refused, unless the stage asks for its VAE on the fly."""
-    if not use_cached or stage.vae_on_the_fly or features.vae is None or same_model(features.vae, stage.vae):
+    """Shards that cache the stage's resolution with another VAE are refused, unless the stage asks for its
+    VAE on the fly (silently encoding would run a VAE the user did not expect, at a cost they did not plan)."""
+    cached_here = features.vae is not None and stage.resolution in features.vae_resolutions
+    if not use_cached or stage.vae_on_the_fly or not cached_here or same_model(features.vae, stage.vae):
         return
     raise PreflightError(
-        f"stages.{index}.vae = {stage.vae}, but the shards' cached latents were made with VAE "
-        f"{features.vae}: set --set stages.{index}.vae={features.vae}, or --set "
+        f"stages.{index}.vae = {stage.vae}, but the shards' cached latents at {stage.resolution} px were made "
+        f"with VAE {features.vae}: set --set stages.{index}.vae={features.vae}, or --set "
         f"stages.{index}.vae_on_the_fly=true to encode with {stage.vae} on the fly"
     )
 

@@ -208,7 +208,7 @@ def test_cached_latents_from_another_vae_are_refused_naming_both(tiny_models, sh
         trainer.main(cfg)
     message = str(refused.value)
     assert "\n" not in message and f"stages.0.vae = {sd}," in message
-    assert f"made with VAE {sdxl}:" in message and "stages.0.vae_on_the_fly=true" in message
+    assert f"at 32 px were made with VAE {sdxl}:" in message and "stages.0.vae_on_the_fly=true" in message
     assert not (tmp_path / "run").exists()  # refused before anything was built
 
     features = ShardFeatures.read(str(shards))
@@ -216,5 +216,7 @@ def test_cached_latents_from_another_vae_are_refused_naming_both(tiny_models, sh
     assert asked.stages[0].vae_on_the_fly and not trainer.latents_cached(asked, asked.stages[0], features)
     assert trainer.latents_cached(asked, asked.stages[1], features)  # the shards' own VAE: cached
     trainer.check_cached_vae(0, cfg.stages[0], features, use_cached=False)  # nothing cached is used: no error
+    uncached = dataclasses.replace(cfg.stages[0], resolution=128)  # the shards cache 32 and 64 px only
+    trainer.check_cached_vae(0, uncached, features, use_cached=True)  # no cached latents at 128 px to refuse
     on_the_fly = debug_config(tiny_models, shards, tmp_path / "run", "stages.1.vae_on_the_fly=true")
     assert not trainer.latents_cached(on_the_fly, on_the_fly.stages[1], features)  # asked for, even if cached

@@ -78,8 +78,18 @@ def nearest_bucket(
     table = bucket_table(resolution)
     if rule == "exact":
         return min(table, key=lambda hw: abs(hw[0] / hw[1] - ratio))
-    keys = _KEYS_2880 if resolution == 2880 else _KEYS_1024
+    keys = ratio_keys(resolution)
     return table[min(range(len(table)), key=lambda i: abs(keys[i] - ratio))]
+
+
+def ratio_keys(resolution: int) -> tuple[float, ...]:
+    """The ratio key of each bucket: PixArt-Σ's for its tables; for a scaled debug table (whose rounded sizes
+    no longer match the 1024 keys) each bucket's own h/w rounded to 2 decimals, as the upstream keys mostly are."""
+    if resolution == 2880:
+        return _KEYS_2880
+    if resolution in BASE_RESOLUTIONS:
+        return _KEYS_1024
+    return tuple(round(h / w, 2) for h, w in bucket_table(resolution))
 
 
 def resize_to_cover_and_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -245,7 +245,7 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     faults: FaultSection = field(default_factory=FaultSection)
     seed: int = 0
-    checkpoint_every: int = 50  # steps; also where the data stream is reseeded (see training/data.py)
+    checkpoint_every: int = 50  # steps (the data stream runs on across checkpoints: training/data.py)
     keep_checkpoints: int = 2
     export_stages: bool = True  # final/<stage>/ (+ final_ema/<stage>/) at each stage's end, never pruned
 

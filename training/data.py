@@ -51,9 +51,8 @@ from manifests.tars import FORMAT_EXTENSIONS
 IMAGE_EXTENSIONS = tuple(sorted(set(FORMAT_EXTENSIONS.values())))  # every format a curated shard can hold
 VAE_DOWNSAMPLE = 8  # latent cells per pixel side, SD and SDXL VAEs
 MIB = 2**20
-INLINE_MEMBER_BYTES = (
-    4096  # members this small (and every .json) are read while planning; larger ones by reference
-)
+# Members this small (and every .json) are read while planning; larger ones are kept by reference.
+INLINE_MEMBER_BYTES = 4096
 REF_NBYTES = 96  # a MemberRef's Python objects (dataclass, path string shared, two ints)
 
 

@@ -108,30 +108,107 @@ _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's rule: 
 def scan_tar(url: str) -> Iterator[dict]:
     """The samples of one shard as WebDataset dicts (``__key__``, ``__url__``, ext → payload).
 
-    A local plain tar is read header by header: members above ``INLINE_MEMBER_BYTES`` (but never .json)
-    become ``MemberRef``s and their bytes are skipped. Anything else (a URL, a pipe, a compressed tar) is
-    streamed through ``webdataset.gopen`` and every member is held as bytes.
+    A local plain tar is read header by header (``local_members``): members above ``INLINE_MEMBER_BYTES``
+    (but never .json) become ``MemberRef``s and their bytes are skipped. Anything else (a URL, a pipe, a
+    compressed tar) is streamed through ``webdataset.gopen`` and every member is held as bytes.
     """
-    local = Path(url).is_file() and tarfile.is_tarfile(url) and _plain_tar(url)
-    with tarfile.open(url, "r:") if local else tarfile.open(fileobj=wds.gopen(url, "rb"), mode="r|*") as tar:
-        sample: dict = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            match = _KEY_AND_EXT.match(member.name)
-            if match is None:
-                continue
-            key, ext = match.groups()
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample = sample or {"__key__": key, "__url__": url}
-            if local and member.size > INLINE_MEMBER_BYTES and not ext.endswith("json"):
-                sample[ext] = MemberRef(url, member.offset_data, member.size)
-            else:
-                sample[ext] = tar.extractfile(member).read()
-        if sample:
+    if Path(url).is_file() and _plain_tar(url):
+        with open(url, "rb") as f:
+
+            def payload(ext: str, offset: int, size: int) -> bytes | MemberRef:
+                if size > INLINE_MEMBER_BYTES and not ext.endswith("json"):
+                    return MemberRef(url, offset, size)
+                f.seek(offset)
+                return f.read(size)
+
+            yield from _group(
+                ((name, offset, size) for name, offset, size in local_members(f, url)), url, payload
+            )
+        return
+    with tarfile.open(fileobj=wds.gopen(url, "rb"), mode="r|*") as tar:
+        members = ((m.name, m, m.size) for m in tar if m.isfile())
+        yield from _group(members, url, lambda ext, member, size: tar.extractfile(member).read())
+
+
+def _group(members: Iterator[tuple[str, Any, int]], url: str, payload: Callable) -> Iterator[dict]:
+    """Consecutive members with the same key → one sample (WebDataset's grouping)."""
+    sample: dict = {}
+    for name, where, size in members:
+        match = _KEY_AND_EXT.match(name)
+        if match is None:
+            continue
+        key, ext = match.groups()
+        if sample and sample["__key__"] != key:
             yield sample
+            sample = {}
+        sample = sample or {"__key__": key, "__url__": url}
+        sample[ext] = payload(ext, where, size)
+    if sample:
+        yield sample
+
+
+_BLOCK = 512
+
+
+def local_members(f: io.BufferedReader, where: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file of a plain tar, from its headers alone.
+
+    Python's ``tarfile`` parses each header (and its pax record) in ~0.3 ms; planning reads only headers and
+    JSON, and a resumed run replays a stage's plans (training/data.py docstring), so this reads the POSIX
+    ustar/pax and GNU long-name headers directly: ~20× faster. Checksums are verified.
+    """
+    offset, pending = 0, {}
+    while True:
+        f.seek(offset)
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header.count(0) == _BLOCK:
+            return
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != stored:
+            raise ValueError(f"{where}: tar header at byte {offset} has a bad checksum (a corrupt shard)")
+        size = _tar_number(header[124:136])
+        kind = header[156:157]
+        data = offset + _BLOCK
+        if kind in (b"x", b"L"):
+            f.seek(data)
+            extended = f.read(size)
+            if kind == b"L":
+                pending["path"] = extended.rstrip(b"\0").decode()
+            else:
+                pending.update(_pax_records(extended))
+        elif kind in (b"0", b"\0", b"7"):
+            name = pending.get("path")
+            if name is None:
+                name = header[0:100].split(b"\0", 1)[0].decode()
+                prefix = (
+                    header[345:500].split(b"\0", 1)[0].decode() if header[257:263] == b"ustar\x00" else ""
+                )
+                name = f"{prefix}/{name}" if prefix else name
+            size = int(pending.get("size", size))
+            yield name, data, size
+            pending = {}
+        else:  # directories, links, global pax headers: nothing to read
+            pending = {} if kind != b"g" else pending
+        offset = data + -(-size // _BLOCK) * _BLOCK
+
+
+def _tar_number(field: bytes) -> int:
+    """A tar size field: octal ASCII, or base-256 (GNU) when the high bit of its first byte is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """'<len> key=value\\n' records of a pax extended header."""
+    records, at = {}, 0
+    while at < len(data) and data[at] != 0:
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
+        records[key.decode()] = value.decode()
+        at += length
+    return records
 
 
 def _plain_tar(path: str) -> bool:

@@ -10,11 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
 import training.main as trainer
 from manifests.buckets import nearest_bucket
 from manifests.tars import json_bytes, npy_bytes, write_shard
-from training.data import Sample, bucket_batches, make_stream
+from training.data import MemberRef, Sample, bucket_batches, fetch, local_members, make_stream, scan_tar
 
 from .conftest import debug_config
 
@@ -139,13 +140,32 @@ def test_trainer_keeps_one_stream_across_checkpoints_and_resumes_it_exactly(
 
 
 def test_shard_members_are_read_by_reference_only_from_local_plain_tars(tmp_path) -> None:
-    from training.data import MemberRef, scan_tar
-
-    shards = heavy_shards(tmp_path, num_samples=5, per_shard=5)
+    """The planner's tar reader gives WebDataset's own samples (its tarfile_to_samples is the reference)."""
+    shards = heavy_shards(tmp_path, num_samples=7, per_shard=7, tokens=300)
     tar = f"{shards}/train-000000.tar"
     samples = list(scan_tar(tar))
-    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(5)]
+    reference = list(wds.DataPipeline(wds.SimpleShardList([tar]), wds.tarfile_to_samples()))
+    assert (
+        [s["__key__"] for s in samples] == [r["__key__"] for r in reference] == [f"{i:06d}" for i in range(7)]
+    )
     assert all(isinstance(s["t5_orig.npy"], MemberRef) and isinstance(s["json"], bytes) for s in samples)
+    for sample, expected in zip(samples, reference, strict=True):
+        fetched = fetch(sample)
+        assert {k: v for k, v in fetched.items() if k != "__url__"} == {
+            k: v for k, v in expected.items() if k not in ("__url__", "__local_path__")
+        }
     streamed = list(scan_tar(f"pipe:cat {tar}"))  # not seekable: every member held as bytes
-    assert all(isinstance(v, bytes | str) for s in streamed for v in s.values())
-    assert [s["t5_orig.npy"] for s in streamed] == [s["t5_orig.npy"].read() for s in samples]
+    assert [fetch(s) | {"__url__": None} for s in samples] == [s | {"__url__": None} for s in streamed]
+
+
+def test_a_corrupt_tar_header_is_named(tmp_path) -> None:
+    heavy_shards(tmp_path, num_samples=3, per_shard=3, tokens=300)
+    tar = tmp_path / "train-000000.tar"
+    data = bytearray(tar.read_bytes())
+    with open(tar, "rb") as f:
+        first = next(local_members(f, str(tar)))  # the first member's (name, data offset, size)
+    header = first[1] + -(-first[2] // 512) * 512  # the second member's header
+    data[header + 5] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{tar}: tar header at byte {header} has a bad checksum"):
+        list(scan_tar(str(tar)))

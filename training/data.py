@@ -517,8 +517,8 @@ def plan_batches(urls: list[str], c: StreamConfig, *, seed: int) -> Iterator[lis
     """The planner: endless one-bucket lists of selected raw samples whose heavy members are references.
 
     Up to batch_size - 1 samples can wait in each of the 40 buckets, so the sample cap (64 × (batch_size - 1))
-    never binds; the byte budget holds references (~1–3 KiB a sample: the JSON with both captions), so
-    256 MiB holds ~100k samples and only shards held as bytes (URLs) meet it.
+    never binds; the byte budget holds references (~1–4 KiB a sample: the JSON with both captions), so
+    256 MiB holds ~60k samples and only shards held as bytes (URLs) meet it.
     """
     selector = _decoder(c, seed)
     shards = wds.ResampledShards(urls, seed=seed, worker_seed=lambda: 0, deterministic=True)

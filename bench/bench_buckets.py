@@ -229,9 +229,9 @@ def markdown(rows: list[tuple[str, int, dict]], replay: dict, args: argparse.Nam
         "",
         "Before, the decoded T5 states (~2.4 MiB for a 300-token caption) fill 256 MiB with ~200 samples, fewer "
         "than one batch per active bucket at 256/512 px, and the oldest bucket leaves short. After, a waiting "
-        "sample is its JSON and three references (~1–4 KiB): the same budget holds tens of thousands, so no "
-        "bucket is evicted at these batch sizes and every batch is full; the features are read when the batch "
-        "is complete. The before rows are harsher than the issue's table (31 / 56 / 97 % full at 256 / 512 / "
+        "sample is its JSON and two references, T5 states and latent (~1–4 KiB): the same budget holds tens of "
+        "thousands, so no bucket is evicted at these batch sizes and every batch is full; the features are read "
+        "when the batch is complete. The before rows are harsher than the issue's table (31 / 56 / 97 % full at 256 / 512 / "
         "1024 px) at the same budget: the issue does not state its short-caption length or image-size mix, and "
         "here alt texts have 10–40 tokens and the remainders of a finite input are not counted as batches.",
         "",

@@ -169,3 +169,17 @@ def test_a_corrupt_tar_header_is_named(tmp_path) -> None:
     tar.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"{tar}: tar header at byte {header} has a bad checksum"):
         list(scan_tar(str(tar)))
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("upstream", (832, 1152)), ("exact", (832, 1216))])
+def test_bucket_rule_picks_an_uncached_samples_bucket_and_cached_latents_keep_theirs(rule, expected) -> None:
+    """703×1000: ratio 0.703 is nearest the key 0.72 (832×1152, h/w 0.722) but the h/w 0.684 of 832×1216."""
+    from training.data import SampleDecoder
+
+    meta = {"height": 703, "width": 1000, "buckets": {"1024": [1024, 1024]}}
+    pixels = SampleDecoder(resolution=1024, real_prompt_ratio=1.0, seed=0, bucket_rule=rule)
+    assert pixels.bucket(meta) == expected
+    cached = SampleDecoder(
+        resolution=1024, real_prompt_ratio=1.0, seed=0, bucket_rule=rule, cached_latents=True
+    )
+    assert cached.bucket(meta) == (1024, 1024)  # the size its cached latent was cropped to

@@ -11,7 +11,7 @@ the EMA is re-seeded from the weights entering each stage (``reseed_ema``).
 
 SIGTERM (pre-emption) checkpoints at the next step boundary on every rank and exits with code 143, a
 stage's last step included (its validation and export then run on resume); the same command resumes
-exactly where it stopped, mid data segment included.
+exactly where it stopped, the data stream (and what waits in its buckets) included.
 """
 
 from __future__ import annotations
@@ -639,25 +639,20 @@ def train_stage(
     optimizer = build_optimizer(model, cfg.optim, lr)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 104_729 + index * 1_009 + env.rank)
     nonfinite = 0
-    skip = 0  # batches of the first data segment already read before a mid-segment checkpoint
+    skip = 0  # batches of this stage's stream read before the checkpoint resumed from
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         nonfinite = resume["nonfinite_streak"]
-        skip = segment_batches_read(resume, cfg, env)
+        skip = stage_batches_read(resume, cfg, env)
         if len(resume["rng"]) == env.world_size:
             restore_rng(resume["rng"][env.rank], generator)
     model.train()
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
-    stream = None
+    # One stream for the whole stage: what waits in its bucket buffers at a checkpoint stays there (issue 20).
+    stream = open_stream(cfg, stage, index, env, latents.cached, text.cached, model, skip=skip)
 
     for step in range(start_step, stage.steps):
-        if stream is None or step % cfg.checkpoint_every == 0:  # a new data segment per checkpoint interval
-            stream = open_stream(cfg, stage, index, step // cfg.checkpoint_every, env, latents.cached,
-                                 text.cached, model)  # fmt: skip
-            for _ in range(skip):
-                next(stream)
-            skip = 0
         inject_faults(cfg, global_step, env.rank, resumed_run=resumed_run)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr=lr, warmup_steps=stage.warmup_steps)
@@ -673,7 +668,8 @@ def train_stage(
         global_step += 1
         last = step + 1 == stage.steps
         record = {"stage": stage.name, "step": step, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                  **{k: out[k] for k in ("loss", "mse", "vb", "latent_std", "grad_norm")},
+                  **{k: out[k] for k in ("loss", "mse", "vb", "latent_std", "grad_norm", "samples", "partial_batches")},
+                  "batches": cfg.optim.grad_accum_steps * env.world_size,
                   "skipped": not out["finite"], "force": last or out["stop"]}  # fmt: skip
         metrics.step(record, seconds=out["seconds"], data_seconds=out["data_seconds"],
                      images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
@@ -740,20 +736,21 @@ def open_stream(
     cfg: TrainConfig,
     stage: StageSection,
     index: int,
-    segment: int,
     env: Dist,
     cached_latents: bool,
     cached_text: bool,
     model: PixArtSigma,
+    *,
+    skip: int = 0,
 ):
-    """This rank's batches for one checkpoint segment of a stage (see training/data.py on resume)."""
+    """This rank's batches for one stage, from its ``skip``-th on (see training/data.py on resume)."""
     d = cfg.data
     return make_stream(
-        d.shards, resolution=stage.resolution, batch_size=stage.batch_size, seed=stream_seed(cfg.seed, index, segment),
-        rank=env.rank, num_workers=d.num_workers, real_prompt_ratio=d.real_prompt_ratio,
+        d.shards, resolution=stage.resolution, batch_size=stage.batch_size, seed=stream_seed(cfg.seed, index),
+        rank=env.rank, num_workers=d.num_workers, skip=skip, real_prompt_ratio=d.real_prompt_ratio,
         shuffle_buffer=d.shuffle_buffer, shuffle_buffer_mb=d.shuffle_buffer_mb, bucket_buffer_mb=d.bucket_buffer_mb,
         cached_latents=cached_latents, cached_text=cached_text, caption_channels=model.config.caption_channels,
-        latent_channels=model.config.in_channels,
+        latent_channels=model.config.in_channels, bucket_rule=d.bucket_rule,
     )  # fmt: skip
 
 
@@ -772,19 +769,31 @@ def train_step(
 ) -> dict:
     """Forward/backward over grad_accum_steps micro-batches, clip, and agree on finiteness and stop across ranks.
 
-    Gradients are all-reduced on the last micro-batch only (``no_sync`` on the others). Captions are
-    dropped for classifier-free guidance here (probability class_dropout_prob, and always for a sample
-    with no caption), with the trainer's seeded generator.
+    Every sample weighs the same in the step, whatever the size of its micro-batch (issue 20: a short batch
+    from the bucket sampler must not weigh more per sample): the loss is the sum of per-sample losses over
+    the step's global sample count (all micro-batches, all ranks; one small all-reduce before the forward).
+    DDP averages gradients over ranks, so each rank scales by world_size / count, and the averaged gradient
+    is that of the mean over every sample of the step. Gradients are all-reduced on the last micro-batch
+    only (``no_sync`` on the others). Captions are dropped for classifier-free guidance here (probability
+    class_dropout_prob, and always for a sample with no caption), with the trainer's seeded generator.
     """
     started = time.perf_counter()
     num_micro = cfg.optim.grad_accum_steps
     autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
-    sums = torch.zeros(4, device=env.device)  # loss, mse, vb, latent std (summed over micro-batches)
-    data_seconds, images, flops = 0.0, 0, 0
-    for micro in range(num_micro):
-        fetch = time.perf_counter()
-        batch = next(stream)
-        data_seconds += time.perf_counter() - fetch
+    batches = [next(stream) for _ in range(num_micro)]
+    data_seconds = time.perf_counter() - started
+    # This rank's samples and partial batches, then every rank's.
+    counts = torch.tensor(
+        [sum(len(b["keys"]) for b in batches), sum(bool(b.get("partial", False)) for b in batches)],
+        dtype=torch.float64, device=env.device,
+    )  # fmt: skip
+    if env.world_size > 1:
+        dist.all_reduce(counts)
+    num_samples, num_partial = int(counts[0].item()), int(counts[1].item())
+    scale = env.world_size / num_samples  # DDP's mean over ranks × this = the mean over the step's samples
+    sums = torch.zeros(4, device=env.device)  # loss, mse, vb: sums over samples; latent std: mean
+    images, flops = 0, 0
+    for micro, batch in enumerate(batches):
         x0 = latents(batch, generator)  # (B, 4, h, w), scaled
         y, mask = text(batch)  # (B, L, C), (B, L)
         B = x0.shape[0]
@@ -798,17 +807,17 @@ def train_step(
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = net(x_t, t, y, mask, force_drop_ids=drop)  # (B, 8, h, w)
             terms = diffusion.training_losses(out.float(), x0, t, noise)
-            loss = terms["loss"].mean() / num_micro
+            loss = terms["loss"].sum() * scale
             if global_step in cfg.faults.inject_nan_steps and env.rank == cfg.faults.inject_rank:
                 loss = loss * float("nan")  # fault injection (tests): a NaN on one rank only
             loss.backward()
         parts = [
-            loss.detach(),
-            terms["mse"].detach().mean(),
-            terms["vb"].detach().mean(),
-            x0.detach().float().std(),
+            loss.detach() / scale,
+            terms["mse"].detach().sum(),
+            terms["vb"].detach().sum(),
+            x0.detach().float().std() / num_micro,
         ]
-        sums += torch.stack(parts) / torch.tensor([1.0, num_micro, num_micro, num_micro], device=env.device)
+        sums += torch.stack(parts)
         images += B
         flops += train_flops(model.config, x0, y.shape[1])
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -821,7 +830,7 @@ def train_step(
     if env.world_size > 1:
         dist.all_reduce(stats)
     finite = int(stats[4].item()) == env.world_size
-    mean = (stats[:4] / env.world_size).tolist()
+    mean = (stats[:3] / num_samples).tolist()  # per-sample means over the whole step
     nan = float("nan")
     return {
         "finite": finite,
@@ -829,12 +838,14 @@ def train_step(
         "loss": mean[0] if finite else nan,
         "mse": mean[1] if finite else nan,
         "vb": mean[2] if finite else nan,
-        "latent_std": mean[3],
+        "latent_std": (stats[3] / env.world_size).item(),
         "grad_norm": float(grad_norm) if finite else nan,
         "seconds": time.perf_counter() - started,
         "data_seconds": data_seconds,
         "images": images,
         "flops": flops,
+        "samples": num_samples,  # every rank's, this step
+        "partial_batches": num_partial,  # every rank's micro-batches short of the stage's batch size
     }
 
 
@@ -890,24 +901,20 @@ def save_state(
 
 
 def data_position(cfg: TrainConfig, index: int, step: int) -> dict:
-    """Where this rank's data stream stands: the stage, the segment it reopens, batches read so far."""
-    segment = step // cfg.checkpoint_every
+    """Where this rank's data stream stands: the stage's stream and the batches read from it so far."""
     return {
         "stage_index": index,
-        "segment": segment,
-        "segment_seed": stream_seed(cfg.seed, index, segment),
+        "stream_seed": stream_seed(cfg.seed, index),
         "batches_read": step * cfg.optim.grad_accum_steps,  # in this stage
-        "segment_start_batch": segment * cfg.checkpoint_every * cfg.optim.grad_accum_steps,
     }
 
 
-def segment_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
-    """Batches of the resumed segment that were read before the checkpoint (0 at a segment boundary)."""
+def stage_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
+    """Batches of the stage's stream read before the checkpoint (the resumed stream replays as many)."""
     data = resume["data"][env.rank] if len(resume["data"]) == env.world_size else None
-    if data is None or "segment_start_batch" not in data:
-        step = resume["position"]["step"]
-        return (step % cfg.checkpoint_every) * cfg.optim.grad_accum_steps
-    return data["batches_read"] - data["segment_start_batch"]
+    if data is None:
+        return resume["position"]["step"] * cfg.optim.grad_accum_steps
+    return data["batches_read"]
 
 
 @torch.no_grad()

@@ -172,7 +172,11 @@ def list_inputs(cfg: CurationConfig, root: Path, scratch: Path, executor: Execut
     """List every input in partitions, then one record per key sorted into ``records.parquet``."""
     excluded = rundir.excluded_folders(cfg.inputs, root)
     units = plan_listing(
-        cfg.inputs, download_dir=root / DOWNLOADS_DIR, download=cfg.download, excluded=excluded
+        cfg.inputs,
+        download_dir=root / DOWNLOADS_DIR,
+        download=cfg.download,
+        excluded=excluded,
+        executor=executor,
     )
     tasks = [
         {

@@ -249,8 +249,8 @@ class BoundedDownloader(img2dataset.downloader.Downloader):
         self.max_bytes = max_bytes
 
     def download_shard(self, row: tuple) -> None:
-        # Runs in img2dataset's worker process (spawned for it alone), where download_shard's threads
-        # look `download_image` up as a module global on each call.
+        # Runs in the process of the shard's task, where download_shard's threads look `download_image` up as
+        # a module global on each call.
         img2dataset.downloader.download_image = functools.partial(
             fetch_for_img2dataset, max_bytes=self.max_bytes
         )
@@ -430,7 +430,7 @@ def _downloader(shard: DownloadShard, output_folder: str, column_list: list[str]
 
 def download_shard(shard: DownloadShard) -> dict:
     """Task: fetch one shard with img2dataset into a private temporary folder, rename its files into
-    ``out_dir`` and commit it. Skipped when already committed. Returns ``{urls, success, seconds}``-style counts."""
+    ``out_dir`` and commit it. Skipped when already committed. Returns counts: ``{"urls", "success"}``."""
     _check_img2dataset()
     if is_downloaded(shard):
         return {
@@ -452,7 +452,7 @@ def download_shard(shard: DownloadShard) -> dict:
         with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
             writer.write_table(rows)
         _downloader(shard, str(work), column_list).download_shard((shard.shard_id, str(feather)))
-        status = pq.read_table(work / f"{shard.name}.parquet", columns=["status"])["status"]
+        status = _status_of_every_row(work / f"{shard.name}.parquet", rows, shard)["status"]
         success = sum(1 for s in status.to_pylist() if s == "success")
         for suffix in (".tar", ".parquet", "_stats.json"):
             publish(work / f"{shard.name}{suffix}", out_dir / f"{shard.name}{suffix}")
@@ -460,6 +460,34 @@ def download_shard(shard: DownloadShard) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     mark_committed(out_dir, shard.name, {**shard.marker, "success": success})
     return {"urls": rows.num_rows, "success": success}
+
+
+def _status_of_every_row(path: Path, rows: pa.Table, shard: DownloadShard) -> pa.Table:
+    """img2dataset's status Parquet, plus a ``failed_to_download`` row for every input row it wrote none for.
+
+    ``Downloader.download_shard`` logs and skips a sample whose handling raised (img2dataset 1.47, its
+    ``except Exception`` per sample): without this, that URL row would vanish from the manifest.
+    """
+    status = pq.read_table(path)
+    digits = math.ceil(math.log10(shard.cfg.samples_per_shard))  # img2dataset's key: shard id + row index
+    keys = [f"{shard.shard_id * 10**digits + i:0{digits + OOM_SHARD_COUNT}d}" for i in range(rows.num_rows)]
+    written = set(status["key"].to_pylist())
+    missing = [i for i, key in enumerate(keys) if key not in written]
+    if not missing:
+        return status
+    log.warning(
+        "shard %s: img2dataset wrote no status for %d rows; they are rejected", shard.name, len(missing)
+    )
+    extra = [
+        {**{c: rows[c][i].as_py() for c in rows.column_names}, "key": keys[i], "status": "failed_to_download",
+         "error_message": "img2dataset wrote no status row for it (see the download task's log)"}
+        for i in missing
+    ]  # fmt: skip
+    status = pa.concat_tables([status, pa.Table.from_pylist(extra, schema=status.schema)])
+    tmp = temp_path(path)
+    pq.write_table(status, tmp)
+    publish(tmp, path)
+    return status
 
 
 def download_url_list(

@@ -134,3 +134,25 @@ def test_ray_tasks_fetch_the_shards_and_the_driver_never_reads_the_list(
     with pytest.raises(AssertionError, match="driver read"):  # the same hook does catch an in-driver read
         monkeypatch.setattr(downloads, "_url_batches", no_rows_here)
         download_url_list(str(url_list), tmp_path / "again", config(), LocalExecutor())
+
+
+@pytest.mark.timeout(300)
+def test_a_row_img2dataset_drops_is_rejected_not_lost(hostile_server, tmp_path, monkeypatch):  # noqa: F811
+    base, _, _ = hostile_server
+    rows = [(f"{base}/ok.png", None)] * 2 + [(f"{base}/missing-x.jpg", None)] + [(f"{base}/ok.png", None)]
+
+    class FailsOnMissing(downloads.WebDatasetSampleWriter):
+        """A writer that raises for one sample: img2dataset logs it and writes no status row for it."""
+
+        def write(self, img_str, key, caption, meta):
+            if meta["url"].endswith("missing-x.jpg"):
+                raise OSError("planted writer failure")
+            return super().write(img_str, key, caption, meta)
+
+    monkeypatch.setattr(downloads, "WebDatasetSampleWriter", FailsOnMissing)
+    url_list = write_list(tmp_path / "urls.parquet", [url for url, _ in rows])
+    records = records_of(download_url_list(str(url_list), tmp_path / "downloads", config()))
+    reason = "download_error: img2dataset wrote no status row for it (see the download task's log)"
+    assert outcome(records) == expected_outcome(
+        [(url, reason if "missing" in url else None) for url, _ in rows]
+    )

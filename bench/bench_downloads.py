@@ -1,0 +1,235 @@
+"""URL-list downloads: shard tasks on Ray (``curation.downloads``) vs the old in-driver img2dataset call, on
+≥ 100k URLs of tiny images served from 127.0.0.1.
+
+    python -m bench.bench_downloads [--num-urls 100000] [--samples-per-shard 10000]
+
+A threaded HTTP server in its own process answers every ``/img/<i>.png`` with a distinct 67-byte PNG. Each
+variant runs in a fresh Python process so its peak RSS is its own: ``old`` is what ``plan_listing`` did
+before issue 18 (``img2dataset.download`` in the driver, 1 process × 32 threads, the same bounded fetch),
+``ray`` is ``download_url_list`` on Ray started in-process on every core (one task per shard). Reported:
+driver peak RSS and its growth during the download, fan-out (tasks, URLs per task), wall time, rows
+downloaded. Writes its section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import json
+import logging
+import multiprocessing
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.record import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 32  # DownloadConfig.thread_count's default: the threads of one img2dataset process or task
+
+
+def tiny_png(index: int) -> bytes:
+    """A 1×1 RGB PNG whose colour encodes ``index`` (distinct bytes per URL)."""
+    raw = b"\x00" + struct.pack(">I", index)[1:]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+class TinyImages(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        try:
+            body = tiny_png(int(self.path.rsplit("/", 1)[1].split(".")[0]))
+        except ValueError:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(port_out) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TinyImages)
+    server.daemon_threads = True
+    server.request_queue_size = 1024
+    port_out.put(server.server_address[1])
+    server.serve_forever()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_old(url_list: str, out: Path, per_shard: int) -> dict:
+    """The pre-issue-18 path: img2dataset.download in this (driver) process, the bounded fetch patched in."""
+    import importlib
+
+    from img2dataset import download
+
+    from curation.downloads import BoundedDownloader
+
+    i2d_main = importlib.import_module("img2dataset.main")
+    i2d_main.Downloader = functools.partial(BoundedDownloader, max_bytes=64 * 2**20)
+    before = rss_mib()
+    start = time.perf_counter()
+    download(
+        url_list=url_list, output_folder=str(out), input_format="parquet", url_col="url", caption_col="caption",
+        output_format="webdataset", resize_mode="no", skip_reencode=True, disable_all_reencoding=True,
+        processes_count=1, thread_count=THREADS, timeout=10, retries=0, number_sample_per_shard=per_shard,
+        incremental_mode="incremental", enable_wandb=False, extract_exif=False, disallowed_header_directives=[],
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    shards = sorted(out.glob("*.parquet"))
+    return {"seconds": seconds, "rss_before": before, "tasks": len(shards), "processes": 1, "shards": shards}
+
+
+def run_ray(url_list: str, out: Path, per_shard: int) -> dict:
+    """``download_url_list`` with one Ray task per shard, Ray started in-process on every core."""
+    import ray
+
+    from curation.config import DownloadConfig
+    from curation.downloads import download_url_list
+    from curation.executor import RayExecutor
+
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+    before = rss_mib()
+    start = time.perf_counter()
+    cfg = DownloadConfig(samples_per_shard=per_shard, thread_count=THREADS)
+    tars = download_url_list(url_list, out, cfg, RayExecutor())
+    seconds = time.perf_counter() - start
+    cpus = int(ray.cluster_resources()["CPU"])
+    ray.shutdown()
+    return {"seconds": seconds, "rss_before": before, "tasks": len(tars), "processes": cpus,
+            "shards": [t.with_suffix(".parquet") for t in tars]}  # fmt: skip
+
+
+def variant(name: str, url_list: str, out: Path, per_shard: int) -> dict:
+    """Run one variant in this process; its numbers as JSON-able dict."""
+    result = (run_old if name == "old" else run_ray)(url_list, out, per_shard)
+    status = pa.concat_tables([pq.read_table(p, columns=["status"]) for p in result.pop("shards")])["status"]
+    return {
+        **result,
+        "rows": len(status),
+        "success": sum(1 for s in status.to_pylist() if s == "success"),
+        "peak_rss": peak_rss_mib(),
+    }
+
+
+def measure(name: str, url_list: Path, root: Path, per_shard: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "bench.bench_downloads", "--variant", name, "--url-list", str(url_list),
+               "--out", str(root / f"out-{name}"), "--samples-per-shard", str(per_shard)]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-urls", type=int, default=100_000)
+    parser.add_argument("--samples-per-shard", type=int, default=10_000)
+    parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
+    parser.add_argument("--variant", choices=["old", "ray"], help=argparse.SUPPRESS)  # one measured run
+    parser.add_argument("--url-list", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.variant:
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(variant(args.variant, args.url_list, args.out, args.samples_per_shard)))
+        return
+    root = Path(tempfile.mkdtemp(prefix="bench_downloads_"))
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve, args=(ports,), daemon=True)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{ports.get(timeout=30)}"
+        url_list = root / "urls.parquet"
+        urls = [f"{base}/img/{i}.png" for i in range(args.num_urls)]
+        pq.write_table(
+            pa.table({"url": urls, "caption": [f"tiny {i}" for i in range(args.num_urls)]}), url_list
+        )
+        load = [os.getloadavg()[0]]
+        results = {}
+        for name in ("old", "ray"):
+            results[name] = measure(name, url_list, root, args.samples_per_shard)
+            load.append(os.getloadavg()[0])
+            print(name, results[name], flush=True)
+        md = render(results, args, load)
+        print(md)
+        if not args.no_write:
+            write_section("downloads", md)
+    finally:
+        server.terminate()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def render(r: dict, args: argparse.Namespace, load: list[float]) -> str:
+    from bench.bench_curation import lscpu_model  # imports the curation job (torch): not in the measured runs
+
+    n = args.num_urls
+    cores = len(os.sched_getaffinity(0))
+    rows = []
+    for name, label in (("old", "before: img2dataset in the driver"), ("ray", "now: a Ray task per shard")):
+        v = r[name]
+        rows.append(
+            f"| {label} | {v['peak_rss']:.0f} | {v['peak_rss'] - v['rss_before']:+.0f} | {v['tasks']} | "
+            f"{n // max(v['tasks'], 1):,} | {v['processes']} × {THREADS} | {v['seconds']:.1f} | "
+            f"{v['rows'] / v['seconds']:,.0f} | {v['success']:,} / {v['rows']:,} |"
+        )
+    table = "\n".join(rows)
+    return f"""## Downloads: URL lists as Ray tasks (driver RSS, fan-out)
+
+Command: `python -m bench.bench_downloads --num-urls {n} --samples-per-shard {args.samples_per_shard}`
+
+Machine: {lscpu_model()}, {cores} cores, shared with other engineers' work (1-minute load average
+{min(load):.1f}–{max(load):.1f}). {n:,} URLs of distinct 1×1 PNGs from a threaded HTTP server on 127.0.0.1
+(its own process, on the same cores). Each variant runs in a fresh process; "driver RSS growth" is the
+driver's peak RSS minus its RSS just before the download call (after imports and, for Ray, `ray.init`).
+Before: `img2dataset.download` called in the driver (what `plan_listing` did): its reader loads the whole
+list into the driver and shards it there. Now: `curation.downloads.download_url_list` with `RayExecutor`: one
+task streams the list into one row group per shard, the driver holds {n // args.samples_per_shard} shard plans
+(row ranges), one task per shard runs img2dataset's `Downloader` on its rows.
+
+| path | driver peak RSS MiB | driver RSS growth MiB | tasks | URLs per task | fetchers | wall s | URLs/s | downloaded |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+{table}
+
+Wall time here is bound by the one-process Python server and the {cores} shared cores, not by the fetchers; on a
+cluster the tasks spread over every node's cores (each task {THREADS} threads), where the old path stayed one
+process on the driver's node. The driver's growth is what scales with the list: the old reader's Arrow copy of
+every URL row (plus its shard files written from the driver) against shard plans only.
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -256,6 +256,7 @@ class ChunkPlan:
 
 
 def chunk_plan(pending: list[chunking.Chunk], cfg: CurationConfig, root: Path, scratch: Path) -> ChunkPlan:
+    """The plan the scan tasks and scorer actors share (built on the driver from chunk counts)."""
     embeddings = str(root / EMBEDDINGS_DIR) if cfg.aesthetic.save_embeddings else None
     return ChunkPlan(
         works=tuple(

@@ -29,12 +29,11 @@ from PIL import Image
 
 import manifests
 from curation.config import CurationConfig, DownloadConfig, ShardConfig
-from curation.downloads import DownloadRefused, fetch
+from curation.downloads import DownloadRefused, download_url_list, fetch
 from curation.pipeline import run
 from curation.sources import (
-    download_url_list,
+    downloaded_records,
     io_rejection,
-    list_downloaded,
     list_sources,
     open_source,
     read_bytes,
@@ -563,7 +562,8 @@ def test_url_list_through_img2dataset_is_bounded(hostile_server, tmp_path):
     pq.write_table(pa.table({"url": list(urls), "caption": [f"c{i}" for i in range(len(urls))]}), url_list)
     cfg = DownloadConfig(timeout=TIMEOUT, max_bytes=MAX_BYTES, thread_count=8)
     before = dict(sent)
-    records = list_downloaded(download_url_list(str(url_list), tmp_path / "downloads", cfg))
+    tars = download_url_list(str(url_list), tmp_path / "downloads", cfg)
+    records = [r for tar in tars for r in downloaded_records(tar)]
     assert {r["url"]: r["reason"] for r in records} == urls
     assert [read_bytes(r) for r in records if r["reason"] is None] == [png]
     assert sent["/drip.png"] - before.get("/drip.png", 0) < DRIP_SECONDS

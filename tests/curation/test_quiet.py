@@ -8,13 +8,16 @@ from __future__ import annotations
 import warnings
 
 from curation.config import CurationConfig
-from curation.pipeline import BatchPlan, _scan_dataset
+from curation.pipeline import ChunkPlan, ChunkWork, CommitTarget, _scan_dataset
 from tests.conftest import REPO
 
 
 def test_no_deprecated_ray_remote_args(aesthetic_cfg, ray_cluster):
     cfg = CurationConfig(inputs=["unused"], output="unused", aesthetic=aesthetic_cfg)
-    plan = BatchPlan(chunks=("chunk-r00",), paths=("unused.parquet",), num_rows=(3,), batch_size=64)
+    plan = ChunkPlan(
+        works=(ChunkWork("chunk-r00", "unused.parquet", 3, "digest"),),
+        target=CommitTarget(scored="unused", embeddings=None, batches="unused", batch_size=64),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _scan_dataset(plan, cfg, clip_size=224)  # builds the plan, runs nothing

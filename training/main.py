@@ -626,12 +626,16 @@ def train_stage(
         model.load_state_dict(resume["model"])
         if ema is not None and resume["ema"] is not None:
             ema.load_state_dict(resume["ema"])
+        elif ema is not None:  # a checkpoint without one (ema_decay turned on since): the resumed weights
+            log.warning("checkpoint has no EMA (optim.ema_decay was 0): EMA re-seeded from its weights")
+            reseed_ema(ema, model)
     cached = latents_cached(cfg, stage, features)
     latents = LatentEncoder(
         stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
     )
     if start_step >= stage.steps:  # resumed from this stage's last checkpoint: its end, if not done yet
-        finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=True)
+        finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
+                     metrics=metrics, global_step=global_step, stop=stop, resumed=True)  # fmt: skip
         return global_step
     log.info("stage %s: latents %s, captions %s", stage.name, "cached" if cached else "VAE on the fly",
              "cached" if text.cached else "T5 on the fly")  # fmt: skip
@@ -672,20 +676,31 @@ def train_stage(
                   "batches": cfg.optim.grad_accum_steps * env.world_size,
                   "skipped": not out["finite"], "force": last or out["stop"]}  # fmt: skip
         metrics.step(record, seconds=out["seconds"], data_seconds=out["data_seconds"],
-                     images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
+                     images=out["samples"], flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
         if last or out["stop"] or (step + 1) % cfg.checkpoint_every == 0:
             save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
         if out["stop"]:  # the last step of a stage too: its validation and export run on resume
             log.warning("SIGTERM: checkpoint at stage %s step %d saved; rerun the same command to resume",
                         stage.name, step + 1)  # fmt: skip
             raise Preempted()
-        if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
+        if last:  # the stage's end (validation, evaluation, export): finish_stage, also on resume
+            break
+        validating = bool(cfg.validation.every) and (step + 1) % cfg.validation.every == 0
+        evaluating = bool(cfg.evaluation.every) and (step + 1) % cfg.evaluation.every == 0
+        if validating:
             validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
-        if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
+        if evaluating:  # issue 12: FID / CLIP score
             # The weights this stage trains (as PixArt's log_validation samples its model), not the EMA.
             evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
-    finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=False)
-    if stop_agreed(stop, env):  # a SIGTERM during the stage's end: its last step's checkpoint is the state
+        if (validating or evaluating) and stop_agreed(stop, env):  # a SIGTERM while they ran: exit now
+            if (step + 1) % cfg.checkpoint_every:
+                save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
+            log.warning("SIGTERM during validation/evaluation: checkpoint at stage %s step %d saved; rerun the "
+                        "same command to resume", stage.name, step + 1)  # fmt: skip
+            raise Preempted()
+    finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
+                 metrics=metrics, global_step=global_step, stop=stop, resumed=False)  # fmt: skip
+    if stop_agreed(stop, env):  # a SIGTERM during the export: its last step's checkpoint is the state
         log.warning("SIGTERM: stage %s done and checkpointed; rerun the same command to resume", stage.name)
         raise Preempted()
     return global_step
@@ -694,6 +709,7 @@ def train_stage(
 def finish_stage(
     model: PixArtSigma,
     ema: PixArtSigma | None,
+    *,
     stage: StageSection,
     text_features: TextFeatures,
     latents: LatentEncoder,
@@ -701,15 +717,41 @@ def finish_stage(
     env: Dist,
     metrics: MetricsSink,
     global_step: int,
-    *,
+    stop: StopRequest,
     resumed: bool,
 ) -> None:
-    """A stage's end: validation grids and ``final/<stage>/``. Resumed from its last checkpoint, only what the
-    stopped run did not do (the export is written after the validation, so an export means both are done)."""
-    exported = cfg.export_stages and is_exported(Path(cfg.run_dir) / "final" / stage.name)
-    if not (resumed and exported):
+    """A stage's end: validation grids, the stage-end evaluation (FID / CLIP score), then ``final/<stage>/``.
+
+    Resumed from the stage's last checkpoint, only what the stopped run did not do: the ``stage_end``
+    marker says validation and evaluation are done (an export, written after them, says so too). A SIGTERM
+    that arrives while they run exits before the export (``Preempted``); the resumed run exports.
+    """
+    run_dir = Path(cfg.run_dir)
+    exported = cfg.export_stages and is_exported(run_dir / "final" / stage.name)
+    if not (resumed and (exported or stage_end_done(run_dir, stage, global_step))):
         validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
+        if cfg.evaluation.every and stage.steps % cfg.evaluation.every == 0:  # as an uninterrupted loop would
+            evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
+        if env.is_main:
+            atomic_write_bytes(stage_end_marker(run_dir, stage), json.dumps({"global_step": global_step}).encode())
+        if env.world_size > 1:
+            dist.barrier()
+        if stop_agreed(stop, env):
+            log.warning("SIGTERM during stage %s's end: exiting before its export; rerun the same command to "
+                        "resume (the export runs then)", stage.name)  # fmt: skip
+            raise Preempted()
     export_stage(model, ema, stage, cfg, env)
+
+
+def stage_end_marker(run_dir: Path, stage: StageSection) -> Path:
+    """Written once a stage's validation grids and evaluation are done (before its export)."""
+    return run_dir / "stage_end" / f"{stage.name}.json"
+
+
+def stage_end_done(run_dir: Path, stage: StageSection, global_step: int) -> bool:
+    """Whether this stage's end (at ``global_step``) already validated and evaluated."""
+    marker = stage_end_marker(run_dir, stage)
+    return marker.is_file() and json.loads(marker.read_text()).get("global_step") == global_step
 
 
 def stop_agreed(stop: StopRequest, env: Dist) -> bool:

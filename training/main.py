@@ -636,6 +636,8 @@ def train_stage(
     if start_step >= stage.steps:  # resumed from this stage's last checkpoint: its end, if not done yet
         finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
                      metrics=metrics, global_step=global_step, stop=stop, resumed=True)  # fmt: skip
+        if stop_agreed(stop, env):  # a SIGTERM during the export: exit before the next stage
+            raise Preempted()
         return global_step
     log.info("stage %s: latents %s, captions %s", stage.name, "cached" if cached else "VAE on the fly",
              "cached" if text.cached else "T5 on the fly")  # fmt: skip
@@ -956,6 +958,12 @@ def stage_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
     data = resume["data"][env.rank] if len(resume["data"]) == env.world_size else None
     if data is None:
         return resume["position"]["step"] * cfg.optim.grad_accum_steps
+    if "segment" in data:  # written when the stream was reopened per checkpoint interval (before issue 20)
+        log.warning(
+            "rank %d: checkpoint from before one data stream per stage (its data position is segment %d): "
+            "resuming at batch %d of the stage's one stream, not the batches the interrupted run would "
+            "have read next", env.rank, data["segment"], data["batches_read"],
+        )  # fmt: skip
     return data["batches_read"]
 
 

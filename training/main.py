@@ -623,12 +623,7 @@ def train_stage(
     stage = cfg.stages[index]
     start_step = resume["position"]["step"] if resume else 0
     if resume:
-        model.load_state_dict(resume["model"])
-        if ema is not None and resume["ema"] is not None:
-            ema.load_state_dict(resume["ema"])
-        elif ema is not None:  # a checkpoint without one (ema_decay turned on since): the resumed weights
-            log.warning("checkpoint has no EMA (optim.ema_decay was 0): EMA re-seeded from its weights")
-            reseed_ema(ema, model)
+        restore_weights(model, ema, resume)
     cached = latents_cached(cfg, stage, features)
     latents = LatentEncoder(
         stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
@@ -644,14 +639,7 @@ def train_stage(
     lr = stage_lr(stage, cfg.optim, global_batch(stage, cfg.optim, env.world_size))
     optimizer = build_optimizer(model, cfg.optim, lr)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 104_729 + index * 1_009 + env.rank)
-    nonfinite = 0
-    skip = 0  # batches of this stage's stream read before the checkpoint resumed from
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        nonfinite = resume["nonfinite_streak"]
-        skip = stage_batches_read(resume, cfg, env)
-        if len(resume["rng"]) == env.world_size:
-            restore_rng(resume["rng"][env.rank], generator)
+    nonfinite, skip = restore_stage(resume, optimizer, generator, cfg, env) if resume else (0, 0)
     model.train()
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
@@ -696,7 +684,9 @@ def train_stage(
             evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
         if (validating or evaluating) and stop_agreed(stop, env):  # a SIGTERM while they ran: exit now
             if (step + 1) % cfg.checkpoint_every:
-                save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
+                save_state(
+                    cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite
+                )
             log.warning("SIGTERM during validation/evaluation: checkpoint at stage %s step %d saved; rerun the "
                         "same command to resume", stage.name, step + 1)  # fmt: skip
             raise Preempted()
@@ -706,6 +696,27 @@ def train_stage(
         log.warning("SIGTERM: stage %s done and checkpointed; rerun the same command to resume", stage.name)
         raise Preempted()
     return global_step
+
+
+def restore_weights(model: PixArtSigma, ema: PixArtSigma | None, resume: dict) -> None:
+    """The checkpoint's weights and EMA; an EMA the checkpoint lacks starts from its weights."""
+    model.load_state_dict(resume["model"])
+    if ema is not None and resume["ema"] is not None:
+        ema.load_state_dict(resume["ema"])
+    elif ema is not None:  # a checkpoint without one (ema_decay turned on since): the resumed weights
+        log.warning("checkpoint has no EMA (optim.ema_decay was 0): EMA re-seeded from its weights")
+        reseed_ema(ema, model)
+
+
+def restore_stage(
+    resume: dict, optimizer: torch.optim.Optimizer, generator: torch.Generator, cfg: TrainConfig, env: Dist
+) -> tuple[int, int]:
+    """The optimiser and this rank's RNG as checkpointed; returns (non-finite streak, batches of the stage's
+    stream read before the checkpoint)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    if len(resume["rng"]) == env.world_size:
+        restore_rng(resume["rng"][env.rank], generator)
+    return resume["nonfinite_streak"], stage_batches_read(resume, cfg, env)
 
 
 def finish_stage(
@@ -735,7 +746,9 @@ def finish_stage(
         if cfg.evaluation.every and stage.steps % cfg.evaluation.every == 0:  # as an uninterrupted loop would
             evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
         if env.is_main:
-            atomic_write_bytes(stage_end_marker(run_dir, stage), json.dumps({"global_step": global_step}).encode())
+            atomic_write_bytes(
+                stage_end_marker(run_dir, stage), json.dumps({"global_step": global_step}).encode()
+            )
         if env.world_size > 1:
             dist.barrier()
         if stop_agreed(stop, env):
@@ -826,14 +839,7 @@ def train_step(
     autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
     batches = [next(stream) for _ in range(num_micro)]
     data_seconds = time.perf_counter() - started
-    # This rank's samples and partial batches, then every rank's.
-    counts = torch.tensor(
-        [sum(len(b["keys"]) for b in batches), sum(bool(b.get("partial", False)) for b in batches)],
-        dtype=torch.float64, device=env.device,
-    )  # fmt: skip
-    if env.world_size > 1:
-        dist.all_reduce(counts)
-    num_samples, num_partial = int(counts[0].item()), int(counts[1].item())
+    num_samples, num_partial = step_counts(batches, env)
     scale = env.world_size / num_samples  # DDP's mean over ranks × this = the mean over the step's samples
     sums = torch.zeros(4, device=env.device)  # loss, mse, vb: sums over samples; latent std: mean
     images, flops = 0, 0
@@ -891,6 +897,17 @@ def train_step(
         "samples": num_samples,  # every rank's, this step
         "partial_batches": num_partial,  # every rank's micro-batches short of the stage's batch size
     }
+
+
+def step_counts(batches: list[dict], env: Dist) -> tuple[int, int]:
+    """The step's samples and partial micro-batches over every rank (one all-reduce)."""
+    counts = torch.tensor(
+        [sum(len(b["keys"]) for b in batches), sum(bool(b.get("partial", False)) for b in batches)],
+        dtype=torch.float64, device=env.device,
+    )  # fmt: skip
+    if env.world_size > 1:
+        dist.all_reduce(counts)
+    return int(counts[0].item()), int(counts[1].item())
 
 
 def inject_faults(cfg: TrainConfig, global_step: int, rank: int, *, resumed_run: bool) -> None:

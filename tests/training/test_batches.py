@@ -172,8 +172,12 @@ def test_shards_held_as_bytes_are_warned_about_once(tmp_path, caplog) -> None:
         _stream(f"pipe:cat {tar}")
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
-    assert messages[0].startswith(f"1 of 2 shards are not local plain tars (URL, pipe or compressed; e.g. {tar}.gz)")
-    assert messages[1].startswith(f"1 of 1 shards are not local plain tars (URL, pipe or compressed; e.g. pipe:cat {tar})")
+    assert messages[0].startswith(
+        f"1 of 2 shards are not local plain tars (URL, pipe or compressed; e.g. {tar}.gz)"
+    )
+    assert messages[1].startswith(
+        f"1 of 1 shards are not local plain tars (URL, pipe or compressed; e.g. pipe:cat {tar})"
+    )
     assert all("short batches" in m and "re-reads every shard" in m for m in messages)
 
 
@@ -204,7 +208,9 @@ def test_bucket_rule_picks_an_uncached_samples_bucket_and_cached_latents_keep_th
     assert cached.bucket(meta) == (1024, 1024)  # the size its cached latent was cropped to
 
 
-def test_a_checkpoint_from_before_one_stream_per_stage_resumes_with_a_warning(tiny_models, tmp_path, caplog) -> None:
+def test_a_checkpoint_from_before_one_stream_per_stage_resumes_with_a_warning(
+    tiny_models, tmp_path, caplog
+) -> None:
     """Its data position names a segment (the stream it reopened per checkpoint interval, before issue 20):
     the stage's one stream is a different one, so resuming on it is said, not silent."""
     cfg = debug_config(tiny_models, tmp_path / "shards", tmp_path / "run", "checkpoint_every=2")

@@ -91,14 +91,19 @@ def test_ema_turned_on_at_a_resume_starts_from_the_resumed_weights(tiny_models, 
     """A checkpoint without an EMA (ema_decay was 0), resumed with ema_decay on: the EMA starts from the
     checkpoint's weights, not from the freshly built model."""
     base = ["checkpoint_every=1", "keep_checkpoints=100", "stages.1.validation_prompts=[]"]
-    cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base, "optim.ema_decay=0", "faults.sigterm_at_step=1")
+    cfg = _two_stages(
+        tiny_models, shards, tmp_path / "run", *base, "optim.ema_decay=0", "faults.sigterm_at_step=1"
+    )
     cfg.stages = cfg.stages[:1]
     with pytest.raises(trainer.Preempted):
         trainer.main(cfg)  # steps 1 and 2 without an EMA
     cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base, f"optim.ema_decay={DECAY}")
     cfg.stages = cfg.stages[:1]
     run_dir = trainer.main(cfg)  # resumes at step 2, with an EMA
-    states = {int(p.name[:8]): torch.load(p / "state.pt", weights_only=True) for p in (run_dir / "checkpoints").iterdir()}
+    states = {
+        int(p.name[:8]): torch.load(p / "state.pt", weights_only=True)
+        for p in (run_dir / "checkpoints").iterdir()
+    }
     assert sorted(states) == [1, 2, 3] and states[2]["ema"] is None
     before, after = states[2]["model"], states[3]["model"]
     for key, value in states[3]["ema"].items():

@@ -43,7 +43,7 @@ from bench.record import write_section
 from manifests.buckets import nearest_bucket
 from manifests.tars import json_bytes, npy_bytes, write_shard
 from training.config import DataSection
-from training.data import MIB, MemberRef, bucket_batches, make_stream, raw_nbytes
+from training.data import MIB, MemberRef, bucket_batches, make_stream, max_waiting_samples, raw_nbytes
 
 SIGMA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sigma.toml"
 T5_CHANNELS = 4096  # T5-XXL d_model; cached fp16 → 8 KiB per token
@@ -136,7 +136,7 @@ def run_stage(images: list[dict], resolution: int, batch_size: int, budget_mb: f
     Batches yielded once the input is exhausted are the remainders a finite input ends with; the training
     stream is endless, so they are counted as left waiting, not as batches.
     """
-    max_buffered = 64 * max(1, batch_size - 1)  # as both samplers' streams set it
+    max_buffered = max_waiting_samples(batch_size)  # as both samplers' streams set it
     old_input = [SimSample(nearest_bucket(i["height"], i["width"], resolution), i["tokens"]) for i in images]
     new_input = [planned_sample(n, i, resolution) for n, i in enumerate(images)]
     runs = {

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from manifests.buckets import BucketRule
+
 SD_VAE_SCALING = 0.18215  # SD 1.x/2.x VAE latents × this (PixArt-α)
 SDXL_VAE_SCALING = 0.13025  # SDXL VAE (PixArt-Σ)
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # stage names become folder names
@@ -73,7 +75,7 @@ class DataSection:
     use_cached_features: bool = True  # False: always encode on the fly (the benchmark's baseline)
     # Bucket of a sample whose latents are not cached (cached ones keep the bucket they were cropped to):
     # "upstream" = PixArt-Σ's nearest rounded ratio key (get_closest_ratio), "exact" = nearest bucket h/w.
-    bucket_rule: Literal["upstream", "exact"] = "upstream"
+    bucket_rule: BucketRule = "upstream"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.real_prompt_ratio <= 1.0:

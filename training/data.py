@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
 import re
 import tarfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ from manifests.tars import FORMAT_EXTENSIONS
 IMAGE_EXTENSIONS = tuple(sorted(set(FORMAT_EXTENSIONS.values())))  # every format a curated shard can hold
 VAE_DOWNSAMPLE = 8  # latent cells per pixel side, SD and SDXL VAEs
 MIB = 2**20
+log = logging.getLogger(__name__)
 # Members this small (and every .json) are read while planning; larger ones are kept by reference.
 INLINE_MEMBER_BYTES = 4096
 REF_NBYTES = 96  # a MemberRef's Python objects (dataclass, path string shared, two ints)
@@ -513,6 +516,12 @@ def _decoder(c: StreamConfig, seed: int) -> SampleDecoder:
     )  # fmt: skip
 
 
+def max_waiting_samples(batch_size: int) -> int:
+    """The bucket buffers' sample cap: batch_size - 1 may wait in each of up to 64 buckets (the 40 of
+    manifests/buckets.py's tables fit), so the cap never binds before a bucket fills a batch."""
+    return 64 * max(1, batch_size - 1)
+
+
 def plan_batches(urls: list[str], c: StreamConfig, *, seed: int) -> Iterator[list[dict]]:
     """The planner: endless one-bucket lists of selected raw samples whose heavy members are references.
 
@@ -530,7 +539,7 @@ def plan_batches(urls: list[str], c: StreamConfig, *, seed: int) -> Iterator[lis
         rng=random.Random(seed),
     )
     yield from bucket_batches(
-        shuffled, c.batch_size, max_buffered=64 * max(1, c.batch_size - 1), max_bytes=c.bucket_buffer_mb * MIB,
+        shuffled, c.batch_size, max_buffered=max_waiting_samples(c.batch_size), max_bytes=c.bucket_buffer_mb * MIB,
         bucket_of=lambda r: r["bucket"], nbytes_of=raw_nbytes,
     )  # fmt: skip
 
@@ -556,6 +565,19 @@ class BatchLoader(torch.utils.data.Dataset):
         return batch
 
 
+def warn_held_as_bytes(urls: list[str], config: StreamConfig) -> None:
+    """One warning when some shards are not local plain tars: their members wait in the buffers as bytes."""
+    expanded = [u for url in urls for u in wds.shardlists.expand_urls(url)]
+    held = [u for u in expanded if not (Path(u).is_file() and _plain_tar(u))]
+    if held:
+        log.warning(
+            "%d of %d shards are not local plain tars (URL, pipe or compressed; e.g. %s): their members are "
+            "held as bytes in the bucket buffers, so once those pass bucket_buffer_mb=%g short batches come "
+            "back, and a resumed run re-reads every shard its stage read so far",
+            len(held), len(expanded), held[0], config.bucket_buffer_mb,
+        )  # fmt: skip
+
+
 def make_stream(
     shards: str,
     *,
@@ -576,9 +598,14 @@ def make_stream(
     """
     config = StreamConfig(resolution=resolution, batch_size=batch_size, **options)
     own_seed = seed * 100_003 + rank  # explicit rank split
-    plans = plan_batches(shard_urls(shards), config, seed=own_seed)
-    for _ in range(skip):
-        next(plans)
+    urls = shard_urls(shards)
+    warn_held_as_bytes(urls, config)
+    plans = plan_batches(urls, config, seed=own_seed)
+    if skip:
+        started = time.perf_counter()
+        for _ in range(skip):
+            next(plans)
+        log.info("rank %d: replaying %d batches (%.1f s)", rank, skip, time.perf_counter() - started)
     indexed = enumerate(plans, start=skip)
     loader = BatchLoader(config, seed=own_seed)
     if num_workers == 0:

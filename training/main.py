@@ -623,29 +623,23 @@ def train_stage(
     stage = cfg.stages[index]
     start_step = resume["position"]["step"] if resume else 0
     if resume:
-        model.load_state_dict(resume["model"])
-        if ema is not None and resume["ema"] is not None:
-            ema.load_state_dict(resume["ema"])
+        restore_weights(model, ema, resume)
     cached = latents_cached(cfg, stage, features)
     latents = LatentEncoder(
         stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
     )
     if start_step >= stage.steps:  # resumed from this stage's last checkpoint: its end, if not done yet
-        finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=True)
+        finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
+                     metrics=metrics, global_step=global_step, stop=stop, resumed=True)  # fmt: skip
+        if stop_agreed(stop, env):  # a SIGTERM during the export: exit before the next stage
+            raise Preempted()
         return global_step
     log.info("stage %s: latents %s, captions %s", stage.name, "cached" if cached else "VAE on the fly",
              "cached" if text.cached else "T5 on the fly")  # fmt: skip
     lr = stage_lr(stage, cfg.optim, global_batch(stage, cfg.optim, env.world_size))
     optimizer = build_optimizer(model, cfg.optim, lr)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 104_729 + index * 1_009 + env.rank)
-    nonfinite = 0
-    skip = 0  # batches of this stage's stream read before the checkpoint resumed from
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        nonfinite = resume["nonfinite_streak"]
-        skip = stage_batches_read(resume, cfg, env)
-        if len(resume["rng"]) == env.world_size:
-            restore_rng(resume["rng"][env.rank], generator)
+    nonfinite, skip = restore_stage(resume, optimizer, generator, cfg, env) if resume else (0, 0)
     model.train()
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
@@ -672,28 +666,63 @@ def train_stage(
                   "batches": cfg.optim.grad_accum_steps * env.world_size,
                   "skipped": not out["finite"], "force": last or out["stop"]}  # fmt: skip
         metrics.step(record, seconds=out["seconds"], data_seconds=out["data_seconds"],
-                     images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
+                     images=out["samples"], flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
         if last or out["stop"] or (step + 1) % cfg.checkpoint_every == 0:
             save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
         if out["stop"]:  # the last step of a stage too: its validation and export run on resume
             log.warning("SIGTERM: checkpoint at stage %s step %d saved; rerun the same command to resume",
                         stage.name, step + 1)  # fmt: skip
             raise Preempted()
-        if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
+        if last:  # the stage's end (validation, evaluation, export): finish_stage, also on resume
+            break
+        validating = bool(cfg.validation.every) and (step + 1) % cfg.validation.every == 0
+        evaluating = bool(cfg.evaluation.every) and (step + 1) % cfg.evaluation.every == 0
+        if validating:
             validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
-        if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
+        if evaluating:  # issue 12: FID / CLIP score
             # The weights this stage trains (as PixArt's log_validation samples its model), not the EMA.
             evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
-    finish_stage(model, ema, stage, text_features, latents, cfg, env, metrics, global_step, resumed=False)
-    if stop_agreed(stop, env):  # a SIGTERM during the stage's end: its last step's checkpoint is the state
+        if (validating or evaluating) and stop_agreed(stop, env):  # a SIGTERM while they ran: exit now
+            if (step + 1) % cfg.checkpoint_every:
+                save_state(
+                    cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite
+                )
+            log.warning("SIGTERM during validation/evaluation: checkpoint at stage %s step %d saved; rerun the "
+                        "same command to resume", stage.name, step + 1)  # fmt: skip
+            raise Preempted()
+    finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
+                 metrics=metrics, global_step=global_step, stop=stop, resumed=False)  # fmt: skip
+    if stop_agreed(stop, env):  # a SIGTERM during the export: its last step's checkpoint is the state
         log.warning("SIGTERM: stage %s done and checkpointed; rerun the same command to resume", stage.name)
         raise Preempted()
     return global_step
 
 
+def restore_weights(model: PixArtSigma, ema: PixArtSigma | None, resume: dict) -> None:
+    """The checkpoint's weights and EMA; an EMA the checkpoint lacks starts from its weights."""
+    model.load_state_dict(resume["model"])
+    if ema is not None and resume["ema"] is not None:
+        ema.load_state_dict(resume["ema"])
+    elif ema is not None:  # a checkpoint without one (ema_decay turned on since): the resumed weights
+        log.warning("checkpoint has no EMA (optim.ema_decay was 0): EMA re-seeded from its weights")
+        reseed_ema(ema, model)
+
+
+def restore_stage(
+    resume: dict, optimizer: torch.optim.Optimizer, generator: torch.Generator, cfg: TrainConfig, env: Dist
+) -> tuple[int, int]:
+    """The optimiser and this rank's RNG as checkpointed; returns (non-finite streak, batches of the stage's
+    stream read before the checkpoint)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    if len(resume["rng"]) == env.world_size:
+        restore_rng(resume["rng"][env.rank], generator)
+    return resume["nonfinite_streak"], stage_batches_read(resume, cfg, env)
+
+
 def finish_stage(
     model: PixArtSigma,
     ema: PixArtSigma | None,
+    *,
     stage: StageSection,
     text_features: TextFeatures,
     latents: LatentEncoder,
@@ -701,15 +730,43 @@ def finish_stage(
     env: Dist,
     metrics: MetricsSink,
     global_step: int,
-    *,
+    stop: StopRequest,
     resumed: bool,
 ) -> None:
-    """A stage's end: validation grids and ``final/<stage>/``. Resumed from its last checkpoint, only what the
-    stopped run did not do (the export is written after the validation, so an export means both are done)."""
-    exported = cfg.export_stages and is_exported(Path(cfg.run_dir) / "final" / stage.name)
-    if not (resumed and exported):
+    """A stage's end: validation grids, the stage-end evaluation (FID / CLIP score), then ``final/<stage>/``.
+
+    Resumed from the stage's last checkpoint, only what the stopped run did not do: the ``stage_end``
+    marker says validation and evaluation are done (an export, written after them, says so too). A SIGTERM
+    that arrives while they run exits before the export (``Preempted``); the resumed run exports.
+    """
+    run_dir = Path(cfg.run_dir)
+    exported = cfg.export_stages and is_exported(run_dir / "final" / stage.name)
+    if not (resumed and (exported or stage_end_done(run_dir, stage, global_step))):
         validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
+        if cfg.evaluation.every and stage.steps % cfg.evaluation.every == 0:  # as an uninterrupted loop would
+            evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
+        if env.is_main:
+            atomic_write_bytes(
+                stage_end_marker(run_dir, stage), json.dumps({"global_step": global_step}).encode()
+            )
+        if env.world_size > 1:
+            dist.barrier()
+        if stop_agreed(stop, env):
+            log.warning("SIGTERM during stage %s's end: exiting before its export; rerun the same command to "
+                        "resume (the export runs then)", stage.name)  # fmt: skip
+            raise Preempted()
     export_stage(model, ema, stage, cfg, env)
+
+
+def stage_end_marker(run_dir: Path, stage: StageSection) -> Path:
+    """Written once a stage's validation grids and evaluation are done (before its export)."""
+    return run_dir / "stage_end" / f"{stage.name}.json"
+
+
+def stage_end_done(run_dir: Path, stage: StageSection, global_step: int) -> bool:
+    """Whether this stage's end (at ``global_step``) already validated and evaluated."""
+    marker = stage_end_marker(run_dir, stage)
+    return marker.is_file() and json.loads(marker.read_text()).get("global_step") == global_step
 
 
 def stop_agreed(stop: StopRequest, env: Dist) -> bool:
@@ -782,14 +839,7 @@ def train_step(
     autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
     batches = [next(stream) for _ in range(num_micro)]
     data_seconds = time.perf_counter() - started
-    # This rank's samples and partial batches, then every rank's.
-    counts = torch.tensor(
-        [sum(len(b["keys"]) for b in batches), sum(bool(b.get("partial", False)) for b in batches)],
-        dtype=torch.float64, device=env.device,
-    )  # fmt: skip
-    if env.world_size > 1:
-        dist.all_reduce(counts)
-    num_samples, num_partial = int(counts[0].item()), int(counts[1].item())
+    num_samples, num_partial = step_counts(batches, env)
     scale = env.world_size / num_samples  # DDP's mean over ranks × this = the mean over the step's samples
     sums = torch.zeros(4, device=env.device)  # loss, mse, vb: sums over samples; latent std: mean
     images, flops = 0, 0
@@ -847,6 +897,17 @@ def train_step(
         "samples": num_samples,  # every rank's, this step
         "partial_batches": num_partial,  # every rank's micro-batches short of the stage's batch size
     }
+
+
+def step_counts(batches: list[dict], env: Dist) -> tuple[int, int]:
+    """The step's samples and partial micro-batches over every rank (one all-reduce)."""
+    counts = torch.tensor(
+        [sum(len(b["keys"]) for b in batches), sum(bool(b.get("partial", False)) for b in batches)],
+        dtype=torch.float64, device=env.device,
+    )  # fmt: skip
+    if env.world_size > 1:
+        dist.all_reduce(counts)
+    return int(counts[0].item()), int(counts[1].item())
 
 
 def inject_faults(cfg: TrainConfig, global_step: int, rank: int, *, resumed_run: bool) -> None:
@@ -914,6 +975,12 @@ def stage_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
     data = resume["data"][env.rank] if len(resume["data"]) == env.world_size else None
     if data is None:
         return resume["position"]["step"] * cfg.optim.grad_accum_steps
+    if "segment" in data:  # written when the stream was reopened per checkpoint interval (before issue 20)
+        log.warning(
+            "rank %d: checkpoint from before one data stream per stage (its data position is segment %d): "
+            "resuming at batch %d of the stage's one stream, not the batches the interrupted run would "
+            "have read next", env.rank, data["segment"], data["batches_read"],
+        )  # fmt: skip
     return data["batches_read"]
 
 

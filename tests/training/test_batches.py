@@ -4,8 +4,10 @@ resumed trainer) yields exactly the batches of an uninterrupted one."""
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -158,6 +160,27 @@ def test_shard_members_are_read_by_reference_only_from_local_plain_tars(tmp_path
     assert [fetch(s) | {"__url__": None} for s in samples] == [s | {"__url__": None} for s in streamed]
 
 
+def test_shards_held_as_bytes_are_warned_about_once(tmp_path, caplog) -> None:
+    """A pipe or a compressed tar cannot be read by offset: one warning names how many and what it costs."""
+    shards = heavy_shards(tmp_path, num_samples=7, per_shard=7, tokens=300)
+    tar = f"{shards}/train-000000.tar"
+    with open(tar, "rb") as f, gzip.open(f"{tar}.gz", "wb") as out:
+        out.write(f.read())
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        _stream(shards)  # local plain tars: read by reference, nothing to say
+        _stream(f"{shards}/train-000000.{{tar,tar.gz}}")
+        _stream(f"pipe:cat {tar}")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(
+        f"1 of 2 shards are not local plain tars (URL, pipe or compressed; e.g. {tar}.gz)"
+    )
+    assert messages[1].startswith(
+        f"1 of 1 shards are not local plain tars (URL, pipe or compressed; e.g. pipe:cat {tar})"
+    )
+    assert all("short batches" in m and "re-reads every shard" in m for m in messages)
+
+
 def test_a_corrupt_tar_header_is_named(tmp_path) -> None:
     heavy_shards(tmp_path, num_samples=3, per_shard=3, tokens=300)
     tar = tmp_path / "train-000000.tar"
@@ -183,3 +206,21 @@ def test_bucket_rule_picks_an_uncached_samples_bucket_and_cached_latents_keep_th
         resolution=1024, real_prompt_ratio=1.0, seed=0, bucket_rule=rule, cached_latents=True
     )
     assert cached.bucket(meta) == (1024, 1024)  # the size its cached latent was cropped to
+
+
+def test_a_checkpoint_from_before_one_stream_per_stage_resumes_with_a_warning(
+    tiny_models, tmp_path, caplog
+) -> None:
+    """Its data position names a segment (the stream it reopened per checkpoint interval, before issue 20):
+    the stage's one stream is a different one, so resuming on it is said, not silent."""
+    cfg = debug_config(tiny_models, tmp_path / "shards", tmp_path / "run", "checkpoint_every=2")
+    env = trainer.Dist(0, 1, torch.device("cpu"))
+    current = {"position": {"step": 5}, "data": [trainer.data_position(cfg, 0, 5)]}
+    old = {"position": {"step": 5}, "data": [{"stage_index": 0, "segment": 2, "segment_seed": 7, "batches_read": 5,
+                                              "segment_start_batch": 4}]}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="training"):
+        assert trainer.stage_batches_read(current, cfg, env) == 5
+        assert not caplog.records
+        assert trainer.stage_batches_read(old, cfg, env) == 5
+    (record,) = caplog.records
+    assert "segment 2" in record.getMessage() and "not the batches the interrupted run" in record.getMessage()

@@ -87,6 +87,31 @@ def test_ema_restarts_from_the_weights_entering_each_stage(
                 torch.testing.assert_close(value, ema[key], rtol=0, atol=0, msg=f"{name} {key}")
 
 
+def test_ema_turned_on_at_a_resume_starts_from_the_resumed_weights(tiny_models, shards, tmp_path) -> None:
+    """A checkpoint without an EMA (ema_decay was 0), resumed with ema_decay on: the EMA starts from the
+    checkpoint's weights, not from the freshly built model."""
+    base = ["checkpoint_every=1", "keep_checkpoints=100", "stages.1.validation_prompts=[]"]
+    cfg = _two_stages(
+        tiny_models, shards, tmp_path / "run", *base, "optim.ema_decay=0", "faults.sigterm_at_step=1"
+    )
+    cfg.stages = cfg.stages[:1]
+    with pytest.raises(trainer.Preempted):
+        trainer.main(cfg)  # steps 1 and 2 without an EMA
+    cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base, f"optim.ema_decay={DECAY}")
+    cfg.stages = cfg.stages[:1]
+    run_dir = trainer.main(cfg)  # resumes at step 2, with an EMA
+    states = {
+        int(p.name[:8]): torch.load(p / "state.pt", weights_only=True)
+        for p in (run_dir / "checkpoints").iterdir()
+    }
+    assert sorted(states) == [1, 2, 3] and states[2]["ema"] is None
+    before, after = states[2]["model"], states[3]["model"]
+    for key, value in states[3]["ema"].items():
+        if value.is_floating_point():
+            expected = DECAY * before[key] + (1 - DECAY) * after[key]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=key)
+
+
 # ------------------------------------------------------------------------------------------------
 # PE cache
 # ------------------------------------------------------------------------------------------------
@@ -131,11 +156,26 @@ def test_pe_cache_keeps_its_byte_budget_dropping_the_least_recently_used(monkeyp
 # ------------------------------------------------------------------------------------------------
 
 
+def _record_evaluations(monkeypatch) -> list[int]:
+    """The global steps in-training evaluation runs at, in order (FID itself: test_evaluate)."""
+    steps: list[int] = []
+    monkeypatch.setattr(trainer, "training_eval_prompts", lambda section: [])
+    monkeypatch.setattr(trainer, "evaluate_in_training", lambda model, cfg, stage, text, latents, env, metrics, step:
+                        steps.append(step))  # fmt: skip
+    return steps
+
+
+EVALUATE = ["evaluation.every=3", "evaluation.eval_set=unread"]  # at each stage's end (STEPS = 3)
+
+
 def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(
-    tiny_models, shards, tmp_path
+    tiny_models, shards, tmp_path, monkeypatch
 ) -> None:
-    base = ["checkpoint_every=2", "keep_checkpoints=5"]
+    base = ["checkpoint_every=2", "keep_checkpoints=5", *EVALUATE]
+    evaluated = _record_evaluations(monkeypatch)
     full = trainer.main(_two_stages(tiny_models, shards, tmp_path / "full", *base))
+    assert evaluated == [STEPS, 2 * STEPS]
+    evaluated.clear()
     # A real SIGTERM to this process before global step STEPS - 1: the first stage's last step.
     cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base, f"faults.sigterm_at_step={STEPS - 1}")
     first, second = (s.name for s in cfg.stages)
@@ -148,9 +188,11 @@ def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(
     assert [r["global_step"] for r in _records(run_dir)] == [1, 2, 3]
     assert not (run_dir / "final").exists()  # no export (nor validation, nor next stage) before exiting
     assert not list(run_dir.glob("samples/**/*.png"))
+    assert evaluated == []
 
-    trainer.main(cfg)  # the same command: the first stage's end (validation, export), then the second stage
+    trainer.main(cfg)  # the same command: the first stage's end (validation, evaluation, export), the second
     assert _records(run_dir) == _records(full)
+    assert evaluated == [STEPS, 2 * STEPS]  # the stage-end evaluation the stopped run did not reach
     weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
     for folder in ("final", "final_ema", f"final/{first}", f"final_ema/{first}", f"final/{second}"):
         a, b = load_file(run_dir / folder / weights), load_file(full / folder / weights)
@@ -164,13 +206,16 @@ def test_sigterm_at_a_stages_last_step_exits_after_it_and_resumes_exactly(
 def test_sigterm_during_a_stages_validation_exits_before_the_next_stage(
     tiny_models, shards, tmp_path, monkeypatch
 ) -> None:
-    """A SIGTERM that lands while the stage's end runs (validation grids, export): exit at the stage boundary."""
-    base = ["checkpoint_every=2", "keep_checkpoints=5"]
+    """A SIGTERM that lands while the stage's end runs (validation grids): exit before its export and the next
+    stage; the resumed run exports without validating or evaluating that stage again."""
+    base = ["checkpoint_every=2", "keep_checkpoints=5", *EVALUATE]
+    evaluated = _record_evaluations(monkeypatch)
     full = trainer.main(_two_stages(tiny_models, shards, tmp_path / "full", *base))
-    validate, sent = trainer.validate, []
+    validate, sent, validated = trainer.validate, [], []
 
     def validate_then_sigterm(*args, **kwargs):
         validate(*args, **kwargs)
+        validated.append(args[-1])  # the global step
         if not sent:  # the first launch only: a real SIGTERM to this process
             sent.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -186,12 +231,47 @@ def test_sigterm_during_a_stages_validation_exits_before_the_next_stage(
         f"00000003-{first}",
     ]
     assert [r["global_step"] for r in _records(run_dir)] == [1, 2, 3]  # not one step of the next stage
+    assert not (run_dir / "final" / first).exists()  # exited before the stage's export
     trainer.main(cfg)
     assert _records(run_dir) == _records(full)
+    assert validated == [STEPS, 2 * STEPS]  # each stage's end once: none run twice
+    assert evaluated == [STEPS, 2 * STEPS] * 2  # the full run's, then this run's (its first stage's once)
     weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
     for folder in ("final", "final_ema"):
         a, b = load_file(run_dir / folder / weights), load_file(full / folder / weights)
         assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+
+def test_sigterm_during_a_mid_stage_evaluation_checkpoints_that_step_and_resumes_exactly(
+    tiny_models, shards, tmp_path, monkeypatch
+) -> None:
+    """Evaluation at every step; a SIGTERM while it runs after global step 1 (not a checkpoint step): exit
+    without another training step, then resume exactly, evaluating each step once."""
+    base = ["checkpoint_every=2", "keep_checkpoints=5", "evaluation.every=1", "evaluation.eval_set=unread"]
+    evaluated = _record_evaluations(monkeypatch)
+    full = trainer.main(_two_stages(tiny_models, shards, tmp_path / "full", *base))
+    assert evaluated == list(range(1, 2 * STEPS + 1))
+    evaluated.clear()
+    record = trainer.evaluate_in_training
+
+    def evaluate_then_sigterm(*args):
+        record(*args)
+        if len(evaluated) == 1:  # the first evaluation of the first launch: a real SIGTERM to this process
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "evaluate_in_training", evaluate_then_sigterm)
+    cfg = _two_stages(tiny_models, shards, tmp_path / "run", *base)
+    with pytest.raises(trainer.Preempted):
+        trainer.main(cfg)
+    run_dir = tmp_path / "run"
+    assert [r["global_step"] for r in _records(run_dir)] == [1]  # no step after the SIGTERM
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"00000001-{cfg.stages[0].name}"]
+    trainer.main(cfg)
+    assert _records(run_dir) == _records(full)
+    assert evaluated == list(range(1, 2 * STEPS + 1))  # step 1 not evaluated again
+    weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    a, b = load_file(run_dir / "final" / weights), load_file(full / "final" / weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,8 +42,9 @@ from curation.aesthetic import (
     clip_model_id,
     resolve_head,
 )
+from curation.auto import choose_executor
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
-from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib
+from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib, this_node
 from curation.phases import (
     HOW_TO_READ,
     SAMPLE_JSON_FIELDS,
@@ -82,10 +83,15 @@ MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
 # Data's memory issue detector on the demo; declared with headroom so the scheduler counts it.
 SCAN_WORKER_BYTES = 256 * 1024**2
+# Ray Data's INFO lines (execution plan, a progress block every few seconds off a terminal): our own
+# ProgressLog says the same in one line. Levels on these child loggers survive Ray Data resetting "ray.data".
+RAY_DATA_CHATTY_LOGGERS = ("ray.data._internal.execution", "ray.data._internal.progress")
 
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    for name in RAY_DATA_CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
 
@@ -252,13 +258,24 @@ class ScanChunkBatch:
     """Scan tasks: each descriptor's batch of records through ``ScanAndDecode``, keeping what identifies the
     batch (for the scorer) and how to read each row's bytes again (for the shard writer)."""
 
-    def __init__(self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int, plan: BatchPlan) -> None:
+    def __init__(
+        self,
+        tiers: TierConfig,
+        decode: DecodeConfig,
+        *,
+        clip_size: int,
+        plan: BatchPlan,
+        guard: rundir.RunGuard | None = None,
+    ) -> None:
         self.scan = ScanAndDecode(tiers, decode, clip_size=clip_size)
         self.plan = plan
         self.starts = plan.starts
+        self.guard = guard  # checked on the worker: this node sees the run folder
 
     def __call__(self, indices: pa.Table) -> pa.Table:
         """``indices``: a block of ``ray.data.range`` (column ``id``), one overall batch index per row."""
+        if self.guard is not None:
+            self.guard.verify(node=this_node())
         return pa.concat_tables(
             [self.scan_one(self.plan.descriptor(i, self.starts)) for i in indices["id"].to_pylist()]
         )
@@ -297,14 +314,16 @@ class ScoreBatches:
         return pa.concat_tables(scored)
 
 
-def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> ray.data.Dataset:
+def _scan_dataset(
+    plan: BatchPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
+) -> ray.data.Dataset:
     """The Ray Data pipeline: one scan task per scoring batch, then the scorer actor pool (lazy)."""
     num_batches = int(plan.starts[-1])
     # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
     # worker's own footprint plus the worst-case decode (RGB at tiers.max_pixels), also keeps the scan in its
     # own task pool: Ray fuses a task stage into the next actor pool when their settings match.
     ds = ray.data.range(num_batches, override_num_blocks=num_batches).map_batches(
-        ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan),  # stateless: plain tasks
+        ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan, guard=guard),  # plain tasks
         batch_size=1,
         batch_format="pyarrow",
         memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels,
@@ -318,7 +337,12 @@ def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> ray.d
         num_cpus=score.num_cpus,
         batch_size=None,
         batch_format="pyarrow",
-    )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
+        # Ray Data hands the pool's constructor arguments through the object store, and Ray core prints an
+        # `E core_worker.cc … constructor arguments in the object store` line for every restartable actor
+        # (ray-project/ray#53727) on a healthy run. No restarts: a lost scorer fails the run, and the rerun
+        # resumes from the committed chunks (the same as any other lost driver or node).
+        max_restarts=0,
+    )
 
 
 def _scan_local(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
@@ -346,7 +370,10 @@ def scan_and_score(
     if executor.name == "local":
         stream = _scan_local(plan, cfg, clip_size)
     else:
-        stream = _scan_dataset(plan, cfg, clip_size).iter_batches(batch_format="pyarrow", batch_size=None)
+        guard = getattr(executor, "guard", None)
+        stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
     expected = {c.name: c for c in pending}
     buffers: dict[str, list[pa.Table]] = {}
     counts: Counter = Counter()
@@ -379,11 +406,14 @@ def commit_chunk(table: pa.Table, chunk: chunking.Chunk, cfg: CurationConfig, ro
 # The job
 
 
-def make_executor(cfg: CurationConfig) -> Executor:
-    if cfg.executor == "local":
+def make_executor(cfg: CurationConfig, guard: rundir.RunGuard) -> Executor:
+    """The executor ``cfg.executor`` names (``auto``: ``curation.auto``); Ray tasks check ``guard`` first."""
+    name, why = choose_executor(cfg)
+    log.info("executor: %s (%s)", name, why)
+    if name == "local":
         return LocalExecutor()
     init_ray()
-    return RayExecutor()
+    return RayExecutor(guard=guard)
 
 
 def post_config(cfg: CurationConfig) -> PostConfig:
@@ -444,8 +474,10 @@ def run(cfg: CurationConfig) -> dict:
             log.info("removed %d temporary files of an interrupted run", removed)
         scratch = root / SCRATCH_DIR
         shutil.rmtree(scratch, ignore_errors=True)
+        if reason := cfg.semantic_dedup_off_reason:
+            log.info("semantic dedup off: %s", reason)
         phase_start = time.perf_counter()
-        executor = make_executor(cfg)
+        executor = make_executor(cfg, rundir.RunGuard(str(root), rundir.write_nonce(root)))
         seconds = {"start": round(time.perf_counter() - phase_start, 3)}
         phase_start = time.perf_counter()
 
@@ -488,6 +520,7 @@ def run(cfg: CurationConfig) -> dict:
             "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
             "executor": executor.name,
+            "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
             "output": str(root),
         }
         atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())

@@ -72,10 +72,23 @@ class RayExecutor:
                     node, results[pending.pop(ref)] = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
                     if (not_shared := find_not_shared(err)) is not None:
+                        _drain(list(pending))  # their errors too are handled, not printed at exit
                         raise not_shared from None  # its one line, not a remote traceback
                     raise
                 self.task_nodes[node] += 1
         return results
+
+
+def _drain(refs: list[Any], timeout: float = 60.0) -> None:
+    """Wait for tasks in flight and read their outcome, so Ray reports no unhandled error for them later."""
+    import ray
+
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            pass  # the run is failing already, with the error that stopped it
 
 
 def this_node() -> str:

@@ -337,12 +337,7 @@ def _scan_dataset(
         num_cpus=score.num_cpus,
         batch_size=None,
         batch_format="pyarrow",
-        # Ray Data hands the pool's constructor arguments through the object store, and Ray core prints an
-        # `E core_worker.cc … constructor arguments in the object store` line for every restartable actor
-        # (ray-project/ray#53727) on a healthy run. No restarts: a lost scorer fails the run, and the rerun
-        # resumes from the committed chunks (the same as any other lost driver or node).
-        max_restarts=0,
-    )
+    )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
 
 
 def _scan_local(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:

@@ -28,7 +28,9 @@ pytestmark = pytest.mark.timeout(600)
 
 def without_mount(hidden: Path) -> list[str]:
     """A command prefix that runs the rest in a mount namespace where ``hidden`` is an empty tmpfs."""
-    base = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]  # -r: a user namespace, unprivileged
+    base = (
+        ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    )  # -r: a user namespace, unprivileged
     if subprocess.run([*base, "true"], capture_output=True).returncode != 0:
         pytest.skip(f"`{' '.join(base)}` is not permitted here: no node without the mount to simulate")
     mount = f'mount -t tmpfs tmpfs {shlex.quote(str(hidden))} && exec "$@"'
@@ -86,5 +88,7 @@ def test_tasks_run_on_the_second_node_and_a_node_without_the_folder_stops_the_jo
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "curation_summary.json").read_text())
     assert summary["executor"] == "ray"
-    assert set(summary["tasks_per_node"]) == {healthy.node_id} and summary["tasks_per_node"][healthy.node_id] > 5
+    assert (
+        set(summary["tasks_per_node"]) == {healthy.node_id} and summary["tasks_per_node"][healthy.node_id] > 5
+    )
     assert outcome(out) == outcome(reference)

@@ -60,7 +60,7 @@ from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
 from manifests.io import commit_parquet, unmark_committed
-from manifests.progress import ProgressLog
+from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,11 @@ MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
 # Data's memory issue detector on the demo; declared with headroom so the scheduler counts it.
 SCAN_WORKER_BYTES = 256 * 1024**2
-# Ray Data's INFO lines (execution plan, a progress block every few seconds off a terminal): our own
-# ProgressLog says the same in one line. Levels on these child loggers survive Ray Data resetting "ray.data".
-RAY_DATA_CHATTY_LOGGERS = ("ray.data._internal.execution", "ray.data._internal.progress")
 
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
-    for name in RAY_DATA_CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
 

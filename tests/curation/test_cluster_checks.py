@@ -166,3 +166,21 @@ def test_find_not_shared_unwraps_ray_errors():
     except RuntimeError as outer:
         assert find_not_shared(outer) is inner
     assert find_not_shared(ValueError("other")) is None
+
+
+def test_scan_tasks_check_the_nonce_before_reading_or_writing(tmp_path):
+    """The Ray Data scan stage has the same check as the executor's tasks (it runs on any node)."""
+    import pyarrow as pa
+
+    from curation.config import DecodeConfig, TierConfig
+    from curation.pipeline import BatchPlan, ScanChunkBatch
+
+    write_nonce(tmp_path)
+    plan = BatchPlan(
+        chunks=("chunk-r00",), paths=(str(tmp_path / "absent.parquet"),), num_rows=(1,), batch_size=1
+    )
+    scan = ScanChunkBatch(
+        TierConfig(), DecodeConfig(), clip_size=64, plan=plan, guard=RunGuard(str(tmp_path), "another run's")
+    )
+    with pytest.raises(RunFolderNotShared, match=f"does not see the run folder {tmp_path} "):
+        scan(pa.table({"id": [0]}))

@@ -155,9 +155,11 @@ class CurationConfig:
     # auto: Ray when a cluster is named (RAY_ADDRESS, as under `ray job submit`) or the inputs hold more than
     # auto_local_max_inputs files; else every phase in this process (curation.auto). local: never Ray.
     executor: Literal["auto", "ray", "local"] = "auto"
-    # Below this many input files, on one machine, Ray's fixed cost (~25 s: start, workers, scorer actor,
-    # task warm-up) outweighs its parallel speed-up; docs/benchmarks.md "Curation: small jobs".
-    auto_local_max_inputs: int = 5000
+    # Up to this many input files (sidecars count), on one machine, Ray's fixed cost (~28 s more than in-process:
+    # start, workers, scorer actor, task warm-up) outweighs its parallel speed-up: measured break-even ≈ 2,700
+    # images on 2 cores, ≈ 1,400 on 16 (docs/benchmarks.md "Curation: small jobs"); 2,000 files is a 1k-image
+    # job with caption sidecars.
+    auto_local_max_inputs: int = 2000
 
     def __post_init__(self) -> None:
         if not self.inputs:

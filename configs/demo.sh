@@ -23,11 +23,13 @@ step "2/10 tiny models built offline → $MODELS"
 [ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
 [ -f "$MODELS/inception/pt_inception-random.pth" ] || python -m training.tiny_inception --output "$MODELS"
 
-step "3/10 curation → $RUN"
-# Tiny random CLIP under the real LAION head: its scores mean nothing, so no aesthetic threshold.
+step "3/10 curation → $RUN (tiny random CLIP: no aesthetic threshold, no semantic dedup)"
+# Tiny random CLIP under the real LAION head: its scores mean nothing, so no aesthetic threshold; and its
+# embeddings of distinct pictures are alike (cosine ≥ 0.95 for most pairs), so semantic dedup, on by default,
+# would keep one picture: turned off here (the log says so). Exact and pHash dedup still run.
 python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard 8 \
     --clip-model "local-dir:$MODELS/clip" \
-    --min-aesthetic none
+    --min-aesthetic none --no-semantic-dedup
 
 step "4/10 captioning (tiny LLaVA) → $RUN/manifests/captions"
 python captioning/run.py --input "$RUN" --model "$MODELS/llava" --tokenizer "$MODELS/t5" --preset debug

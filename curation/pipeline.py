@@ -43,8 +43,9 @@ from curation.aesthetic import (
     clip_model_id,
     resolve_head,
 )
+from curation.auto import choose_executor
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
-from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib
+from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib, this_node
 from curation.phases import (
     HOW_TO_READ,
     SAMPLE_JSON_FIELDS,
@@ -60,7 +61,7 @@ from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
 from manifests.io import commit_parquet, is_committed, publish, temp_path, unmark_committed
-from manifests.progress import ProgressLog
+from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ SCAN_WORKER_BYTES = 256 * 1024**2
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
 
@@ -290,12 +292,23 @@ class ScanChunk:
     ``ScanAndDecode``, yielded as one packed row ``(chunk, batch, scanned)``, keeping how to read each row's bytes
     again (for the shard writer)."""
 
-    def __init__(self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int, plan: ChunkPlan) -> None:
+    def __init__(
+        self,
+        tiers: TierConfig,
+        decode: DecodeConfig,
+        *,
+        clip_size: int,
+        plan: ChunkPlan,
+        guard: rundir.RunGuard | None = None,
+    ) -> None:
         self.scan = ScanAndDecode(tiers, decode, clip_size=clip_size)
         self.plan = plan
+        self.guard = guard  # checked on the worker: this node sees the run folder
 
     def __call__(self, indices: pa.Table) -> Iterator[pa.Table]:
         """``indices``: a block of ``ray.data.range`` (column ``id``), one pending chunk index per row."""
+        if self.guard is not None:
+            self.guard.verify(node=this_node())
         for index in indices["id"].to_pylist():
             work = self.plan.works[index]
             records = pq.ParquetFile(work.records)
@@ -321,11 +334,14 @@ class ScoreAndCommit:
     the batches a clean run saw: the scan packs each batch into one value, and its size is checked here.
     """
 
-    def __init__(self, cfg: AestheticConfig, plan: ChunkPlan) -> None:
+    def __init__(self, cfg: AestheticConfig, plan: ChunkPlan, guard: rundir.RunGuard | None = None) -> None:
         self.scorer = AestheticScorer(cfg)
         self.plan = plan
+        self.guard = guard  # this actor writes scored batches and commits chunks into the run folder
 
     def __call__(self, packed: pa.Table) -> pa.Table:
+        if self.guard is not None:
+            self.guard.verify(node=this_node())
         counts = []
         for index, batch, data in zip(*(packed[c].to_pylist() for c in PACKED.names), strict=True):
             work, target = self.plan.works[index], self.plan.target
@@ -398,7 +414,9 @@ def commit_chunk(table: pa.Table, work: ChunkWork, target: CommitTarget) -> None
     commit_parquet(table, target.scored, work.name, {"records_digest": work.digest})
 
 
-def _scan_dataset(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> ray.data.Dataset:
+def _scan_dataset(
+    plan: ChunkPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
+) -> ray.data.Dataset:
     """The Ray Data pipeline: one scan task per chunk, then the scorer actor pool, which commits (lazy)."""
     num_chunks = len(plan.works)
     # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
@@ -406,7 +424,7 @@ def _scan_dataset(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> ray.d
     # Data fills up to 1.5 blocks, also keeps the scan in its own task pool: Ray fuses a task stage into the
     # next actor pool when their settings match.
     ds = ray.data.range(num_chunks, override_num_blocks=num_chunks).map_batches(
-        ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan),  # stateless: plain tasks
+        ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan, guard=guard),  # stateless: plain tasks
         batch_size=1,
         batch_format="pyarrow",
         memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES,
@@ -414,7 +432,7 @@ def _scan_dataset(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> ray.d
     score = cfg.aesthetic
     return ds.map_batches(
         ScoreAndCommit,
-        fn_constructor_kwargs={"cfg": score, "plan": plan},
+        fn_constructor_kwargs={"cfg": score, "plan": plan, "guard": guard},
         compute=ray.data.ActorPoolStrategy(size=score.num_actors),
         num_gpus=score.num_gpus,
         num_cpus=score.num_cpus,
@@ -451,7 +469,8 @@ def scan_and_score(
     if executor.name == "local":
         stream = _scan_local(plan, cfg, clip_size)
     else:
-        stream = _scan_dataset(plan, cfg, clip_size).iter_batches(batch_format="pyarrow", batch_size=None)
+        guard = getattr(executor, "guard", None)
+        stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(batch_format="pyarrow", batch_size=None)
     rows: Counter = Counter()
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
     for counts in stream:
@@ -484,11 +503,14 @@ def _commit_task(item: tuple[ChunkWork, CommitTarget]) -> int:
 # The job
 
 
-def make_executor(cfg: CurationConfig) -> Executor:
-    if cfg.executor == "local":
+def make_executor(cfg: CurationConfig, guard: rundir.RunGuard) -> Executor:
+    """The executor ``cfg.executor`` names (``auto``: ``curation.auto``); Ray tasks check ``guard`` first."""
+    name, why = choose_executor(cfg)
+    log.info("executor: %s (%s)", name, why)
+    if name == "local":
         return LocalExecutor()
     init_ray()
-    return RayExecutor()
+    return RayExecutor(guard=guard)
 
 
 def post_config(cfg: CurationConfig) -> PostConfig:
@@ -549,8 +571,10 @@ def run(cfg: CurationConfig) -> dict:
             log.info("removed %d temporary files of an interrupted run", removed)
         scratch = root / SCRATCH_DIR
         shutil.rmtree(scratch, ignore_errors=True)
+        if reason := cfg.semantic_dedup_off_reason:
+            log.info("semantic dedup off: %s", reason)
         phase_start = time.perf_counter()
-        executor = make_executor(cfg)
+        executor = make_executor(cfg, rundir.RunGuard(str(root), rundir.write_nonce(root)))
         seconds = {"start": round(time.perf_counter() - phase_start, 3)}
         phase_start = time.perf_counter()
 
@@ -593,6 +617,7 @@ def run(cfg: CurationConfig) -> dict:
             "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
             "executor": executor.name,
+            "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
             "output": str(root),
         }
         atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())

@@ -44,7 +44,7 @@ from manifests.io import (
     temp_path,
     unmark_committed,
 )
-from manifests.progress import quiet_library_bars
+from manifests.progress import quiet_library_bars, quiet_ray_data
 from manifests.selection import RECORD_FILE, ROWS_FILE, require_selection
 from manifests.tars import extension_for, json_bytes, npy_bytes, read_members, write_shard
 
@@ -298,6 +298,7 @@ def materialize(cfg: MaterializeConfig) -> Path:
         log.info("removed %d shards the selection no longer fills", removed)
     results = []
     if plans:
+        quiet_ray_data()  # no INFO progress blocks (evalset calls this too)
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
         ds = ray.data.from_items(plans, override_num_blocks=len(plans)).map(

@@ -129,7 +129,15 @@ def export_pipeline(
         load_frozen(components, dtype=torch.float32) if mode == "copy" else dict.fromkeys(FROZEN_COMPONENTS)
     )
     pipe = PixArtSigmaPipeline(transformer=transformer, scheduler=scheduler(), **frozen)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    # Referenced components are None here: diffusers warns "self.vae=None … cannot be saved" for each, per
+    # export; they are recorded in pixsigma.json instead, so that warning is silenced for this call only.
+    saver_log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    level = saver_log.level
+    saver_log.setLevel(logging.ERROR)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        saver_log.setLevel(level)
     info = {
         "format": INFO_FORMAT,
         "model": {**dataclasses.asdict(model.config), "grad_checkpointing": False},

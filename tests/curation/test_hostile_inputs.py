@@ -41,6 +41,7 @@ from curation.sources import (
 from curation.stages import scan_header
 from manifests.imageio import AVIF_SUPPORTED
 from tests.conftest import REPO
+from tests.curation.conftest import TINY_CLIP_DEDUP
 
 LOCAL = fsspec.filesystem("file")
 NON_UTF8_NAME = b"caf\xe9.jpg"  # Latin-1 é: what an old Windows archive unpacks to
@@ -417,6 +418,7 @@ def test_hostile_folder_runs_to_the_end_with_one_row_each(
         output=str(tmp_path / "out"),
         shards=ShardConfig(samples_per_shard=4),
         aesthetic=aesthetic_cfg,
+        dedup=TINY_CLIP_DEDUP,
         report=False,
     )
     summary = run(cfg)

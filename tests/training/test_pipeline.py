@@ -171,3 +171,27 @@ def test_reexport_keeps_other_entries_and_drops_stale_components(tiny_models, tm
     assert (folder / "64px" / "model_index.json").exists()
     assert not (folder / "vae").exists()  # copied before, referenced now
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_reference_export_prints_no_unsaved_component_warning(tiny_models, tmp_path):
+    """A reference export leaves T5/VAE out on purpose: no `self.vae=None … cannot be saved` line per export."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    saver_log = logging.getLogger("diffusers.pipelines.pipeline_utils")  # where diffusers warns
+    level, collect = saver_log.level, Collect()
+    saver_log.addHandler(collect)
+    try:
+        export_pipeline(_tiny(), tmp_path / "export", _components(tiny_models), mode="reference")
+    finally:
+        saver_log.removeHandler(collect)
+    assert not [m for m in collect.messages if "cannot be saved" in m], collect.messages
+    assert saver_log.level == level  # silenced for that call only
+    assert read_info(tmp_path / "export")["components_mode"] == "reference"

@@ -424,7 +424,8 @@ def _scan_dataset(
     # Data fills up to 1.5 blocks, also keeps the scan in its own task pool: Ray fuses a task stage into the
     # next actor pool when their settings match.
     ds = ray.data.range(num_chunks, override_num_blocks=num_chunks).map_batches(
-        ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan, guard=guard),  # stateless: plain tasks
+        # stateless: plain tasks
+        ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan, guard=guard),
         batch_size=1,
         batch_format="pyarrow",
         memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES,
@@ -470,7 +471,9 @@ def scan_and_score(
         stream = _scan_local(plan, cfg, clip_size)
     else:
         guard = getattr(executor, "guard", None)
-        stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(batch_format="pyarrow", batch_size=None)
+        stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
     rows: Counter = Counter()
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
     for counts in stream:

@@ -212,6 +212,6 @@ def refuse_pixsigma_folder(path, subfolder: str | None = None) -> None:
         raise ValueError(
             f"{config.parent} is a pixsigma checkpoint folder (config.json + model.safetensors), not a diffusers "
             "one: load it with training.convert.load_model, sample it with `python -m training.sample --model "
-            f"{config.parent}`, or export a PixArtSigmaPipeline folder with `python -m training.convert --input "
+            f"{config.parent}`, or export a PixArtSigmaPipeline folder with `python -m training.export --input "
             f"{config.parent} --output OUT`"
         )

@@ -3,8 +3,10 @@
 A folder written by ``export_pipeline`` is what ``PixArtSigmaPipeline.save_pretrained`` writes —
 ``model_index.json``, ``transformer/``, ``scheduler/`` (DPM-Solver++ on our noise schedule, the settings
 we sample with) and, with ``components="copy"``, ``vae/``, ``text_encoder/``, ``tokenizer/`` — plus
-``pixsigma.json``: the model config, the caption budget, the VAE scaling factor trained with, the
-resolution, and where the frozen components come from. With ``components="reference"`` (the trainer's
+``transformer/null_caption.safetensors`` (the stored null caption and its mode, which diffusers has no
+place for; ``training.convert.load_diffusers`` restores it) and ``pixsigma.json``: the model config, the
+caption budget, the VAE scaling factor trained with, the resolution, and where the frozen components come
+from. With ``components="reference"`` (the trainer's
 default: T5-XXL is ~19 GB) those three are ``[null, null]`` in ``model_index.json`` and named by path or
 hub id in ``pixsigma.json``; ``load_pipeline`` fills them in, and a plain diffusers user passes them to
 ``from_pretrained`` (README, "Sampling, export and evaluation").
@@ -116,7 +118,7 @@ def export_pipeline(
     """
     from diffusers import PixArtSigmaPipeline
 
-    from training.convert import to_diffusers_transformer
+    from training.convert import save_null_caption, to_diffusers_transformer
 
     if mode not in ("copy", "reference"):
         raise ValueError(f"mode must be 'copy' or 'reference', got {mode!r}")
@@ -130,6 +132,7 @@ def export_pipeline(
     )
     pipe = PixArtSigmaPipeline(transformer=transformer, scheduler=scheduler(), **frozen)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    save_null_caption(model, tmp / "transformer")  # the null caption and its mode travel with the weights
     info = {
         "format": INFO_FORMAT,
         "model": {**dataclasses.asdict(model.config), "grad_checkpointing": False},

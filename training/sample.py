@@ -35,6 +35,7 @@ from manifests.buckets import nearest_bucket
 from manifests.features import t5_states
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
+from training.convert import NULL_CAPTION_FILE, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
 from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
@@ -215,6 +216,7 @@ def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
     info = read_info(path) or {}
     max_tokens = info.get("max_token_length", DEFAULT_MAX_TOKENS)
     model = load_diffusers(path, subfolder="transformer", max_token_length=max_tokens)
+    _check_null_caption(model, info.get("model", {}).get("null_caption"), path)
     components = frozen_components(path, **overrides)
     return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
 
@@ -229,11 +231,24 @@ def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
     else:
         max_tokens = train_cfg["text"]["max_tokens"] if train_cfg else DEFAULT_MAX_TOKENS
         model = load_diffusers(path, max_token_length=max_tokens)
+        if train_cfg is not None:
+            trained = resolve_null_caption(train_cfg["text"]["null_caption"], train_cfg["model"]["init"])
+            _check_null_caption(model, trained, path)
     if train_cfg is not None:
         components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
     else:
         components = _flag_components(**overrides)
     return LoadedModel(model, components, _resolution(model), spec)
+
+
+def _check_null_caption(model: PixArtSigma, trained: str | None, path: Path) -> None:
+    """Refuse to sample a model trained with ``null_caption = "upstream"`` whose export lost its null caption
+    (exports before null_caption.safetensors): guided against T5("") it would not be the trained model."""
+    if trained is not None and trained != model.config.null_caption:
+        raise ValueError(
+            f"{path}: trained with null_caption={trained!r} but the export has no {NULL_CAPTION_FILE} to "
+            f"sample it that way; export it again from its checkpoint (pixsigma-export --input CHECKPOINT)"
+        )
 
 
 def cached_hub_snapshot(repo_id: str) -> Path:
@@ -294,13 +309,14 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
     weights_state = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
     preset = PRESETS[cfg["model"]["preset"]]
     null = weights_state["y_embedder.y_embedding"]  # (max_tokens, C): the caption width and budget
+    null_mode = resolve_null_caption(cfg["text"]["null_caption"], cfg["model"]["init"])
     kv_layers = tuple(i for i in range(preset.depth) if f"blocks.{i}.attn.sr.weight" in weights_state)
     ratio = int(weights_state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]) if kv_layers else 2
     base_size, default_pe = pe_params_for_resolution(stage["resolution"], patch_size=preset.patch_size)
     config = dataclasses.replace(
         preset, caption_channels=null.shape[1], max_token_length=null.shape[0], base_size=base_size,
         pe_interpolation=stage.get("pe_interpolation") or default_pe, kv_compress_layers=kv_layers,
-        kv_compress_ratio=ratio, grad_checkpointing=False,
+        kv_compress_ratio=ratio, grad_checkpointing=False, null_caption=null_mode,
     )  # fmt: skip
     model = PixArtSigma(config)
     model.load_state_dict(weights_state, strict=True)

@@ -5,7 +5,9 @@
 
 Every source becomes our ``PixArtSigma`` (``training.convert``), so one code path samples them all; the
 frozen T5 and VAE come from the export (``pixsigma.json``, ``train_config.json``), the checkpoint's config,
-or ``--t5``/``--vae``. Samplers: DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler`` on our noise
+or ``--t5``/``--vae``; so does the null caption and its mode (``null_caption.safetensors`` beside an exported
+transformer, the checkpoint's config, upstream for an original ``.pth``), so that a model trained with
+``text.null_caption = "upstream"`` samples as the trainer's validation did. Samplers: DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler`` on our noise
 schedule, what ``PixArtSigmaPipeline`` runs) and the IDDPM ancestral sampler with the learned variance on
 respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
 against the encoded negative prompt ("" by default, the pipeline's choice); only the ε channels are guided.

@@ -311,6 +311,7 @@ class EvalSettings:
     num_images_per_prompt: int = 1
     seed: int = 0
     resolution: int | None = None  # default: each model's training resolution
+    binning: str = "pixart"  # bucket tables (training.sample.BINNINGS), the same for sampling and evaluation
 
 
 def evaluate_generator(
@@ -329,7 +330,7 @@ def evaluate_generator(
     """Generate this rank's share into ``out/images``, feed FID and CLIP; FID and all rows on every rank."""
     k = eval_settings.num_images_per_prompt
     jobs = plan_jobs(rows, resolution=eval_settings.resolution or generator.resolution, seed=eval_settings.seed,
-                     num_images_per_prompt=k)  # fmt: skip
+                     num_images_per_prompt=k, binning=eval_settings.binning)  # fmt: skip
     mine = jobs[env.rank :: env.world_size]
     fid.reset()
     real_scores = {}  # the real image's CLIP score against its prompt: the ceiling the model is read against
@@ -540,7 +541,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     fid = FidMetric(device=device, inception=args.inception, features=args.fid_features, resize=args.fid_resize)
     clip = ClipScorer(args.clip_model, args.clip_pretrained, device=device)
     settings = settings_from_args(args)
-    eval_settings = EvalSettings(args.num_images_per_prompt, args.seed, args.resolution)
+    eval_settings = EvalSettings(args.num_images_per_prompt, args.seed, args.resolution, args.binning)
     compare = len(args.model) > 1
     labels = model_labels(args.model) if compare else [""]
     results = []
@@ -556,7 +557,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "name": name, "model": model, "eval_set": str(args.input), "num_prompts": len(rows),
             **score_summary(fid_value, image_rows), "fid_features": args.fid_features, "clip_model": clip.name,
             "inception": str(args.inception or default_inception_path()), "inception_sha256": fid.weights_sha256,
-            "fid_resize": args.fid_resize, "resolution": generator.resolution,
+            "fid_resize": args.fid_resize, "resolution": generator.resolution, "binning": args.binning,
             "sampling": dataclasses.asdict(settings), "seed": args.seed, "world_size": env.world_size,
             "seconds": time.perf_counter() - started,
         }  # fmt: skip

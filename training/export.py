@@ -9,10 +9,11 @@ diffusers assembly (``training.pipeline``) ← loading any source (``training.sa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
-from training.pipeline import export_pipeline
+from training.pipeline import FROZEN_COMPONENTS, export_pipeline
 from training.sample import load_source
 
 
@@ -28,6 +29,9 @@ def export_cli(argv: list[str] | None = None) -> Path:
     parser.add_argument("--output", required=True, help="pipeline folder to write")
     parser.add_argument("--components", choices=("copy", "reference"), default="copy",
                         help="copy the T5/tokenizer/VAE into the folder, or name them in pixsigma.json")  # fmt: skip
+    parser.add_argument("--standalone", action="store_true",
+                        help="a folder plain diffusers loads with PixArtSigmaPipeline.from_pretrained(dir) alone "
+                        "(trust_remote_code=True for KV models): components copied, the KV class's code inside")  # fmt: skip
     parser.add_argument(
         "--weights", choices=("ema", "model"), default="ema", help="for run folders and checkpoints"
     )
@@ -39,6 +43,8 @@ def export_cli(argv: list[str] | None = None) -> Path:
     parser.add_argument("--preset", default="XL/2", help="model shape of an original .pth")
     parser.add_argument("--resolution", type=int, help="training resolution of an original .pth (px)")
     args = parser.parse_args(argv)
+    if args.standalone and args.components != "copy":
+        parser.error("--standalone copies the T5, tokenizer and VAE: it cannot go with --components reference")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_source(
         args.input, weights=args.weights, preset=args.preset, resolution=args.resolution, t5=args.t5, vae=args.vae,
@@ -47,7 +53,11 @@ def export_cli(argv: list[str] | None = None) -> Path:
     if loaded.components is None:
         parser.error(f"{args.input} does not record its T5 and VAE: pass --t5 and --vae")
     folder = export_pipeline(loaded.model, args.output, loaded.components, mode=args.components,
-                             extra={"source": args.input})  # fmt: skip
+                             extra={"source": args.input, "standalone": args.standalone})  # fmt: skip
+    index = json.loads((folder / "model_index.json").read_text())
+    outside = [name for name in FROZEN_COMPONENTS if index.get(name, [None])[0] is None]
+    if args.standalone and outside:
+        raise ValueError(f"{folder}: {outside} not copied in; the export is not standalone")
     print(
         f"PixArtSigmaPipeline ({'KV-compressed' if loaded.model.config.kv_compress_layers else 'plain'}) → {folder}"
     )

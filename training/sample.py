@@ -7,9 +7,10 @@ Every source becomes our ``PixArtSigma`` (``training.convert``), so one code pat
 frozen T5 and VAE come from the export (``pixsigma.json``, ``train_config.json``), the checkpoint's config,
 or ``--t5``/``--vae``; so does the null caption and its mode (``null_caption.safetensors`` beside an exported
 transformer, the checkpoint's config, upstream for an original ``.pth``), so that a model trained with
-``text.null_caption = "upstream"`` samples as the trainer's validation did. Samplers: DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler`` on our noise
-schedule, what ``PixArtSigmaPipeline`` runs) and the IDDPM ancestral sampler with the learned variance on
-respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
+``text.null_caption = "upstream"`` samples as the trainer's validation did. Samplers: DPM-Solver++ (diffusers'
+``DPMSolverMultistepScheduler`` on our noise schedule, what ``PixArtSigmaPipeline`` runs), SA-Solver
+(diffusers' ``SASolverScheduler`` with PixArt-Σ's demo settings) and the IDDPM ancestral sampler with the
+learned variance on respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
 against the encoded negative prompt ("" by default, the pipeline's choice); only the ε channels are guided.
 Each image's starting noise (and IDDPM's per-step noise) comes from its own CPU generator seeded with
 ``--seed`` + its index, so an image does not depend on the batch it lands in or on the device.
@@ -44,7 +45,7 @@ from training.pipeline import ComponentRef, FrozenComponents, frozen_components,
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("dpm-solver", "iddpm")
+SAMPLERS = ("dpm-solver", "iddpm", "sa-solver")
 # Bucket tables: "pixart", the 40 buckets per resolution the model trained on (manifests.buckets, PixArt's
 # ASPECT_RATIO_* tables, 256…2880, by nearest h/w); "diffusers", PixArtSigmaPipeline's 33-bucket *_BIN tables
 # (256/512/1024/2048, picked as its use_resolution_binning picks) with an asked size resized back to it.
@@ -504,6 +505,36 @@ def dpm_solver_sample(denoise: Denoiser, noise: Tensor, *, steps: int, in_channe
     return x
 
 
+def sa_solver_tau(t: float) -> float:
+    """SA-Solver's stochasticity τ(t) in PixArt-Σ's demo (app.py): SDE steps for 200 ≤ t ≤ 800, ODE elsewhere."""
+    return 1.0 if 200 <= t <= 800 else 0.0
+
+
+def sa_solver_scheduler():
+    """diffusers' ``SASolverScheduler`` (Xue et al. 2023; PixArt-Σ's second sampler) on our noise schedule, with
+    the demo's settings: data prediction, predictor and corrector of order 2, ``sa_solver_tau``."""
+    from diffusers import SASolverScheduler
+
+    return SASolverScheduler.from_config(
+        GaussianDiffusion().scheduler().config, algorithm_type="data_prediction", tau_func=sa_solver_tau,
+        predictor_order=2, corrector_order=2,
+    )  # fmt: skip
+
+
+def sa_solver_sample(
+    denoise: Denoiser, noise: Tensor, *, steps: int, in_channels: int, generators: list[torch.Generator]
+) -> Tensor:
+    """SA-Solver, the loop ``PixArtSigmaPipeline`` runs with that scheduler; its step noise is drawn per image from
+    ``generators`` (CPU), so an image does not depend on its batch; returns x_0 (B, C, h, w)."""
+    scheduler = sa_solver_scheduler()
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise.float() * scheduler.init_noise_sigma  # (B, C, h, w)
+    for t in scheduler.timesteps:
+        out = denoise(scheduler.scale_model_input(x, t), t.expand(x.shape[0]))  # (B, C_out, h, w)
+        x = scheduler.step(out[:, :in_channels], t, x, generator=generators).prev_sample
+    return x
+
+
 class RespacedDiffusion:
     """IDDPM tables on ``num_steps`` of the 1000 training timesteps (improved-diffusion ``respace.py``).
 
@@ -650,6 +681,8 @@ class ImageGenerator:
             denoise = guided_denoiser(self.model, y, mask, y_neg, mask_neg, settings.cfg_scale)
         if settings.sampler == "iddpm":
             return iddpm_sample(denoise, noise, steps=settings.steps, in_channels=C, generators=generators)
+        if settings.sampler == "sa-solver":
+            return sa_solver_sample(denoise, noise, steps=settings.steps, in_channels=C, generators=generators)
         return dpm_solver_sample(denoise, noise, steps=settings.steps, in_channels=C)
 
     def decode(self, latents: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
@@ -748,7 +781,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampler flags shared with training.evaluate."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver",
-                       help="DPM-Solver++ (diffusers, as PixArtSigmaPipeline) or IDDPM ancestral")  # fmt: skip
+                       help="DPM-Solver++ (diffusers, as PixArtSigmaPipeline), IDDPM ancestral, or SA-Solver "
+                       "(diffusers' SASolverScheduler with PixArt-Σ's demo settings)")  # fmt: skip
     group.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps")
     group.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance scale")
     group.add_argument("--negative-prompt", default="", help="the unconditional side of guidance")

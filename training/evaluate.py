@@ -16,7 +16,9 @@ result does not depend on the number of ranks.
   count per side and the weights' sha256. Below 2048 images per side FID is refused, or with
   ``--allow-small-fid`` computed and marked ``fid_small_n`` (a trend, not a reportable number). PixArt-Σ reports FID on 30K held-out images (arXiv 2403.04692 §4).
 - CLIP score: open_clip (ViT-L/14 by default), 100 · max(cos(image, prompt), 0) per image, as torchmetrics'
-  ``CLIPScore`` defines it (Hessel et al. 2021 with w = 100), scored on the 8-bit PNG that is saved.
+  ``CLIPScore`` defines it (Hessel et al. 2021 with w = 100), scored on the 8-bit PNG that is saved; CLIP reads
+  77 tokens, so ``clip_prompts_cut`` counts the images whose prompt it saw only the start of (per row:
+  ``clip_prompt_cut``).
 
 Writes ``metrics.json``, ``clip_scores.parquet`` (one row per image), TensorBoard scalars (``tensorboard/``)
 and ``index.html`` (generated next to real, prompt and score under each, worst and best CLIP rows) to
@@ -211,6 +213,13 @@ class ClipScorer:
         self.device = device
         self.name = model if pretrained is None else f"{model}/{pretrained}"
 
+    def is_cut(self, prompt: str) -> bool:
+        """Whether CLIP sees only the start of ``prompt``: its tokens (start and end included, after the
+        tokenizer's own cleaning) exceed the context length (77); PixArt-Σ captions run to 300 T5 tokens."""
+        context = self.tokenizer.context_length
+        tokens = self.tokenizer([prompt], context_length=context * 64)  # (1, L): zero-padded, not cut
+        return int((tokens != 0).sum()) > context
+
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
         """CLIP score per (image, prompt) pair, (B,) float on the CPU."""
@@ -344,17 +353,19 @@ def evaluate_generator(
             atomic_write_bytes(real_out / f"{_safe(row['key'])}.png", _png(image))
     real_scores = _gather_dict(real_scores, env)
     scores: dict[int, float] = {}
+    cut: dict[int, bool] = {}  # the prompt was longer than CLIP's context: scored on its start only
 
     def score(job: ImageJob, image: Tensor) -> None:
         pixels = Image.open(io.BytesIO(to_png_bytes(image)))  # exactly what was saved
         fid.update(pil_to_uint8(pixels)[None], real=False)
         scores[job.index] = float(clip([pixels.convert("RGB")], [job.prompt])[0])
+        cut[job.index] = clip.is_cut(job.prompt)
 
     image_rows = write_images(generator, mine, settings, out / "images", on_image=score)
     for row in image_rows:
         key = rows[row["index"] // k]["key"]
-        row.update(clip_score=scores[row["index"]], real_key=key, real_file=f"{_safe(key)}.png",
-                   real_clip_score=real_scores[key])  # fmt: skip
+        row.update(clip_score=scores[row["index"]], clip_prompt_cut=cut[row["index"]], real_key=key,
+                   real_file=f"{_safe(key)}.png", real_clip_score=real_scores[key])  # fmt: skip
     return fid.compute(), gather_rows(image_rows, env)
 
 
@@ -508,6 +519,7 @@ def score_summary(fid_value: float, image_rows: list[dict]) -> dict:
         "num_images": len(image_rows), "num_real_images": len(real_scores), "num_generated_images": len(image_rows),
         "fid": fid_value, "fid_small_n": small_fid(len(real_scores), len(image_rows)), "clip_score": float(scores.mean()),
         "clip_score_std": float(scores.std()), "clip_score_real": float(real_scores.mean()),
+        "clip_prompts_cut": sum(bool(r.get("clip_prompt_cut")) for r in image_rows),
     }  # fmt: skip
     if summary["fid_small_n"]:
         summary["fid_note"] = SMALL_FID_LABEL

@@ -186,6 +186,16 @@ def test_clean_resize_fid_is_torch_fidelitys_on_pil_bicubic_299_images(eval_mode
     assert abs(clean - standard) > 0.1  # the two resizes are two protocols
 
 
+def test_clip_counts_prompts_cut_at_its_context_length(eval_models):
+    """CLIP reads 77 tokens (start and end included): a prompt one BPE token over is scored on its start only."""
+    clip = ClipScorer(eval_models["clip"], None, device=CPU)
+    context = clip.tokenizer.context_length
+    fits = " ".join(["cat"] * (context - 2))
+    assert len(clip.tokenizer.encode(fits)) + 2 == context  # open_clip's BPE: one token per word here
+    assert not clip.is_cut("a red car in the rain") and not clip.is_cut(fits)
+    assert clip.is_cut(fits + " dog")
+
+
 def test_inception_weights_must_be_a_plain_state_dict(tmp_path):
     with pytest.raises(FileNotFoundError, match="--inception"):
         FidMetric(device=CPU, inception=tmp_path / "missing.pth")
@@ -215,11 +225,13 @@ def test_evaluate_writes_metrics_scores_tensorboard_and_page(single, eval_models
     with open(eval_models["inception"], "rb") as f:
         assert metrics["inception_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert metrics["fid_small_n"] and "trend only" in metrics["fid_note"]  # 5 / 10 images: marked
+    assert metrics["clip_prompts_cut"] == 0  # the eval prompts are short
     assert "trend only" in (out / "index.html").read_text()
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
 
     table = pq.read_table(out / "clip_scores.parquet").to_pylist()
     assert [r["file"] for r in table] == [f"k{i:03d}-{j}.png" for i in range(5) for j in range(2)]
+    assert not any(r["clip_prompt_cut"] for r in table)
     # each generated image lands in the bucket nearest to its real image's aspect (64 px table)
     assert [(r["height"], r["width"]) for r in table[::2]] == [
         nearest_bucket(h, w, 64) for h, w in EVAL_SIZES

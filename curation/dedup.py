@@ -3,14 +3,17 @@
 Everything here works on Arrow tables and NumPy arrays of one partition or bucket; ``curation.phases``
 runs it over hash-partitioned Parquet, and ``mark_duplicates`` over a small in-memory table (tests).
 
-Edges. Rows with the same sha256 are joined to the smallest key of their group (a star: a group of k rows
-costs k - 1 edges, never k²); so are rows with the same pHash. Distinct pHash values within
-``max_hamming`` bits are found by multi-index hashing over wide bands (below). Semantic pairs come from
-CLIP embeddings. Each edge says "same picture"; groups are the connected components of all edges.
+Matches. Two rows match directly when they share a sha256 (``duplicate: sha256``), their pHashes are within
+``max_hamming`` bits (``duplicate: phash <bits>``, 0 for equal hashes) or their CLIP embeddings are within
+the cosine threshold (``duplicate: semantic <cosine>``, ``curation.semdedup``). Equality is stored as
+classes (the phases write star edges: k - 1 per class of k rows, never k²), distinct pHash values within
+range as value pairs, semantic matches as key pairs with their similarity.
 
-Keeper. One row per group survives, by a fixed order: more pixels, then higher aesthetic score (null
-last), then the smaller key. It depends only on the group, never on arrival order or partitioning; the
-others become ``duplicate`` rejections with ``dup_of`` = the keeper.
+Keeper (``keepers``). The connected components of the matches are the unit of work; within one, rows are
+walked in a fixed order (more pixels, then higher aesthetic score, null last, then the smaller key) and a
+row is rejected only when it matches a row already kept directly: never by a chain (SemDeDup, NeMo
+Curator). ``dup_of`` names that kept row (the first in the order, when several match) and ``reason`` the
+test and its value. The outcome depends only on the rows, never on arrival order or partitioning.
 
 Near pHash search (multi-index hashing, meet in the middle). The 64 bits are cut into bands; each distinct
 value is indexed under its band value and the band values one bit away, so two values that share an
@@ -20,7 +23,8 @@ bits (precision is exact). Layouts (``band_layout``):
 - ``num_splits`` k (the default, k = 1): k cuts of the bits into two 32-bit bands (cut 0: the high and
   low halves; the others after a fixed random permutation). A pair within ≤ 5 bits differs by ≤ 2 bits in
   one half of any cut, so the search is **exact** for ``max_hamming`` ≤ 5; above, a pair is missed when
-  every cut divides its bits 3/3 or worse (recall per k measured in docs/benchmarks.md). Cost: 33 index
+  every cut divides its bits 3/3 or worse (recall per k measured in docs/benchmarks.md), so configs refuse
+  it (``require_exact``). Cost: 33 index
   entries per value per band, and a 32-bit band value is shared by N / 2³² random hashes (0.008 at
   33M), so the candidate pairs grow linearly with N.
 - ``num_splits`` None: exact for any ``max_hamming``: ``max_hamming // 3 + 1`` bands, narrower than 32
@@ -37,9 +41,11 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curation import semdedup
 from manifests.schema import KEPT, REJECTED
 
 HASH_BITS = 64
@@ -48,7 +54,9 @@ BANDS_PER_SPLIT = HASH_BITS // BAND_BITS
 EXACT_MAX_HAMMING = 5  # 2 bands × (2 bits each) + 1: beyond, some pairs split their bits 3/3
 _PERMUTATION_SEED = 20240305
 EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
-DUPLICATES = pa.schema([("key", pa.string()), ("dup_of", pa.string())])
+DUPLICATES = pa.schema([("key", pa.string()), ("dup_of", pa.string()), ("reason", pa.string())])
+NEAR = pa.schema([("u", pa.int64()), ("v", pa.int64())])  # distinct pHash value pairs
+SEMANTIC = pa.schema([("a", pa.string()), ("b", pa.string()), ("similarity", pa.float64())])
 
 
 def keeper_order(row: dict) -> tuple:
@@ -94,6 +102,18 @@ def band_layout(max_hamming: int, num_splits: int | None) -> list[Band]:
 def is_exact(max_hamming: int, num_splits: int | None) -> bool:
     """Whether the search finds every pair within ``max_hamming`` bits."""
     return num_splits is None or max_hamming <= EXACT_MAX_HAMMING
+
+
+def require_exact(max_hamming: int, num_splits: int | None) -> None:
+    """Refuse a layout that would miss pairs: ``ValueError`` unless ``is_exact`` (the dedup never trades
+    recall for speed silently; ``bench/calibrate_dedup.py`` measures the inexact layouts on purpose)."""
+    if not is_exact(max_hamming, num_splits):
+        raise ValueError(
+            f"dedup.max_hamming {max_hamming} with phash_splits {num_splits}: 32-bit bands find every pair only "
+            f"up to {EXACT_MAX_HAMMING} bits (a pair whose bits split 3/3 in every cut is missed); use "
+            f"phash_splits None (CLI: --phash-splits exact, bands narrower than 32 bits) or max_hamming ≤ "
+            f"{EXACT_MAX_HAMMING}"
+        )
 
 
 def as_unsigned(phashes: np.ndarray) -> np.ndarray:
@@ -305,85 +325,192 @@ def unique_hashes(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return unique, star
 
 
-def value_edges(value_pairs: pa.Table, unique: pa.Table) -> pa.Table:
-    """Edges between the representative keys of near pHash value pairs (``u``, ``v``)."""
-    return _query(
-        "SELECT x.rep AS a, y.rep AS b FROM pairs p JOIN unique_ x ON x.phash = p.u "
-        "JOIN unique_ y ON y.phash = p.v ORDER BY a, b",
-        pairs=value_pairs,
-        unique_=unique,
-    ).cast(EDGES)
+def _chain(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges joining the members of each class (consecutive in a sort: k - 1 edges for k members);
+    ``classes``: a class id per node, -1 for none."""
+    order = np.argsort(classes, kind="stable")
+    ordered = classes[order]
+    same = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+    return order[:-1][same], order[1:][same]
 
 
-def keepers(edges: pa.Table, attributes: pa.Table) -> pa.Table:
-    """``(key, dup_of)`` of every non-keeper of each connected component of ``edges``, sorted by key.
+def _class_ids(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A dense id per distinct non-null value (-1 for null)."""
+    encoded = pc.dictionary_encode(values)
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    return encoded.indices.fill_null(-1).to_numpy().astype(np.int64)
 
-    ``attributes``: key, pixels, aesthetic of (at least) every key in ``edges``.
+
+def _csr(first: np.ndarray, second: np.ndarray, size: int) -> tuple[list[int], list[int]]:
+    """Undirected adjacency lists of ``size`` nodes as CSR (``offsets``, ``targets``) Python lists."""
+    both = np.concatenate([first, second]), np.concatenate([second, first])
+    order = np.argsort(both[0], kind="stable")
+    offsets = np.searchsorted(both[0][order], np.arange(size + 1))
+    return offsets.tolist(), both[1][order].tolist()
+
+
+def keepers(nodes: pa.Table, near: pa.Table, semantic: pa.Table) -> pa.Table:
+    """``(key, dup_of, reason)`` of every rejected duplicate among ``nodes``, sorted by key.
+
+    ``nodes``: key, pixels, aesthetic, sha256, phash of every row that may match another (a sha256 or
+    pHash shared with another row, a pHash in ``near``, a key in ``semantic``); ``near``: distinct pHash
+    value pairs ``(u, v)`` within ``max_hamming`` bits; ``semantic``: key pairs ``(a, b, similarity)``.
+
+    The rule never chains (SemDeDup, NeMo Curator): rows are walked in keeper order (``keeper_order``)
+    within each connected component of the matches, and a row is rejected only when it matches a row
+    already kept *directly*: the same sha256, a pHash within ``max_hamming`` bits (0 for equal), or a
+    semantic pair. ``dup_of`` is the first such kept row in keeper order; when it matches by several
+    tests, the reason names the strongest: ``duplicate: sha256``, then ``duplicate: phash <bits>``, then
+    ``duplicate: semantic <cosine>``. So no kept row matches an earlier kept row, and every rejected row
+    is within a threshold of the row its ``dup_of`` names; a morph chain keeps every row that is not a
+    direct match of a kept one. Equality is a class (k rows, never k² pairs).
     """
-    if edges.num_rows == 0:
+    nodes = nodes.sort_by("key")
+    keys = nodes["key"].to_pylist()
+    size = len(keys)
+    if size == 0:
         return DUPLICATES.empty_table()
-    con = duckdb.connect()
-    try:
-        con.register("edges", edges)
-        nodes = con.sql(
-            "SELECT key FROM (SELECT a AS key FROM edges UNION SELECT b FROM edges) ORDER BY key"
-        ).to_arrow_table()
-        con.register("nodes", nodes.append_column("id", pa.array(np.arange(nodes.num_rows), pa.int64())))
-        ids = con.execute(
-            "SELECT x.id, y.id FROM edges e JOIN nodes x ON x.key = e.a JOIN nodes y ON y.key = e.b"
-        ).fetchnumpy()
-        first, second = ids["id"], ids["id_1"]
-        graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(nodes.num_rows,) * 2)
-        _, labels = connected_components(graph, directed=False)
-        con.register("labelled", nodes.append_column("label", pa.array(labels, pa.int64())))
-        con.register("attributes", attributes)
-        return (
-            con.sql(
-                """
-            WITH ranked AS (
-                SELECT l.key, l.label, first(l.key ORDER BY a.pixels DESC, a.aesthetic DESC NULLS LAST, l.key)
-                       OVER (PARTITION BY l.label) AS keeper
-                FROM labelled l JOIN attributes a USING (key)
-            )
-            SELECT key, keeper AS dup_of FROM ranked WHERE key <> keeper ORDER BY key
-            """
-            )
-            .to_arrow_table()
-            .cast(DUPLICATES)
-        )
-    finally:
-        con.close()
+    sha_class = _class_ids(nodes["sha256"])
+    phash_class = _class_ids(nodes["phash"])
+    # pHash value → its class id, and the near pairs as class pairs with their distance
+    distinct, first_node = np.unique(phash_class, return_index=True)
+    value_to_class = {
+        int(nodes["phash"][int(i)].as_py()): int(c)
+        for c, i in zip(distinct, first_node, strict=True)
+        if c >= 0
+    }
+    u = [value_to_class[v] for v in near["u"].to_pylist()]
+    v = [value_to_class[v] for v in near["v"].to_pylist()]
+    distance = np.bitwise_count(
+        as_unsigned(near["u"].to_numpy()) ^ as_unsigned(near["v"].to_numpy())
+    ).tolist()
+    num_classes = int(phash_class.max()) + 1
+    near_offsets, near_targets = _csr(np.asarray(u, np.int64), np.asarray(v, np.int64), num_classes)
+    near_distance = dict(zip(zip(u, v, strict=True), distance, strict=True))
+    near_distance.update({(b, a): d for (a, b), d in list(near_distance.items())})
+    index = {key: i for i, key in enumerate(keys)}
+    sem_a = np.asarray([index[k] for k in semantic["a"].to_pylist()], np.int64)
+    sem_b = np.asarray([index[k] for k in semantic["b"].to_pylist()], np.int64)
+    similarity = dict(
+        zip(zip(sem_a.tolist(), sem_b.tolist(), strict=True), semantic["similarity"].to_pylist(), strict=True)
+    )
+    similarity.update({(b, a): s for (a, b), s in list(similarity.items())})
+    sem_offsets, sem_targets = _csr(sem_a, sem_b, size)
+
+    # Components: the unit of work (each is walked on its own; no match crosses two).
+    pairs = [_chain(sha_class), _chain(phash_class), (sem_a, sem_b)]
+    by_class = np.full(num_classes, -1, np.int64)
+    by_class[phash_class[first_node[distinct >= 0]]] = first_node[distinct >= 0]
+    pairs.append((by_class[np.asarray(u, np.int64)], by_class[np.asarray(v, np.int64)]))
+    first = np.concatenate([p[0] for p in pairs])
+    second = np.concatenate([p[1] for p in pairs])
+    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    aesthetic = nodes["aesthetic"].cast(pa.float64()).fill_null(-np.inf).to_numpy()
+    order = np.lexsort((np.arange(size), -aesthetic, -nodes["pixels"].to_numpy(), component))
+
+    rank = np.empty(size, np.int64)
+    rank[order] = np.arange(size)
+    rank = rank.tolist()
+    sha_class, phash_class = sha_class.tolist(), phash_class.tolist()
+    kept_sha: dict[int, int] = {}
+    kept_phash: dict[int, int] = {}  # class → its kept row (at most one: a second would match it)
+    kept = [False] * size
+    out_key, out_of, out_reason = [], [], []
+    for node in order.tolist():
+        matches = []  # (rank of the kept row, strength, kept row, reason)
+        if sha_class[node] >= 0 and sha_class[node] in kept_sha:
+            other = kept_sha[sha_class[node]]
+            matches.append((rank[other], 0, other, "duplicate: sha256"))
+        cls = phash_class[node]
+        if cls >= 0:
+            if cls in kept_phash:
+                other = kept_phash[cls]
+                matches.append((rank[other], 1, other, "duplicate: phash 0"))
+            for near_cls in near_targets[near_offsets[cls] : near_offsets[cls + 1]]:
+                if near_cls in kept_phash:
+                    other = kept_phash[near_cls]
+                    bits = near_distance[(cls, near_cls)]
+                    matches.append((rank[other], 1 + bits, other, f"duplicate: phash {bits}"))
+        for other in sem_targets[sem_offsets[node] : sem_offsets[node + 1]]:
+            if kept[other]:
+                matches.append(
+                    (
+                        rank[other],
+                        HASH_BITS + 2,
+                        other,
+                        f"duplicate: semantic {similarity[(node, other)]:.3f}",
+                    )
+                )
+        if matches:
+            _, _, other, reason = min(matches)
+            out_key.append(keys[node])
+            out_of.append(keys[other])
+            out_reason.append(reason)
+            continue
+        kept[node] = True
+        if sha_class[node] >= 0:
+            kept_sha[sha_class[node]] = node
+        if cls >= 0:
+            kept_phash[cls] = node
+    table = pa.table({"key": out_key, "dup_of": out_of, "reason": out_reason}, schema=DUPLICATES)
+    return table.sort_by("key")
 
 
 def mark_duplicates(
-    rows: list[dict], *, max_hamming: int | None, num_splits: int | None = None
+    rows: list[dict],
+    *,
+    max_hamming: int | None,
+    num_splits: int | None = None,
+    semantic_threshold: float | None = None,
 ) -> list[dict]:
-    """Rows with every kept row that repeats another (same sha256, or pHash within ``max_hamming`` bits;
-    ``None`` turns the near pass off) turned into a ``duplicate`` rejection naming its keeper.
+    """Rows with every kept row that directly repeats a kept one (same sha256, pHash within ``max_hamming``
+    bits, or ``embedding`` cosine ≥ ``semantic_threshold``; ``None`` turns that test off) turned into a
+    ``duplicate: <test> <value>`` rejection naming that kept row (``keepers``).
 
-    The in-memory composition of the functions the partitioned phases run (small inputs and tests).
+    The in-memory composition of the functions the partitioned phases run (small inputs and tests); the
+    semantic pairs are searched over all kept rows as one cluster.
     """
     kept = [r for r in rows if r["status"] == KEPT]
-    table = pa.table(
+    phashes = [r.get("phash") if max_hamming is not None else None for r in kept]
+    nodes = pa.table(
         {
             "key": pa.array([r["key"] for r in kept], pa.string()),
-            "sha256": pa.array([r.get("sha256") for r in kept], pa.string()),
-            "phash": pa.array([r.get("phash") for r in kept], pa.int64()),
             "pixels": pa.array([r["width"] * r["height"] for r in kept], pa.int64()),
             "aesthetic": pa.array([r.get("aesthetic") for r in kept], pa.float32()),
+            "sha256": pa.array([r.get("sha256") for r in kept], pa.string()),
+            "phash": pa.array(phashes, pa.int64()),
         }
     )
-    edges = [exact_edges(table.select(["key", "sha256"]))]
+    near = NEAR.empty_table()
     if max_hamming is not None:
-        unique, star = unique_hashes(table.select(["key", "phash"]))
+        require_exact(max_hamming, num_splits)
+        unique, _ = unique_hashes(nodes.select(["key", "phash"]))
         values = as_unsigned(unique.column("phash").to_numpy())
-        pairs = all_near_pairs(values, max_hamming=max_hamming, num_splits=num_splits)
-        edges += [star, value_edges(value_pair_table(values, pairs), unique)]
-    dups = keepers(pa.concat_tables(edges), table.select(["key", "pixels", "aesthetic"]))
-    dup_of = dict(zip(dups.column("key").to_pylist(), dups.column("dup_of").to_pylist(), strict=True))
+        near = value_pair_table(
+            values, all_near_pairs(values, max_hamming=max_hamming, num_splits=num_splits)
+        )
+    semantic = SEMANTIC.empty_table()
+    if semantic_threshold is not None:
+        embedded = [r for r in kept if r.get("embedding") is not None]
+        matrix = semdedup.embedding_matrix(
+            pa.array([r["embedding"] for r in embedded], pa.list_(pa.float32()))
+        )
+        labels = np.zeros(len(embedded), np.int64)
+        semantic = semdedup.semantic_edges([r["key"] for r in embedded], matrix, labels, semantic_threshold)
+    dups = keepers(nodes, near, semantic)
+    found = {
+        k: (d, r) for k, d, r in zip(*(dups.column(c).to_pylist() for c in DUPLICATES.names), strict=True)
+    }
     return [
-        {**row, "status": REJECTED, "reason": "duplicate", "tier": None, "dup_of": dup_of[row["key"]]}
-        if row["key"] in dup_of
+        {
+            **row,
+            "status": REJECTED,
+            "reason": found[row["key"]][1],
+            "tier": None,
+            "dup_of": found[row["key"]][0],
+        }
+        if row["key"] in found
         else row
         for row in rows
     ]

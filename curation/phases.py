@@ -122,6 +122,10 @@ class PostConfig:
     rows_per_partition: int
     write_shards: bool = True
 
+    def __post_init__(self) -> None:
+        if self.max_hamming is not None:
+            dedup.require_exact(self.max_hamming, self.phash_splits)
+
 
 @dataclass
 class PostResult:
@@ -230,10 +234,9 @@ def gate_partition(task: dict) -> dict:
     table = apply_gate(_read([p.path for p in partition.parts], columns), task["min_score"])
     kept = table.filter(pc.equal(table["status"], KEPT))
     pixels = pc.multiply(kept["width"].cast(pa.int64()), kept["height"].cast(pa.int64()))
-    _write(
-        pa.table({"key": kept["key"], "pixels": pixels, "aesthetic": kept["aesthetic"]}),
-        scratch / "attributes" / f"{partition.name}.parquet",
-    )
+    attributes = {"key": kept["key"], "pixels": pixels, "aesthetic": kept["aesthetic"], "sha256": kept["sha256"],
+                  "phash": kept["phash"]}  # fmt: skip
+    _write(pa.table(attributes), scratch / "attributes" / f"{partition.name}.parquet")
     sha = kept.filter(pc.is_valid(kept["sha256"])).select(["key", "sha256"])
     by_sha = _hash_bucket(keyspace.key_bits(sha["sha256"]), buckets)
     hashed = kept.filter(pc.is_valid(kept["phash"])).select(["key", "phash"])
@@ -350,39 +353,58 @@ def semantic_group(task: dict) -> dict:
         table["cluster"].to_numpy(),
         task["threshold"],
     )
-    _write(edges, scratch / "edges" / f"semantic-{group:04d}.parquet")
+    _write(edges, scratch / "semantic_pairs" / f"{group:04d}.parquet")
     return _rss({"semantic_pairs": edges.num_rows})
 
 
 def resolve_duplicates(task: dict) -> dict:
-    """All edges → connected components → one keeper per group; ``dups.parquet`` (key, dup_of) by key."""
+    """Every row that may match another (a shared sha256 or pHash, a near pHash value, a semantic pair) →
+    ``dedup.keepers`` (greedy in keeper order, direct matches only) → ``dups.parquet`` (key, dup_of, reason)."""
     scratch = Path(task["scratch"])
     con = duckdb.connect()
     try:
-        edge_files, near_files = _glob(scratch / "edges"), _glob(scratch / "near")
-        parts = [f"SELECT a, b FROM read_parquet({sql_list(edge_files)})"] if edge_files else []
-        if near_files:
-            unique = sql_list(_glob(scratch / "unique"))
-            parts.append(
-                f"SELECT x.rep AS a, y.rep AS b FROM read_parquet({sql_list(near_files)}) p "
-                f"JOIN read_parquet({unique}) x ON x.phash = p.u JOIN read_parquet({unique}) y ON y.phash = p.v"
-            )
-        edges = con.sql(" UNION ALL ".join(parts)).to_arrow_table() if parts else dedup.EDGES.empty_table()
-        con.register("edges", edges)
+        star_files, near_files = _glob(scratch / "edges"), _glob(scratch / "near")
+        semantic_files = _glob(scratch / "semantic_pairs")
+        near = (
+            con.sql(f"SELECT DISTINCT u, v FROM read_parquet({sql_list(near_files)})").to_arrow_table()
+            if near_files
+            else dedup.NEAR.empty_table()
+        )
+        semantic = (
+            con.sql(f"SELECT a, b, similarity FROM read_parquet({sql_list(semantic_files)})").to_arrow_table()
+            if semantic_files
+            else dedup.SEMANTIC.empty_table()
+        )
+        con.register("near", near)
+        con.register("semantic", semantic)
+        matched = [f"SELECT a AS key FROM read_parquet({sql_list(star_files)})",
+                   f"SELECT b FROM read_parquet({sql_list(star_files)})"] if star_files else []  # fmt: skip
+        matched += ["SELECT a FROM semantic", "SELECT b FROM semantic"]
         attributes = _glob(scratch / "attributes")
-        nodes_attributes = (
+        # pHash off: equal hashes are no match either (the phash column is read as null).
+        phash = "phash" if task["max_hamming"] is not None else "NULL::BIGINT AS phash"
+        nodes = (
             con.sql(
-                f"SELECT key, pixels, aesthetic FROM read_parquet({sql_list(attributes)}) WHERE key IN "
-                "(SELECT a FROM edges UNION SELECT b FROM edges)"
+                f"SELECT key, pixels, aesthetic, sha256, {phash} FROM read_parquet({sql_list(attributes)}) "
+                f"WHERE key IN ({' UNION '.join(matched)}) OR phash IN (SELECT u FROM near UNION SELECT v FROM near)"
             ).to_arrow_table()
-            if attributes and edges.num_rows
-            else pa.table({"key": [], "pixels": [], "aesthetic": []})
+            if attributes
+            else None
         )
     finally:
         con.close()
-    dups = dedup.keepers(edges.cast(dedup.EDGES), nodes_attributes)
+    if nodes is None:
+        dups = dedup.DUPLICATES.empty_table()
+    else:
+        dups = dedup.keepers(nodes, near.cast(dedup.NEAR), semantic.cast(dedup.SEMANTIC))
     _write(dups, scratch / "dups.parquet", row_group_size=65_536)
-    return _rss({"edges": edges.num_rows, "duplicates": dups.num_rows})
+    return _rss(
+        {
+            "resolve_rows": 0 if nodes is None else nodes.num_rows,
+            "near_value_pairs": near.num_rows,
+            "duplicates": dups.num_rows,
+        }  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,8 +418,9 @@ def final_rows(partition: Partition, scratch: Path, min_score: dict[str, float])
     filters = [("key", ">=", partition.lo)] + ([("key", "<", partition.hi)] if partition.hi else [])
     dups = pq.read_table(scratch / "dups.parquet", filters=filters)
     if dups.num_rows:
+        dups = dups.rename_columns(["key", "dup_of", "dup_reason"])
         table = table.drop_columns(["dup_of"]).join(dups, "key", join_type="left outer").sort_by("key")
-        table = _reject(table, pc.is_valid(table["dup_of"]), "duplicate").select(SCORED.names)
+        table = _reject(table, pc.is_valid(table["dup_of"]), table["dup_reason"]).select(SCORED.names)
     kept = pc.equal(table["status"], KEPT)
     ext = np.full(table.num_rows, None, object)
     ext[np.flatnonzero(kept.to_numpy(zero_copy_only=False))] = extensions(
@@ -601,7 +624,8 @@ def find_duplicates(
         rss.append(_fold(executor.map(semantic_group, pairs), counts))
         started = _timed(result, "dedup_semantic", started)
 
-    rss.append(_fold(executor.map(resolve_duplicates, [{"scratch": str(scratch)}]), counts))
+    resolve = {"scratch": str(scratch), "max_hamming": cfg.max_hamming}
+    rss.append(_fold(executor.map(resolve_duplicates, [resolve]), counts))
     _timed(result, "dedup_resolve", started)
     result.worker_peak_rss_mib = max([result.worker_peak_rss_mib, *rss])
     return counts

@@ -79,33 +79,51 @@ def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return labels
 
 
-def cluster_pairs(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Row pairs ``(i, j)``, ``i < j``, of one cluster with cosine ≥ ``threshold``; and the dot products done."""
-    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    exact = embeddings.astype(np.float64)
-    for start in range(0, len(embeddings), _BLOCK_ROWS):
-        block = embeddings[start : start + _BLOCK_ROWS]
-        sims = block @ embeddings[start:].T  # (B, N - start), the upper triangle and the block's diagonal
-        i, j = np.nonzero(sims >= threshold - _SCREEN_MARGIN)
-        i, j = i + start, j + start
-        keep = i < j
-        i, j = i[keep], j[keep]
-        confirmed = np.einsum("nd,nd->n", exact[i], exact[j]) >= threshold
-        firsts.append(i[confirmed])
-        seconds.append(j[confirmed])
+def cluster_pairs(
+    embeddings: np.ndarray, threshold: float, *, block_rows: int = _BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Row pairs ``(i, j)``, ``i < j``, of one cluster with cosine ≥ ``threshold``, their cosine (float64);
+    and the dot products done.
+
+    The upper triangle in ``block_rows`` × ``block_rows`` tiles: a tile's products take 4·block_rows² bytes
+    (64 MiB at 4096) whatever the cluster size, so a task's memory is its input plus a constant.
+    """
+    firsts, seconds, sims_out = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
+    for start in range(0, len(embeddings), block_rows):
+        block = embeddings[start : start + block_rows]
+        for column in range(start, len(embeddings), block_rows):
+            sims = block @ embeddings[column : column + block_rows].T  # (B, B): one tile of the triangle
+            i, j = np.nonzero(sims >= threshold - _SCREEN_MARGIN)
+            i, j = i + start, j + column
+            keep = i < j
+            i, j = i[keep], j[keep]
+            exact = np.einsum("nd,nd->n", embeddings[i].astype(np.float64), embeddings[j].astype(np.float64))
+            confirmed = exact >= threshold
+            firsts.append(i[confirmed])
+            seconds.append(j[confirmed])
+            sims_out.append(exact[confirmed])
     num_products = len(embeddings) * (len(embeddings) + 1) // 2
-    return np.concatenate(firsts), np.concatenate(seconds), num_products
+    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(sims_out), num_products
 
 
-def semantic_edges(keys: pa.Array, embeddings: np.ndarray, labels: np.ndarray, threshold: float) -> pa.Table:
-    """Edges ``(a, b)`` between keys of the same cluster whose embeddings are within ``threshold``."""
+def semantic_edges(
+    keys: pa.Array | list[str], embeddings: np.ndarray, labels: np.ndarray, threshold: float
+) -> pa.Table:
+    """Edges ``(a, b, similarity)`` between keys of the same cluster whose cosine is ≥ ``threshold``."""
     keys = np.asarray(keys.to_pylist() if isinstance(keys, pa.Array | pa.ChunkedArray) else keys, object)
     order = np.lexsort((keys.astype(str), labels))  # by cluster, then key: a fixed order per cluster
     labels, keys, embeddings = labels[order], keys[order], embeddings[order]
     bounds = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1], [True]]))
-    a, b = [], []
+    a, b, similarity = [], [], []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        i, j, _ = cluster_pairs(embeddings[start:end], threshold)
+        i, j, sims, _ = cluster_pairs(embeddings[start:end], threshold)
         a.extend(keys[start + i].tolist())
         b.extend(keys[start + j].tolist())
-    return pa.table({"a": pa.array(a, pa.string()), "b": pa.array(b, pa.string())})
+        similarity.extend(sims.tolist())
+    return pa.table(
+        {
+            "a": pa.array(a, pa.string()),
+            "b": pa.array(b, pa.string()),
+            "similarity": pa.array(similarity, pa.float64()),
+        }
+    )

@@ -24,7 +24,7 @@ SAMPLE_PER_CLUSTER = 64  # k-means training rows per centroid (faiss warns below
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 _SCREEN_MARGIN = 1e-3  # float32 screen below the threshold; float64 decides
-_BLOCK_ROWS = 4096
+BLOCK_ROWS = 4096  # in-cluster similarity tiles of BLOCK_ROWS² float32 (64 MiB), whatever the cluster size
 
 
 def num_clusters(num_rows: int, cluster_size: int) -> int:
@@ -40,8 +40,8 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         return np.zeros((0, 0), np.float32)
     dim = len(column[0])
     matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.maximum(norms, 1e-12)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)  # in place: one float32 copy
+    return matrix
 
 
 def train_centroids(sample: np.ndarray, clusters: int) -> np.ndarray:
@@ -73,14 +73,14 @@ def train_centroids(sample: np.ndarray, clusters: int) -> np.ndarray:
 def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Nearest centroid (highest cosine) of each row, int64 ``(N,)``."""
     labels = np.empty(len(embeddings), np.int64)
-    for start in range(0, len(embeddings), _BLOCK_ROWS):
-        block = embeddings[start : start + _BLOCK_ROWS]
+    for start in range(0, len(embeddings), BLOCK_ROWS):
+        block = embeddings[start : start + BLOCK_ROWS]
         labels[start : start + len(block)] = np.argmax(block @ centroids.T, axis=1)
     return labels
 
 
 def cluster_pairs(
-    embeddings: np.ndarray, threshold: float, *, block_rows: int = _BLOCK_ROWS
+    embeddings: np.ndarray, threshold: float, *, block_rows: int = BLOCK_ROWS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Row pairs ``(i, j)``, ``i < j``, of one cluster with cosine ≥ ``threshold``, their cosine (float64);
     and the dot products done.
@@ -112,7 +112,8 @@ def semantic_edges(
     """Edges ``(a, b, similarity)`` between keys of the same cluster whose cosine is ≥ ``threshold``."""
     keys = np.asarray(keys.to_pylist() if isinstance(keys, pa.Array | pa.ChunkedArray) else keys, object)
     order = np.lexsort((keys.astype(str), labels))  # by cluster, then key: a fixed order per cluster
-    labels, keys, embeddings = labels[order], keys[order], embeddings[order]
+    if not np.array_equal(order, np.arange(len(order))):  # already in order (the phases sort): no copy
+        labels, keys, embeddings = labels[order], keys[order], embeddings[order]
     bounds = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1], [True]]))
     a, b, similarity = [], [], []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):

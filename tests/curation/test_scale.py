@@ -327,3 +327,52 @@ def test_in_cluster_search_is_tiled_exact_and_its_memory_does_not_grow_with_the_
             np.testing.assert_allclose(similarity, exact[i, j], atol=1e-12)
     tile = 256 * 256 * 4
     assert peaks[8_000] < 4 * tile + 64 * len(i), peaks  # a (256, 8000) strip would be 8 MB
+
+
+class RecordingExecutor(LocalExecutor):
+    """The local executor, noting the memory each phase's tasks declare."""
+
+    def __init__(self) -> None:
+        self.declared: dict[str, int | None] = {}
+
+    def map(self, fn, items, *, num_cpus: float = 1.0, memory: int | None = None):
+        if items:
+            self.declared[fn.__name__] = memory
+        return super().map(fn, items, num_cpus=num_cpus, memory=memory)
+
+
+def test_every_phase_task_declares_memory_from_its_plan_and_semantic_memory_ignores_cluster_size(tmp_path):
+    """Each phase's declared memory is the worker base + its rows × bytes per row: the semantic pair search
+    declares the same whatever the cluster size (tiles), and a partition task grows with its partition."""
+    from curation import phases
+    from curation.synthetic import scored_rows
+
+    table = scored_rows(3_000, seed=5, exact_rate=0.02, near_rate=0.02, data_bytes=64)[0]  # shards written
+    parts = write_chunks(table, tmp_path / "scored", chunk_rows=400)
+    parts, _ = plant_embeddings(table, parts, tmp_path / "embeddings", np.random.default_rng(5))
+    declared = {}
+    for cluster_size, rows_per_partition in [(100_000, 1_000), (300, 1_000), (300, 2_000)]:
+        executor = RecordingExecutor()
+        cfg = PostConfig(
+            min_score={}, max_hamming=MAX_HAMMING, phash_splits=1, semantic_threshold=0.95,
+            semantic_cluster_size=cluster_size, samples_per_shard=1000, rows_per_partition=rows_per_partition,
+        )  # fmt: skip
+        run = tmp_path / f"run-{cluster_size}-{rows_per_partition}"
+        post_scoring(parts, cfg, root=run, scratch=run / "scratch", executor=executor)
+        declared[cluster_size, rows_per_partition] = executor.declared
+    first = declared[100_000, 1_000]
+    assert set(first) == {
+        "gate_partition", "exact_bucket", "phash_bucket", "near_band", "semantic_train", "semantic_assign",
+        "semantic_group", "resolve_duplicates", "finalize_partition", "digest_partition", "stage_partition",
+        "write_shard_task",
+    }  # fmt: skip
+    assert all(m is not None and m > phases.TASK_BASE_BYTES for m in first.values()), first
+    assert declared[300, 1_000]["semantic_group"] == first["semantic_group"]  # 1 cluster or 10: same bound
+    kept = pc.sum(pc.equal(table["status"], "kept")).as_py()
+    tile = 8 * semdedup.BLOCK_ROWS**2
+    assert (
+        first["semantic_group"]
+        <= phases.TASK_BASE_BYTES + kept * (32 * phases.EMBEDDING_BYTES_PER_VALUE + 64) + tile
+    )
+    for name in ("gate_partition", "finalize_partition", "digest_partition", "stage_partition"):
+        assert declared[300, 2_000][name] > declared[300, 1_000][name], name

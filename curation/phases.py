@@ -420,12 +420,16 @@ def resolve_duplicates(task: dict) -> dict:
     else:
         dups = dedup.keepers(nodes, near.cast(dedup.NEAR), semantic.cast(dedup.SEMANTIC))
     _write(dups, scratch / "dups.parquet", row_group_size=65_536)
+    tests = Counter(
+        reason.split(" ")[1] for reason in dups["reason"].to_pylist()
+    )  # duplicate: <test> <value>
     return _rss(
         {
             "resolve_rows": 0 if nodes is None else nodes.num_rows,
             "near_value_pairs": near.num_rows,
             "duplicates": dups.num_rows,
-        }  # fmt: skip
+            **{f"duplicates_{test}": n for test, n in tests.items()},
+        }
     )
 
 
@@ -564,6 +568,7 @@ def stage_partition(task: dict) -> dict:
         _write(
             to_shard.sort_by([("shard", "ascending"), ("key", "ascending")]),
             scratch / "to_shard" / f"{partition.name}.parquet",
+            row_group_size=1024,  # about a shard: each shard task reads its own row groups, not the partition
         )
     reasons = pc.list_element(
         pc.split_pattern(pc.filter(table["reason"], pc.invert(kept)), ":", max_splits=1), 0

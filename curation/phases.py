@@ -10,7 +10,8 @@ writes files under the run's scratch folder and returns counts. The driver holds
       phash       per bucket     same pHash → star edges; the bucket's distinct pHash values
       near        per band part  multi-index hashing over all distinct values (curation.dedup)
       semantic    k-means (1 task), assignment per partition, pairs per cluster group (curation.semdedup)
-      resolve     1 task         connected components of all edges → keeper per group → dups.parquet
+      resolve     1 task         rows that match another → components → greedy direct-match keep rule
+                                 (curation.dedup.keepers) → dups.parquet (key, dup_of, reason)
     3 finalize    per partition  final status of every row; kept-row counts per (tier, ext, key prefix)
       (driver)                   shard plan: key-range trie leaves of ≤ samples_per_shard rows per group
     4 digest      per partition  content digest of each shard's rows (order-free sums of row hashes)

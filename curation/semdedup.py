@@ -3,9 +3,11 @@
 pHash misses crops, borders, rescaled screenshots and heavy recompression; their CLIP image embeddings
 stay close. As in SemDeDup (Abbas et al. 2023) and NeMo Curator's ``semantic_dedup``: spherical k-means
 over the L2-normalised embeddings (faiss), then, within each cluster, every pair whose cosine similarity
-is at least ``threshold`` is a duplicate edge. Cost: k-means is trained on a sample (``SAMPLE_PER_CLUSTER``
-rows per centroid) and assignment is one matrix product per row; the in-cluster search is
-``sum(cluster_size²)`` dot products, linear in N for a fixed mean cluster size.
+is at least ``threshold`` is a match, kept with its cosine (the keep rule, ``curation.dedup.keepers``,
+rejects a row only for a direct match with a kept row, as SemDeDup does: never a chain). Cost: k-means is
+trained on a sample (``SAMPLE_PER_CLUSTER`` rows per centroid) and assignment is one matrix product per
+row; the in-cluster search is ``sum(cluster_size²)`` dot products, linear in N for a fixed mean cluster
+size, done in ``BLOCK_ROWS``² tiles so its memory is constant whatever a cluster's size.
 
 Approximate: a pair whose two images fall in different clusters is never compared (recall on planted
 pairs is measured in docs/benchmarks.md). Deterministic: the sample is the first rows in key order (keys

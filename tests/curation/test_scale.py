@@ -376,3 +376,12 @@ def test_every_phase_task_declares_memory_from_its_plan_and_semantic_memory_igno
     )
     for name in ("gate_partition", "finalize_partition", "digest_partition", "stage_partition"):
         assert declared[300, 2_000][name] > declared[300, 1_000][name], name
+
+
+def test_ray_executor_refuses_a_task_larger_than_any_node(ray_cluster):
+    """Ray would wait forever for a node with that much memory: a clear error instead."""
+    from curation.executor import RayExecutor
+
+    with pytest.raises(ValueError, match="largest node"):
+        RayExecutor().map(len, [[1]], memory=1 << 50)
+    assert RayExecutor().map(len, [[1, 2]], memory=64 << 20) == [2]  # declared and scheduled

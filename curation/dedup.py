@@ -341,12 +341,81 @@ def _class_ids(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return encoded.indices.fill_null(-1).to_numpy().astype(np.int64)
 
 
-def _csr(first: np.ndarray, second: np.ndarray, size: int) -> tuple[list[int], list[int]]:
-    """Undirected adjacency lists of ``size`` nodes as CSR (``offsets``, ``targets``) Python lists."""
-    both = np.concatenate([first, second]), np.concatenate([second, first])
-    order = np.argsort(both[0], kind="stable")
-    offsets = np.searchsorted(both[0][order], np.arange(size + 1))
-    return offsets.tolist(), both[1][order].tolist()
+@dataclass(frozen=True)
+class _Matches:
+    """Who matches whom among ``keepers``' nodes: equality classes and pairs, with their values."""
+
+    sha_class: list[int]  # per node; -1: none
+    phash_class: list[int]  # per node; -1: none (or the pHash test off)
+    near: dict[int, list[tuple[int, int]]]  # pHash class → (class within range, bits apart)
+    semantic: dict[int, list[tuple[int, float]]]  # node → (node, cosine)
+    component: np.ndarray  # (N,) connected component of each node
+
+
+def _matches(nodes: pa.Table, near: pa.Table, semantic: pa.Table) -> _Matches:
+    """The match structure of ``nodes`` (sorted by key) and its connected components."""
+    size = nodes.num_rows
+    sha_class, phash_class = _class_ids(nodes["sha256"]), _class_ids(nodes["phash"])
+    hashes = pc.fill_null(nodes["phash"], 0).to_numpy()
+    classes, first_node = np.unique(phash_class, return_index=True)
+    first_node = first_node[classes >= 0]  # one node per class: its hash, its place in the graph
+    class_of = dict(zip(hashes[first_node].tolist(), phash_class[first_node].tolist(), strict=True))
+    u = np.asarray([class_of[h] for h in near["u"].to_pylist()], np.int64)
+    v = np.asarray([class_of[h] for h in near["v"].to_pylist()], np.int64)
+    bits = np.bitwise_count(as_unsigned(near["u"].to_numpy()) ^ as_unsigned(near["v"].to_numpy()))
+    near_of: dict[int, list[tuple[int, int]]] = {}
+    for x, y, d in zip(u.tolist(), v.tolist(), bits.tolist(), strict=True):
+        near_of.setdefault(x, []).append((y, d))
+        near_of.setdefault(y, []).append((x, d))
+    index = {key: i for i, key in enumerate(nodes["key"].to_pylist())}
+    a = np.asarray([index[k] for k in semantic["a"].to_pylist()], np.int64)
+    b = np.asarray([index[k] for k in semantic["b"].to_pylist()], np.int64)
+    semantic_of: dict[int, list[tuple[int, float]]] = {}
+    for x, y, cosine in zip(a.tolist(), b.tolist(), semantic["similarity"].to_pylist(), strict=True):
+        semantic_of.setdefault(x, []).append((y, cosine))
+        semantic_of.setdefault(y, []).append((x, cosine))
+    node_of_class = np.full(max(int(phash_class.max()) + 1, 0), -1, np.int64)
+    node_of_class[phash_class[first_node]] = first_node
+    edges = [_chain(sha_class), _chain(phash_class), (a, b), (node_of_class[u], node_of_class[v])]
+    first, second = np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges])
+    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    return _Matches(sha_class.tolist(), phash_class.tolist(), near_of, semantic_of, component)
+
+
+def _walk(order: list[int], matches: _Matches) -> list[tuple[int, int, str]]:
+    """``(node, kept node, reason)`` of each rejected node, walking ``order``: a node is rejected when it
+    matches a node already kept directly; the kept node is the first such in ``order``, the reason its
+    strongest test (sha256, then the fewest pHash bits, then semantic)."""
+    rank = {node: position for position, node in enumerate(order)}
+    kept_sha: dict[int, int] = {}  # class → its kept node (at most one: a second would match it)
+    kept_phash: dict[int, int] = {}
+    kept: set[int] = set()
+    rejected = []
+    for node in order:
+        found = []  # (rank of the kept node, strength, kept node, reason)
+        sha, cls = matches.sha_class[node], matches.phash_class[node]
+        if sha in kept_sha:
+            found.append((rank[kept_sha[sha]], 0, kept_sha[sha], "duplicate: sha256"))
+        if cls in kept_phash:
+            found.append((rank[kept_phash[cls]], 1, kept_phash[cls], "duplicate: phash 0"))
+        for other_cls, bits in matches.near.get(cls, ()):
+            if other_cls in kept_phash:
+                other = kept_phash[other_cls]
+                found.append((rank[other], 1 + bits, other, f"duplicate: phash {bits}"))
+        for other, cosine in matches.semantic.get(node, ()):
+            if other in kept:
+                found.append((rank[other], 2 + HASH_BITS, other, f"duplicate: semantic {cosine:.3f}"))
+        if found:
+            _, _, other, reason = min(found)
+            rejected.append((node, other, reason))
+            continue
+        kept.add(node)
+        if sha >= 0:
+            kept_sha[sha] = node
+        if cls >= 0:
+            kept_phash[cls] = node
+    return rejected
 
 
 def keepers(nodes: pa.Table, near: pa.Table, semantic: pa.Table) -> pa.Table:
@@ -361,99 +430,28 @@ def keepers(nodes: pa.Table, near: pa.Table, semantic: pa.Table) -> pa.Table:
     already kept *directly*: the same sha256, a pHash within ``max_hamming`` bits (0 for equal), or a
     semantic pair. ``dup_of`` is the first such kept row in keeper order; when it matches by several
     tests, the reason names the strongest: ``duplicate: sha256``, then ``duplicate: phash <bits>``, then
-    ``duplicate: semantic <cosine>``. So no kept row matches an earlier kept row, and every rejected row
+    ``duplicate: semantic <cosine>``. So no kept row matches another kept row, and every rejected row
     is within a threshold of the row its ``dup_of`` names; a morph chain keeps every row that is not a
-    direct match of a kept one. Equality is a class (k rows, never k² pairs).
+    direct match of a kept one. Components are independent: walking them one by one (here, in one task)
+    or in separate tasks gives the same answer.
     """
     nodes = nodes.sort_by("key")
-    keys = nodes["key"].to_pylist()
-    size = len(keys)
-    if size == 0:
+    if nodes.num_rows == 0:
         return DUPLICATES.empty_table()
-    sha_class = _class_ids(nodes["sha256"])
-    phash_class = _class_ids(nodes["phash"])
-    # pHash value → its class id, and the near pairs as class pairs with their distance
-    distinct, first_node = np.unique(phash_class, return_index=True)
-    value_to_class = {
-        int(nodes["phash"][int(i)].as_py()): int(c)
-        for c, i in zip(distinct, first_node, strict=True)
-        if c >= 0
-    }
-    u = [value_to_class[v] for v in near["u"].to_pylist()]
-    v = [value_to_class[v] for v in near["v"].to_pylist()]
-    distance = np.bitwise_count(
-        as_unsigned(near["u"].to_numpy()) ^ as_unsigned(near["v"].to_numpy())
-    ).tolist()
-    num_classes = int(phash_class.max()) + 1
-    near_offsets, near_targets = _csr(np.asarray(u, np.int64), np.asarray(v, np.int64), num_classes)
-    near_distance = dict(zip(zip(u, v, strict=True), distance, strict=True))
-    near_distance.update({(b, a): d for (a, b), d in list(near_distance.items())})
-    index = {key: i for i, key in enumerate(keys)}
-    sem_a = np.asarray([index[k] for k in semantic["a"].to_pylist()], np.int64)
-    sem_b = np.asarray([index[k] for k in semantic["b"].to_pylist()], np.int64)
-    similarity = dict(
-        zip(zip(sem_a.tolist(), sem_b.tolist(), strict=True), semantic["similarity"].to_pylist(), strict=True)
-    )
-    similarity.update({(b, a): s for (a, b), s in list(similarity.items())})
-    sem_offsets, sem_targets = _csr(sem_a, sem_b, size)
-
-    # Components: the unit of work (each is walked on its own; no match crosses two).
-    pairs = [_chain(sha_class), _chain(phash_class), (sem_a, sem_b)]
-    by_class = np.full(num_classes, -1, np.int64)
-    by_class[phash_class[first_node[distinct >= 0]]] = first_node[distinct >= 0]
-    pairs.append((by_class[np.asarray(u, np.int64)], by_class[np.asarray(v, np.int64)]))
-    first = np.concatenate([p[0] for p in pairs])
-    second = np.concatenate([p[1] for p in pairs])
-    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(size, size))
-    _, component = connected_components(graph, directed=False)
+    matches = _matches(nodes, near, semantic)
     aesthetic = nodes["aesthetic"].cast(pa.float64()).fill_null(-np.inf).to_numpy()
-    order = np.lexsort((np.arange(size), -aesthetic, -nodes["pixels"].to_numpy(), component))
-
-    rank = np.empty(size, np.int64)
-    rank[order] = np.arange(size)
-    rank = rank.tolist()
-    sha_class, phash_class = sha_class.tolist(), phash_class.tolist()
-    kept_sha: dict[int, int] = {}
-    kept_phash: dict[int, int] = {}  # class → its kept row (at most one: a second would match it)
-    kept = [False] * size
-    out_key, out_of, out_reason = [], [], []
-    for node in order.tolist():
-        matches = []  # (rank of the kept row, strength, kept row, reason)
-        if sha_class[node] >= 0 and sha_class[node] in kept_sha:
-            other = kept_sha[sha_class[node]]
-            matches.append((rank[other], 0, other, "duplicate: sha256"))
-        cls = phash_class[node]
-        if cls >= 0:
-            if cls in kept_phash:
-                other = kept_phash[cls]
-                matches.append((rank[other], 1, other, "duplicate: phash 0"))
-            for near_cls in near_targets[near_offsets[cls] : near_offsets[cls + 1]]:
-                if near_cls in kept_phash:
-                    other = kept_phash[near_cls]
-                    bits = near_distance[(cls, near_cls)]
-                    matches.append((rank[other], 1 + bits, other, f"duplicate: phash {bits}"))
-        for other in sem_targets[sem_offsets[node] : sem_offsets[node + 1]]:
-            if kept[other]:
-                matches.append(
-                    (
-                        rank[other],
-                        HASH_BITS + 2,
-                        other,
-                        f"duplicate: semantic {similarity[(node, other)]:.3f}",
-                    )
-                )
-        if matches:
-            _, _, other, reason = min(matches)
-            out_key.append(keys[node])
-            out_of.append(keys[other])
-            out_reason.append(reason)
-            continue
-        kept[node] = True
-        if sha_class[node] >= 0:
-            kept_sha[sha_class[node]] = node
-        if cls >= 0:
-            kept_phash[cls] = node
-    table = pa.table({"key": out_key, "dup_of": out_of, "reason": out_reason}, schema=DUPLICATES)
+    pixels = nodes["pixels"].to_numpy()
+    order = np.lexsort((np.arange(nodes.num_rows), -aesthetic, -pixels, matches.component)).tolist()
+    rejected = _walk(order, matches)
+    keys = nodes["key"].to_pylist()
+    table = pa.table(
+        {
+            "key": [keys[node] for node, _, _ in rejected],
+            "dup_of": [keys[other] for _, other, _ in rejected],
+            "reason": [reason for _, _, reason in rejected],
+        },
+        schema=DUPLICATES,
+    )
     return table.sort_by("key")
 
 

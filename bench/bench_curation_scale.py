@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: generate or measure one size
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--render", type=Path, help="re-render saved results (JSON lines) without measuring")
+    parser.add_argument("--note", default="", help="a paragraph on how the runs went, added to the section")
     args = parser.parse_args(argv)
     if args.render:
         results = [json.loads(line) for line in args.render.read_text().splitlines() if line.strip()]
@@ -237,6 +238,8 @@ that is N², small at these sizes). The load from other work on the same 2 cores
 by tens of percent, hence the spread. Driver peak RSS: plans and counts only. Worker peak RSS: the
 largest task (a semantic group of ≤ 250k embeddings plus one 64 MiB similarity tile, or a near-search
 band), bounded by the plan, not by N.
+
+{args.note}
 """
 
 

@@ -382,6 +382,7 @@ def test_ray_executor_refuses_a_task_larger_than_any_node(ray_cluster):
     """Ray would wait forever for a node with that much memory: a clear error instead."""
     from curation.executor import RayExecutor
 
+    row = {"width": 2, "height": 3, "key": "k"}
     with pytest.raises(ValueError, match="largest node"):
-        RayExecutor().map(len, [[1]], memory=1 << 50)
-    assert RayExecutor().map(len, [[1, 2]], memory=64 << 20) == [2]  # declared and scheduled
+        RayExecutor().map(dedup.keeper_order, [row], memory=1 << 50)
+    assert RayExecutor().map(dedup.keeper_order, [row], memory=64 << 20) == [(-6, np.inf, "k")]  # scheduled

@@ -1,14 +1,16 @@
-"""Growth of the post-scoring phases (thresholds → dedup → shard plan → manifest) on 1M–8M scored rows.
+"""Growth of the post-scoring phases, end to end, on 1M–8M synthetic scored rows: thresholds → exact,
+pHash and semantic dedup → keepers → shard plan → shards written → manifest.
 
-    python -m bench.bench_curation_scale [--rows 1000000 4000000 8000000] [--num-cpus 2]
+    python -m bench.bench_curation_scale [--rows 1000000 2000000 4000000 8000000] [--repeats 3] [--num-cpus 2]
 
-Each size runs in a fresh process (so the driver's peak RSS is the phases' alone) on a private in-process
-Ray cluster of ``--num-cpus`` CPUs, the phases as Ray tasks (``curation.executor.RayExecutor``), reading
-synthetic scored chunks from Parquet (``curation.synthetic``: 70 % kept, 1 % byte copies, 1 % pHash
-copies 1–4 bits away; chunk files of the job's default 4096 rows). Reported per size: seconds per phase,
-driver and worker peak RSS, candidate pairs of the near search, duplicates found; then the growth
-exponent between sizes and a 33M extrapolation on 16 cores. Writes its section of docs/benchmarks.md.
-Shards are planned and named but not written (the synthetic rows have no image bytes).
+Each size's input is generated once (``curation.synthetic``: 70 % kept; among kept rows 1 % byte copies,
+1 % pHash copies 1–4 bits away, 1 % semantic copies; inline image bytes so shards are written; 768-d fp16
+CLIP embeddings, ViT-L/14's width, in the job's clip_embeddings layout; chunk files of the job's default
+4096 rows). Each repeat runs in a fresh process (so the driver's peak RSS is the phases' alone) on a
+private in-process Ray cluster of ``--num-cpus`` CPUs, every phase as Ray tasks declaring their memory.
+Reported per size: the median and range of the seconds, seconds per phase, driver and worker peak RSS,
+dedup counts; the growth exponent fitted over the medians and over each repeat (its spread). Raw results go
+to ``--save`` as JSON lines as they come. Writes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,19 +30,23 @@ import numpy as np
 
 from bench.record import write_section
 
-TARGET_ROWS = 33_000_000
-TARGET_CORES = 16
-SERIAL_PHASES = ("dedup_resolve",)  # one task by design; the rest are partitioned
+EMBEDDING_DIM = 768  # OpenCLIP ViT-L/14, the aesthetic scorer's CLIP
+DATA_BYTES = 256  # inline image bytes per row: the shard machinery (read, sha256 check, tar) without the disk
+SEMANTIC_RATE = 0.01
 
 
-def generate(rows: int, folder: Path) -> list[dict]:
-    """Write the synthetic scored chunks; returns their plan (paths and key ranges)."""
+def generate(rows: int, folder: Path, dim: int) -> list[dict]:
+    """Write the synthetic scored chunks and their embeddings; returns their plan (paths, key ranges)."""
     from curation.config import CurationConfig
-    from curation.synthetic import scored_table, write_chunks
+    from curation.synthetic import scored_rows, write_chunks, write_embeddings
 
-    table = scored_table(rows, seed=rows)
-    parts = write_chunks(table, folder, chunk_rows=CurationConfig.chunk_size)
-    return [{"path": p.path, "lo": p.lo, "hi": p.hi, "num_rows": p.num_rows} for p in parts]
+    table, origin, copy = scored_rows(rows, seed=rows, semantic_rate=SEMANTIC_RATE, data_bytes=DATA_BYTES)
+    parts = write_chunks(table, folder / "scored", chunk_rows=CurationConfig.chunk_size)
+    parts = write_embeddings(parts, table, origin, copy, folder / "embeddings", dim=dim)
+    return [
+        {"path": p.path, "lo": p.lo, "hi": p.hi, "num_rows": p.num_rows, "embeddings": p.embeddings}
+        for p in parts
+    ]
 
 
 def measure(plan_file: Path, root: Path, num_cpus: int) -> dict:
@@ -57,11 +63,11 @@ def measure(plan_file: Path, root: Path, num_cpus: int) -> dict:
         min_score=AestheticConfig().min_score,
         max_hamming=dedup.max_hamming,
         phash_splits=dedup.phash_splits,
-        semantic_threshold=None,  # synthetic rows carry no embeddings
+        semantic_threshold=dedup.semantic_threshold,
         semantic_cluster_size=dedup.semantic_cluster_size,
         samples_per_shard=ShardConfig().samples_per_shard,
         rows_per_partition=defaults.manifest_rows_per_part,
-        write_shards=False,
+        write_shards=True,
     )
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     driver_before = peak_rss_mib()
@@ -77,16 +83,13 @@ def measure(plan_file: Path, root: Path, num_cpus: int) -> dict:
         "driver_rss_before_mib": driver_before,
         "worker_peak_rss_mib": result.worker_peak_rss_mib,
         "dedup": result.counts["dedup"],
+        "rejected_per_reason": result.counts["rejected_per_reason"],
         "kept": result.counts["kept"],
         "shards": len(result.shards),
+        "shards_written": result.shards_written,
         "parts": result.num_parts,
+        "load": os.getloadavg()[0],
     }
-
-
-def dedup_layout(dedup) -> list:
-    from curation.dedup import band_layout
-
-    return band_layout(dedup.max_hamming, dedup.phash_splits)
 
 
 def fit(rows: list[int], seconds: list[float]) -> float:
@@ -96,17 +99,24 @@ def fit(rows: list[int], seconds: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000, 8_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000, 8_000_000])
+    parser.add_argument(
+        "--repeats", type=int, nargs="+", default=[3], help="runs per size (one, or one per size)"
+    )
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument(
+        "--embedding-dim", type=int, default=EMBEDDING_DIM, help="synthetic CLIP embedding width"
+    )
+    parser.add_argument("--save", type=Path, help="append each result as a JSON line here")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: generate or measure one size
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--render", type=Path, help="re-render saved results (JSON) without measuring")
+    parser.add_argument("--render", type=Path, help="re-render saved results (JSON lines) without measuring")
+    parser.add_argument("--note", default="", help="a paragraph on how the runs went, added to the section")
     args = parser.parse_args(argv)
     if args.render:
-        saved = json.loads(args.render.read_text())
-        args.rows = [r["rows"] for r in saved["results"]]
-        md = render(saved["results"], args, saved["load"])
+        results = [json.loads(line) for line in args.render.read_text().splitlines() if line.strip()]
+        md = render(results, args)
         print(md)
         if not args.no_write:
             write_section("curation-scale", md)
@@ -114,102 +124,130 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         plan = args.work / "plan.json"
         if not plan.exists():
-            plan.write_text(json.dumps(generate(args.one, args.work / "scored")))
+            plan.write_text(json.dumps(generate(args.one, args.work, args.embedding_dim)))
             return
         print(json.dumps(measure(plan, args.work / "run", args.num_cpus)))
         return
+    repeats = args.repeats * len(args.rows) if len(args.repeats) == 1 else args.repeats
+    if len(repeats) != len(args.rows):
+        parser.error("--repeats: one number, or one per --rows")
 
-    results = []
-    load = [os.getloadavg()[0]]
-    for rows in args.rows:
-        work = Path(tempfile.mkdtemp(prefix=f"bench_scale_{rows}_"))
-        try:
-            command = [sys.executable, "-m", "bench.bench_curation_scale", "--one", str(rows), "--work", str(work),
-                       "--num-cpus", str(args.num_cpus)]  # fmt: skip
-            subprocess.run(command, check=True)  # generate, in its own process
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-            load.append(os.getloadavg()[0])
-        finally:
+    # Round-robin: every size once, then the second runs, and so on; inputs are generated once per size
+    # and kept until the end, so an interrupted run still has a full 1M–8M series (--save, --render).
+    results, works = [], {}
+    try:
+        for repeat in range(max(repeats)):
+            for rows, times in zip(args.rows, repeats, strict=True):
+                if repeat >= times:
+                    continue
+                if rows not in works:
+                    works[rows] = Path(tempfile.mkdtemp(prefix=f"bench_scale_{rows}_"))
+                command = [sys.executable, "-m", "bench.bench_curation_scale", "--one", str(rows), "--work",
+                           str(works[rows]), "--num-cpus", str(args.num_cpus), "--embedding-dim",
+                           str(args.embedding_dim)]  # fmt: skip
+                if repeat == 0:
+                    subprocess.run(command, check=True)  # generate, in its own process
+                shutil.rmtree(works[rows] / "run", ignore_errors=True)
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                result = {
+                    **json.loads(out.strip().splitlines()[-1]),
+                    "repeat": repeat,
+                    "dim": args.embedding_dim,
+                }
+                results.append(result)
+                print(json.dumps(result), flush=True)
+                if args.save:
+                    with args.save.open("a") as f:
+                        f.write(json.dumps(result) + "\n")
+    finally:
+        for work in works.values():
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"results": results, "load": load}), flush=True)  # for --render
-    md = render(results, args, load)
+    md = render(results, args)
     print(md)
     if not args.no_write:
         write_section("curation-scale", md)
 
 
-def render(results: list[dict], args: argparse.Namespace, load: list[float]) -> str:
+def _phase_medians(runs: list[dict]) -> str:
+    names = list(runs[0]["phases"])
+    return ", ".join(f"{k} {float(np.median([r['phases'].get(k, 0.0) for r in runs])):.0f}" for k in names)
+
+
+def render(results: list[dict], args: argparse.Namespace) -> str:
     from curation.config import DedupConfig
 
     dedup = DedupConfig()
-    rows = [r["rows"] for r in results]
-    seconds = [r["seconds"] for r in results]
-    candidates = [r["dedup"].get("near_candidates", 0) for r in results]
-    # Every distinct hash has 33 index entries per 32-bit band (itself and its 32 one-bit neighbours).
-    entries = [33 * len(dedup_layout(dedup)) * r["dedup"].get("distinct_phash", 0) for r in results]
-    exponent = fit(rows, seconds)
-    candidate_exponent = fit(rows, [max(c, 1) for c in candidates])
-    entry_exponent = fit(rows, [max(e, 1) for e in entries])
-    serial = [sum(r["phases"].get(p, 0.0) for p in SERIAL_PHASES) for r in results]
-    last = results[-1]
-    distinct = max(1, last["dedup"].get("distinct_phash", 1))
-    per_hash = candidates[-1] / distinct
-    crossover = distinct * 66 / max(per_hash, 1e-9)
-    growth = max(1.0, exponent)  # never extrapolate below linear, whatever the noise made of the fit
-    scale = (TARGET_ROWS / last["rows"]) ** growth
-    parallel_33m = (last["seconds"] - serial[-1]) * scale * args.num_cpus / TARGET_CORES
-    serial_33m = serial[-1] * (TARGET_ROWS / last["rows"]) ** max(
-        1.0, fit(rows, [max(s, 1e-3) for s in serial])
-    )
-    table = [
-        "| rows | seconds | driver peak RSS | worker peak RSS | near-search index entries | candidate pairs "
-        "checked | duplicates | kept | shards | seconds per phase |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    dim = results[0].get("dim", EMBEDDING_DIM)
+    sizes = sorted({r["rows"] for r in results})
+    by_size = {n: [r for r in results if r["rows"] == n] for n in sizes}
+    medians = [float(np.median([r["seconds"] for r in by_size[n]])) for n in sizes]
+    exponent = fit(sizes, medians)
+    per_repeat = []
+    for repeat in sorted({r["repeat"] for r in results}):
+        runs = {r["rows"]: r["seconds"] for r in results if r["repeat"] == repeat}
+        if len(runs) >= 2:
+            per_repeat.append((repeat, sorted(runs), fit(sorted(runs), [runs[n] for n in sorted(runs)])))
+    pairwise = [
+        math.log(medians[i + 1] / medians[i]) / math.log(sizes[i + 1] / sizes[i])
+        for i in range(len(sizes) - 1)
     ]
-    for r, n_entries in zip(results, entries, strict=True):
-        phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases"].items())
+    table = [
+        "| rows | runs | seconds: median (min–max) | driver peak RSS | worker peak RSS | duplicates: sha256 / "
+        "phash / semantic | kept | shards written | median seconds per phase |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for n, median in zip(sizes, medians, strict=True):
+        runs = by_size[n]
+        seconds = [r["seconds"] for r in runs]
+        last = runs[0]
         table.append(
-            f"| {r['rows']:,} | {r['seconds']:.1f} | {r['driver_peak_rss_mib']:.0f} MiB | "
-            f"{r['worker_peak_rss_mib']:.0f} MiB | {n_entries:,} | {r['dedup'].get('near_candidates', 0):,} | "
-            f"{r['dedup'].get('duplicates', 0):,} | {r['kept']:,} | {r['shards']:,} | {phases} |"
+            f"| {n:,} | {len(runs)} | {median:.1f} ({min(seconds):.1f}–{max(seconds):.1f}) | "
+            f"{max(r['driver_peak_rss_mib'] for r in runs):.0f} MiB | {max(r['worker_peak_rss_mib'] for r in runs):.0f} MiB | "
+            f"{last['dedup'].get('duplicates', 0):,}: {_by_test(last)} | {last['kept']:,} | "
+            f"{last['shards_written']:,} | {_phase_medians(runs)} |"
         )
-    ratios = ", ".join(
-        f"{rows[i] // 1_000_000}M→{rows[i + 1] // 1_000_000}M: ×{seconds[i + 1] / seconds[i]:.2f} time for "
-        f"×{rows[i + 1] / rows[i]:.0f} rows (N^{math.log(seconds[i + 1] / seconds[i]) / math.log(rows[i + 1] / rows[i]):.2f})"
-        for i in range(len(rows) - 1)
+    spread = (
+        f"per repeat {', '.join(f'N^{b:.2f} (run {k + 1}, {len(ns)} sizes)' for k, ns, b in per_repeat)}: "
+        f"**{min(b for *_, b in per_repeat):.2f}–{max(b for *_, b in per_repeat):.2f}**"
+        if per_repeat
+        else "one run per size: no spread"
     )
-    return f"""## Curation at scale: post-scoring phases on 1M–8M rows
+    loads = [r["load"] for r in results]
+    repeats = ", ".join(f"{len(by_size[n])} at {n / 1e6:g}M" for n in sizes)
+    return f"""## Curation at scale: post-scoring phases end to end (semantic dedup and shards on), 1M–8M rows
 
-Command: `python -m bench.bench_curation_scale --rows {" ".join(map(str, args.rows))} --num-cpus {args.num_cpus}`
+Command: `python -m bench.bench_curation_scale --rows {" ".join(map(str, sizes))} --repeats {" ".join(str(len(by_size[n])) for n in sizes)} --num-cpus {args.num_cpus} --embedding-dim {dim}`
 
-Machine: {os.cpu_count()} cores visible, shared with other engineers (1-minute load average {min(load):.1f}–{max(load):.1f}
-during the run); a private Ray cluster of {args.num_cpus} CPUs, every phase as Ray tasks. Input: synthetic scored
-chunks in Parquet (4096 rows each, 70 % kept, 1 % byte copies, 1 % pHash copies ≤ 4 bits away), default
-config (`max_hamming` {dedup.max_hamming}, {dedup.phash_splits} split of 32-bit bands: exact; thresholds 5.0; partitions
-of 100k rows; 1000 samples per shard). Thresholds → exact + near dedup → keepers → shard plan and names →
-manifest parts; shards not written (no image bytes).
+Machine: {os.cpu_count()} cores visible, **shared with four other engineers' builds and tests** (1-minute
+load average {min(loads):.1f}–{max(loads):.1f} at the end of the runs); a private Ray cluster of {args.num_cpus}
+CPUs, every phase as Ray tasks declaring `memory=`. Runs: {repeats}. Input: synthetic scored chunks
+(4096 rows each; 70 % kept; among them 1 % byte copies, 1 % pHash copies ≤ 4 bits away, 1 % semantic
+copies at cosine ~0.98), {dim}-d fp16 embeddings ({2 * dim:,} bytes a row), {DATA_BYTES} inline image bytes a row;
+default config (`max_hamming` {dedup.max_hamming}, {dedup.phash_splits} split of 32-bit bands: exact; SemDeDup at
+cosine {dedup.semantic_threshold} in k-means clusters of ~{dedup.semantic_cluster_size:,} rows; thresholds 5.0;
+partitions of 100k rows; 1000 samples per shard). Thresholds → exact, pHash and semantic dedup → keepers
+(greedy, direct matches only) → shard plan and names → shards written → manifest.
 
 {chr(10).join(table)}
 
-Growth: {ratios}; fitted exponent over all sizes **N^{exponent:.2f}** (goal ≤ 1.15; the shared machine's load
-moved during the run, so read it as "about linear", not as sub-linear). Near search: its work, the index
-entries sorted, is N^{entry_exponent:.2f} (33 per distinct hash and 32-bit band); the candidate pairs that share an entry
-grow N^{candidate_exponent:.2f}: a 32-bit bucket holds 33·M/2³² entries of the M distinct hashes, so a hash meets
-about 33²·M/2³² others ({per_hash:.2f} per distinct hash at {rows[-1] // 1_000_000}M, ~{per_hash * TARGET_ROWS / rows[-1]:.1f} at 33M), each checked with one
-popcount, against 66 index entries per hash: the N² term overtakes the linear index work only near
-{crossover / 1e6:.0f}M distinct hashes. Driver peak RSS is
-{"flat" if max(r["driver_peak_rss_mib"] for r in results) < 1.2 * min(r["driver_peak_rss_mib"] for r in results) else "not flat"}
-({", ".join(f"{r['driver_peak_rss_mib']:.0f}" for r in results)} MiB: plans and counts) against the goal of < 1 GB at 8M; worker
-peak RSS grows slowly ({", ".join(f"{r['worker_peak_rss_mib']:.0f}" for r in results)} MiB), the near-search tasks holding every
-distinct hash (8 bytes each, a few arrays: an estimated ~1.2 GB at 33M).
+Growth: fitted exponent over the medians **N^{exponent:.2f}** (size to size:
+{", ".join(f"{sizes[i] / 1e6:g}M→{sizes[i + 1] / 1e6:g}M N^{b:.2f}" for i, b in enumerate(pairwise))}); {spread}.
+The in-cluster semantic search is N × cluster size × {dim} multiply-adds (linear in N at a fixed
+cluster size), k-means assignment N × clusters × {dim} (clusters grow with N: the one term
+that is N², small at these sizes). The load from other work on the same 2 cores moves single runs
+by tens of percent, hence the spread. Driver peak RSS: plans and counts only. Worker peak RSS: the
+largest task (a semantic group of ≤ 250k embeddings plus one 64 MiB similarity tile, or a near-search
+band), bounded by the plan, not by N.
 
-Extrapolated to {TARGET_ROWS // 1_000_000}M rows on {TARGET_CORES} cores: the partitioned phases
-{parallel_33m / 60:.1f} min (the {last["rows"] // 1_000_000}M time × (33/{last["rows"] // 1_000_000})^{growth:.2f}, spread
-from {args.num_cpus} to {TARGET_CORES} cores) + the single-task keeper phase {serial_33m / 60:.1f} min = **{(parallel_33m + serial_33m) / 60:.1f} min**
-(goal < 60 min). Not included: scan + score (GPU-bound, per image) and listing.
+{args.note}
 """
+
+
+def _by_test(result: dict) -> str:
+    """Duplicates per test, from the manifest's reasons (``duplicate: <test> <value>``)."""
+    return " / ".join(
+        f"{result['dedup'].get(f'duplicates_{t}', 0):,}" for t in ("sha256", "phash", "semantic")
+    )
 
 
 if __name__ == "__main__":

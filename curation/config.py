@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from curation.dedup import require_exact
+
 TIERS = ("4k", "1k")
 
 # The published LAION aesthetic predictor v2 head, shipped inside this package (curation/assets/):
@@ -113,6 +115,7 @@ class DedupConfig:
             raise ValueError(f"dedup.max_hamming must be in 0..16, got {self.max_hamming}")
         if self.phash_splits is not None and not 1 <= self.phash_splits <= 16:
             raise ValueError(f"dedup.phash_splits must be None or in 1..16, got {self.phash_splits}")
+        require_exact(self.max_hamming, self.phash_splits)  # never a search that silently misses pairs
         if not 0 < self.semantic_threshold <= 1:
             raise ValueError(f"dedup.semantic_threshold must be in (0, 1], got {self.semantic_threshold}")
         if self.semantic_cluster_size < 1:

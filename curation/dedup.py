@@ -3,14 +3,17 @@
 Everything here works on Arrow tables and NumPy arrays of one partition or bucket; ``curation.phases``
 runs it over hash-partitioned Parquet, and ``mark_duplicates`` over a small in-memory table (tests).
 
-Edges. Rows with the same sha256 are joined to the smallest key of their group (a star: a group of k rows
-costs k - 1 edges, never k²); so are rows with the same pHash. Distinct pHash values within
-``max_hamming`` bits are found by multi-index hashing over wide bands (below). Semantic pairs come from
-CLIP embeddings. Each edge says "same picture"; groups are the connected components of all edges.
+Matches. Two rows match directly when they share a sha256 (``duplicate: sha256``), their pHashes are within
+``max_hamming`` bits (``duplicate: phash <bits>``, 0 for equal hashes) or their CLIP embeddings are within
+the cosine threshold (``duplicate: semantic <cosine>``, ``curation.semdedup``). Equality is stored as
+classes (the phases write star edges: k - 1 per class of k rows, never k²), distinct pHash values within
+range as value pairs, semantic matches as key pairs with their similarity.
 
-Keeper. One row per group survives, by a fixed order: more pixels, then higher aesthetic score (null
-last), then the smaller key. It depends only on the group, never on arrival order or partitioning; the
-others become ``duplicate`` rejections with ``dup_of`` = the keeper.
+Keeper (``keepers``). The connected components of the matches are the unit of work; within one, rows are
+walked in a fixed order (more pixels, then higher aesthetic score, null last, then the smaller key) and a
+row is rejected only when it matches a row already kept directly: never by a chain (SemDeDup, NeMo
+Curator). ``dup_of`` names that kept row (the first in the order, when several match) and ``reason`` the
+test and its value. The outcome depends only on the rows, never on arrival order or partitioning.
 
 Near pHash search (multi-index hashing, meet in the middle). The 64 bits are cut into bands; each distinct
 value is indexed under its band value and the band values one bit away, so two values that share an
@@ -20,7 +23,8 @@ bits (precision is exact). Layouts (``band_layout``):
 - ``num_splits`` k (the default, k = 1): k cuts of the bits into two 32-bit bands (cut 0: the high and
   low halves; the others after a fixed random permutation). A pair within ≤ 5 bits differs by ≤ 2 bits in
   one half of any cut, so the search is **exact** for ``max_hamming`` ≤ 5; above, a pair is missed when
-  every cut divides its bits 3/3 or worse (recall per k measured in docs/benchmarks.md). Cost: 33 index
+  every cut divides its bits 3/3 or worse (recall per k measured in docs/benchmarks.md), so configs refuse
+  it (``require_exact``). Cost: 33 index
   entries per value per band, and a 32-bit band value is shared by N / 2³² random hashes (0.008 at
   33M), so the candidate pairs grow linearly with N.
 - ``num_splits`` None: exact for any ``max_hamming``: ``max_hamming // 3 + 1`` bands, narrower than 32
@@ -37,9 +41,11 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from curation import semdedup
 from manifests.schema import KEPT, REJECTED
 
 HASH_BITS = 64
@@ -48,7 +54,9 @@ BANDS_PER_SPLIT = HASH_BITS // BAND_BITS
 EXACT_MAX_HAMMING = 5  # 2 bands × (2 bits each) + 1: beyond, some pairs split their bits 3/3
 _PERMUTATION_SEED = 20240305
 EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
-DUPLICATES = pa.schema([("key", pa.string()), ("dup_of", pa.string())])
+DUPLICATES = pa.schema([("key", pa.string()), ("dup_of", pa.string()), ("reason", pa.string())])
+NEAR = pa.schema([("u", pa.int64()), ("v", pa.int64())])  # distinct pHash value pairs
+SEMANTIC = pa.schema([("a", pa.string()), ("b", pa.string()), ("similarity", pa.float64())])
 
 
 def keeper_order(row: dict) -> tuple:
@@ -94,6 +102,18 @@ def band_layout(max_hamming: int, num_splits: int | None) -> list[Band]:
 def is_exact(max_hamming: int, num_splits: int | None) -> bool:
     """Whether the search finds every pair within ``max_hamming`` bits."""
     return num_splits is None or max_hamming <= EXACT_MAX_HAMMING
+
+
+def require_exact(max_hamming: int, num_splits: int | None) -> None:
+    """Refuse a layout that would miss pairs: ``ValueError`` unless ``is_exact`` (the dedup never trades
+    recall for speed silently; ``bench/calibrate_dedup.py`` measures the inexact layouts on purpose)."""
+    if not is_exact(max_hamming, num_splits):
+        raise ValueError(
+            f"dedup.max_hamming {max_hamming} with phash_splits {num_splits}: 32-bit bands find every pair only "
+            f"up to {EXACT_MAX_HAMMING} bits (a pair whose bits split 3/3 in every cut is missed); use "
+            f"phash_splits None (CLI: --phash-splits exact, bands narrower than 32 bits) or max_hamming ≤ "
+            f"{EXACT_MAX_HAMMING}"
+        )
 
 
 def as_unsigned(phashes: np.ndarray) -> np.ndarray:
@@ -305,85 +325,190 @@ def unique_hashes(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return unique, star
 
 
-def value_edges(value_pairs: pa.Table, unique: pa.Table) -> pa.Table:
-    """Edges between the representative keys of near pHash value pairs (``u``, ``v``)."""
-    return _query(
-        "SELECT x.rep AS a, y.rep AS b FROM pairs p JOIN unique_ x ON x.phash = p.u "
-        "JOIN unique_ y ON y.phash = p.v ORDER BY a, b",
-        pairs=value_pairs,
-        unique_=unique,
-    ).cast(EDGES)
+def _chain(classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges joining the members of each class (consecutive in a sort: k - 1 edges for k members);
+    ``classes``: a class id per node, -1 for none."""
+    order = np.argsort(classes, kind="stable")
+    ordered = classes[order]
+    same = (ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)
+    return order[:-1][same], order[1:][same]
 
 
-def keepers(edges: pa.Table, attributes: pa.Table) -> pa.Table:
-    """``(key, dup_of)`` of every non-keeper of each connected component of ``edges``, sorted by key.
+def _class_ids(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A dense id per distinct non-null value (-1 for null)."""
+    encoded = pc.dictionary_encode(values)
+    encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+    return encoded.indices.fill_null(-1).to_numpy().astype(np.int64)
 
-    ``attributes``: key, pixels, aesthetic of (at least) every key in ``edges``.
+
+@dataclass(frozen=True)
+class _Matches:
+    """Who matches whom among ``keepers``' nodes: equality classes and pairs, with their values."""
+
+    sha_class: list[int]  # per node; -1: none
+    phash_class: list[int]  # per node; -1: none (or the pHash test off)
+    near: dict[int, list[tuple[int, int]]]  # pHash class → (class within range, bits apart)
+    semantic: dict[int, list[tuple[int, float]]]  # node → (node, cosine)
+    component: np.ndarray  # (N,) connected component of each node
+
+
+def _matches(nodes: pa.Table, near: pa.Table, semantic: pa.Table) -> _Matches:
+    """The match structure of ``nodes`` (sorted by key) and its connected components."""
+    size = nodes.num_rows
+    sha_class, phash_class = _class_ids(nodes["sha256"]), _class_ids(nodes["phash"])
+    hashes = pc.fill_null(nodes["phash"], 0).to_numpy()
+    classes, first_node = np.unique(phash_class, return_index=True)
+    first_node = first_node[classes >= 0]  # one node per class: its hash, its place in the graph
+    class_of = dict(zip(hashes[first_node].tolist(), phash_class[first_node].tolist(), strict=True))
+    u = np.asarray([class_of[h] for h in near["u"].to_pylist()], np.int64)
+    v = np.asarray([class_of[h] for h in near["v"].to_pylist()], np.int64)
+    bits = np.bitwise_count(as_unsigned(near["u"].to_numpy()) ^ as_unsigned(near["v"].to_numpy()))
+    near_of: dict[int, list[tuple[int, int]]] = {}
+    for x, y, d in zip(u.tolist(), v.tolist(), bits.tolist(), strict=True):
+        near_of.setdefault(x, []).append((y, d))
+        near_of.setdefault(y, []).append((x, d))
+    index = {key: i for i, key in enumerate(nodes["key"].to_pylist())}
+    a = np.asarray([index[k] for k in semantic["a"].to_pylist()], np.int64)
+    b = np.asarray([index[k] for k in semantic["b"].to_pylist()], np.int64)
+    semantic_of: dict[int, list[tuple[int, float]]] = {}
+    for x, y, cosine in zip(a.tolist(), b.tolist(), semantic["similarity"].to_pylist(), strict=True):
+        semantic_of.setdefault(x, []).append((y, cosine))
+        semantic_of.setdefault(y, []).append((x, cosine))
+    node_of_class = np.full(max(int(phash_class.max()) + 1, 0), -1, np.int64)
+    node_of_class[phash_class[first_node]] = first_node
+    edges = [_chain(sha_class), _chain(phash_class), (a, b), (node_of_class[u], node_of_class[v])]
+    first, second = np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges])
+    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(size, size))
+    _, component = connected_components(graph, directed=False)
+    return _Matches(sha_class.tolist(), phash_class.tolist(), near_of, semantic_of, component)
+
+
+def _walk(order: list[int], matches: _Matches) -> list[tuple[int, int, str]]:
+    """``(node, kept node, reason)`` of each rejected node, walking ``order``: a node is rejected when it
+    matches a node already kept directly; the kept node is the first such in ``order``, the reason its
+    strongest test (sha256, then the fewest pHash bits, then semantic)."""
+    rank = {node: position for position, node in enumerate(order)}
+    kept_sha: dict[int, int] = {}  # class → its kept node (at most one: a second would match it)
+    kept_phash: dict[int, int] = {}
+    kept: set[int] = set()
+    rejected = []
+    for node in order:
+        found = []  # (rank of the kept node, strength, kept node, reason)
+        sha, cls = matches.sha_class[node], matches.phash_class[node]
+        if sha in kept_sha:
+            found.append((rank[kept_sha[sha]], 0, kept_sha[sha], "duplicate: sha256"))
+        if cls in kept_phash:
+            found.append((rank[kept_phash[cls]], 1, kept_phash[cls], "duplicate: phash 0"))
+        for other_cls, bits in matches.near.get(cls, ()):
+            if other_cls in kept_phash:
+                other = kept_phash[other_cls]
+                found.append((rank[other], 1 + bits, other, f"duplicate: phash {bits}"))
+        for other, cosine in matches.semantic.get(node, ()):
+            if other in kept:
+                found.append((rank[other], 2 + HASH_BITS, other, f"duplicate: semantic {cosine:.3f}"))
+        if found:
+            _, _, other, reason = min(found)
+            rejected.append((node, other, reason))
+            continue
+        kept.add(node)
+        if sha >= 0:
+            kept_sha[sha] = node
+        if cls >= 0:
+            kept_phash[cls] = node
+    return rejected
+
+
+def keepers(nodes: pa.Table, near: pa.Table, semantic: pa.Table) -> pa.Table:
+    """``(key, dup_of, reason)`` of every rejected duplicate among ``nodes``, sorted by key.
+
+    ``nodes``: key, pixels, aesthetic, sha256, phash of every row that may match another (a sha256 or
+    pHash shared with another row, a pHash in ``near``, a key in ``semantic``); ``near``: distinct pHash
+    value pairs ``(u, v)`` within ``max_hamming`` bits; ``semantic``: key pairs ``(a, b, similarity)``.
+
+    The rule never chains (SemDeDup, NeMo Curator): rows are walked in keeper order (``keeper_order``)
+    within each connected component of the matches, and a row is rejected only when it matches a row
+    already kept *directly*: the same sha256, a pHash within ``max_hamming`` bits (0 for equal), or a
+    semantic pair. ``dup_of`` is the first such kept row in keeper order; when it matches by several
+    tests, the reason names the strongest: ``duplicate: sha256``, then ``duplicate: phash <bits>``, then
+    ``duplicate: semantic <cosine>``. So no kept row matches another kept row, and every rejected row
+    is within a threshold of the row its ``dup_of`` names; a morph chain keeps every row that is not a
+    direct match of a kept one. Components are independent: walking them one by one (here, in one task)
+    or in separate tasks gives the same answer.
     """
-    if edges.num_rows == 0:
+    nodes = nodes.sort_by("key")
+    if nodes.num_rows == 0:
         return DUPLICATES.empty_table()
-    con = duckdb.connect()
-    try:
-        con.register("edges", edges)
-        nodes = con.sql(
-            "SELECT key FROM (SELECT a AS key FROM edges UNION SELECT b FROM edges) ORDER BY key"
-        ).to_arrow_table()
-        con.register("nodes", nodes.append_column("id", pa.array(np.arange(nodes.num_rows), pa.int64())))
-        ids = con.execute(
-            "SELECT x.id, y.id FROM edges e JOIN nodes x ON x.key = e.a JOIN nodes y ON y.key = e.b"
-        ).fetchnumpy()
-        first, second = ids["id"], ids["id_1"]
-        graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(nodes.num_rows,) * 2)
-        _, labels = connected_components(graph, directed=False)
-        con.register("labelled", nodes.append_column("label", pa.array(labels, pa.int64())))
-        con.register("attributes", attributes)
-        return (
-            con.sql(
-                """
-            WITH ranked AS (
-                SELECT l.key, l.label, first(l.key ORDER BY a.pixels DESC, a.aesthetic DESC NULLS LAST, l.key)
-                       OVER (PARTITION BY l.label) AS keeper
-                FROM labelled l JOIN attributes a USING (key)
-            )
-            SELECT key, keeper AS dup_of FROM ranked WHERE key <> keeper ORDER BY key
-            """
-            )
-            .to_arrow_table()
-            .cast(DUPLICATES)
-        )
-    finally:
-        con.close()
+    matches = _matches(nodes, near, semantic)
+    aesthetic = nodes["aesthetic"].cast(pa.float64()).fill_null(-np.inf).to_numpy()
+    pixels = nodes["pixels"].to_numpy()
+    order = np.lexsort((np.arange(nodes.num_rows), -aesthetic, -pixels, matches.component)).tolist()
+    rejected = _walk(order, matches)
+    keys = nodes["key"].to_pylist()
+    table = pa.table(
+        {
+            "key": [keys[node] for node, _, _ in rejected],
+            "dup_of": [keys[other] for _, other, _ in rejected],
+            "reason": [reason for _, _, reason in rejected],
+        },
+        schema=DUPLICATES,
+    )
+    return table.sort_by("key")
 
 
 def mark_duplicates(
-    rows: list[dict], *, max_hamming: int | None, num_splits: int | None = None
+    rows: list[dict],
+    *,
+    max_hamming: int | None,
+    num_splits: int | None = None,
+    semantic_threshold: float | None = None,
 ) -> list[dict]:
-    """Rows with every kept row that repeats another (same sha256, or pHash within ``max_hamming`` bits;
-    ``None`` turns the near pass off) turned into a ``duplicate`` rejection naming its keeper.
+    """Rows with every kept row that directly repeats a kept one (same sha256, pHash within ``max_hamming``
+    bits, or ``embedding`` cosine ≥ ``semantic_threshold``; ``None`` turns that test off) turned into a
+    ``duplicate: <test> <value>`` rejection naming that kept row (``keepers``).
 
-    The in-memory composition of the functions the partitioned phases run (small inputs and tests).
+    The in-memory composition of the functions the partitioned phases run (small inputs and tests); the
+    semantic pairs are searched over all kept rows as one cluster.
     """
     kept = [r for r in rows if r["status"] == KEPT]
-    table = pa.table(
+    phashes = [r.get("phash") if max_hamming is not None else None for r in kept]
+    nodes = pa.table(
         {
             "key": pa.array([r["key"] for r in kept], pa.string()),
-            "sha256": pa.array([r.get("sha256") for r in kept], pa.string()),
-            "phash": pa.array([r.get("phash") for r in kept], pa.int64()),
             "pixels": pa.array([r["width"] * r["height"] for r in kept], pa.int64()),
             "aesthetic": pa.array([r.get("aesthetic") for r in kept], pa.float32()),
+            "sha256": pa.array([r.get("sha256") for r in kept], pa.string()),
+            "phash": pa.array(phashes, pa.int64()),
         }
     )
-    edges = [exact_edges(table.select(["key", "sha256"]))]
+    near = NEAR.empty_table()
     if max_hamming is not None:
-        unique, star = unique_hashes(table.select(["key", "phash"]))
+        require_exact(max_hamming, num_splits)
+        unique, _ = unique_hashes(nodes.select(["key", "phash"]))
         values = as_unsigned(unique.column("phash").to_numpy())
-        pairs = all_near_pairs(values, max_hamming=max_hamming, num_splits=num_splits)
-        edges += [star, value_edges(value_pair_table(values, pairs), unique)]
-    dups = keepers(pa.concat_tables(edges), table.select(["key", "pixels", "aesthetic"]))
-    dup_of = dict(zip(dups.column("key").to_pylist(), dups.column("dup_of").to_pylist(), strict=True))
+        near = value_pair_table(
+            values, all_near_pairs(values, max_hamming=max_hamming, num_splits=num_splits)
+        )
+    semantic = SEMANTIC.empty_table()
+    if semantic_threshold is not None:
+        embedded = [r for r in kept if r.get("embedding") is not None]
+        matrix = semdedup.embedding_matrix(
+            pa.array([r["embedding"] for r in embedded], pa.list_(pa.float32()))
+        )
+        labels = np.zeros(len(embedded), np.int64)
+        semantic = semdedup.semantic_edges([r["key"] for r in embedded], matrix, labels, semantic_threshold)
+    dups = keepers(nodes, near, semantic)
+    found = {
+        k: (d, r) for k, d, r in zip(*(dups.column(c).to_pylist() for c in DUPLICATES.names), strict=True)
+    }
     return [
-        {**row, "status": REJECTED, "reason": "duplicate", "tier": None, "dup_of": dup_of[row["key"]]}
-        if row["key"] in dup_of
+        {
+            **row,
+            "status": REJECTED,
+            "reason": found[row["key"]][1],
+            "tier": None,
+            "dup_of": found[row["key"]][0],
+        }
+        if row["key"] in found
         else row
         for row in rows
     ]

@@ -25,8 +25,16 @@ from curation.rundir import RunGuard, find_not_shared
 class Executor(Protocol):
     name: str
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1.0) -> list[Any]:
-        """``[fn(item) for item in items]``, in order."""
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        num_cpus: float = 1.0,
+        memory: int | None = None,
+    ) -> list[Any]:
+        """``[fn(item) for item in items]``, in order; ``memory``: bytes one item's task may hold (Ray
+        schedules no more tasks on a node than its memory takes; the local executor ignores it)."""
         ...
 
 
@@ -35,7 +43,14 @@ class LocalExecutor:
 
     name = "local"
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1.0) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        num_cpus: float = 1.0,
+        memory: int | None = None,
+    ) -> list[Any]:
         return [fn(item) for item in items]
 
 
@@ -52,12 +67,26 @@ class RayExecutor:
         self.max_retries = max_retries
         self.task_nodes: Counter[str] = Counter()  # Ray node id → tasks run there
 
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1.0) -> list[Any]:
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        num_cpus: float = 1.0,
+        memory: int | None = None,
+    ) -> list[Any]:
         import ray
 
         if not items:
             return []
-        task = ray.remote(num_cpus=num_cpus, max_retries=self.max_retries)(_guarded).options(name=fn.__name__)
+        options = {"num_cpus": num_cpus, "max_retries": self.max_retries}
+        if memory:
+            largest = max(n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"])
+            if memory > largest:  # Ray would wait forever for a node that big
+                raise ValueError(f"{fn.__name__} needs {memory / 2**30:.1f} GiB per task; the largest node has "
+                                 f"{largest / 2**30:.1f} GiB (lower rows_per_partition)")  # fmt: skip
+            options["memory"] = int(memory)
+        task = ray.remote(**options)(_guarded).options(name=fn.__name__)
         limit = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         results: list[Any] = [None] * len(items)
         pending: dict[Any, int] = {}

@@ -10,7 +10,8 @@ writes files under the run's scratch folder and returns counts. The driver holds
       phash       per bucket     same pHash → star edges; the bucket's distinct pHash values
       near        per band part  multi-index hashing over all distinct values (curation.dedup)
       semantic    k-means (1 task), assignment per partition, pairs per cluster group (curation.semdedup)
-      resolve     1 task         connected components of all edges → keeper per group → dups.parquet
+      resolve     1 task         rows that match another → components → greedy direct-match keep rule
+                                 (curation.dedup.keepers) → dups.parquet (key, dup_of, reason)
     3 finalize    per partition  final status of every row; kept-row counts per (tier, ext, key prefix)
       (driver)                   shard plan: key-range trie leaves of ≤ samples_per_shard rows per group
     4 digest      per partition  content digest of each shard's rows (order-free sums of row hashes)
@@ -70,8 +71,22 @@ SAMPLE_JSON_FIELDS = (
 KEY_SHA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
 KEY_PHASH = pa.schema([("key", pa.string()), ("phash", pa.int64())])
 ROWS_PER_BUCKET = 1_000_000  # rows per hash bucket of the dedup shuffles
+# Embeddings per semantic cluster group: ~1.5 GiB of task memory at 768-d (EMBEDDING_BYTES_PER_VALUE).
+SEMANTIC_ROWS_PER_GROUP = 250_000
 ENTRIES_PER_NEAR_TASK = 8_000_000  # index entries one near-search task sorts (~200 MB at its peak)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of pHash values into buckets
+
+# Task memory declared to Ray (``memory=``, bytes), from the plan: a worker's own footprint plus what the
+# task holds per row it reads. Upper bounds of the worker peak RSS measured by bench/bench_curation_scale.py
+# (docs/benchmarks.md), so that Ray never packs more tasks on a node than its memory holds.
+TASK_BASE_BYTES = 384 << 20  # interpreter, pyarrow, duckdb, numpy, faiss before the task reads anything
+ROW_BYTES = (
+    2_048  # one scored row as Arrow and the copies a partition task makes of it (filters, joins, sorts)
+)
+DEDUP_ROW_BYTES = 256  # one (key, hash) row of a dedup bucket with DuckDB's window or group by
+RESOLVE_ROW_BYTES = 1_024  # one row of keepers' walk (Arrow, NumPy and Python lists, its dicts)
+EMBEDDING_BYTES_PER_VALUE = 2 + 2 + 4  # fp16 Arrow list (and its sorted copy, briefly), the float32 matrix
+MAX_EMBEDDING_DIM = 1280  # bound before the first embedding is read (OpenCLIP ViT-bigG; ViT-L/14 is 768)
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,10 @@ class PostConfig:
     samples_per_shard: int
     rows_per_partition: int
     write_shards: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_hamming is not None:
+            dedup.require_exact(self.max_hamming, self.phash_splits)
 
 
 @dataclass
@@ -177,6 +196,11 @@ def _rss(result: dict) -> dict:
     return {**result, "peak_rss_mib": peak_rss_mib()}
 
 
+def task_memory(rows: int, bytes_per_row: int, *, extra: int = 0) -> int:
+    """Bytes a task declares: the worker's base, ``rows`` × ``bytes_per_row``, and ``extra``."""
+    return TASK_BASE_BYTES + int(rows) * bytes_per_row + extra
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1 gate
 
@@ -230,10 +254,9 @@ def gate_partition(task: dict) -> dict:
     table = apply_gate(_read([p.path for p in partition.parts], columns), task["min_score"])
     kept = table.filter(pc.equal(table["status"], KEPT))
     pixels = pc.multiply(kept["width"].cast(pa.int64()), kept["height"].cast(pa.int64()))
-    _write(
-        pa.table({"key": kept["key"], "pixels": pixels, "aesthetic": kept["aesthetic"]}),
-        scratch / "attributes" / f"{partition.name}.parquet",
-    )
+    attributes = {"key": kept["key"], "pixels": pixels, "aesthetic": kept["aesthetic"], "sha256": kept["sha256"],
+                  "phash": kept["phash"]}  # fmt: skip
+    _write(pa.table(attributes), scratch / "attributes" / f"{partition.name}.parquet")
     sha = kept.filter(pc.is_valid(kept["sha256"])).select(["key", "sha256"])
     by_sha = _hash_bucket(keyspace.key_bits(sha["sha256"]), buckets)
     hashed = kept.filter(pc.is_valid(kept["phash"])).select(["key", "phash"])
@@ -308,7 +331,8 @@ def semantic_train(task: dict) -> dict:
     sample = np.concatenate([s for s in samples if len(s)]) if have else np.zeros((0, 0), np.float32)
     centroids = semdedup.train_centroids(sample, task["clusters"]) if len(sample) else sample
     np.save(scratch / "centroids.npy", centroids)
-    return _rss({"semantic_sample": len(sample), "semantic_clusters": len(centroids)})
+    dim = sample.shape[1] if len(sample) else 0
+    return _rss({"semantic_sample": len(sample), "semantic_clusters": len(centroids), "semantic_dim": dim})
 
 
 def _kept_embeddings(partition: Partition, keys: pa.ChunkedArray) -> pa.Table:
@@ -326,16 +350,17 @@ def semantic_assign(task: dict) -> dict:
     embedded = _kept_embeddings(partition, keys)
     matrix = semdedup.embedding_matrix(embedded["embedding"])
     if len(matrix) == 0:
-        return _rss({"semantic_assigned": 0})
+        return _rss({"semantic_assigned": 0, "group_rows": {}})
     labels = semdedup.assign(matrix, np.load(scratch / "centroids.npy"))
     table = embedded.append_column("cluster", pa.array(labels))
     group_of = labels % groups
+    group_rows = {int(g): int(n) for g, n in zip(*np.unique(group_of, return_counts=True), strict=True)}
     for group in np.unique(group_of):
         _write(
             table.filter(pa.array(group_of == group)),
             scratch / "semantic" / f"g={group:04d}" / f"{partition.name}.parquet",
         )
-    return _rss({"semantic_assigned": len(matrix)})
+    return _rss({"semantic_assigned": len(matrix), "group_rows": group_rows})
 
 
 def semantic_group(task: dict) -> dict:
@@ -344,45 +369,69 @@ def semantic_group(task: dict) -> dict:
     table = _read(_glob(scratch / "semantic" / f"g={group:04d}"))
     if table is None or table.num_rows == 0:
         return _rss({"semantic_pairs": 0})
+    table = table.sort_by([("cluster", "ascending"), ("key", "ascending")])  # semantic_edges' order: no copy
     edges = semdedup.semantic_edges(
         table["key"],
         semdedup.embedding_matrix(table["embedding"]),
         table["cluster"].to_numpy(),
         task["threshold"],
     )
-    _write(edges, scratch / "edges" / f"semantic-{group:04d}.parquet")
+    _write(edges, scratch / "semantic_pairs" / f"{group:04d}.parquet")
     return _rss({"semantic_pairs": edges.num_rows})
 
 
 def resolve_duplicates(task: dict) -> dict:
-    """All edges → connected components → one keeper per group; ``dups.parquet`` (key, dup_of) by key."""
+    """Every row that may match another (a shared sha256 or pHash, a near pHash value, a semantic pair) →
+    ``dedup.keepers`` (greedy in keeper order, direct matches only) → ``dups.parquet`` (key, dup_of, reason)."""
     scratch = Path(task["scratch"])
     con = duckdb.connect()
     try:
-        edge_files, near_files = _glob(scratch / "edges"), _glob(scratch / "near")
-        parts = [f"SELECT a, b FROM read_parquet({sql_list(edge_files)})"] if edge_files else []
-        if near_files:
-            unique = sql_list(_glob(scratch / "unique"))
-            parts.append(
-                f"SELECT x.rep AS a, y.rep AS b FROM read_parquet({sql_list(near_files)}) p "
-                f"JOIN read_parquet({unique}) x ON x.phash = p.u JOIN read_parquet({unique}) y ON y.phash = p.v"
-            )
-        edges = con.sql(" UNION ALL ".join(parts)).to_arrow_table() if parts else dedup.EDGES.empty_table()
-        con.register("edges", edges)
+        star_files, near_files = _glob(scratch / "edges"), _glob(scratch / "near")
+        semantic_files = _glob(scratch / "semantic_pairs")
+        near = (
+            con.sql(f"SELECT DISTINCT u, v FROM read_parquet({sql_list(near_files)})").to_arrow_table()
+            if near_files
+            else dedup.NEAR.empty_table()
+        )
+        semantic = (
+            con.sql(f"SELECT a, b, similarity FROM read_parquet({sql_list(semantic_files)})").to_arrow_table()
+            if semantic_files
+            else dedup.SEMANTIC.empty_table()
+        )
+        con.register("near", near)
+        con.register("semantic", semantic)
+        matched = [f"SELECT a AS key FROM read_parquet({sql_list(star_files)})",
+                   f"SELECT b FROM read_parquet({sql_list(star_files)})"] if star_files else []  # fmt: skip
+        matched += ["SELECT a FROM semantic", "SELECT b FROM semantic"]
         attributes = _glob(scratch / "attributes")
-        nodes_attributes = (
+        # pHash off: equal hashes are no match either (the phash column is read as null).
+        phash = "phash" if task["max_hamming"] is not None else "NULL::BIGINT AS phash"
+        nodes = (
             con.sql(
-                f"SELECT key, pixels, aesthetic FROM read_parquet({sql_list(attributes)}) WHERE key IN "
-                "(SELECT a FROM edges UNION SELECT b FROM edges)"
+                f"SELECT key, pixels, aesthetic, sha256, {phash} FROM read_parquet({sql_list(attributes)}) "
+                f"WHERE key IN ({' UNION '.join(matched)}) OR phash IN (SELECT u FROM near UNION SELECT v FROM near)"
             ).to_arrow_table()
-            if attributes and edges.num_rows
-            else pa.table({"key": [], "pixels": [], "aesthetic": []})
+            if attributes
+            else None
         )
     finally:
         con.close()
-    dups = dedup.keepers(edges.cast(dedup.EDGES), nodes_attributes)
+    if nodes is None:
+        dups = dedup.DUPLICATES.empty_table()
+    else:
+        dups = dedup.keepers(nodes, near.cast(dedup.NEAR), semantic.cast(dedup.SEMANTIC))
     _write(dups, scratch / "dups.parquet", row_group_size=65_536)
-    return _rss({"edges": edges.num_rows, "duplicates": dups.num_rows})
+    tests = Counter(
+        reason.split(" ")[1] for reason in dups["reason"].to_pylist()
+    )  # duplicate: <test> <value>
+    return _rss(
+        {
+            "resolve_rows": 0 if nodes is None else nodes.num_rows,
+            "near_value_pairs": near.num_rows,
+            "duplicates": dups.num_rows,
+            **{f"duplicates_{test}": n for test, n in tests.items()},
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,8 +445,9 @@ def final_rows(partition: Partition, scratch: Path, min_score: dict[str, float])
     filters = [("key", ">=", partition.lo)] + ([("key", "<", partition.hi)] if partition.hi else [])
     dups = pq.read_table(scratch / "dups.parquet", filters=filters)
     if dups.num_rows:
+        dups = dups.rename_columns(["key", "dup_of", "dup_reason"])
         table = table.drop_columns(["dup_of"]).join(dups, "key", join_type="left outer").sort_by("key")
-        table = _reject(table, pc.is_valid(table["dup_of"]), "duplicate").select(SCORED.names)
+        table = _reject(table, pc.is_valid(table["dup_of"]), table["dup_reason"]).select(SCORED.names)
     kept = pc.equal(table["status"], KEPT)
     ext = np.full(table.num_rows, None, object)
     ext[np.flatnonzero(kept.to_numpy(zero_copy_only=False))] = extensions(
@@ -452,8 +502,10 @@ def digest_partition(task: dict) -> dict:
     table = pq.read_table(Path(task["scratch"]) / "final" / f"{task['partition'].name}.parquet")
     kept = table.filter(pc.equal(table["status"], KEPT))
     if kept.num_rows == 0:
-        return _rss({"digests": {}})
-    fields = kept.select(list(SAMPLE_JSON_FIELDS)).append_column("shard", pa.array(task["plan"].assign(kept)))
+        return _rss({"digests": {}, "shard_bytes": {}})
+    fields = kept.select([*SAMPLE_JSON_FIELDS, "num_bytes"]).append_column(
+        "shard", pa.array(task["plan"].assign(kept))
+    )
     con = duckdb.connect()
     try:
         con.register("rows", fields)
@@ -461,15 +513,20 @@ def digest_partition(task: dict) -> dict:
         # to change whenever the float changes.
         rows = con.execute(
             """
-            WITH h AS (SELECT shard, concat_ws(chr(31), key, width, height, format, tier, aesthetic::VARCHAR,
+            WITH h AS (SELECT shard, num_bytes, concat_ws(chr(31), key, width, height, format, tier, aesthetic::VARCHAR,
                                            coalesce(caption_orig, chr(0)), source, coalesce(url, chr(0)), sha256) AS s
                        FROM rows)
-            SELECT shard, count(*), sum(md5_number_lower(s))::VARCHAR FROM h GROUP BY shard
+            SELECT shard, count(*), sum(md5_number_lower(s))::VARCHAR, sum(num_bytes) FROM h GROUP BY shard
             """
         ).fetchall()
     finally:
         con.close()
-    return _rss({"digests": {shard: (n, int(total)) for shard, n, total in rows}})
+    return _rss(
+        {
+            "digests": {shard: (n, int(total)) for shard, n, total, _ in rows},
+            "shard_bytes": {shard: int(size or 0) for shard, _, _, size in rows},
+        }
+    )
 
 
 def shard_names(plan: ShardPlan, digests: list[dict[int, tuple[int, int]]]) -> list[dict]:
@@ -512,6 +569,7 @@ def stage_partition(task: dict) -> dict:
         _write(
             to_shard.sort_by([("shard", "ascending"), ("key", "ascending")]),
             scratch / "to_shard" / f"{partition.name}.parquet",
+            row_group_size=1024,  # about a shard: each shard task reads its own row groups, not the partition
         )
     reasons = pc.list_element(
         pc.split_pattern(pc.filter(table["reason"], pc.invert(kept)), ":", max_splits=1), 0
@@ -570,13 +628,17 @@ def find_duplicates(
     num_rows = sum(p.num_rows for p in partitions)
     buckets = _power_of_two_at_least(num_rows / ROWS_PER_BUCKET)
     common = {"scratch": str(scratch), "min_score": cfg.min_score, "num_buckets": buckets}
-    rss = [_fold(executor.map(gate_partition, [{**common, "partition": p} for p in partitions]), counts)]
+    largest = max((p.num_rows for p in partitions), default=0)
+    gate = [{**common, "partition": p} for p in partitions]
+    rss = [_fold(executor.map(gate_partition, gate, memory=task_memory(largest, ROW_BYTES)), counts)]
     started = _timed(result, "gate", started)
 
     bucket_tasks = [{"scratch": str(scratch), "bucket": b} for b in range(buckets)]
-    rss.append(_fold(executor.map(exact_bucket, bucket_tasks), counts))
+    # Hash buckets of uniform hashes: a bucket holds kept / buckets rows, twice that bounds its spread.
+    bucket_memory = task_memory(2 * counts["kept"] / buckets, DEDUP_ROW_BYTES)
+    rss.append(_fold(executor.map(exact_bucket, bucket_tasks, memory=bucket_memory), counts))
     if cfg.max_hamming is not None:
-        rss.append(_fold(executor.map(phash_bucket, bucket_tasks), counts))
+        rss.append(_fold(executor.map(phash_bucket, bucket_tasks, memory=bucket_memory), counts))
         part_bits = int(
             math.log2(_power_of_two_at_least(33 * counts["distinct_phash"] / ENTRIES_PER_NEAR_TASK))
         )
@@ -584,24 +646,48 @@ def find_duplicates(
             {"scratch": str(scratch), "max_hamming": cfg.max_hamming, **t}
             for t in dedup.near_tasks(cfg.max_hamming, cfg.phash_splits, part_bits)
         ]
-        rss.append(_fold(executor.map(near_band, near), counts))
+        # Every distinct value (8 bytes, ~4 arrays of it) + at most ENTRIES_PER_NEAR_TASK sorted entries
+        # (8 bytes packed, ~3 arrays: entries, pairs, their check).
+        near_memory = task_memory(counts["distinct_phash"], 32, extra=24 * ENTRIES_PER_NEAR_TASK)
+        rss.append(_fold(executor.map(near_band, near, memory=near_memory), counts))
     started = _timed(result, "dedup_phash", started)
 
     if cfg.semantic_threshold is not None and any(p.embeddings for q in partitions for p in q.parts):
         clusters = semdedup.num_clusters(counts["kept"], cfg.semantic_cluster_size)
         train = {"scratch": str(scratch), "partitions": partitions, "clusters": clusters,
                  "sample_rows": clusters * semdedup.SAMPLE_PER_CLUSTER}  # fmt: skip
-        rss.append(_fold(executor.map(semantic_train, [train]), counts))
-        groups = _power_of_two_at_least(counts["kept"] / ROWS_PER_BUCKET)
+        bound = EMBEDDING_BYTES_PER_VALUE * MAX_EMBEDDING_DIM
+        trained = executor.map(
+            semantic_train, [train], memory=task_memory(train["sample_rows"] + largest, bound)
+        )
+        rss.append(_fold(trained, counts))
+        per_row = EMBEDDING_BYTES_PER_VALUE * (trained[0]["semantic_dim"] or MAX_EMBEDDING_DIM)
+        groups = _power_of_two_at_least(counts["kept"] / SEMANTIC_ROWS_PER_GROUP)
         assign = [{"scratch": str(scratch), "partition": p, "num_groups": groups} for p in partitions]
-        rss.append(_fold(executor.map(semantic_assign, assign), counts))
+        assigned = executor.map(semantic_assign, assign, memory=task_memory(largest, ROW_BYTES + per_row))
+        rss.append(_fold(assigned, counts))
+        group_rows = Counter()
+        for r in assigned:
+            group_rows.update(r["group_rows"])
         pairs = [
             {"scratch": str(scratch), "group": g, "threshold": cfg.semantic_threshold} for g in range(groups)
         ]
-        rss.append(_fold(executor.map(semantic_group, pairs), counts))
+        # A group's embeddings + one similarity tile (semdedup.cluster_pairs), whatever its cluster sizes.
+        tile = 8 * semdedup.BLOCK_ROWS**2
+        group_memory = task_memory(max(group_rows.values(), default=0), per_row + 64, extra=tile)
+        rss.append(_fold(executor.map(semantic_group, pairs, memory=group_memory), counts))
         started = _timed(result, "dedup_semantic", started)
 
-    rss.append(_fold(executor.map(resolve_duplicates, [{"scratch": str(scratch)}]), counts))
+    resolve = {"scratch": str(scratch), "max_hamming": cfg.max_hamming}
+    matched = 2 * (
+        counts["exact_edges"] + counts["same_phash_edges"] + counts["near_pairs"] + counts["semantic_pairs"]
+    )
+    rss.append(
+        _fold(
+            executor.map(resolve_duplicates, [resolve], memory=task_memory(matched, RESOLVE_ROW_BYTES)),
+            counts,
+        )
+    )
     _timed(result, "dedup_resolve", started)
     result.worker_peak_rss_mib = max([result.worker_peak_rss_mib, *rss])
     return counts
@@ -620,7 +706,9 @@ def plan_shards(
     common = {"scratch": str(scratch), "min_score": cfg.min_score}
     while True:
         results = executor.map(
-            finalize_partition, [{**common, "partition": p, "depth": depth} for p in partitions]
+            finalize_partition,
+            [{**common, "partition": p, "depth": depth} for p in partitions],
+            memory=task_memory(max(p.num_rows for p in partitions), ROW_BYTES),
         )
         result.worker_peak_rss_mib = max([result.worker_peak_rss_mib, *(r["peak_rss_mib"] for r in results)])
         groups = sorted({g for r in results for g in r["prefix_counts"]})
@@ -663,10 +751,13 @@ def post_scoring(
         {"scratch": str(scratch), "partition": p, "plan": plan, "min_score": cfg.min_score}
         for p in partitions
     ]
-    digests = executor.map(digest_partition, with_plan)
+    partition_memory = task_memory(max((p.num_rows for p in partitions), default=0), ROW_BYTES)
+    digests = executor.map(digest_partition, with_plan, memory=partition_memory)
     shards = shard_names(plan, [d["digests"] for d in digests])
     staged = executor.map(
-        stage_partition, [{**t, "shards": shards, "write_shards": cfg.write_shards} for t in with_plan]
+        stage_partition,
+        [{**t, "shards": shards, "write_shards": cfg.write_shards} for t in with_plan],
+        memory=partition_memory,
     )
     started = _timed(result, "digest_stage", started)
     result.worker_peak_rss_mib = max(
@@ -678,7 +769,14 @@ def post_scoring(
             s: [p for p, d in zip(partitions, digests, strict=True) if s in d["digests"]]
             for s in range(len(shards))
         }
-        result.shards_written = write_shards(shards, where, root=root, scratch=scratch, executor=executor)
+        shard_bytes = Counter()
+        for d in digests:
+            shard_bytes.update(d["shard_bytes"])
+        # A shard task holds its samples' bytes twice (read, then the tar being written) and its staged rows.
+        memory = task_memory(cfg.samples_per_shard, ROW_BYTES, extra=2 * max(shard_bytes.values(), default=0))
+        result.shards_written = write_shards(
+            shards, where, root=root, scratch=scratch, executor=executor, memory=memory
+        )
         started = _timed(result, "shards", started)
     result.num_parts = publish_manifest(partitions, root=root, scratch=scratch)
     _timed(result, "manifest", started)
@@ -699,7 +797,13 @@ def post_scoring(
 
 
 def write_shards(
-    shards: list[dict], where: dict[int, list[Partition]], *, root: Path, scratch: Path, executor: Executor
+    shards: list[dict],
+    where: dict[int, list[Partition]],
+    *,
+    root: Path,
+    scratch: Path,
+    executor: Executor,
+    memory: int | None = None,
 ) -> int:
     """Phase 6: every shard of the plan that is not committed yet, one task each, reading the staged rows
     of the partitions it spans."""
@@ -712,7 +816,7 @@ def write_shards(
         for index, shard in enumerate(shards)
         if not is_committed((root / shard["shard"]).parent, Path(shard["shard"]).name)
     ]
-    return sum(r["written"] for r in executor.map(write_shard_task, todo))
+    return sum(r["written"] for r in executor.map(write_shard_task, todo, memory=memory))
 
 
 def publish_manifest(partitions: list[Partition], *, root: Path, scratch: Path) -> int:

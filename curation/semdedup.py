@@ -3,9 +3,11 @@
 pHash misses crops, borders, rescaled screenshots and heavy recompression; their CLIP image embeddings
 stay close. As in SemDeDup (Abbas et al. 2023) and NeMo Curator's ``semantic_dedup``: spherical k-means
 over the L2-normalised embeddings (faiss), then, within each cluster, every pair whose cosine similarity
-is at least ``threshold`` is a duplicate edge. Cost: k-means is trained on a sample (``SAMPLE_PER_CLUSTER``
-rows per centroid) and assignment is one matrix product per row; the in-cluster search is
-``sum(cluster_size²)`` dot products, linear in N for a fixed mean cluster size.
+is at least ``threshold`` is a match, kept with its cosine (the keep rule, ``curation.dedup.keepers``,
+rejects a row only for a direct match with a kept row, as SemDeDup does: never a chain). Cost: k-means is
+trained on a sample (``SAMPLE_PER_CLUSTER`` rows per centroid) and assignment is one matrix product per
+row; the in-cluster search is ``sum(cluster_size²)`` dot products, linear in N for a fixed mean cluster
+size, done in ``BLOCK_ROWS``² tiles so its memory is constant whatever a cluster's size.
 
 Approximate: a pair whose two images fall in different clusters is never compared (recall on planted
 pairs is measured in docs/benchmarks.md). Deterministic: the sample is the first rows in key order (keys
@@ -24,7 +26,7 @@ SAMPLE_PER_CLUSTER = 64  # k-means training rows per centroid (faiss warns below
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 _SCREEN_MARGIN = 1e-3  # float32 screen below the threshold; float64 decides
-_BLOCK_ROWS = 4096
+BLOCK_ROWS = 4096  # in-cluster similarity tiles of BLOCK_ROWS² float32 (64 MiB), whatever the cluster size
 
 
 def num_clusters(num_rows: int, cluster_size: int) -> int:
@@ -40,8 +42,8 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         return np.zeros((0, 0), np.float32)
     dim = len(column[0])
     matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.maximum(norms, 1e-12)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)  # in place: one float32 copy
+    return matrix
 
 
 def train_centroids(sample: np.ndarray, clusters: int) -> np.ndarray:
@@ -73,39 +75,58 @@ def train_centroids(sample: np.ndarray, clusters: int) -> np.ndarray:
 def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Nearest centroid (highest cosine) of each row, int64 ``(N,)``."""
     labels = np.empty(len(embeddings), np.int64)
-    for start in range(0, len(embeddings), _BLOCK_ROWS):
-        block = embeddings[start : start + _BLOCK_ROWS]
+    for start in range(0, len(embeddings), BLOCK_ROWS):
+        block = embeddings[start : start + BLOCK_ROWS]
         labels[start : start + len(block)] = np.argmax(block @ centroids.T, axis=1)
     return labels
 
 
-def cluster_pairs(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Row pairs ``(i, j)``, ``i < j``, of one cluster with cosine ≥ ``threshold``; and the dot products done."""
-    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    exact = embeddings.astype(np.float64)
-    for start in range(0, len(embeddings), _BLOCK_ROWS):
-        block = embeddings[start : start + _BLOCK_ROWS]
-        sims = block @ embeddings[start:].T  # (B, N - start), the upper triangle and the block's diagonal
-        i, j = np.nonzero(sims >= threshold - _SCREEN_MARGIN)
-        i, j = i + start, j + start
-        keep = i < j
-        i, j = i[keep], j[keep]
-        confirmed = np.einsum("nd,nd->n", exact[i], exact[j]) >= threshold
-        firsts.append(i[confirmed])
-        seconds.append(j[confirmed])
+def cluster_pairs(
+    embeddings: np.ndarray, threshold: float, *, block_rows: int = BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Row pairs ``(i, j)``, ``i < j``, of one cluster with cosine ≥ ``threshold``, their cosine (float64);
+    and the dot products done.
+
+    The upper triangle in ``block_rows`` × ``block_rows`` tiles: a tile's products take 4·block_rows² bytes
+    (64 MiB at 4096) whatever the cluster size, so a task's memory is its input plus a constant.
+    """
+    firsts, seconds, sims_out = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
+    for start in range(0, len(embeddings), block_rows):
+        block = embeddings[start : start + block_rows]
+        for column in range(start, len(embeddings), block_rows):
+            sims = block @ embeddings[column : column + block_rows].T  # (B, B): one tile of the triangle
+            i, j = np.nonzero(sims >= threshold - _SCREEN_MARGIN)
+            i, j = i + start, j + column
+            keep = i < j
+            i, j = i[keep], j[keep]
+            exact = np.einsum("nd,nd->n", embeddings[i].astype(np.float64), embeddings[j].astype(np.float64))
+            confirmed = exact >= threshold
+            firsts.append(i[confirmed])
+            seconds.append(j[confirmed])
+            sims_out.append(exact[confirmed])
     num_products = len(embeddings) * (len(embeddings) + 1) // 2
-    return np.concatenate(firsts), np.concatenate(seconds), num_products
+    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(sims_out), num_products
 
 
-def semantic_edges(keys: pa.Array, embeddings: np.ndarray, labels: np.ndarray, threshold: float) -> pa.Table:
-    """Edges ``(a, b)`` between keys of the same cluster whose embeddings are within ``threshold``."""
+def semantic_edges(
+    keys: pa.Array | list[str], embeddings: np.ndarray, labels: np.ndarray, threshold: float
+) -> pa.Table:
+    """Edges ``(a, b, similarity)`` between keys of the same cluster whose cosine is ≥ ``threshold``."""
     keys = np.asarray(keys.to_pylist() if isinstance(keys, pa.Array | pa.ChunkedArray) else keys, object)
     order = np.lexsort((keys.astype(str), labels))  # by cluster, then key: a fixed order per cluster
-    labels, keys, embeddings = labels[order], keys[order], embeddings[order]
+    if not np.array_equal(order, np.arange(len(order))):  # already in order (the phases sort): no copy
+        labels, keys, embeddings = labels[order], keys[order], embeddings[order]
     bounds = np.flatnonzero(np.concatenate([[True], labels[1:] != labels[:-1], [True]]))
-    a, b = [], []
+    a, b, similarity = [], [], []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        i, j, _ = cluster_pairs(embeddings[start:end], threshold)
+        i, j, sims, _ = cluster_pairs(embeddings[start:end], threshold)
         a.extend(keys[start + i].tolist())
         b.extend(keys[start + j].tolist())
-    return pa.table({"a": pa.array(a, pa.string()), "b": pa.array(b, pa.string())})
+        similarity.extend(sims.tolist())
+    return pa.table(
+        {
+            "a": pa.array(a, pa.string()),
+            "b": pa.array(b, pa.string()),
+            "similarity": pa.array(similarity, pa.float64()),
+        }
+    )

@@ -52,7 +52,7 @@ IMAGES = _schema(
         pa.field("aesthetic_model", pa.string()),
         pa.field("clip_model", pa.string()),
         pa.field("phash", pa.int64()),  # 64-bit perceptual hash, bit pattern stored as signed int64
-        pa.field("dup_of", pa.string()),  # key of the keeper when reason = "duplicate"
+        pa.field("dup_of", pa.string()),  # the kept row a "duplicate: <test> <value>" matches directly
         pa.field("url", pa.string()),  # origin URL (URL lists, img2dataset tars), else null
         pa.field("source_key", pa.string()),  # the key a WebDataset / img2dataset source gave the sample
         pa.field("source_meta", pa.string()),  # that source's JSON sidecar, verbatim

@@ -9,6 +9,7 @@ import webdataset as wds
 
 import manifests
 from curation.pipeline import run
+from curation.stages import hamming
 from tests.curation.conftest import demo_config
 
 
@@ -34,12 +35,24 @@ def test_every_input_ends_kept_or_rejected_as_expected(demo_corpus, curated):
     group |= {expected[name]["dup_of"] for name in group}
     # One keeper for the original, its byte copy and its re-encode (pHash distance 0); which one is
     # fixed by the keeper rule (equal pixels, so the higher tiny-CLIP score), not by file names.
-    assert sorted(rows[name][:2] for name in group) == [("kept", None)] + [("rejected", "duplicate")] * 2
+    categories = sorted((rows[name][0], (rows[name][1] or "").split(":")[0]) for name in group)
+    assert categories == [("kept", "")] + [("rejected", "duplicate")] * 2
     keeper_key = con.execute(
         "SELECT key FROM images WHERE source LIKE '%' || ? AND status = 'kept'",
         [next(name for name in group if rows[name][0] == "kept")],
     ).fetchone()[0]
     assert {rows[name][3] for name in group if rows[name][0] == "rejected"} == {keeper_key}
+    # Each names the test that matched its keeper directly, and the distance (the manifest's own hashes).
+    hashes = {
+        key: (sha, ph) for key, sha, ph in con.execute("SELECT key, sha256, phash FROM images").fetchall()
+    }
+    for key, reason in con.execute(
+        "SELECT key, reason FROM images WHERE reason LIKE 'duplicate%'"
+    ).fetchall():
+        (sha, ph), (keeper_sha, keeper_ph) = hashes[key], hashes[keeper_key]
+        assert reason == (
+            "duplicate: sha256" if sha == keeper_sha else f"duplicate: phash {hamming(ph, keeper_ph)}"
+        )
     for name, exp in expected.items():
         status, reason, tier, _ = rows[name]
         if name in group:

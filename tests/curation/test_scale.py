@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import duckdb
 import faiss
@@ -20,7 +21,8 @@ MAX_HAMMING = 4
 
 
 def plant_duplicates(table: pa.Table, subset: np.ndarray, rng: np.random.Generator) -> pa.Table:
-    """Within ``subset`` only: byte copies (same sha256 and pHash) and pHash copies 1..6 bits away."""
+    """Within ``subset`` only: byte copies (same sha256 and pHash), pHash copies 1..6 bits away, and morph
+    chains of 6 rows 3 bits apart (ends 15 bits apart: a chain, never one group)."""
     sha = np.array(table["sha256"].to_pylist(), object)
     phash = dedup.as_unsigned(table["phash"].fill_null(0).to_numpy()).copy()
     kept = subset[pc.equal(table["status"], "kept").to_numpy(zero_copy_only=False)[subset]]
@@ -31,6 +33,13 @@ def plant_duplicates(table: pa.Table, subset: np.ndarray, rng: np.random.Generat
         else:
             bits = rng.choice(64, 1 + i % 6, replace=False)
             phash[copy] = phash[original] ^ np.uint64(sum(1 << int(b) for b in bits))
+    free = np.setdiff1d(kept, copies.ravel())
+    for chain in rng.choice(
+        free, size=(len(kept) // 300, 6), replace=False
+    ):  # morph chains, 3 new bits a step
+        bits = rng.choice(64, 3 * (len(chain) - 1), replace=False).reshape(len(chain) - 1, 3)
+        for i, step in enumerate(bits, start=1):
+            phash[chain[i]] = phash[chain[i - 1]] ^ np.uint64(sum(1 << int(b) for b in step))
     columns = {"sha256": pa.array(sha, pa.string()), "phash": pa.array(phash.view(np.int64))}
     for name, column in columns.items():
         column = pc.if_else(pc.equal(table["status"], "kept"), column, pa.nulls(len(column), column.type))
@@ -38,46 +47,49 @@ def plant_duplicates(table: pa.Table, subset: np.ndarray, rng: np.random.Generat
     return table
 
 
-def brute_force_dups(rows: list[dict], max_hamming: int) -> dict[str, str]:
-    """All pairs (same sha256 or pHash within range) → groups → keeper by the documented rule."""
+def brute_force_dups(rows: list[dict], max_hamming: int) -> dict[str, tuple[str, str]]:
+    """All pairs (same sha256 or pHash within range, by exhaustive search) → rows walked in keeper order,
+    each rejected for the first earlier kept row it matches directly: ``{key: (dup_of, reason)}``."""
     kept = [r for r in rows if r["status"] == "kept" and not (r["tier"] == "1k" and r["aesthetic"] < 5.0)]
-    parent = list(range(len(kept)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    kept.sort(key=dedup.keeper_order)
     hashes = dedup.as_unsigned(np.array([r["phash"] for r in kept], np.int64))
     index = faiss.IndexBinaryFlat(64)  # exhaustive: every pair's Hamming distance
     codes = hashes.astype(">u8").view(np.uint8).reshape(-1, 8)
     index.add(codes)
-    limits, _, neighbours = index.range_search(codes, max_hamming + 1)  # distance < radius
-    for a in range(len(kept)):
-        for b in neighbours[limits[a] : limits[a + 1]]:
-            parent[find(a)] = find(int(b))
-    by_sha: dict[str, int] = {}
+    limits, distances, neighbours = index.range_search(codes, max_hamming + 1)  # distance < radius
+    by_sha: dict[str, list[int]] = {}
     for i, r in enumerate(kept):
-        parent[find(i)] = find(by_sha.setdefault(r["sha256"], i))
-    groups: dict[int, list[dict]] = {}
-    for i, r in enumerate(kept):
-        groups.setdefault(find(i), []).append(r)
+        by_sha.setdefault(r["sha256"], []).append(i)
+    is_kept = [False] * len(kept)
     dups = {}
-    for group in groups.values():
-        keeper, *others = sorted(group, key=dedup.keeper_order)
-        dups.update({r["key"]: keeper["key"] for r in others})
+    for i, r in enumerate(kept):  # i: position in keeper order
+        matches = [(j, 0, "duplicate: sha256") for j in by_sha[r["sha256"]] if j < i and is_kept[j]]
+        matches += [
+            (int(j), 1 + int(d), f"duplicate: phash {int(d)}")
+            for j, d in zip(
+                neighbours[limits[i] : limits[i + 1]], distances[limits[i] : limits[i + 1]], strict=True
+            )
+            if j < i and is_kept[j]
+        ]
+        if matches:
+            j, _, reason = min(matches)
+            dups[r["key"]] = (kept[j]["key"], reason)
+        else:
+            is_kept[i] = True
     return dups
 
 
-def manifest_dups(root) -> dict[str, str]:
+def manifest_dups(root) -> dict[str, tuple[str, str]]:
     rows = duckdb.sql(
-        f"SELECT key, dup_of FROM read_parquet('{root}/manifests/images/*.parquet') WHERE reason = 'duplicate'"
+        f"SELECT key, dup_of, reason FROM read_parquet('{root}/manifests/images/*.parquet') "
+        "WHERE split_part(reason, ':', 1) = 'duplicate'"
     ).fetchall()
-    return dict(rows)
+    return {key: (dup_of, reason) for key, dup_of, reason in rows}
 
 
-def post(tmp, table: pa.Table, *, chunk_rows: int, rows_per_partition: int, executor=None) -> dict[str, str]:
+def post(
+    tmp, table: pa.Table, *, chunk_rows: int, rows_per_partition: int, executor=None
+) -> dict[str, tuple[str, str]]:
     parts = write_chunks(table, tmp / "scored", chunk_rows=chunk_rows)
     cfg = PostConfig(
         min_score={"1k": 5.0}, max_hamming=MAX_HAMMING, phash_splits=1, semantic_threshold=None,
@@ -194,3 +206,183 @@ def test_key_ranges_depend_on_the_keys_only_and_move_only_where_keys_are_added(m
     after = plan(added, keyspace.fine_depth(len(added), max_rows))
     # Only the range each new key falls into changes (replaced by at most two when it must split).
     assert len(set(after) ^ set(leaves)) <= 3 * 20
+
+
+def plant_embeddings(
+    table: pa.Table, parts, folder, rng: np.random.Generator
+) -> tuple[list, dict[str, np.ndarray]]:
+    """Random 32-d embeddings of the kept rows (cosines near 0) with planted semantic duplicates: chains of
+    5 rows 15° apart (neighbours cosine 0.966, two steps 0.866), stars (spokes 12° from a centre, 24° from
+    each other: cosine 0.978 / 0.914) and cliques (three rows 5° around one: ≥ 0.99); written as the parts'
+    clip_embeddings files (fp16)."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    kept = np.flatnonzero(pc.equal(table["status"], "kept").to_numpy(zero_copy_only=False))
+    vectors = rng.standard_normal((table.num_rows, 32))
+    groups = rng.choice(kept, size=(30, 5), replace=False)
+    for g, rows in enumerate(groups):
+        plane, _ = np.linalg.qr(rng.standard_normal((32, 2)))
+        u, w = plane[:, 0], plane[:, 1]
+        if g % 3 == 0:  # chain
+            angles = np.radians(15.0 * np.arange(5))
+            vectors[rows] = np.cos(angles)[:, None] * u + np.sin(angles)[:, None] * w
+        elif g % 3 == 1:  # star: centre, 4 spokes 12° away in 4 directions of a 3-d subspace
+            q, _ = np.linalg.qr(rng.standard_normal((32, 3)))
+            spokes = [q[:, 1], -q[:, 1], q[:, 2], -q[:, 2]]
+            c, s = np.cos(np.radians(12.0)), np.sin(np.radians(12.0))
+            vectors[rows] = [q[:, 0]] + [c * q[:, 0] + s * d for d in spokes]
+        else:  # clique
+            vectors[rows] = u + 0.03 * rng.standard_normal((5, 32))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    keys = table["key"].to_pylist()
+    out, start = [], 0
+    for part in parts:
+        rows = kept[(kept >= start) & (kept < start + part.num_rows)]
+        start += part.num_rows
+        path = folder / f"{Path(part.path).stem}.parquet"
+        folder.mkdir(parents=True, exist_ok=True)
+        embedding = pa.array(vectors[rows].astype(np.float16).tolist(), pa.list_(pa.float16()))
+        pq.write_table(pa.table({"key": [keys[r] for r in rows], "embedding": embedding}), path)
+        out.append(dataclasses.replace(part, embeddings=str(path)))
+    return out, {keys[r]: vectors[r].astype(np.float16).astype(np.float64) for r in kept}
+
+
+@pytest.mark.parametrize("cluster_size", [100_000, 300])
+def test_semantic_dedup_through_the_phases_names_a_direct_match_for_every_duplicate(tmp_path, cluster_size):
+    """Planted embeddings (chains, stars, cliques) + pHash/byte copies, through every post-scoring phase.
+    One k-means cluster: the manifest is exactly the brute-force greedy walk over all pairs. Several
+    clusters (pairs across clusters are never compared): every rejected row still matches the kept row its
+    ``dup_of`` names within the threshold."""
+    rng = np.random.default_rng(5)
+    table = scored_table(3_000, seed=5, exact_rate=0.02, near_rate=0.02)
+    parts = write_chunks(table, tmp_path / "scored", chunk_rows=400)
+    parts, vectors = plant_embeddings(table, parts, tmp_path / "embeddings", rng)
+    cfg = PostConfig(
+        min_score={}, max_hamming=MAX_HAMMING, phash_splits=1, semantic_threshold=0.95,
+        semantic_cluster_size=cluster_size, samples_per_shard=1000, rows_per_partition=1_000, write_shards=False,
+    )  # fmt: skip
+    post_scoring(parts, cfg, root=tmp_path, scratch=tmp_path / "scratch", executor=LocalExecutor())
+    rows = duckdb.sql(
+        f"SELECT key, status, reason, dup_of, sha256, phash, width * height AS pixels, aesthetic "
+        f"FROM read_parquet('{tmp_path}/manifests/images/*.parquet') WHERE reason IS NULL OR reason LIKE 'duplicate%'"
+    ).fetchall()
+    by_key = {r[0]: r for r in rows}
+
+    def match(a, b) -> tuple[int, float] | None:
+        if a[4] == b[4]:
+            return (0, 0.0)
+        if (bits := int(np.bitwise_count(dedup.as_unsigned(np.array([a[5] ^ b[5]]))[0]))) <= MAX_HAMMING:
+            return (1, float(bits))
+        cosine = float(
+            vectors[a[0]] @ vectors[b[0]] / np.linalg.norm(vectors[a[0]]) / np.linalg.norm(vectors[b[0]])
+        )
+        return (2, cosine) if cosine >= 0.95 else None
+
+    semantic = [r for r in rows if (r[2] or "").startswith("duplicate: semantic")]
+    assert len(semantic) >= 10 if cluster_size > 3_000 else semantic
+    for key, status, reason, dup_of, *_ in rows:  # every duplicate: a direct match with a kept row
+        if status == "rejected":
+            assert by_key[dup_of][1] == "kept"
+            assert match(by_key[key], by_key[dup_of]), (reason, by_key[key], by_key[dup_of])
+            strength, value = match(by_key[key], by_key[dup_of])
+            test, _, detail = reason.removeprefix("duplicate: ").partition(" ")
+            assert test == ["sha256", "phash", "semantic"][strength]
+            assert strength == 0 or abs(float(detail) - value) < 2e-3
+    if cluster_size < 3_000:
+        return
+    order = sorted(rows, key=lambda r: (-r[6], -(r[7] if r[7] is not None else -np.inf), r[0]))
+    kept: list[tuple] = []
+    for r in order:  # brute force: the greedy walk over all pairs
+        first = next((k for k in kept if match(r, k)), None)
+        if first is None:
+            kept.append(r)
+            assert r[1] == "kept", r[0]
+        else:
+            assert (r[1], r[3]) == ("rejected", first[0]), r[0]
+
+
+def test_in_cluster_search_is_tiled_exact_and_its_memory_does_not_grow_with_the_cluster():
+    """Brute force (float64, all pairs) == the tiled search with tiles much smaller than the cluster; and
+    the search's own allocations (beyond its input) stay about one tile whatever the cluster size."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    peaks = {}
+    for num in (1_000, 8_000):
+        embeddings = rng.standard_normal((num, 24)).astype(np.float32)
+        embeddings[1::7] = embeddings[::7][: len(embeddings[1::7])] + 0.1 * rng.standard_normal(
+            (len(embeddings[1::7]), 24)
+        )
+        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+        tracemalloc.start()
+        i, j, similarity, _ = semdedup.cluster_pairs(embeddings, 0.95, block_rows=256)
+        peaks[num] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        if num == 1_000:
+            exact = embeddings.astype(np.float64) @ embeddings.T.astype(np.float64)
+            truth = {tuple(p) for p in np.argwhere(np.triu(exact >= 0.95, 1)).tolist()}
+            assert set(zip(i.tolist(), j.tolist(), strict=True)) == truth and len(truth) > 100
+            np.testing.assert_allclose(similarity, exact[i, j], atol=1e-12)
+    tile = 256 * 256 * 4
+    assert peaks[8_000] < 4 * tile + 64 * len(i), peaks  # a (256, 8000) strip would be 8 MB
+
+
+class RecordingExecutor(LocalExecutor):
+    """The local executor, noting the memory each phase's tasks declare."""
+
+    def __init__(self) -> None:
+        self.declared: dict[str, int | None] = {}
+
+    def map(self, fn, items, *, num_cpus: float = 1.0, memory: int | None = None):
+        if items:
+            self.declared[fn.__name__] = memory
+        return super().map(fn, items, num_cpus=num_cpus, memory=memory)
+
+
+def test_every_phase_task_declares_memory_from_its_plan_and_semantic_memory_ignores_cluster_size(tmp_path):
+    """Each phase's declared memory is the worker base + its rows × bytes per row: the semantic pair search
+    declares the same whatever the cluster size (tiles), and a partition task grows with its partition."""
+    from curation import phases
+    from curation.synthetic import scored_rows
+
+    table = scored_rows(3_000, seed=5, exact_rate=0.02, near_rate=0.02, data_bytes=64)[0]  # shards written
+    parts = write_chunks(table, tmp_path / "scored", chunk_rows=400)
+    parts, _ = plant_embeddings(table, parts, tmp_path / "embeddings", np.random.default_rng(5))
+    declared = {}
+    for cluster_size, rows_per_partition in [(100_000, 1_000), (300, 1_000), (300, 2_000)]:
+        executor = RecordingExecutor()
+        cfg = PostConfig(
+            min_score={}, max_hamming=MAX_HAMMING, phash_splits=1, semantic_threshold=0.95,
+            semantic_cluster_size=cluster_size, samples_per_shard=1000, rows_per_partition=rows_per_partition,
+        )  # fmt: skip
+        run = tmp_path / f"run-{cluster_size}-{rows_per_partition}"
+        post_scoring(parts, cfg, root=run, scratch=run / "scratch", executor=executor)
+        declared[cluster_size, rows_per_partition] = executor.declared
+    first = declared[100_000, 1_000]
+    assert set(first) == {
+        "gate_partition", "exact_bucket", "phash_bucket", "near_band", "semantic_train", "semantic_assign",
+        "semantic_group", "resolve_duplicates", "finalize_partition", "digest_partition", "stage_partition",
+        "write_shard_task",
+    }  # fmt: skip
+    assert all(m is not None and m > phases.TASK_BASE_BYTES for m in first.values()), first
+    assert declared[300, 1_000]["semantic_group"] == first["semantic_group"]  # 1 cluster or 10: same bound
+    kept = pc.sum(pc.equal(table["status"], "kept")).as_py()
+    tile = 8 * semdedup.BLOCK_ROWS**2
+    assert (
+        first["semantic_group"]
+        <= phases.TASK_BASE_BYTES + kept * (32 * phases.EMBEDDING_BYTES_PER_VALUE + 64) + tile
+    )
+    for name in ("gate_partition", "finalize_partition", "digest_partition", "stage_partition"):
+        assert declared[300, 2_000][name] > declared[300, 1_000][name], name
+
+
+def test_ray_executor_refuses_a_task_larger_than_any_node(ray_cluster):
+    """Ray would wait forever for a node with that much memory: a clear error instead."""
+    from curation.executor import RayExecutor
+
+    row = {"width": 2, "height": 3, "key": "k"}
+    with pytest.raises(ValueError, match="largest node"):
+        RayExecutor().map(dedup.keeper_order, [row], memory=1 << 50)
+    assert RayExecutor().map(dedup.keeper_order, [row], memory=64 << 20) == [(-6, np.inf, "k")]  # scheduled

@@ -60,7 +60,7 @@ from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
-from manifests.io import commit_parquet, is_committed, publish, temp_path, unmark_committed
+from manifests.io import commit_parquet, publish, temp_path, unmark_committed
 from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
@@ -244,9 +244,16 @@ class CommitTarget:
         return -(-work.num_rows // self.batch_size)
 
     def is_committed(self, work: ChunkWork) -> bool:
-        return is_committed(self.scored, work.name) and (
-            self.embeddings is None or is_committed(self.embeddings, work.name)
-        )
+        """Committed from ``work``'s records: a marker from other records (the chunk's key range gained or
+        lost inputs) is an older commit, not this one (the digest is in both markers: ``commit_chunk``)."""
+        folders = [self.scored] + ([self.embeddings] if self.embeddings is not None else [])
+        return all(chunking.committed_digest(Path(f), work.name) == work.digest for f in folders)
+
+    def unmark(self, work: ChunkWork) -> None:
+        """Forget an older commit of ``work``'s chunk before it is scored again."""
+        unmark_committed(self.scored, work.name)
+        if self.embeddings is not None:
+            unmark_committed(self.embeddings, work.name)
 
 
 @dataclass(frozen=True)
@@ -408,7 +415,9 @@ def commit_chunk(table: pa.Table, work: ChunkWork, target: CommitTarget) -> None
     if target.embeddings is not None:
         scored = table.filter(pc.is_valid(table["aesthetic"]))
         embeddings = scored.select(["key", "clip_model", EMBEDDING])
-        ManifestWriter(target.embeddings, "clip_embeddings").write(embeddings, work.name)
+        ManifestWriter(target.embeddings, "clip_embeddings").write(
+            embeddings, work.name, {"records_digest": work.digest}
+        )
     table = table.select(SCORED.names).cast(SCORED)
     Path(target.scored).mkdir(parents=True, exist_ok=True)
     commit_parquet(table, target.scored, work.name, {"records_digest": work.digest})
@@ -467,6 +476,8 @@ def scan_and_score(
         )
     plan = chunk_plan(pending, cfg, root, scratch)
     shutil.rmtree(plan.target.batches, ignore_errors=True)  # an interrupted run's batches: rescored whole
+    for work in plan.works:  # a pending chunk's old markers: only this run's commit may count
+        plan.target.unmark(work)
     if executor.name == "local":
         stream = _scan_local(plan, cfg, clip_size)
     else:
@@ -496,6 +507,11 @@ def commit_chunks(plan: ChunkPlan, executor: Executor) -> None:
     if left:
         log.info("scan + score: committing %d chunks no scorer claimed", len(left))
         executor.map(_commit_task, [(w, plan.target) for w in left])
+    if missing := [w.name for w in plan.works if not plan.target.is_committed(w)]:
+        raise RuntimeError(
+            f"scan + score: {len(missing)} chunks are not committed after their commit tasks: "
+            f"{', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}; rerun to score them again"
+        )
 
 
 def _commit_task(item: tuple[ChunkWork, CommitTarget]) -> int:

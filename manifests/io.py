@@ -214,11 +214,11 @@ class ManifestWriter:
     def is_committed(self, part: str) -> bool:
         return is_committed(self.directory, part)
 
-    def write(self, table: pa.Table | list[dict], part: str) -> Path:
-        """Write ``table`` as ``<part>.parquet`` and commit it. Returns the final path."""
+    def write(self, table: pa.Table | list[dict], part: str, info: dict | None = None) -> Path:
+        """Write ``table`` as ``<part>.parquet`` and commit it (``info`` goes in its marker). Returns the path."""
         if isinstance(table, list):
             table = pa.Table.from_pylist(table, schema=_loose(self.schema, table))
-        return commit_parquet(conform(table, self.schema), self.directory, part)
+        return commit_parquet(conform(table, self.schema), self.directory, part, info)
 
 
 def _loose(schema: pa.Schema, rows: list[dict]) -> pa.Schema:

@@ -3,11 +3,16 @@ carries counts, never rows; every input lands in the manifest; the local executo
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import ray.data
+from PIL import Image
 
 import manifests
 from curation import pipeline
@@ -123,3 +128,34 @@ def test_only_the_last_batch_of_a_chunk_commits_it_once(tmp_path):
     assert pipeline.commit_if_whole(work, target) is False  # claimed already: never committed twice
     (part,) = committed_parts(target.scored)
     assert pq.read_table(part)["key"] == records["key"]
+
+
+def test_a_rescored_chunk_no_worker_claimed_is_committed_with_its_new_rows(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """A chunk whose records changed still has its old marker when its scan starts; if no worker claims it,
+    the end of the run must commit it (not take the old marker for the new rows) or fail, never drop rows."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus, corpus)
+    out = tmp_path / "run"
+    # One chunk holds every input (the key-space trie keeps a leaf under chunk_size), so the extra input below
+    # lands in the chunk the first run committed.
+    cfg = dataclasses.replace(
+        demo_config(corpus, out, aesthetic_cfg, report=False, executor="local"), chunk_size=1000
+    )
+    run(cfg)
+    (before,) = scored_chunks(out)
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(corpus / "extra-input.png")
+    monkeypatch.setattr(pipeline, "commit_if_whole", lambda work, target: False)  # the claimer died
+    run(cfg)
+    (after,) = scored_chunks(out)
+    assert after.name == before.name  # the same chunk, rescored
+    assert manifest_keys(out) == reference_keys(corpus)  # the extra input included
+
+
+def test_a_chunk_left_uncommitted_fails_the_run_naming_it(demo_corpus, tmp_path, aesthetic_cfg, monkeypatch):
+    monkeypatch.setattr(pipeline, "commit_if_whole", lambda work, target: False)
+    monkeypatch.setattr(pipeline, "commit_batches", lambda work, target: 0)  # its commit task lost it too
+    with pytest.raises(RuntimeError, match=r"not committed.*chunk-"):
+        run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))

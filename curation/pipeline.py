@@ -60,7 +60,7 @@ from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
-from manifests.io import commit_parquet, publish, temp_path, unmark_committed
+from manifests.io import commit_parquet, migrate_markers, publish, temp_path, unmark_committed
 from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
@@ -476,6 +476,8 @@ def scan_and_score(
         )
     plan = chunk_plan(pending, cfg, root, scratch)
     shutil.rmtree(plan.target.batches, ignore_errors=True)  # an interrupted run's batches: rescored whole
+    if plan.target.embeddings is not None:
+        migrate_markers(plan.target.embeddings)  # once, on the driver: the scorers' ManifestWriters find none
     for work in plan.works:  # a pending chunk's old markers: only this run's commit may count
         plan.target.unmark(work)
     if executor.name == "local":

@@ -95,7 +95,9 @@ def file_record(path: str | os.PathLike, sha256: str | None = None) -> dict:
 def mark_committed(directory: str | os.PathLike, part: str, info: dict | None = None) -> None:
     """Write the commit marker of ``part`` (a small JSON with whatever the writer wants to remember)."""
     atomic_write_bytes(marker_path(directory, part), json.dumps(info or {}, sort_keys=True).encode())
-    _legacy_marker_path(directory, part).unlink(missing_ok=True)
+    legacy = _legacy_marker_path(directory, part)
+    if legacy.is_file():
+        legacy.unlink(missing_ok=True)  # another process may remove it first
 
 
 def unmark_committed(directory: str | os.PathLike, part: str) -> None:
@@ -103,7 +105,7 @@ def unmark_committed(directory: str | os.PathLike, part: str) -> None:
     marker_path(directory, part).unlink(missing_ok=True)
     legacy = _legacy_marker_path(directory, part)
     if legacy.is_file():
-        legacy.unlink()
+        legacy.unlink(missing_ok=True)  # another process may remove it first
 
 
 def is_committed(directory: str | os.PathLike, part: str) -> bool:
@@ -132,14 +134,22 @@ def legacy_markers(directory: str | os.PathLike) -> list[Path]:
 
 
 def migrate_markers(directory: str | os.PathLike) -> int:
-    """Rename the legacy markers of ``directory`` to ``<part>.committed``; returns how many were renamed."""
+    """Rename the legacy markers of ``directory`` to ``<part>.committed``; returns how many were renamed.
+
+    Safe to run from several processes at once (each scorer's ``ManifestWriter`` runs it): a legacy marker
+    that another process renamed or removed since this one listed it is done, not an error.
+    """
     moved = 0
     for legacy in legacy_markers(directory):
         new = legacy.with_name(legacy.name + MARKER_SUFFIX)
-        if new.exists():
-            legacy.unlink()
-        else:
-            os.replace(legacy, new)
+        try:
+            if new.exists():
+                legacy.unlink(missing_ok=True)
+            else:
+                os.replace(legacy, new)
+        except FileNotFoundError:
+            if not new.exists():  # neither name: not a rename by another process
+                raise
         moved += 1
     if moved:
         _fsync_dir(Path(directory) / COMMITTED_DIR)

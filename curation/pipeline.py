@@ -76,7 +76,9 @@ SCANNED = pa.schema([*IMAGES, pa.field(CLIP_INPUT, pa.binary())])
 # What a scan task yields per scoring batch (one row: ``scanned`` is the batch as Arrow IPC, see ``_pack``),
 # and what a scorer actor returns per batch: counts, never rows.
 PACKED = pa.schema([("chunk", pa.int32()), ("batch", pa.int32()), ("scanned", pa.large_binary())])
-COUNTS = pa.schema([("chunk", pa.int32()), ("num_rows", pa.int64()), ("committed", pa.bool_())])
+COUNTS = pa.schema(
+    [("chunk", pa.int32()), ("batch", pa.int32()), ("num_rows", pa.int64()), ("committed", pa.bool_())]
+)  # one row per scored batch: a re-executed task may send a batch's row again (counted once)
 # A scoring batch's thumbnails: a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
 MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
@@ -354,14 +356,15 @@ class ScoreAndCommit:
             work, target = self.plan.works[index], self.plan.target
             scanned = _unpack(data)
             expected = min(target.batch_size, work.num_rows - batch * target.batch_size)
-            assert scanned.num_rows == expected, (
-                f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}"
-            )
+            if scanned.num_rows != expected:
+                raise RuntimeError(f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}")
             scored = self.scorer(scanned)
             columns = SCORED.names + ([EMBEDDING] if EMBEDDING in scored.column_names else [])
             write_scored_batch(scored.select(columns), work, batch, target)
             committed = commit_if_whole(work, target)
-            counts.append({"chunk": index, "num_rows": scanned.num_rows, "committed": committed})
+            counts.append(
+                {"chunk": index, "batch": batch, "num_rows": scanned.num_rows, "committed": committed}
+            )
         return pa.Table.from_pylist(counts, schema=COUNTS)
 
 
@@ -487,16 +490,25 @@ def scan_and_score(
         stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
             batch_format="pyarrow", batch_size=None
         )
-    rows: Counter = Counter()
+    rows: dict[tuple[int, int], int] = {}  # (chunk, batch) → rows: a batch sent twice counts once
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
     for counts in stream:
-        assert counts.schema.equals(COUNTS), "the scored stream carries counts, never rows"
-        progress.update(pc.sum(counts["num_rows"]).as_py() or 0)
-        for index, num_rows in zip(counts["chunk"].to_pylist(), counts["num_rows"].to_pylist(), strict=True):
-            rows[index] += num_rows
-    assert all(rows[i] == w.num_rows for i, w in enumerate(plan.works)), (
-        "every pending chunk must come back whole"
-    )
+        if not counts.schema.equals(COUNTS):  # the scored stream carries counts, never rows
+            raise RuntimeError(f"scan + score: the stream sent {counts.schema}, not counts")
+        for index, batch, num_rows in zip(
+            *(counts[c].to_pylist() for c in ("chunk", "batch", "num_rows")), strict=True
+        ):
+            if (index, batch) not in rows:
+                progress.update(num_rows)
+            rows[index, batch] = num_rows
+    per_chunk: Counter = Counter()
+    for (index, _), num_rows in rows.items():
+        per_chunk[index] += num_rows
+    if short := [w.name for i, w in enumerate(plan.works) if per_chunk[i] != w.num_rows]:
+        raise RuntimeError(
+            f"scan + score: {len(short)} chunks did not come back whole: {', '.join(short[:10])}"
+            f"{' …' if len(short) > 10 else ''}"
+        )
     commit_chunks(plan, executor)
     shutil.rmtree(plan.target.batches, ignore_errors=True)
     return len(pending)
@@ -611,7 +623,10 @@ def run(cfg: CurationConfig) -> dict:
             scratch=scratch / "post",
             executor=executor,
         )
-        assert post.counts["inputs"] == num_records, "every input must produce exactly one manifest row"
+        if post.counts["inputs"] != num_records:
+            raise RuntimeError(
+                f"{post.counts['inputs']} manifest rows for {num_records} inputs: every input must produce one"
+            )
         seconds["post_scoring"], phase_start = (
             round(time.perf_counter() - phase_start, 3),
             time.perf_counter(),

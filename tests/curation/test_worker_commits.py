@@ -159,3 +159,39 @@ def test_a_chunk_left_uncommitted_fails_the_run_naming_it(demo_corpus, tmp_path,
     monkeypatch.setattr(pipeline, "commit_batches", lambda work, target: 0)  # its commit task lost it too
     with pytest.raises(RuntimeError, match=r"not committed.*chunk-"):
         run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+
+
+def test_batches_a_retried_task_sends_again_are_counted_once(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    scan_local = pipeline._scan_local
+
+    def sent_twice(*args):  # a re-executed task re-emits its batches' counts
+        for counts in scan_local(*args):
+            yield counts
+            yield counts
+
+    monkeypatch.setattr(pipeline, "_scan_local", sent_twice)
+    run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+
+
+def test_a_batch_that_never_comes_back_fails_the_run_naming_its_chunk(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    scan_local = pipeline._scan_local
+
+    def one_lost(*args):
+        yield from list(scan_local(*args))[1:]
+
+    monkeypatch.setattr(pipeline, "_scan_local", one_lost)
+    with pytest.raises(RuntimeError, match=r"1 chunks did not come back whole: chunk-"):
+        run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+
+
+def test_a_scored_batch_of_the_wrong_size_is_an_error(tmp_path, aesthetic_cfg):
+    plan, _ = plan_of(tmp_path, num_rows=5, batch_size=2)
+    packed = list(ScanChunk(TierConfig(), DecodeConfig(), clip_size=32, plan=plan)(pa.table({"id": [0]})))
+    wrong = packed[0].set_column(1, "batch", pa.array([2], pa.int32()))  # 2 rows as the last batch (1 row)
+    with pytest.raises(RuntimeError, match="chunk-r0 batch 2: 2 rows, not 1"):
+        pipeline.ScoreAndCommit(aesthetic_cfg, plan)(wrong)

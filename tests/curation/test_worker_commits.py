@@ -4,6 +4,7 @@ carries counts, never rows; every input lands in the manifest; the local executo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 import manifests
 from curation import pipeline
 from curation.config import DecodeConfig, DownloadConfig, TierConfig
+from curation.executor import _drain
 from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
 from curation.sources import list_sources
 from manifests.io import committed_parts
@@ -195,3 +197,14 @@ def test_a_scored_batch_of_the_wrong_size_is_an_error(tmp_path, aesthetic_cfg):
     wrong = packed[0].set_column(1, "batch", pa.array([2], pa.int32()))  # 2 rows as the last batch (1 row)
     with pytest.raises(RuntimeError, match="chunk-r0 batch 2: 2 rows, not 1"):
         pipeline.ScoreAndCommit(aesthetic_cfg, plan)(wrong)
+
+
+def test_errors_of_tasks_drained_after_a_failure_are_logged_at_debug(ray_cluster, caplog):
+    @ray.remote(max_retries=0)
+    def fails() -> None:
+        raise ValueError("a planted task error")
+
+    with caplog.at_level(logging.DEBUG, logger="curation.executor"):
+        _drain([fails.remote()])
+    (record,) = [r for r in caplog.records if r.name == "curation.executor"]
+    assert record.levelno == logging.DEBUG and "a planted task error" in record.getMessage()

@@ -13,6 +13,7 @@ mount the run folder fails the run with one line naming the node and the folder,
 
 from __future__ import annotations
 
+import logging
 import resource
 import socket
 from collections import Counter
@@ -20,6 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from curation.rundir import RunGuard, find_not_shared
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -116,8 +119,8 @@ def _drain(refs: list[Any], timeout: float = 60.0) -> None:
     for ref in done:
         try:
             ray.get(ref)
-        except ray.exceptions.RayError:
-            pass  # the run is failing already, with the error that stopped it
+        except ray.exceptions.RayError as err:  # the run is failing already, with the error that stopped it
+            log.debug("a task in flight when the run failed: %s", err)
 
 
 def this_node() -> str:

@@ -60,7 +60,7 @@ from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
-from manifests.io import commit_parquet, is_committed, publish, temp_path, unmark_committed
+from manifests.io import commit_parquet, migrate_markers, publish, temp_path, unmark_committed
 from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
@@ -76,7 +76,9 @@ SCANNED = pa.schema([*IMAGES, pa.field(CLIP_INPUT, pa.binary())])
 # What a scan task yields per scoring batch (one row: ``scanned`` is the batch as Arrow IPC, see ``_pack``),
 # and what a scorer actor returns per batch: counts, never rows.
 PACKED = pa.schema([("chunk", pa.int32()), ("batch", pa.int32()), ("scanned", pa.large_binary())])
-COUNTS = pa.schema([("chunk", pa.int32()), ("num_rows", pa.int64()), ("committed", pa.bool_())])
+COUNTS = pa.schema(
+    [("chunk", pa.int32()), ("batch", pa.int32()), ("num_rows", pa.int64()), ("committed", pa.bool_())]
+)  # one row per scored batch: a re-executed task may send a batch's row again (counted once)
 # A scoring batch's thumbnails: a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
 MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
@@ -244,9 +246,16 @@ class CommitTarget:
         return -(-work.num_rows // self.batch_size)
 
     def is_committed(self, work: ChunkWork) -> bool:
-        return is_committed(self.scored, work.name) and (
-            self.embeddings is None or is_committed(self.embeddings, work.name)
-        )
+        """Committed from ``work``'s records: a marker from other records (the chunk's key range gained or
+        lost inputs) is an older commit, not this one (the digest is in both markers: ``commit_chunk``)."""
+        folders = [self.scored] + ([self.embeddings] if self.embeddings is not None else [])
+        return all(chunking.committed_digest(Path(f), work.name) == work.digest for f in folders)
+
+    def unmark(self, work: ChunkWork) -> None:
+        """Forget an older commit of ``work``'s chunk before it is scored again."""
+        unmark_committed(self.scored, work.name)
+        if self.embeddings is not None:
+            unmark_committed(self.embeddings, work.name)
 
 
 @dataclass(frozen=True)
@@ -347,14 +356,15 @@ class ScoreAndCommit:
             work, target = self.plan.works[index], self.plan.target
             scanned = _unpack(data)
             expected = min(target.batch_size, work.num_rows - batch * target.batch_size)
-            assert scanned.num_rows == expected, (
-                f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}"
-            )
+            if scanned.num_rows != expected:
+                raise RuntimeError(f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}")
             scored = self.scorer(scanned)
             columns = SCORED.names + ([EMBEDDING] if EMBEDDING in scored.column_names else [])
             write_scored_batch(scored.select(columns), work, batch, target)
             committed = commit_if_whole(work, target)
-            counts.append({"chunk": index, "num_rows": scanned.num_rows, "committed": committed})
+            counts.append(
+                {"chunk": index, "batch": batch, "num_rows": scanned.num_rows, "committed": committed}
+            )
         return pa.Table.from_pylist(counts, schema=COUNTS)
 
 
@@ -408,7 +418,9 @@ def commit_chunk(table: pa.Table, work: ChunkWork, target: CommitTarget) -> None
     if target.embeddings is not None:
         scored = table.filter(pc.is_valid(table["aesthetic"]))
         embeddings = scored.select(["key", "clip_model", EMBEDDING])
-        ManifestWriter(target.embeddings, "clip_embeddings").write(embeddings, work.name)
+        ManifestWriter(target.embeddings, "clip_embeddings").write(
+            embeddings, work.name, {"records_digest": work.digest}
+        )
     table = table.select(SCORED.names).cast(SCORED)
     Path(target.scored).mkdir(parents=True, exist_ok=True)
     commit_parquet(table, target.scored, work.name, {"records_digest": work.digest})
@@ -467,6 +479,10 @@ def scan_and_score(
         )
     plan = chunk_plan(pending, cfg, root, scratch)
     shutil.rmtree(plan.target.batches, ignore_errors=True)  # an interrupted run's batches: rescored whole
+    if plan.target.embeddings is not None:
+        migrate_markers(plan.target.embeddings)  # once, on the driver: the scorers' ManifestWriters find none
+    for work in plan.works:  # a pending chunk's old markers: only this run's commit may count
+        plan.target.unmark(work)
     if executor.name == "local":
         stream = _scan_local(plan, cfg, clip_size)
     else:
@@ -474,16 +490,25 @@ def scan_and_score(
         stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
             batch_format="pyarrow", batch_size=None
         )
-    rows: Counter = Counter()
+    rows: dict[tuple[int, int], int] = {}  # (chunk, batch) → rows: a batch sent twice counts once
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
     for counts in stream:
-        assert counts.schema.equals(COUNTS), "the scored stream carries counts, never rows"
-        progress.update(pc.sum(counts["num_rows"]).as_py() or 0)
-        for index, num_rows in zip(counts["chunk"].to_pylist(), counts["num_rows"].to_pylist(), strict=True):
-            rows[index] += num_rows
-    assert all(rows[i] == w.num_rows for i, w in enumerate(plan.works)), (
-        "every pending chunk must come back whole"
-    )
+        if not counts.schema.equals(COUNTS):  # the scored stream carries counts, never rows
+            raise RuntimeError(f"scan + score: the stream sent {counts.schema}, not counts")
+        for index, batch, num_rows in zip(
+            *(counts[c].to_pylist() for c in ("chunk", "batch", "num_rows")), strict=True
+        ):
+            if (index, batch) not in rows:
+                progress.update(num_rows)
+            rows[index, batch] = num_rows
+    per_chunk: Counter = Counter()
+    for (index, _), num_rows in rows.items():
+        per_chunk[index] += num_rows
+    if short := [w.name for i, w in enumerate(plan.works) if per_chunk[i] != w.num_rows]:
+        raise RuntimeError(
+            f"scan + score: {len(short)} chunks did not come back whole: {', '.join(short[:10])}"
+            f"{' …' if len(short) > 10 else ''}"
+        )
     commit_chunks(plan, executor)
     shutil.rmtree(plan.target.batches, ignore_errors=True)
     return len(pending)
@@ -496,6 +521,11 @@ def commit_chunks(plan: ChunkPlan, executor: Executor) -> None:
     if left:
         log.info("scan + score: committing %d chunks no scorer claimed", len(left))
         executor.map(_commit_task, [(w, plan.target) for w in left])
+    if missing := [w.name for w in plan.works if not plan.target.is_committed(w)]:
+        raise RuntimeError(
+            f"scan + score: {len(missing)} chunks are not committed after their commit tasks: "
+            f"{', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}; rerun to score them again"
+        )
 
 
 def _commit_task(item: tuple[ChunkWork, CommitTarget]) -> int:
@@ -593,7 +623,10 @@ def run(cfg: CurationConfig) -> dict:
             scratch=scratch / "post",
             executor=executor,
         )
-        assert post.counts["inputs"] == num_records, "every input must produce exactly one manifest row"
+        if post.counts["inputs"] != num_records:
+            raise RuntimeError(
+                f"{post.counts['inputs']} manifest rows for {num_records} inputs: every input must produce one"
+            )
         seconds["post_scoring"], phase_start = (
             round(time.perf_counter() - phase_start, 3),
             time.perf_counter(),

@@ -95,7 +95,9 @@ def file_record(path: str | os.PathLike, sha256: str | None = None) -> dict:
 def mark_committed(directory: str | os.PathLike, part: str, info: dict | None = None) -> None:
     """Write the commit marker of ``part`` (a small JSON with whatever the writer wants to remember)."""
     atomic_write_bytes(marker_path(directory, part), json.dumps(info or {}, sort_keys=True).encode())
-    _legacy_marker_path(directory, part).unlink(missing_ok=True)
+    legacy = _legacy_marker_path(directory, part)
+    if legacy.is_file():
+        legacy.unlink(missing_ok=True)  # another process may remove it first
 
 
 def unmark_committed(directory: str | os.PathLike, part: str) -> None:
@@ -103,7 +105,7 @@ def unmark_committed(directory: str | os.PathLike, part: str) -> None:
     marker_path(directory, part).unlink(missing_ok=True)
     legacy = _legacy_marker_path(directory, part)
     if legacy.is_file():
-        legacy.unlink()
+        legacy.unlink(missing_ok=True)  # another process may remove it first
 
 
 def is_committed(directory: str | os.PathLike, part: str) -> bool:
@@ -132,14 +134,22 @@ def legacy_markers(directory: str | os.PathLike) -> list[Path]:
 
 
 def migrate_markers(directory: str | os.PathLike) -> int:
-    """Rename the legacy markers of ``directory`` to ``<part>.committed``; returns how many were renamed."""
+    """Rename the legacy markers of ``directory`` to ``<part>.committed``; returns how many were renamed.
+
+    Safe to run from several processes at once (each scorer's ``ManifestWriter`` runs it): a legacy marker
+    that another process renamed or removed since this one listed it is done, not an error.
+    """
     moved = 0
     for legacy in legacy_markers(directory):
         new = legacy.with_name(legacy.name + MARKER_SUFFIX)
-        if new.exists():
-            legacy.unlink()
-        else:
-            os.replace(legacy, new)
+        try:
+            if new.exists():
+                legacy.unlink(missing_ok=True)
+            else:
+                os.replace(legacy, new)
+        except FileNotFoundError:
+            if not new.exists():  # neither name: not a rename by another process
+                raise
         moved += 1
     if moved:
         _fsync_dir(Path(directory) / COMMITTED_DIR)
@@ -214,11 +224,11 @@ class ManifestWriter:
     def is_committed(self, part: str) -> bool:
         return is_committed(self.directory, part)
 
-    def write(self, table: pa.Table | list[dict], part: str) -> Path:
-        """Write ``table`` as ``<part>.parquet`` and commit it. Returns the final path."""
+    def write(self, table: pa.Table | list[dict], part: str, info: dict | None = None) -> Path:
+        """Write ``table`` as ``<part>.parquet`` and commit it (``info`` goes in its marker). Returns the path."""
         if isinstance(table, list):
             table = pa.Table.from_pylist(table, schema=_loose(self.schema, table))
-        return commit_parquet(conform(table, self.schema), self.directory, part)
+        return commit_parquet(conform(table, self.schema), self.directory, part, info)
 
 
 def _loose(schema: pa.Schema, rows: list[dict]) -> pa.Schema:

@@ -5,6 +5,8 @@ The head starts with no CPUs, so every task and actor of the job must run on the
 '{"node2": 1}'`, its own temp dir and ports). The node "without the mount" is the same `ray start` inside its
 own mount namespace (`unshare -m`), with an empty tmpfs over the run folder's parent: the driver writes the
 run folder, that node's tasks see an empty folder, as on a cluster node that never mounted the shared storage.
+Only that test needs `unshare` (and skips, saying why, where it is not permitted); the healthy 2-node test
+never does. Both share one head (module fixture).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -52,43 +56,63 @@ def outcome(root: Path) -> tuple[list[tuple], dict[str, bytes]]:
     return rows, shards
 
 
-def test_tasks_run_on_the_second_node_and_a_node_without_the_folder_stops_the_job(
-    demo_corpus, aesthetic_cfg, tmp_path
-):
-    shared = tmp_path / "shared"  # "the shared storage": hidden from the broken node
-    out = shared / "run"
-    flags = demo_flags(demo_corpus, out, aesthetic_cfg)
-    reference = tmp_path / "reference"  # the same job in one process, no Ray
-    run(demo_config(demo_corpus, reference, aesthetic_cfg, executor="local"))
+@dataclass(frozen=True)
+class TwoNodes:
+    head: RayCluster  # no CPUs: every task needs the worker node started by each test
+    out: Path  # the run folder, under ``shared``: the broken node's failed run, then the healthy rerun
+    shared: Path  # "the shared storage": hidden from the broken node
+    reference: Path  # the same job in one process, no Ray
 
+
+@pytest.fixture(scope="module")
+def two_nodes(demo_corpus, aesthetic_cfg, tmp_path_factory) -> Iterator[TwoNodes]:
+    """One head for both tests (a cluster start is the slow part), and the in-process reference run."""
+    base = tmp_path_factory.mktemp("two_nodes")
+    shared = base / "shared"
+    shared.mkdir()
+    reference = base / "reference"
+    run(demo_config(demo_corpus, reference, aesthetic_cfg, executor="local"))
     head = RayCluster(num_cpus=0)  # schedules nothing itself: every task needs the worker node
     try:
-        shared.mkdir()
-        broken = RayWorkerNode(head, num_cpus=2, resources={"node2": 1}, prefix=without_mount(shared))
-        try:
-            failed = curate(head, flags)
-        finally:
-            broken.stop()
-        healthy = RayWorkerNode(head, num_cpus=2, resources={"node2": 1})
-        try:
-            result = curate(head, flags)
-        finally:
-            healthy.stop()
+        yield TwoNodes(head=head, out=shared / "run", shared=shared, reference=reference)
     finally:
         head.stop()
 
-    # The broken node: exit 1 and one line naming the node and the folder, no traceback.
+
+# The broken node's test comes first: when it runs, the healthy test below is also its rerun (nothing lost).
+def test_a_node_without_the_run_folder_stops_the_job_with_one_line(two_nodes, demo_corpus, aesthetic_cfg):
+    prefix = without_mount(two_nodes.shared)  # skips (saying why) where unshare is not permitted
+    broken = RayWorkerNode(two_nodes.head, num_cpus=2, resources={"node2": 1}, prefix=prefix)
+    try:
+        failed = curate(two_nodes.head, demo_flags(demo_corpus, two_nodes.out, aesthetic_cfg))
+    finally:
+        broken.stop()
+
+    # exit 1 and one line naming the node and the folder, no traceback
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr, failed.stderr[-3000:]
     (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert f"Ray node {broken.node_id}" in line and f"does not see the run folder {out} " in line, line
+    assert f"Ray node {broken.node_id}" in line and f"does not see the run folder {two_nodes.out} " in line, (
+        line
+    )
     assert "(IP " in line and "every Ray node mounts" in line
 
-    # The rerun on a healthy cluster: every phase task ran on node2, and the result is the whole job's.
+
+def test_tasks_run_on_the_second_node_and_the_result_is_the_in_process_one(
+    two_nodes, demo_corpus, aesthetic_cfg
+):
+    """Never depends on ``unshare``; after the broken node's test, a rerun of its run folder."""
+    healthy = RayWorkerNode(two_nodes.head, num_cpus=2, resources={"node2": 1})
+    try:
+        result = curate(two_nodes.head, demo_flags(demo_corpus, two_nodes.out, aesthetic_cfg))
+    finally:
+        healthy.stop()
+
+    # every phase task ran on node2, and the result is the whole job's
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "curation_summary.json").read_text())
+    summary = json.loads((two_nodes.out / "curation_summary.json").read_text())
     assert summary["executor"] == "ray"
     assert (
         set(summary["tasks_per_node"]) == {healthy.node_id} and summary["tasks_per_node"][healthy.node_id] > 5
     )
-    assert outcome(out) == outcome(reference)
+    assert outcome(two_nodes.out) == outcome(two_nodes.reference)

@@ -3,15 +3,22 @@ carries counts, never rows; every input lands in the manifest; the local executo
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import ray.data
+from PIL import Image
 
 import manifests
 from curation import pipeline
 from curation.config import DecodeConfig, DownloadConfig, TierConfig
+from curation.executor import _drain
 from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
 from curation.sources import list_sources
 from manifests.io import committed_parts
@@ -123,3 +130,81 @@ def test_only_the_last_batch_of_a_chunk_commits_it_once(tmp_path):
     assert pipeline.commit_if_whole(work, target) is False  # claimed already: never committed twice
     (part,) = committed_parts(target.scored)
     assert pq.read_table(part)["key"] == records["key"]
+
+
+def test_a_rescored_chunk_no_worker_claimed_is_committed_with_its_new_rows(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """A chunk whose records changed still has its old marker when its scan starts; if no worker claims it,
+    the end of the run must commit it (not take the old marker for the new rows) or fail, never drop rows."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus, corpus)
+    out = tmp_path / "run"
+    # One chunk holds every input (the key-space trie keeps a leaf under chunk_size), so the extra input below
+    # lands in the chunk the first run committed.
+    cfg = dataclasses.replace(
+        demo_config(corpus, out, aesthetic_cfg, report=False, executor="local"), chunk_size=1000
+    )
+    run(cfg)
+    (before,) = scored_chunks(out)
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(corpus / "extra-input.png")
+    monkeypatch.setattr(pipeline, "commit_if_whole", lambda work, target: False)  # the claimer died
+    run(cfg)
+    (after,) = scored_chunks(out)
+    assert after.name == before.name  # the same chunk, rescored
+    assert manifest_keys(out) == reference_keys(corpus)  # the extra input included
+
+
+def test_a_chunk_left_uncommitted_fails_the_run_naming_it(demo_corpus, tmp_path, aesthetic_cfg, monkeypatch):
+    monkeypatch.setattr(pipeline, "commit_if_whole", lambda work, target: False)
+    monkeypatch.setattr(pipeline, "commit_batches", lambda work, target: 0)  # its commit task lost it too
+    with pytest.raises(RuntimeError, match=r"not committed.*chunk-"):
+        run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+
+
+def test_batches_a_retried_task_sends_again_are_counted_once(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    scan_local = pipeline._scan_local
+
+    def sent_twice(*args):  # a re-executed task re-emits its batches' counts
+        for counts in scan_local(*args):
+            yield counts
+            yield counts
+
+    monkeypatch.setattr(pipeline, "_scan_local", sent_twice)
+    run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+
+
+def test_a_batch_that_never_comes_back_fails_the_run_naming_its_chunk(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    scan_local = pipeline._scan_local
+
+    def one_lost(*args):
+        yield from list(scan_local(*args))[1:]
+
+    monkeypatch.setattr(pipeline, "_scan_local", one_lost)
+    with pytest.raises(RuntimeError, match=r"1 chunks did not come back whole: chunk-"):
+        run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+
+
+def test_a_scored_batch_of_the_wrong_size_is_an_error(tmp_path, aesthetic_cfg):
+    plan, _ = plan_of(tmp_path, num_rows=5, batch_size=2)
+    packed = list(ScanChunk(TierConfig(), DecodeConfig(), clip_size=32, plan=plan)(pa.table({"id": [0]})))
+    wrong = packed[0].set_column(1, "batch", pa.array([2], pa.int32()))  # 2 rows as the last batch (1 row)
+    with pytest.raises(RuntimeError, match="chunk-r0 batch 2: 2 rows, not 1"):
+        pipeline.ScoreAndCommit(aesthetic_cfg, plan)(wrong)
+
+
+def test_errors_of_tasks_drained_after_a_failure_are_logged_at_debug(ray_cluster, caplog):
+    @ray.remote(max_retries=0)
+    def fails() -> None:
+        raise ValueError("a planted task error")
+
+    with caplog.at_level(logging.DEBUG, logger="curation.executor"):
+        _drain([fails.remote()])
+    (record,) = [r for r in caplog.records if r.name == "curation.executor"]
+    assert record.levelno == logging.DEBUG and "a planted task error" in record.getMessage()

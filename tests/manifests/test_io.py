@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import manifests
+from manifests import io
 from manifests.io import committed_parts, read_manifest
 from manifests.schema import conform
 
@@ -166,3 +171,58 @@ def test_image_captions_has_one_row_per_kept_image(tmp_path, num_captioners):
     )
     expected_a = ("a", "by m1", "m1") if num_captioners == 1 else ("a", "by m0", "m0")
     assert rows == [expected_a, ("b", None, None)]
+
+
+def legacy_folder(tmp_path, num_parts: int):
+    """Parts committed the old way: marker ``_committed/<part>`` (no suffix), holding its JSON."""
+    folder = tmp_path / "clip_embeddings"
+    (folder / io.COMMITTED_DIR).mkdir(parents=True)
+    for i in range(num_parts):
+        (folder / io.COMMITTED_DIR / f"chunk-{i}").write_text(json.dumps({"num_rows": i}))
+    return folder
+
+
+def migrated(folder, num_parts: int) -> bool:
+    markers = sorted(p.name for p in (folder / io.COMMITTED_DIR).iterdir())
+    return markers == sorted(f"chunk-{i}.committed" for i in range(num_parts)) and all(
+        io.marker_info(folder, f"chunk-{i}") == {"num_rows": i} for i in range(num_parts)
+    )
+
+
+def test_two_workers_migrating_the_same_legacy_markers_both_succeed(tmp_path, monkeypatch):
+    """Worker B listed the legacy markers before worker A renamed them (every scorer that commits a chunk
+    opens a ManifestWriter, which migrates): B must find its work done, not fail."""
+    folder = legacy_folder(tmp_path, 3)
+    listing = io.legacy_markers(folder)  # B's listing
+    assert io.migrate_markers(folder) == 3  # A
+    monkeypatch.setattr(io, "legacy_markers", lambda directory: listing)
+    io.migrate_markers(folder)  # B, on its stale listing
+    assert migrated(folder, 3)
+    # B checked that the new marker was absent, then A renamed the legacy one before B's own rename.
+    monkeypatch.undo()
+    folder = legacy_folder(tmp_path / "again", 3)
+    replace = os.replace
+
+    def a_renames_first(src, dst):
+        replace(src, dst)  # A's rename
+        replace(dst, dst)  # (the same file: A is done)
+        raise FileNotFoundError(2, "No such file or directory", str(src))  # B's rename finds no source
+
+    monkeypatch.setattr(io.os, "replace", a_renames_first)
+    io.migrate_markers(folder)
+    monkeypatch.undo()
+    assert migrated(folder, 3)
+
+
+def test_migrating_in_threads_keeps_every_marker(tmp_path):
+    folder = legacy_folder(tmp_path, 200)
+    barrier = threading.Barrier(4)
+
+    def worker() -> None:
+        barrier.wait()
+        manifests.ManifestWriter(folder, "clip_embeddings")  # migrates, as each scorer's writer does
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(worker) for _ in range(4)]:
+            future.result()
+    assert migrated(folder, 200)

@@ -104,6 +104,7 @@ def _batches(batch: int = 2):
             "caption_features": torch.randn(batch, 5, TINY.caption_channels, generator=g),
             "caption_mask": torch.ones(batch, 5, dtype=torch.bool),
             "null_caption": torch.zeros(batch, dtype=torch.bool),
+            "keys": [f"sample-{i}" for i in range(batch)],  # collate's keys: the step counts samples by them
         }
 
 

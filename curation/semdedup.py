@@ -26,6 +26,7 @@ SAMPLE_PER_CLUSTER = 64  # k-means training rows per centroid (faiss warns below
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 _SCREEN_MARGIN = 1e-3  # float32 screen below the threshold; float64 decides
+CONFIRM_PAIRS = 8192  # candidate pairs confirmed in float64 at a time: 2 × 8192 × d × 8 bytes (96 MiB at 768-d)
 BLOCK_ROWS = 4096  # in-cluster similarity tiles of BLOCK_ROWS² float32 (64 MiB), whatever the cluster size
 
 
@@ -81,6 +82,19 @@ def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _exact_cosines(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """float64 dot products of the candidate pairs ``(i, j)``, ``CONFIRM_PAIRS`` at a time: a tile of near
+    copies (thousands of reposts of one picture) can hold millions of candidates, and two float64 copies of
+    their rows at once would not be bounded by the tile."""
+    exact = np.empty(len(i), np.float64)
+    for lo in range(0, len(i), CONFIRM_PAIRS):
+        a, b = i[lo : lo + CONFIRM_PAIRS], j[lo : lo + CONFIRM_PAIRS]
+        exact[lo : lo + len(a)] = np.einsum(
+            "nd,nd->n", embeddings[a].astype(np.float64), embeddings[b].astype(np.float64)
+        )
+    return exact
+
+
 def cluster_pairs(
     embeddings: np.ndarray, threshold: float, *, block_rows: int = BLOCK_ROWS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -99,7 +113,7 @@ def cluster_pairs(
             i, j = i + start, j + column
             keep = i < j
             i, j = i[keep], j[keep]
-            exact = np.einsum("nd,nd->n", embeddings[i].astype(np.float64), embeddings[j].astype(np.float64))
+            exact = _exact_cosines(embeddings, i, j)
             confirmed = exact >= threshold
             firsts.append(i[confirmed])
             seconds.append(j[confirmed])

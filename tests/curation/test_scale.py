@@ -386,3 +386,24 @@ def test_ray_executor_refuses_a_task_larger_than_any_node(ray_cluster):
     with pytest.raises(ValueError, match="largest node"):
         RayExecutor().map(dedup.keeper_order, [row], memory=1 << 50)
     assert RayExecutor().map(dedup.keeper_order, [row], memory=64 << 20) == [(-6, np.inf, "k")]  # scheduled
+
+
+def test_confirming_a_tile_of_near_copies_is_bounded_by_confirm_pairs(monkeypatch):
+    """A tile of near copies (reposts of one picture) makes every pair a candidate: the float64 confirmation
+    runs ``CONFIRM_PAIRS`` at a time, so its copies stay small however many candidates the tile holds."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal(64)
+    embeddings = (base + 1e-3 * rng.standard_normal((512, 64))).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    monkeypatch.setattr(semdedup, "CONFIRM_PAIRS", 1024)
+    tracemalloc.start()
+    i, j, similarity, _ = semdedup.cluster_pairs(embeddings, 0.95, block_rows=512)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(i) == 512 * 511 // 2  # every pair is a copy
+    exact = embeddings.astype(np.float64) @ embeddings.T.astype(np.float64)
+    np.testing.assert_allclose(similarity, exact[i, j], atol=1e-12)
+    # candidates, outputs and one tile: ~16 MB; two float64 copies of 130k candidate rows would be 134 MB
+    assert peak < 40 * 2**20, peak

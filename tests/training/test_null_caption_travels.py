@@ -100,14 +100,26 @@ def test_an_export_that_lost_its_upstream_null_caption_is_refused(upstream_run, 
         load_source(str(old))
 
 
-@pytest.mark.parametrize("setting", ["auto", "upstream", "diffusers"])
-@pytest.mark.parametrize("init", ["", "pth", "ours-upstream", "ours-diffusers", "diffusers-folder"])
-def test_checkpoint_null_caption_resolves_as_the_trainer(tiny_models, shards, tmp_path, setting, init):
-    """A checkpoint keeps the config, not the resolved mode: the loader resolves ``auto`` as the trainer."""
+# The rule (training.config ``text.null_caption``): ``auto`` is upstream for the released PixArt-α/Σ weights
+# (an original .pth, a diffusers folder), an init of ours keeps its own mode, no init is diffusers; an
+# explicit setting wins over the init.
+EXPECTED_MODE = {
+    ("auto", ""): "diffusers",
+    ("auto", "pth"): "upstream",
+    ("auto", "diffusers-folder"): "upstream",
+    ("auto", "ours-upstream"): "upstream",
+    ("auto", "ours-diffusers"): "diffusers",
+    **{(s, i): s for s in ("upstream", "diffusers")
+       for i in ("", "pth", "diffusers-folder", "ours-upstream", "ours-diffusers")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("setting", "init"), sorted(EXPECTED_MODE))
+def test_null_caption_mode_resolves_to_the_documented_mode(tiny_models, shards, tmp_path, setting, init):
+    """The trainer's mode (and the loaders', the same function) against literal expected values."""
     from training.convert import export_diffusers, save_model
     from training.model import PRESETS
 
-    model = PixArtSigma(PRESETS["tiny"])
     paths = {"": ""}
     if init == "pth":
         paths[init] = str(tmp_path / "x.pth")
@@ -116,8 +128,9 @@ def test_checkpoint_null_caption_resolves_as_the_trainer(tiny_models, shards, tm
         save_model(PixArtSigma(dataclasses.replace(PRESETS["tiny"], null_caption=mode)), tmp_path / init)
         paths[init] = str(tmp_path / init)
     elif init == "diffusers-folder":
-        export_diffusers(model, tmp_path / init)
+        export_diffusers(PixArtSigma(PRESETS["tiny"]), tmp_path / init)
         paths[init] = str(tmp_path / init)
     extra = [f'text.null_caption="{setting}"'] + ([f"model.init={paths[init]}"] if init else [])
     cfg = debug_config(tiny_models, shards, tmp_path / "run", *extra)
-    assert resolve_null_caption(cfg.text.null_caption, cfg.model.init) == trainer.null_caption_mode(cfg)
+    assert trainer.null_caption_mode(cfg) == EXPECTED_MODE[setting, init]
+    assert resolve_null_caption(setting, paths[init] or None) == EXPECTED_MODE[setting, init]

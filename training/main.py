@@ -943,6 +943,8 @@ def save_state(
             "position": {"stage_index": index, "stage": stage.name, "step": step, "global_step": global_step},
             "rng": [g["rng"] for g in gathered], "data": [g["data"] for g in gathered],
             "nonfinite_streak": nonfinite, "world_size": env.world_size, "config": to_dict(cfg),
+            # resolved here, where model.init exists: a loader need not find the init folder again
+            "null_caption": null_caption_mode(cfg),
         }  # fmt: skip
         save_checkpoint(
             Path(cfg.run_dir), f"{global_step:08d}-{stage.name}", state, keep=cfg.keep_checkpoints

@@ -219,6 +219,30 @@ def test_standalone_export_samples_in_a_process_without_pixsigma(tiny_models, tm
     assert got.shape == expected.shape and (got - expected).abs().max().item() <= ATOL
 
 
+def test_two_kv_exports_with_different_code_load_their_own_class_in_one_process(tiny_models, tmp_path):
+    """diffusers keeps a custom module by name in sys.modules: the shipped file is named by its code's hash,
+    so a second export whose kv_processor code differs is not given the first one's class."""
+    from training import kv_processor
+
+    first = export_pipeline(_tiny(), tmp_path / "first", _components(tiny_models), mode="copy")
+    changed = tmp_path / "kv_processor_changed.py"
+    changed.write_text(open(kv_processor.__file__).read() + '\nSHIPPED_MARK = "second"\n')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_processor, "__file__", str(changed))
+        second = export_pipeline(_tiny(), tmp_path / "second", _components(tiny_models), mode="copy")
+    modules = []
+    for folder in (first, second):
+        name = json.loads((folder / "model_index.json").read_text())["transformer"][0]
+        assert (folder / "transformer" / f"{name}.py").is_file()
+        pipe = PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)
+        assert type(pipe.transformer).__name__ == "PixArtKVTransformer2DModel"
+        modules.append(sys.modules[type(pipe.transformer).__module__])
+    assert not hasattr(modules[0], "SHIPPED_MARK")
+    assert modules[1].SHIPPED_MARK == "second"
+    # our own loader still reads either folder
+    assert isinstance(load_pipeline(second).transformer, PixArtKVTransformer2DModel)
+
+
 def test_reexport_keeps_other_entries_and_drops_stale_components(tiny_models, tmp_path):
     components = _components(tiny_models)
     folder = export_pipeline(_tiny(), tmp_path / "final", components, mode="copy")

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release file
 FID_FEATURES = (64, 192, 768, 2048)  # Inception taps torchmetrics supports; 2048 is the standard FID
+FID_INPUT_SIZE = 299  # the TF FID Inception's input side
 CLIP_SCORE_WEIGHT = 100.0  # torchmetrics CLIPScore: 100 · max(cos, 0)
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "clip_scores.parquet"
@@ -109,14 +110,13 @@ FID_RESIZE = ("tf", "clean")
 # Below this many images per side the 2048 × 2048 covariance is rank-deficient (rank ≤ N - 1) and FID is
 # biased upwards by an N-dependent amount (Chong & Forsyth 2020): a number to watch as a trend, not to report.
 MIN_FID_IMAGES = 2048
-SMALL_FID_LABEL = "trend only: fewer than 2048 images per side"
+SMALL_FID_LABEL = f"trend only: fewer than {MIN_FID_IMAGES} images per side"
 FID_TREND_TAG = "eval/fid_trend_small_n"  # TensorBoard tag of a small-N FID (in-training evaluation)
 
 
 def small_fid(num_real: int, num_generated: int) -> bool:
     """Whether FID on these counts is a small-N trend rather than a reportable number."""
     return min(num_real, num_generated) < MIN_FID_IMAGES
-FID_INPUT_SIZE = 299  # the TF FID Inception's input side
 
 
 @functools.cache

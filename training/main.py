@@ -40,6 +40,7 @@ from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
 from training.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint
 from training.config import OptimSection, StageSection, TrainConfig, load_config, to_dict
+from training.convert import resolve_null_caption
 from training.data import make_stream, stream_seed
 from training.diffusion import GaussianDiffusion, sample
 from training.encoders import (
@@ -308,20 +309,9 @@ def t5_needed(cfg: TrainConfig, features: ShardFeatures, cached_text: bool) -> b
 
 
 def null_caption_mode(cfg: TrainConfig) -> str:
-    """``text.null_caption``, with ``auto`` resolved: upstream for official weights, an init's own, else diffusers."""
-    if cfg.text.null_caption != "auto":
-        return cfg.text.null_caption
-    init = Path(cfg.model.init) if cfg.model.init else None
-    if init is None:
-        return "diffusers"
-    if init.suffix in (".pth", ".pt"):
-        return "upstream"
-    from training.convert import CONFIG_NAME, FORMAT_NAME
-
-    config = json.loads((init / CONFIG_NAME).read_text())
-    if config.get("format") == FORMAT_NAME:
-        return config.get("null_caption", "diffusers")
-    return "upstream"  # a diffusers folder: the released PixArt weights were trained with upstream's
+    """``text.null_caption``, with ``auto`` resolved by the one rule (training.convert.resolve_null_caption):
+    upstream for official weights, an init's own, else diffusers."""
+    return resolve_null_caption(cfg.text.null_caption, cfg.model.init)
 
 
 def text_features_key(cfg: TrainConfig) -> dict:
@@ -953,6 +943,8 @@ def save_state(
             "position": {"stage_index": index, "stage": stage.name, "step": step, "global_step": global_step},
             "rng": [g["rng"] for g in gathered], "data": [g["data"] for g in gathered],
             "nonfinite_streak": nonfinite, "world_size": env.world_size, "config": to_dict(cfg),
+            # resolved here, where model.init exists: a loader need not find the init folder again
+            "null_caption": null_caption_mode(cfg),
         }  # fmt: skip
         save_checkpoint(
             Path(cfg.run_dir), f"{global_step:08d}-{stage.name}", state, keep=cfg.keep_checkpoints

@@ -12,7 +12,7 @@ hub id in ``pixsigma.json``; ``load_pipeline`` fills them in, and a plain diffus
 ``from_pretrained`` (README, "Sampling, export and evaluation").
 
 A KV-compressed model's transformer is a ``training.kv_processor.PixArtKVTransformer2DModel`` whose code
-travels in the folder (``transformer/pixart_kv_transformer.py``, a diffusers custom component): plain
+travels in the folder (``transformer/pixart_kv_transformer_<sha256[:8]>.py``, a diffusers custom component): plain
 diffusers loads it with ``PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)``, pixsigma not
 needed. With ``components="copy"`` (``pixsigma-export --standalone``) that call needs no other argument.
 """
@@ -20,6 +20,7 @@ needed. With ``components="copy"`` (``pixsigma-export --standalone``) that call 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -41,7 +42,10 @@ log = logging.getLogger(__name__)
 INFO_FILE = "pixsigma.json"
 INFO_FORMAT = "pixsigma.pipeline"
 FROZEN_COMPONENTS = ("tokenizer", "text_encoder", "vae")
-KV_MODULE = "pixart_kv_transformer"  # transformer/<KV_MODULE>.py: the KV transformer's code, in KV exports
+# transformer/<KV_MODULE>_<sha256[:8] of the code>.py: the KV transformer's code, in KV exports. diffusers
+# keeps a custom module by its name in sys.modules, so the name carries the code's hash: two exports with
+# different code loaded in one process each get their own class.
+KV_MODULE = "pixart_kv_transformer"
 PIPELINE_ENTRIES = ("model_index.json", "transformer", "scheduler", *FROZEN_COMPONENTS, INFO_FILE)
 # What older trainer exports left at the top of final/: a bare transformer folder, or ours plus the config.
 LEGACY_FILES = (
@@ -175,10 +179,12 @@ def ship_kv_transformer_code(folder: Path) -> None:
     ``trust_remote_code=True`` (training/kv_processor.py imports nothing of ours: it travels as it is)."""
     from training import kv_processor
 
-    shutil.copyfile(kv_processor.__file__, folder / "transformer" / f"{KV_MODULE}.py")
+    code = Path(kv_processor.__file__).read_bytes()
+    module = f"{KV_MODULE}_{hashlib.sha256(code).hexdigest()[:8]}"
+    atomic_write_bytes(folder / "transformer" / f"{module}.py", code)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["transformer"] = [KV_MODULE, "PixArtKVTransformer2DModel"]
+    index["transformer"] = [module, "PixArtKVTransformer2DModel"]
     atomic_write_bytes(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 

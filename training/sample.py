@@ -276,13 +276,26 @@ def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
         max_tokens = train_cfg["text"]["max_tokens"] if train_cfg else DEFAULT_MAX_TOKENS
         model = load_diffusers(path, max_token_length=max_tokens)
         if train_cfg is not None:
-            trained = resolve_null_caption(train_cfg["text"]["null_caption"], train_cfg["model"]["init"])
-            _check_null_caption(model, trained, path)
+            _check_null_caption(model, _trained_null_caption(train_cfg, None, path), path)
     if train_cfg is not None:
         components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
     else:
         components = _flag_components(**overrides)
     return LoadedModel(model, components, _resolution(model), spec)
+
+
+def _trained_null_caption(cfg: dict, stored: str | None, path: Path) -> str:
+    """The null-caption mode a model was trained with: the one its checkpoint stores (the trainer resolves it
+    while ``model.init`` exists), else, for checkpoints from before that, ``auto`` resolved from the init."""
+    if stored is not None:
+        return stored
+    try:
+        return resolve_null_caption(cfg["text"]["null_caption"], cfg["model"]["init"])
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"{path}: saved before checkpoints stored their null_caption mode, with null_caption='auto' and "
+            f"an init that is gone ({err.filename}); put the init back at that path to resolve it"
+        ) from None
 
 
 def _check_null_caption(model: PixArtSigma, trained: str | None, path: Path) -> None:
@@ -353,7 +366,7 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
     weights_state = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
     preset = PRESETS[cfg["model"]["preset"]]
     null = weights_state["y_embedder.y_embedding"]  # (max_tokens, C): the caption width and budget
-    null_mode = resolve_null_caption(cfg["text"]["null_caption"], cfg["model"]["init"])
+    null_mode = _trained_null_caption(cfg, state.get("null_caption"), path)
     kv_layers = tuple(i for i in range(preset.depth) if f"blocks.{i}.attn.sr.weight" in weights_state)
     ratio = int(weights_state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]) if kv_layers else 2
     base_size, default_pe = pe_params_for_resolution(stage["resolution"], patch_size=preset.patch_size)

@@ -100,14 +100,69 @@ def test_an_export_that_lost_its_upstream_null_caption_is_refused(upstream_run, 
         load_source(str(old))
 
 
-@pytest.mark.parametrize("setting", ["auto", "upstream", "diffusers"])
-@pytest.mark.parametrize("init", ["", "pth", "ours-upstream", "ours-diffusers", "diffusers-folder"])
-def test_checkpoint_null_caption_resolves_as_the_trainer(tiny_models, shards, tmp_path, setting, init):
-    """A checkpoint keeps the config, not the resolved mode: the loader resolves ``auto`` as the trainer."""
+def _rewrite_checkpoint(source, target, **changes) -> None:
+    """A copy of checkpoint ``source`` at ``target`` with ``changes`` applied to its state (None deletes)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    state = torch.load(target / "state.pt", map_location="cpu", weights_only=True)
+    for key, value in changes.items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
+    torch.save(state, target / "state.pt")
+
+
+def test_a_checkpoint_whose_init_folder_is_gone_still_samples_upstream(upstream_run, tiny_models, tmp_path):
+    """Trained with ``auto`` from an init of ours that has since moved (a checkpoint copied off the cluster):
+    the mode stored in the checkpoint is used, the init is not looked for."""
+    run_dir, live = upstream_run
+    checkpoint = complete_checkpoints(run_dir)[-1]
+    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    assert state["null_caption"] == "upstream"
+    config = copy.deepcopy(state["config"])
+    config["text"]["null_caption"] = "auto"
+    config["model"]["init"] = str(tmp_path / "moved-init")  # never created: the init folder is gone
+    moved = tmp_path / "copied" / checkpoint.name
+    _rewrite_checkpoint(checkpoint, moved, config=config)
+    loaded = load_source(str(moved))
+    assert loaded.model.config.null_caption == "upstream"
+    generator = ImageGenerator.load(loaded, device=CPU)
+    jobs = [ImageJob(i, p, seed=i, height=48, width=80) for i, p in enumerate(PROMPTS)]
+    got = generator.latents(jobs, SamplingSettings(steps=STEPS, cfg_scale=CFG))
+    assert torch.equal(got, _trainer_latents(live["64px-kv"]["ema"], generator, jobs))
+    # a checkpoint from before the mode was stored: resolved from the init, which must then exist
+    old = tmp_path / "old" / checkpoint.name
+    _rewrite_checkpoint(checkpoint, old, config=config, null_caption=None)
+    with pytest.raises(ValueError, match="init that is gone"):
+        load_source(str(old))
+    config["text"]["null_caption"] = "upstream"
+    older = tmp_path / "older" / checkpoint.name
+    _rewrite_checkpoint(checkpoint, older, config=config, null_caption=None)
+    assert load_source(str(older)).model.config.null_caption == "upstream"
+
+
+# The rule (training.config ``text.null_caption``): ``auto`` is upstream for the released PixArt-α/Σ weights
+# (an original .pth, a diffusers folder), an init of ours keeps its own mode, no init is diffusers; an
+# explicit setting wins over the init.
+EXPECTED_MODE = {
+    ("auto", ""): "diffusers",
+    ("auto", "pth"): "upstream",
+    ("auto", "diffusers-folder"): "upstream",
+    ("auto", "ours-upstream"): "upstream",
+    ("auto", "ours-diffusers"): "diffusers",
+    **{(s, i): s for s in ("upstream", "diffusers")
+       for i in ("", "pth", "diffusers-folder", "ours-upstream", "ours-diffusers")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("setting", "init"), sorted(EXPECTED_MODE))
+def test_null_caption_mode_resolves_to_the_documented_mode(tiny_models, shards, tmp_path, setting, init):
+    """The trainer's mode (and the loaders', the same function) against literal expected values."""
     from training.convert import export_diffusers, save_model
     from training.model import PRESETS
 
-    model = PixArtSigma(PRESETS["tiny"])
     paths = {"": ""}
     if init == "pth":
         paths[init] = str(tmp_path / "x.pth")
@@ -116,8 +171,9 @@ def test_checkpoint_null_caption_resolves_as_the_trainer(tiny_models, shards, tm
         save_model(PixArtSigma(dataclasses.replace(PRESETS["tiny"], null_caption=mode)), tmp_path / init)
         paths[init] = str(tmp_path / init)
     elif init == "diffusers-folder":
-        export_diffusers(model, tmp_path / init)
+        export_diffusers(PixArtSigma(PRESETS["tiny"]), tmp_path / init)
         paths[init] = str(tmp_path / init)
     extra = [f'text.null_caption="{setting}"'] + ([f"model.init={paths[init]}"] if init else [])
     cfg = debug_config(tiny_models, shards, tmp_path / "run", *extra)
-    assert resolve_null_caption(cfg.text.null_caption, cfg.model.init) == trainer.null_caption_mode(cfg)
+    assert trainer.null_caption_mode(cfg) == EXPECTED_MODE[setting, init]
+    assert resolve_null_caption(setting, paths[init] or None) == EXPECTED_MODE[setting, init]

@@ -219,6 +219,102 @@ def test_standalone_export_samples_in_a_process_without_pixsigma(tiny_models, tm
     assert got.shape == expected.shape and (got - expected).abs().max().item() <= ATOL
 
 
+def test_two_kv_exports_with_different_code_load_their_own_class_in_one_process(tiny_models, tmp_path):
+    """diffusers keeps a custom module by name in sys.modules: the shipped file is named by its code's hash,
+    so a second export whose kv_processor code differs is not given the first one's class."""
+    from training import kv_processor
+
+    first = export_pipeline(_tiny(), tmp_path / "first", _components(tiny_models), mode="copy")
+    changed = tmp_path / "kv_processor_changed.py"
+    changed.write_text(open(kv_processor.__file__).read() + '\nSHIPPED_MARK = "second"\n')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_processor, "__file__", str(changed))
+        second = export_pipeline(_tiny(), tmp_path / "second", _components(tiny_models), mode="copy")
+    modules = []
+    for folder in (first, second):
+        name = json.loads((folder / "model_index.json").read_text())["transformer"][0]
+        assert (folder / "transformer" / f"{name}.py").is_file()
+        pipe = PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)
+        assert type(pipe.transformer).__name__ == "PixArtKVTransformer2DModel"
+        modules.append(sys.modules[type(pipe.transformer).__module__])
+    assert not hasattr(modules[0], "SHIPPED_MARK")
+    assert modules[1].SHIPPED_MARK == "second"
+    # our own loader still reads either folder
+    assert isinstance(load_pipeline(second).transformer, PixArtKVTransformer2DModel)
+
+
+# Plain diffusers on an upstream-mode export, as the README shows: the stored null caption as the negative
+# embeddings, under the prompt's own mask (PixArt's guidance; encoding "" would attend one token of T5("")).
+UPSTREAM_IN_PLAIN_DIFFUSERS = """
+import sys
+sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+try:
+    import training
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("pixsigma is importable here")
+import torch
+from diffusers import PixArtSigmaPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+folder, inputs = sys.argv[2], torch.load(sys.argv[3])
+pipe = PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+null_file = f"{folder}/transformer/null_caption.safetensors"
+with safe_open(null_file, "pt") as f:
+    assert f.metadata()["null_caption"] == "upstream"
+prompt_embeds, prompt_mask, _, _ = pipe.encode_prompt(
+    inputs["prompts"], do_classifier_free_guidance=False, max_sequence_length=16, clean_caption=False)
+null = load_file(null_file)["y_embedding"][: prompt_embeds.shape[1]]  # (L, C)
+images = pipe(prompt_embeds=prompt_embeds, prompt_attention_mask=prompt_mask, negative_prompt=None,
+              negative_prompt_embeds=null.expand_as(prompt_embeds).to(prompt_embeds),
+              negative_prompt_attention_mask=prompt_mask, height=48, width=80, num_inference_steps=4,
+              guidance_scale=4.5, latents=inputs["noise"], use_resolution_binning=False, output_type="pt").images
+torch.save(images, sys.argv[3] + ".out")
+"""
+
+
+@pytest.mark.parametrize("kv_layers", [(1,), ()])
+def test_upstream_export_samples_in_plain_diffusers_with_the_stored_null_caption(tiny_models, tmp_path, kv_layers):
+    """An upstream-mode model: PixArtSigmaPipeline given transformer/null_caption.safetensors as the negative
+    embeddings (pixsigma absent) samples as our sampler, within 1e-5; with negative_prompt="" it would not."""
+    import subprocess
+
+    from tests.training.conftest import REPO
+
+    model = _tiny(kv_layers)
+    gen = torch.Generator().manual_seed(5)
+    features = torch.randn(TINY.max_token_length, TINY.caption_channels, generator=gen)  # (L, C): not zeros
+    model.set_null_caption(features, torch.ones(TINY.max_token_length, dtype=torch.bool), mode="upstream")
+    folder = export_pipeline(model, tmp_path / "standalone", _components(tiny_models), mode="copy")
+    ours = ImageGenerator.load(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
+    assert ours.model.config.null_caption == "upstream"
+    prompts = [LONG_MIXED_CASE, "a red car in the rain"]
+    jobs = [ImageJob(i, p, seed=10 + i, height=48, width=80) for i, p in enumerate(prompts)]
+    noise = torch.stack([torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
+    torch.save({"prompts": prompts, "noise": noise}, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", UPSTREAM_IN_PLAIN_DIFFUSERS, str(REPO), str(folder), str(tmp_path / "inputs.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = ours.decode(ours.latents(jobs, SamplingSettings(steps=4, cfg_scale=4.5)))
+    got = torch.load(tmp_path / "inputs.pt.out")
+    assert expected.std() > 0.01
+    assert got.shape == expected.shape and (got - expected).abs().max().item() <= ATOL
+    # the plain call (negative_prompt="") guides against T5(""): not the trained model
+    pipe = PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(prompts, negative_prompt="", height=48, width=80, num_inference_steps=4, guidance_scale=4.5,
+                 latents=noise, max_sequence_length=16, clean_caption=False, use_resolution_binning=False,
+                 output_type="pt").images  # fmt: skip
+    assert (plain - expected).abs().max().item() > 1e-3
+
+
 def test_reexport_keeps_other_entries_and_drops_stale_components(tiny_models, tmp_path):
     components = _components(tiny_models)
     folder = export_pipeline(_tiny(), tmp_path / "final", components, mode="copy")

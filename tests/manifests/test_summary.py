@@ -1,0 +1,32 @@
+"""The pipeline summary prints each evaluation's FID with the note evaluate.py stored in metrics.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from manifests.summary import _add_evaluations, format_summary
+
+BASE = {
+    "inputs": 4, "kept_per_tier": {}, "rejected_per_reason": {}, "captions_kept": 4, "captions_rejected": 0,
+    "selections": {}, "outputs": {},
+}  # fmt: skip
+
+
+def _metrics(train_dir: Path, name: str, **extra) -> None:
+    folder = train_dir / "eval" / name
+    folder.mkdir(parents=True)
+    metrics = {"fid": 158.8912, "clip_score": 21.5, "num_images": 12, "model": "final_ema", **extra}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_summary_prints_the_stored_fid_note(tmp_path):
+    note = "trend only: fewer than 4096 images per side"  # whatever evaluate.py wrote, not a fixed text
+    _metrics(tmp_path, "small", fid_small_n=True, fid_note=note)
+    _metrics(tmp_path, "full", fid_small_n=False)
+    summary = json.loads(json.dumps(BASE))
+    _add_evaluations(summary, tmp_path)
+    lines = {line.split(":")[0]: line for line in format_summary(summary).splitlines()}
+    assert lines["evaluation small"].endswith(f"(12 images) [FID {note}]")
+    assert lines["evaluation full"].endswith("(12 images)")
+    assert summary["evaluation"]["small"]["fid_note"] == note

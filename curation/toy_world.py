@@ -29,10 +29,18 @@ PNG_COMPRESS_LEVEL = 6
 # (width, height), cycled: every short side ≥ 1024 (the 1k tier), and every aspect ratio (1, 5:3, 3:5, 2, 1/2)
 # one that the bucket tables at 64, 128 and 256 px all hold (``manifests.buckets``), so materialize's
 # cover-and-crop cuts nothing: a crop would move objects across grid lines and falsify the caption.
-CORPUS_SIZES: tuple[tuple[int, int], ...] = ((1024, 1024), (1920, 1152), (1152, 1920), (2048, 1024), (1024, 2048))
+CORPUS_SIZES: tuple[tuple[int, int], ...] = (
+    (1024, 1024),
+    (1920, 1152),
+    (1152, 1920),
+    (2048, 1024),
+    (1024, 2048),
+)
 
 
-def generate(out: Path, *, num: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = CORPUS_SIZES) -> list[dict]:
+def generate(
+    out: Path, *, num: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = CORPUS_SIZES
+) -> list[dict]:
     """Write ``num`` scenes into ``out``; return one record per image (name, width, height, truth)."""
     if num < 1:
         raise ValueError(f"num must be ≥ 1, got {num}")
@@ -49,7 +57,14 @@ def generate(out: Path, *, num: int, seed: int = 0, sizes: tuple[tuple[int, int]
         name = f"toy-{index:06d}"
         render(scene, width, height).save(out / f"{name}.png", compress_level=PNG_COMPRESS_LEVEL)
         (out / f"{name}.txt").write_text(caption(scene) + "\n", encoding="utf-8")
-        record = {"name": name, "width": width, "height": height, "seed": seed, "index": index, **truth(scene)}
+        record = {
+            "name": name,
+            "width": width,
+            "height": height,
+            "seed": seed,
+            "index": index,
+            **truth(scene),
+        }
         (out / f"{name}.json").write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
         records.append(record)
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
@@ -59,7 +74,9 @@ def generate(out: Path, *, num: int, seed: int = 0, sizes: tuple[tuple[int, int]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--output", required=True, type=Path, help="corpus folder (a curation --input)")
     parser.add_argument("--num", type=int, default=64, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes")

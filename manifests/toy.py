@@ -196,7 +196,12 @@ def cell_box(position: str, width: int, height: int) -> tuple[float, float, floa
     """(left, top, right, bottom) of a named grid cell in pixels."""
     index = POSITIONS.index(position)
     row, column = divmod(index, GRID)
-    return (column * width / GRID, row * height / GRID, (column + 1) * width / GRID, (row + 1) * height / GRID)
+    return (
+        column * width / GRID,
+        row * height / GRID,
+        (column + 1) * width / GRID,
+        (row + 1) * height / GRID,
+    )
 
 
 def object_box(obj: ToyObject, width: int, height: int) -> tuple[float, float, float, float]:

@@ -125,8 +125,18 @@ def detect(image: Image.Image | np.ndarray) -> list[Detection]:
             top_share = float(mask[: h // 2].sum() + (mask[h // 2].sum() / 2 if h % 2 else 0)) / area
             cx, cy = (box[1].start + box[1].stop) / 2, (box[0].start + box[0].stop) / 2
             found.append(
-                (cy, cx, Detection(name, classify_shape(fill, top_share), cell_of(cx, cy, width, height),
-                                   area, fill, top_share))  # fmt: skip
+                (
+                    cy,
+                    cx,
+                    Detection(
+                        name,
+                        classify_shape(fill, top_share),
+                        cell_of(cx, cy, width, height),
+                        area,
+                        fill,
+                        top_share,
+                    ),
+                )  # fmt: skip
             )
     return [d for _, _, d in sorted(found, key=lambda f: (f[0], f[1]))]
 
@@ -181,3 +191,16 @@ def chance_levels(*, num_pairs: int = 20_000, seed: int = 0) -> dict[str, float]
         a, b = scene_for(seed, 2 * pair), scene_for(seed, 2 * pair + 1)
         rows.append(score_labels([o.label() for o in a.objects], [o.label() for o in b.objects]))
     return mean_scores(rows)
+
+
+def adherence_metrics(image_rows: list[dict]) -> dict:
+    """``metrics.json`` entries of an evaluation whose prompts are toy-world captions: the mean scores of the
+    generated images (``adherence``) and of the real eval images (``adherence_real``, the ceiling, one per
+    prompt); empty when the rows carry no scores (prompts without toy-world truth)."""
+    if not image_rows or any("adherence" not in r for r in image_rows):
+        return {}
+    real = {r["real_key"]: r["real_adherence"] for r in image_rows}
+    return {
+        "adherence": mean_scores(r["adherence"] for r in image_rows),
+        "adherence_real": mean_scores(real.values()),
+    }

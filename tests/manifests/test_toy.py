@@ -146,7 +146,9 @@ def test_truth_is_the_scene_and_the_caption() -> None:
     scene = scene_for(0, 5)
     record = truth(scene)
     assert record["caption"] == caption(scene)
-    assert [(o["colour"], o["shape"], o["position"]) for o in record["objects"]] == [o.label() for o in scene.objects]
+    assert [(o["colour"], o["shape"], o["position"]) for o in record["objects"]] == [
+        o.label() for o in scene.objects
+    ]
 
 
 def test_scenes_are_deterministic_per_seed_and_index() -> None:

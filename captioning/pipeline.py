@@ -43,7 +43,7 @@ from manifests import CAPTIONS, ManifestWriter, atomic_write_bytes
 from manifests.checks import InputError, one_line, squeeze
 from manifests.db import filter_sql, require_run
 from manifests.io import committed_parts, is_committed, read_committed_table
-from manifests.progress import ProgressLog
+from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ SUMMARY_COLUMNS = ["key", "status", "reason", "num_tokens", "truncated", "second
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
 

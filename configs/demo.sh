@@ -23,11 +23,13 @@ step "2/10 tiny models built offline → $MODELS"
 [ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
 [ -f "$MODELS/inception/pt_inception-random.pth" ] || python -m training.tiny_inception --output "$MODELS"
 
-step "3/10 curation → $RUN"
-# Tiny random CLIP under the real LAION head: its scores mean nothing, so no aesthetic threshold.
+step "3/10 curation → $RUN (tiny random CLIP: no aesthetic threshold, no semantic dedup)"
+# Tiny random CLIP under the real LAION head: its scores mean nothing, so no aesthetic threshold; and its
+# embeddings of distinct pictures are alike (cosine ≥ 0.95 for most pairs), so semantic dedup, on by default,
+# would keep one picture: turned off here (the log says so). Exact and pHash dedup still run.
 python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard 8 \
     --clip-model "local-dir:$MODELS/clip" \
-    --min-aesthetic none
+    --min-aesthetic none --no-semantic-dedup
 
 step "4/10 captioning (tiny LLaVA) → $RUN/manifests/captions"
 python captioning/run.py --input "$RUN" --model "$MODELS/llava" --tokenizer "$MODELS/t5" --preset debug
@@ -38,7 +40,7 @@ python -m manifests.selection --input "$RUN" --name demo --exclude eval \
     --where "caption_orig IS NOT NULL OR caption_vlm IS NOT NULL"
 
 step "6/10 training shards with cached T5 features and SDXL-like VAE latents at 32 and 64 px"
-# The SD-like VAE of the debug schedule's first stage is not cached: that stage encodes on the fly.
+# The SD-like VAE of the debug schedule's first stage is not cached: that stage encodes on the fly (vae_on_the_fly).
 python -m manifests.materialize --input "$RUN" --selection demo --samples-per-shard 4 \
     --t5 "$MODELS/t5" --vae "$MODELS/vae" --vae-resolution 32 --vae-resolution 64
 
@@ -56,9 +58,13 @@ torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONF
 step "8/10 sampling the eval prompts from the trained model (EMA weights, DPM-Solver++) → $OUT/samples"
 python -m training.sample --model "$OUT/train" --input "$RUN/eval_shards/eval/prompts.jsonl" \
     --output "$OUT/samples" --steps 10 --overwrite
+# A standalone PixArtSigmaPipeline of the final KV model: plain diffusers samples it (README, three lines).
+python -m training.export --input "$OUT/train" --output "$OUT/pipeline" --standalone
 
 step "9/10 FID / CLIP score on the eval set (random Inception, tiny CLIP: real code paths, meaningless values)"
-python -m training.evaluate --model "$OUT/train" --input "$RUN/eval_shards/eval" --steps 10 \
+# --allow-small-fid: the demo's eval set has a handful of images, far below the 2048 per side a reportable
+# FID needs; the flag computes it anyway and marks it "trend only" in metrics.json and the summary.
+python -m training.evaluate --model "$OUT/train" --input "$RUN/eval_shards/eval" --steps 10 --allow-small-fid \
     --inception "$MODELS/inception/pt_inception-random.pth" --clip-model "local-dir:$MODELS/clip"
 
 step "10/10 summary"

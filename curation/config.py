@@ -72,7 +72,10 @@ class AestheticConfig:
     num_actors: int = 1  # scorer actors, each holding one model copy
     num_gpus: float = 0.0  # per actor; > 0 moves the model to CUDA and enables bf16 autocast
     num_cpus: float = 1.0  # per actor
-    save_embeddings: bool = False  # also write fp16 L2-normalised embeddings to manifests/clip_embeddings
+    # Write fp16 L2-normalised embeddings to manifests/clip_embeddings (what semantic dedup compares, and
+    # what later selection can reuse): 768 × 2 B = 1,536 B per scored row; 1,466 B in Parquet with key and
+    # model name (measured on a 4,096-row chunk of unit vectors), ≈ 48 GB at 33M images (README).
+    save_embeddings: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.min_score) - set(TIERS)
@@ -98,7 +101,9 @@ class DedupConfig:
     # pHash search: None = exact for any max_hamming (bands narrower than 32 bits above 5: candidates grow
     # with N); k = 2k bands of 32 bits (near-linear; exact up to 5 bits, measured recall above).
     phash_splits: int | None = 1
-    semantic: bool | None = None  # None: on when aesthetic.save_embeddings keeps the embeddings
+    # SemDeDup (Abbas et al. 2023) on CLIP embeddings: None = on whenever aesthetic.save_embeddings keeps
+    # them (the default). Turn it off with a random CLIP (tests, the demo): its embeddings all look alike.
+    semantic: bool | None = None
     semantic_threshold: float = 0.95  # cosine similarity of L2-normalised CLIP image embeddings
     semantic_cluster_size: int = 10_000  # mean rows per k-means cluster (SemDeDup's in-cluster search)
 
@@ -147,7 +152,14 @@ class CurationConfig:
     chunk_size: int = 4096  # most rows per committed unit of scan + score work (what a rerun skips)
     manifest_rows_per_part: int = 100_000  # about: rows per partition of the later phases and per part
     report: bool = True  # write OUT/report/index.html at the end
-    executor: Literal["ray", "local"] = "ray"  # local: every phase in this process (debugging, benchmarks)
+    # auto: Ray when a cluster is named (RAY_ADDRESS, as under `ray job submit`) or the inputs hold more than
+    # auto_local_max_inputs files; else every phase in this process (curation.auto). local: never Ray.
+    executor: Literal["auto", "ray", "local"] = "auto"
+    # Up to this many input files (sidecars count), on one machine, Ray's fixed cost (~28 s more than in-process:
+    # start, workers, scorer actor, task warm-up) outweighs its parallel speed-up: measured break-even ≈ 2,700
+    # images on 2 cores, ≈ 1,400 on 16 (docs/benchmarks.md "Curation: small jobs"); 2,000 files is a 1k-image
+    # job with caption sidecars.
+    auto_local_max_inputs: int = 2000
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -156,8 +168,10 @@ class CurationConfig:
             raise ValueError(f"chunk_size must be ≥ 1, got {self.chunk_size}")
         if self.manifest_rows_per_part < 1:
             raise ValueError(f"manifest_rows_per_part must be ≥ 1, got {self.manifest_rows_per_part}")
-        if self.executor not in ("ray", "local"):
-            raise ValueError(f"executor must be 'ray' or 'local', got {self.executor!r}")
+        if self.executor not in ("auto", "ray", "local"):
+            raise ValueError(f"executor must be 'auto', 'ray' or 'local', got {self.executor!r}")
+        if self.auto_local_max_inputs < 0:
+            raise ValueError(f"auto_local_max_inputs must be ≥ 0, got {self.auto_local_max_inputs}")
         if self.dedup.semantic and not self.aesthetic.save_embeddings:
             raise ValueError(
                 "dedup.semantic needs aesthetic.save_embeddings (the CLIP embeddings it compares)"
@@ -167,3 +181,12 @@ class CurationConfig:
     def semantic_dedup(self) -> bool:
         """Semantic dedup runs when asked for, or by default whenever embeddings are kept."""
         return self.aesthetic.save_embeddings if self.dedup.semantic is None else self.dedup.semantic
+
+    @property
+    def semantic_dedup_off_reason(self) -> str | None:
+        """Why semantic dedup does not run (for the log), ``None`` when it does."""
+        if self.semantic_dedup:
+            return None
+        if self.dedup.semantic is False:
+            return "turned off (dedup.semantic = False, --no-semantic-dedup)"
+        return "no CLIP embeddings kept (aesthetic.save_embeddings = False, --no-save-embeddings)"

@@ -1,19 +1,26 @@
-"""Bounded HTTP fetches for URL lists: http/https only, a total deadline per URL, a size cap, bodies
-streamed to a temporary file. img2dataset still does everything else (sharding, threads, processes,
-incremental reruns, the WebDataset tars and its per-row status Parquet).
+"""URL lists fetched as shard tasks across the cluster, each fetch bounded: http/https only, a total
+deadline per URL, a size cap, bodies streamed to a temporary file.
 
-Why a wrapper and not an img2dataset option: img2dataset 1.47 has none for this. Its ``timeout`` is
-urllib's per-socket-read timeout (a server dripping 1 byte/s never trips it), it reads every body whole
-into memory (``r.read()``) with no cap, and ``urllib.request.urlopen`` fetches ``file://`` and ``ftp://``
-rows too. It has no hook for the fetch either: ``Downloader.download_shard`` calls the module function
-``img2dataset.downloader.download_image`` by name, in worker processes that img2dataset spawns itself.
+Fan-out (``download_url_list``): one task (``prepare_url_list``) streams the URL list into
+``<out>/urls.parquet`` with one row group per shard (``download.samples_per_shard`` rows; a CSV is converted
+on the way); the driver then holds one ``DownloadShard`` plan per row group (a row range, never the URLs)
+and runs ``download_shard`` for each shard not yet committed, as Ray tasks (or in-process with
+``LocalExecutor``). A shard task is img2dataset's own ``Downloader.download_shard`` (what its ``ray``
+distributor runs per shard, img2dataset 1.47 ``distributor.py``) writing into a private temporary folder;
+its tar, status Parquet and stats are then renamed into ``<out>/`` and a commit marker is written, so a
+killed job leaves no half shard and its rerun skips every committed one.
 
-So ``BoundedDownloader`` subclasses img2dataset's ``Downloader`` and, in each worker process, points that
-one module name at ``fetch_for_img2dataset`` (same signature, same ``(key, stream, error)`` result) before
-running the unchanged ``download_shard``. ``bounded_downloads`` makes ``img2dataset.main.download``
-build a ``BoundedDownloader`` for the duration of one call. Two names are replaced and nothing else is
-copied; a test runs real img2dataset against a loopback server to hold them to that (tests/curation/
-test_hostile_inputs.py), and ``_check_img2dataset`` fails loudly if a future img2dataset renames them.
+Why a wrapper around the fetch and not an img2dataset option: img2dataset 1.47 has none for this. Its
+``timeout`` is urllib's per-socket-read timeout (a server dripping 1 byte/s never trips it), it reads every
+body whole into memory (``r.read()``) with no cap, and ``urllib.request.urlopen`` fetches ``file://`` and
+``ftp://`` rows too. It has no hook for the fetch either: ``Downloader.download_shard`` calls the module
+function ``img2dataset.downloader.download_image`` by name.
+
+So ``BoundedDownloader`` subclasses img2dataset's ``Downloader`` and, in the process that runs the shard,
+points that one module name at ``fetch_for_img2dataset`` (same signature, same ``(key, stream, error)``
+result) before running the unchanged ``download_shard``. One name is replaced and nothing else is copied; a
+test runs real img2dataset against a loopback server to hold it to that (tests/curation/
+test_hostile_inputs.py), and ``_check_img2dataset`` fails loudly if a future img2dataset renames it.
 """
 
 from __future__ import annotations
@@ -21,20 +28,34 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.client
-import importlib
+import logging
+import math
+import shutil
 import socket
 import tempfile
 import threading
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from email.message import Message
+from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+import fsspec
 import img2dataset.downloader
+import pyarrow as pa
+import pyarrow.csv as pv
+import pyarrow.parquet as pq
+from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
 
-# `img2dataset.main` is shadowed by the package's `main` function; this is the module.
-img2dataset_main = importlib.import_module("img2dataset.main")
+from curation.config import DownloadConfig
+from curation.executor import Executor, LocalExecutor
+from manifests.io import file_sha256, mark_committed, marker_info, publish, temp_path
+
+log = logging.getLogger(__name__)
 
 ALLOWED_SCHEMES = ("http", "https")
 CHUNK_BYTES = 64 * 1024
@@ -228,8 +249,8 @@ class BoundedDownloader(img2dataset.downloader.Downloader):
         self.max_bytes = max_bytes
 
     def download_shard(self, row: tuple) -> None:
-        # Runs in img2dataset's worker process (spawned for it alone), where download_shard's threads
-        # look `download_image` up as a module global on each call.
+        # Runs in the process of the shard's task, where download_shard's threads look `download_image` up as
+        # a module global on each call.
         img2dataset.downloader.download_image = functools.partial(
             fetch_for_img2dataset, max_bytes=self.max_bytes
         )
@@ -237,22 +258,256 @@ class BoundedDownloader(img2dataset.downloader.Downloader):
 
 
 def _check_img2dataset() -> None:
-    """The two names ``bounded_downloads`` replaces must exist, or the limits would silently not apply."""
-    for module, name in ((img2dataset.downloader, "download_image"), (img2dataset_main, "Downloader")):
-        if not callable(getattr(module, name, None)):
-            raise RuntimeError(
-                f"img2dataset changed: {module.__name__}.{name} is gone; update curation.downloads"
-            )
+    """The name ``BoundedDownloader`` replaces must exist, or the limits would silently not apply."""
+    if not callable(getattr(img2dataset.downloader, "download_image", None)):
+        raise RuntimeError(
+            "img2dataset changed: img2dataset.downloader.download_image is gone; update curation.downloads"
+        )
 
 
-@contextlib.contextmanager
-def bounded_downloads(*, max_bytes: int) -> Iterator[None]:
-    """While open, ``img2dataset.download`` fetches through ``fetch`` with a ``max_bytes`` cap (its
-    ``timeout`` becomes the total deadline per URL). For the driver process only, one call at a time."""
-    _check_img2dataset()
-    original = img2dataset_main.Downloader
-    img2dataset_main.Downloader = functools.partial(BoundedDownloader, max_bytes=max_bytes)
+# ----------------------------------------------------------------------------------------------------
+# Shards: the plan the driver holds, and the tasks that fetch them
+
+URLS_PART = "urls"  # <out>/urls.parquet: the URL list, one row group per shard
+URL_LIST_BATCH = 65_536  # rows read at a time while the list is streamed into shards
+# img2dataset's shard and sample key widths (its defaults): shard 12 is 00012.tar, its samples 000120000…
+OOM_SHARD_COUNT = 5
+
+
+@dataclass(frozen=True)
+class DownloadShard:
+    """One shard of a URL list: row group ``shard_id`` of ``urls`` (rows ``start``–``stop``), fetched into
+    ``out_dir/<shard_id:05d>.tar`` + ``.parquet`` (img2dataset's per-row status)."""
+
+    urls: str
+    urls_sha256: str
+    has_caption: bool
+    shard_id: int
+    start: int
+    stop: int
+    out_dir: str
+    cfg: DownloadConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard_id:0{OOM_SHARD_COUNT}d}"
+
+    @property
+    def tar(self) -> Path:
+        return Path(self.out_dir) / f"{self.name}.tar"
+
+    @property
+    def marker(self) -> dict:
+        """What the commit marker must say for the shard to count as done (same list, same rows)."""
+        return {"urls_sha256": self.urls_sha256, "rows": [self.start, self.stop]}
+
+
+def _source_identity(spec: str) -> dict:
+    fs, path = fsspec.core.url_to_fs(spec)
+    info = fs.info(path)
+    changed = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    return {"source": spec, "size": info.get("size"), "mtime": str(changed)}
+
+
+def _url_columns(f: BinaryIO, path: str) -> list[str]:
+    if path.lower().endswith(".parquet"):
+        return pq.ParquetFile(f).schema_arrow.names
+    return pv.open_csv(f).schema.names
+
+
+def _url_batches(f: BinaryIO, path: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The ``url`` (and ``caption``) columns of a Parquet or CSV URL list, streamed, as strings."""
+    if path.lower().endswith(".parquet"):
+        yield from pq.ParquetFile(f).iter_batches(batch_size=URL_LIST_BATCH, columns=columns)
+        return
+    convert = pv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
+    yield from pv.open_csv(f, convert_options=convert)
+
+
+def prepare_url_list(task: dict) -> dict:
+    """Task: the URL list as ``<out>/urls.parquet``, ``samples_per_shard`` rows per row group (streamed; skipped
+    when committed from the same list and shard size). Returns the plan's inputs: path, sha256, row count,
+    whether there are captions. ``ValueError`` when the list has no ``url`` column."""
+    spec, out_dir, per_shard = task["spec"], Path(task["out_dir"]), task["samples_per_shard"]
+    identity = {**_source_identity(spec), "samples_per_shard": per_shard}
+    info = marker_info(out_dir, URLS_PART)
+    if info is not None and info.get("identity") == identity:
+        return {k: info[k] for k in ("urls", "sha256", "num_rows", "has_caption")}
+    fs, source = fsspec.core.url_to_fs(spec)
+    with fs.open(source, "rb") as f:
+        columns = _url_columns(f, source)
+    if "url" not in columns:
+        raise ValueError(f"URL list {spec!r} needs a 'url' column, has {columns}")
+    has_caption = "caption" in columns
+    schema = pa.schema([("url", pa.string())] + ([("caption", pa.string())] if has_caption else []))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{URLS_PART}.parquet"
+    tmp = temp_path(path)
+    num_rows, pending = 0, []
     try:
-        yield
+        with fs.open(source, "rb") as f, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for batch in _url_batches(f, source, schema.names):
+                pending.append(pa.Table.from_batches([batch]).cast(schema))
+                num_rows += batch.num_rows
+                buffered = pa.concat_tables(pending)
+                while buffered.num_rows >= per_shard:  # one write per row group: shard i is row group i
+                    writer.write_table(buffered.slice(0, per_shard), row_group_size=per_shard)
+                    buffered = buffered.slice(per_shard)
+                pending = [buffered]
+            if pending and pending[0].num_rows:
+                writer.write_table(pending[0], row_group_size=per_shard)
+        sha256 = file_sha256(tmp)
+        publish(tmp, path)
     finally:
-        img2dataset_main.Downloader = original
+        tmp.unlink(missing_ok=True)
+    result = {"urls": str(path), "sha256": sha256, "num_rows": num_rows, "has_caption": has_caption}
+    mark_committed(out_dir, URLS_PART, {**result, "identity": identity})
+    return result
+
+
+def plan_shards(prepared: dict, out_dir: Path, cfg: DownloadConfig) -> list[DownloadShard]:
+    """The shard plans of a prepared URL list (row ranges only)."""
+    per_shard = cfg.samples_per_shard
+    return [
+        DownloadShard(
+            urls=prepared["urls"],
+            urls_sha256=prepared["sha256"],
+            has_caption=prepared["has_caption"],
+            shard_id=i,
+            start=i * per_shard,
+            stop=min(prepared["num_rows"], (i + 1) * per_shard),
+            out_dir=str(out_dir),
+            cfg=cfg,
+        )
+        for i in range(math.ceil(prepared["num_rows"] / per_shard))
+    ]
+
+
+def is_downloaded(shard: DownloadShard) -> bool:
+    """Whether ``shard`` was committed from the same URL list and rows."""
+    info = marker_info(shard.out_dir, shard.name)
+    return info is not None and all(info.get(k) == v for k, v in shard.marker.items())
+
+
+def _downloader(shard: DownloadShard, output_folder: str, column_list: list[str]) -> BoundedDownloader:
+    """img2dataset's downloader as ``img2dataset.download`` builds it for WebDataset output of the original
+    bytes (no resize, no re-encode: our sha256 and shards match the origin), bounded by ``shard.cfg``."""
+    resizer = Resizer(
+        image_size=256,  # unused: resize_mode "no"
+        resize_mode="no",
+        resize_only_if_bigger=False,
+        upscale_interpolation="lanczos",
+        downscale_interpolation="area",
+        encode_quality=95,
+        encode_format="jpg",
+        skip_reencode=True,
+        disable_all_reencoding=True,
+        min_image_size=0,
+        max_image_area=float("inf"),
+        max_aspect_ratio=float("inf"),
+        blurrer=None,
+    )
+    return BoundedDownloader(
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=shard.cfg.thread_count,
+        save_caption=shard.has_caption,
+        extract_exif=False,
+        output_folder=output_folder,
+        column_list=column_list,
+        timeout=shard.cfg.timeout,
+        number_sample_per_shard=shard.cfg.samples_per_shard,
+        oom_shard_count=OOM_SHARD_COUNT,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=shard.cfg.retries,
+        user_agent_token=None,
+        disallowed_header_directives=None,  # the list's owner chose these URLs; robots headers are theirs
+        max_bytes=shard.cfg.max_bytes,
+    )
+
+
+def download_shard(shard: DownloadShard) -> dict:
+    """Task: fetch one shard with img2dataset into a private temporary folder, rename its files into
+    ``out_dir`` and commit it. Skipped when already committed. Returns counts: ``{"urls", "success"}``."""
+    _check_img2dataset()
+    if is_downloaded(shard):
+        return {
+            "urls": shard.stop - shard.start,
+            "success": marker_info(shard.out_dir, shard.name)["success"],
+        }
+    out_dir = Path(shard.out_dir)
+    work = out_dir / f".{shard.name}.{uuid.uuid4().hex[:8]}.tmp"  # hidden: no glob of the folder sees it
+    work.mkdir(parents=True)
+    try:
+        column_list = (["caption"] if shard.has_caption else []) + ["url"]
+        rows = pq.ParquetFile(shard.urls).read_row_group(shard.shard_id, columns=column_list)
+        if rows.num_rows != shard.stop - shard.start:
+            raise RuntimeError(
+                f"{shard.urls} row group {shard.shard_id} has {rows.num_rows} rows, planned "
+                f"{shard.stop - shard.start}: the URL list changed under the job"
+            )
+        feather = work / f"{shard.name}.feather"
+        with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
+            writer.write_table(rows)
+        _downloader(shard, str(work), column_list).download_shard((shard.shard_id, str(feather)))
+        status = _status_of_every_row(work / f"{shard.name}.parquet", rows, shard)["status"]
+        success = sum(1 for s in status.to_pylist() if s == "success")
+        for suffix in (".tar", ".parquet", "_stats.json"):
+            publish(work / f"{shard.name}{suffix}", out_dir / f"{shard.name}{suffix}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    mark_committed(out_dir, shard.name, {**shard.marker, "success": success})
+    return {"urls": rows.num_rows, "success": success}
+
+
+def _status_of_every_row(path: Path, rows: pa.Table, shard: DownloadShard) -> pa.Table:
+    """img2dataset's status Parquet, plus a ``failed_to_download`` row for every input row it wrote none for.
+
+    ``Downloader.download_shard`` logs and skips a sample whose handling raised (img2dataset 1.47, its
+    ``except Exception`` per sample): without this, that URL row would vanish from the manifest.
+    """
+    status = pq.read_table(path)
+    digits = math.ceil(math.log10(shard.cfg.samples_per_shard))  # img2dataset's key: shard id + row index
+    keys = [f"{shard.shard_id * 10**digits + i:0{digits + OOM_SHARD_COUNT}d}" for i in range(rows.num_rows)]
+    written = set(status["key"].to_pylist())
+    missing = [i for i, key in enumerate(keys) if key not in written]
+    if not missing:
+        return status
+    log.warning(
+        "shard %s: img2dataset wrote no status for %d rows; they are rejected", shard.name, len(missing)
+    )
+    extra = [
+        {**{c: rows[c][i].as_py() for c in rows.column_names}, "key": keys[i], "status": "failed_to_download",
+         "error_message": "img2dataset wrote no status row for it (see the download task's log)"}
+        for i in missing
+    ]  # fmt: skip
+    status = pa.concat_tables([status, pa.Table.from_pylist(extra, schema=status.schema)])
+    tmp = temp_path(path)
+    pq.write_table(status, tmp)
+    publish(tmp, path)
+    return status
+
+
+def download_url_list(
+    spec: str, out_dir: Path, cfg: DownloadConfig, executor: Executor | None = None
+) -> list[Path]:
+    """Download a URL list into ``out_dir`` as shard tasks on ``executor`` (in-process by default); returns
+    every shard's tar, in shard order. The driver holds shard plans only; committed shards are skipped."""
+    executor = executor or LocalExecutor()
+    if cfg.processes_count != 1:
+        log.warning(
+            "download.processes_count (%d) is ignored: each shard is its own task", cfg.processes_count
+        )
+    task = {"spec": spec, "out_dir": str(out_dir), "samples_per_shard": cfg.samples_per_shard}
+    prepared = executor.map(prepare_url_list, [task])[0]
+    shards = plan_shards(prepared, out_dir, cfg)
+    pending = [s for s in shards if not is_downloaded(s)]
+    counts = executor.map(download_shard, pending)
+    log.info(
+        "download %s: %d URLs in %d shards of ≤ %d, %d fetched now by %d %s tasks (%d downloaded)",
+        spec, prepared["num_rows"], len(shards), cfg.samples_per_shard, sum(c["urls"] for c in counts),
+        len(pending), executor.name, sum(c["success"] for c in counts),
+    )  # fmt: skip
+    return [s.tar for s in shards]

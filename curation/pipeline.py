@@ -3,9 +3,10 @@ committed chunks → thresholds, dedup, shard plan, shards, manifest (partitione
 
 The stages it wires are pure functions in ``curation.stages`` and callable classes; this module is the
 only one here that knows about Ray (with ``curation.executor``). Every listed input ends in the ``images``
-manifest, kept or rejected with a reason. The driver holds plans and counts, never rows: the listing is
-written by tasks (``curation.chunks``), scan + score results stream through it one chunk at a time into
-committed Parquet, and every later phase runs over partitions (``curation.phases``).
+manifest, kept or rejected with a reason. The driver holds plans and counts, never rows: URL lists are
+downloaded by shard tasks (``curation.downloads``), the listing is written by tasks (``curation.chunks``),
+scan + score runs one task per chunk and the scorer actors commit each chunk themselves (the driver's stream
+carries counts), and every later phase runs over partitions (``curation.phases``).
 
 Resume: scan + score results are committed per chunk (a key range of ≤ ``chunk_size`` inputs, so the
 chunks stay put when inputs are added) under ``work/``; a rerun skips committed chunks whose records are
@@ -19,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -26,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -42,8 +43,9 @@ from curation.aesthetic import (
     clip_model_id,
     resolve_head,
 )
+from curation.auto import choose_executor
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
-from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib
+from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib, this_node
 from curation.phases import (
     HOW_TO_READ,
     SAMPLE_JSON_FIELDS,
@@ -58,8 +60,8 @@ from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
-from manifests.io import commit_parquet, unmark_committed
-from manifests.progress import ProgressLog
+from manifests.io import commit_parquet, is_committed, publish, temp_path, unmark_committed
+from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
 
 log = logging.getLogger(__name__)
@@ -71,13 +73,11 @@ SCRATCH_DIR = "work/run"  # this run's listing, records and phase files; removed
 WORK_LAYOUT = 2  # chunks are key ranges (curation.keyspace); part of the work-folder name
 # What the scan tasks hand to the scorer actors: manifest columns + the CLIP thumbnail (≤ 150 KB).
 SCANNED = pa.schema([*IMAGES, pa.field(CLIP_INPUT, pa.binary())])
-BATCH_FIELDS = [
-    pa.field("chunk", pa.string()),
-    pa.field("batch_id", pa.string()),
-    pa.field("batch_rows", pa.int32()),
-]
-# A scoring batch is never split across Ray blocks as long as it stays under Ray Data's slicing limit
-# (1.5 × the 128 MiB target); a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
+# What a scan task yields per scoring batch (one row: ``scanned`` is the batch as Arrow IPC, see ``_pack``),
+# and what a scorer actor returns per batch: counts, never rows.
+PACKED = pa.schema([("chunk", pa.int32()), ("batch", pa.int32()), ("scanned", pa.large_binary())])
+COUNTS = pa.schema([("chunk", pa.int32()), ("num_rows", pa.int64()), ("committed", pa.bool_())])
+# A scoring batch's thumbnails: a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
 MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
 # Data's memory issue detector on the demo; declared with headroom so the scheduler counts it.
@@ -86,6 +86,7 @@ SCAN_WORKER_BYTES = 256 * 1024**2
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
 
@@ -172,7 +173,11 @@ def list_inputs(cfg: CurationConfig, root: Path, scratch: Path, executor: Execut
     """List every input in partitions, then one record per key sorted into ``records.parquet``."""
     excluded = rundir.excluded_folders(cfg.inputs, root)
     units = plan_listing(
-        cfg.inputs, download_dir=root / DOWNLOADS_DIR, download=cfg.download, excluded=excluded
+        cfg.inputs,
+        download_dir=root / DOWNLOADS_DIR,
+        download=cfg.download,
+        excluded=excluded,
+        executor=executor,
     )
     tasks = [
         {
@@ -217,102 +222,218 @@ def plan_work(
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """The scoring batches of the pending chunks: batch ``i`` overall is row group ``j`` of one chunk's
-    records file. A plan per chunk, so the driver never lists the batches themselves."""
+class ChunkWork:
+    """One pending chunk as the workers see it: its records file (row group ``j`` is scoring batch ``j``)."""
 
-    chunks: tuple[str, ...]
-    paths: tuple[str, ...]
-    num_rows: tuple[int, ...]
+    name: str
+    records: str
+    num_rows: int
+    digest: str  # of its records, kept in the commit marker (see curation.chunks.split_chunks)
+
+
+@dataclass(frozen=True)
+class CommitTarget:
+    """Where workers put scored rows: scored batch parts (scratch), then committed chunks and embeddings."""
+
+    scored: str  # the work folder (``work_dir``)
+    embeddings: str | None  # manifests/clip_embeddings, when embeddings are kept
+    batches: str  # scratch: <chunk>/<batch>.parquet, the scored batches of chunks not yet whole
     batch_size: int
 
-    @property
-    def starts(self) -> np.ndarray:
-        """The first overall batch index of each chunk, plus the total at the end."""
-        per_chunk = [-(-n // self.batch_size) for n in self.num_rows]
-        return np.concatenate([[0], np.cumsum(per_chunk)]).astype(np.int64)
+    def num_batches(self, work: ChunkWork) -> int:
+        return -(-work.num_rows // self.batch_size)
 
-    def descriptor(self, index: int, starts: np.ndarray) -> dict:
-        chunk = int(np.searchsorted(starts, index, side="right") - 1)
-        batch = index - int(starts[chunk])
-        rows = min(self.batch_size, self.num_rows[chunk] - batch * self.batch_size)
-        return {"chunk": self.chunks[chunk], "path": self.paths[chunk], "batch": batch, "batch_rows": rows}
+    def is_committed(self, work: ChunkWork) -> bool:
+        return is_committed(self.scored, work.name) and (
+            self.embeddings is None or is_committed(self.embeddings, work.name)
+        )
 
 
-def batch_plan(pending: list[chunking.Chunk], cfg: CurationConfig, scratch: Path) -> BatchPlan:
-    return BatchPlan(
-        chunks=tuple(c.name for c in pending),
-        paths=tuple(str(scratch / "chunks" / f"{c.name}.parquet") for c in pending),
-        num_rows=tuple(c.num_rows for c in pending),
-        batch_size=cfg.aesthetic.batch_size,
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The pending chunks (a few fields each, never their rows) and where their results go."""
+
+    works: tuple[ChunkWork, ...]
+    target: CommitTarget
+
+
+def chunk_plan(pending: list[chunking.Chunk], cfg: CurationConfig, root: Path, scratch: Path) -> ChunkPlan:
+    """The plan the scan tasks and scorer actors share (built on the driver from chunk counts)."""
+    embeddings = str(root / EMBEDDINGS_DIR) if cfg.aesthetic.save_embeddings else None
+    return ChunkPlan(
+        works=tuple(
+            ChunkWork(c.name, str(scratch / "chunks" / f"{c.name}.parquet"), c.num_rows, c.digest)
+            for c in pending
+        ),
+        target=CommitTarget(
+            scored=str(work_dir(root, cfg)),
+            embeddings=embeddings,
+            batches=str(scratch / "batches"),
+            batch_size=cfg.aesthetic.batch_size,
+        ),
     )
 
 
-class ScanChunkBatch:
-    """Scan tasks: each descriptor's batch of records through ``ScanAndDecode``, keeping what identifies the
-    batch (for the scorer) and how to read each row's bytes again (for the shard writer)."""
+def _pack(table: pa.Table) -> bytes:
+    """A scanned batch as one Arrow IPC value: one row of the scan's output, which Ray Data may put in a block
+    with other batches but can never slice (a CLIP forward must see the batch a clean run saw)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
-    def __init__(self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int, plan: BatchPlan) -> None:
+
+def _unpack(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+class ScanChunk:
+    """Scan tasks, one per chunk (``chunk_size`` inputs): each of its scoring batches through
+    ``ScanAndDecode``, yielded as one packed row ``(chunk, batch, scanned)``, keeping how to read each row's bytes
+    again (for the shard writer)."""
+
+    def __init__(
+        self,
+        tiers: TierConfig,
+        decode: DecodeConfig,
+        *,
+        clip_size: int,
+        plan: ChunkPlan,
+        guard: rundir.RunGuard | None = None,
+    ) -> None:
         self.scan = ScanAndDecode(tiers, decode, clip_size=clip_size)
         self.plan = plan
-        self.starts = plan.starts
+        self.guard = guard  # checked on the worker: this node sees the run folder
 
-    def __call__(self, indices: pa.Table) -> pa.Table:
-        """``indices``: a block of ``ray.data.range`` (column ``id``), one overall batch index per row."""
-        return pa.concat_tables(
-            [self.scan_one(self.plan.descriptor(i, self.starts)) for i in indices["id"].to_pylist()]
-        )
+    def __call__(self, indices: pa.Table) -> Iterator[pa.Table]:
+        """``indices``: a block of ``ray.data.range`` (column ``id``), one pending chunk index per row."""
+        if self.guard is not None:
+            self.guard.verify(node=this_node())
+        for index in indices["id"].to_pylist():
+            work = self.plan.works[index]
+            records = pq.ParquetFile(work.records)
+            for batch in range(records.num_row_groups):
+                scanned = self.scan_batch(records.read_row_group(batch))
+                yield pa.table(
+                    {"chunk": [index], "batch": [batch], "scanned": [_pack(scanned)]},
+                    schema=PACKED,
+                )
 
-    def scan_one(self, descriptor: dict) -> pa.Table:
-        records = pq.ParquetFile(descriptor["path"]).read_row_group(descriptor["batch"])
-        assert records.num_rows == descriptor["batch_rows"], "a records row group is one scoring batch"
+    def scan_batch(self, records: pa.Table) -> pa.Table:
         scanned = self.scan(records)
         for field in HOW_TO_READ:
             scanned = scanned.append_column(field, records[field.name])
-        batch_id = f"{descriptor['chunk']}/{descriptor['batch']:06d}"
-        for field, value in zip(
-            BATCH_FIELDS, (descriptor["chunk"], batch_id, descriptor["batch_rows"]), strict=True
-        ):
-            scanned = scanned.append_column(field, pa.array([value] * scanned.num_rows, field.type))
         return scanned
 
 
-class ScoreBatches:
-    """Scorer actors: one forward per scoring batch, however Ray Data grouped the batches into blocks.
+class ScoreAndCommit:
+    """Scorer actors: one forward per scoring batch; each scored batch is written to the scratch folder, and the
+    worker that completes a chunk commits it. Returns counts only: ``(chunk, num_rows, committed)``.
 
-    A CLIP forward's floats depend on the batch it runs in, so a chunk rescored after a kill must see
-    exactly the batches a clean run saw; a batch that arrives split is an error, never a silent change.
+    A CLIP forward's floats depend on the batch it runs in, so a chunk rescored after a kill must see exactly
+    the batches a clean run saw: the scan packs each batch into one value, and its size is checked here.
     """
 
-    def __init__(self, cfg: AestheticConfig) -> None:
+    def __init__(self, cfg: AestheticConfig, plan: ChunkPlan, guard: rundir.RunGuard | None = None) -> None:
         self.scorer = AestheticScorer(cfg)
+        self.plan = plan
+        self.guard = guard  # this actor writes scored batches and commits chunks into the run folder
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        scored = []
-        for batch_id in pc.unique(table["batch_id"]).to_pylist():
-            batch = table.filter(pc.equal(table["batch_id"], batch_id))
-            if batch.num_rows != batch["batch_rows"][0].as_py():
-                raise RuntimeError(f"scoring batch {batch_id} arrived split ({batch.num_rows} rows)")
-            scored.append(self.scorer(batch))
-        return pa.concat_tables(scored)
+    def __call__(self, packed: pa.Table) -> pa.Table:
+        if self.guard is not None:
+            self.guard.verify(node=this_node())
+        counts = []
+        for index, batch, data in zip(*(packed[c].to_pylist() for c in PACKED.names), strict=True):
+            work, target = self.plan.works[index], self.plan.target
+            scanned = _unpack(data)
+            expected = min(target.batch_size, work.num_rows - batch * target.batch_size)
+            assert scanned.num_rows == expected, (
+                f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}"
+            )
+            scored = self.scorer(scanned)
+            columns = SCORED.names + ([EMBEDDING] if EMBEDDING in scored.column_names else [])
+            write_scored_batch(scored.select(columns), work, batch, target)
+            committed = commit_if_whole(work, target)
+            counts.append({"chunk": index, "num_rows": scanned.num_rows, "committed": committed})
+        return pa.Table.from_pylist(counts, schema=COUNTS)
 
 
-def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> ray.data.Dataset:
-    """The Ray Data pipeline: one scan task per scoring batch, then the scorer actor pool (lazy)."""
-    num_batches = int(plan.starts[-1])
+def _batch_folder(work: ChunkWork, target: CommitTarget) -> Path:
+    return Path(target.batches) / work.name
+
+
+def write_scored_batch(table: pa.Table, work: ChunkWork, batch: int, target: CommitTarget) -> None:
+    """One scored batch, written atomically (a retried task rewrites the same bytes)."""
+    folder = _batch_folder(work, target)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{batch:06d}.parquet"
+    tmp = temp_path(path)
+    try:
+        pq.write_table(table, tmp, compression="lz4")
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def commit_if_whole(work: ChunkWork, target: CommitTarget) -> bool:
+    """Commit ``work``'s chunk when all its scored batches are written and this worker is the first to see it.
+
+    Whoever writes a chunk's last batch sees every batch (the others were written before it looked), so some
+    worker always claims it; the claim (an exclusive create) keeps two from committing at once. A chunk left
+    unclaimed (a listing that lagged on a network file system) is committed by ``commit_chunks`` at the end.
+    """
+    folder = _batch_folder(work, target)
+    if len(list(folder.glob("*.parquet"))) < target.num_batches(work):
+        return False
+    try:
+        os.close(os.open(folder / ".claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    commit_batches(work, target)
+    return True
+
+
+def commit_batches(work: ChunkWork, target: CommitTarget) -> int:
+    """Task: a chunk's scored batches, read back, sorted by key and committed (``commit_chunk``). Returns rows."""
+    paths = [_batch_folder(work, target) / f"{b:06d}.parquet" for b in range(target.num_batches(work))]
+    table = pa.concat_tables([pq.read_table(p) for p in paths]).sort_by("key")
+    if table.num_rows != work.num_rows:
+        raise RuntimeError(f"{work.name}: {table.num_rows} scored rows, expected {work.num_rows}")
+    commit_chunk(table, work, target)
+    return table.num_rows
+
+
+def commit_chunk(table: pa.Table, work: ChunkWork, target: CommitTarget) -> None:
+    """Embeddings first, then the chunk itself: a committed chunk implies its embeddings exist."""
+    if target.embeddings is not None:
+        scored = table.filter(pc.is_valid(table["aesthetic"]))
+        embeddings = scored.select(["key", "clip_model", EMBEDDING])
+        ManifestWriter(target.embeddings, "clip_embeddings").write(embeddings, work.name)
+    table = table.select(SCORED.names).cast(SCORED)
+    Path(target.scored).mkdir(parents=True, exist_ok=True)
+    commit_parquet(table, target.scored, work.name, {"records_digest": work.digest})
+
+
+def _scan_dataset(
+    plan: ChunkPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
+) -> ray.data.Dataset:
+    """The Ray Data pipeline: one scan task per chunk, then the scorer actor pool, which commits (lazy)."""
+    num_chunks = len(plan.works)
     # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
-    # worker's own footprint plus the worst-case decode (RGB at tiers.max_pixels), also keeps the scan in its
-    # own task pool: Ray fuses a task stage into the next actor pool when their settings match.
-    ds = ray.data.range(num_batches, override_num_blocks=num_batches).map_batches(
-        ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan),  # stateless: plain tasks
+    # worker's own footprint, the worst-case decode (RGB at tiers.max_pixels) and the output buffer that Ray
+    # Data fills up to 1.5 blocks, also keeps the scan in its own task pool: Ray fuses a task stage into the
+    # next actor pool when their settings match.
+    ds = ray.data.range(num_chunks, override_num_blocks=num_chunks).map_batches(
+        # stateless: plain tasks
+        ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan, guard=guard),
         batch_size=1,
         batch_format="pyarrow",
-        memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels,
+        memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES,
     )
     score = cfg.aesthetic
     return ds.map_batches(
-        ScoreBatches,
-        fn_constructor_kwargs={"cfg": score},
+        ScoreAndCommit,
+        fn_constructor_kwargs={"cfg": score, "plan": plan, "guard": guard},
         compute=ray.data.ActorPoolStrategy(size=score.num_actors),
         num_gpus=score.num_gpus,
         num_cpus=score.num_cpus,
@@ -321,18 +442,20 @@ def _scan_dataset(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> ray.d
     )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
 
 
-def _scan_local(plan: BatchPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
+def _scan_local(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
     """The same stages in this process, batch after batch."""
-    scan = ScanChunkBatch(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
-    score = ScoreBatches(cfg.aesthetic)
-    for index in range(int(plan.starts[-1])):
-        yield score(scan.scan_one(plan.descriptor(index, scan.starts)))
+    scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
+    score = ScoreAndCommit(cfg.aesthetic, plan)
+    for index in range(len(plan.works)):
+        for packed in scan(pa.table({"id": [index]})):
+            yield score(packed)
 
 
 def scan_and_score(
     chunks: list[chunking.Chunk], cfg: CurationConfig, root: Path, scratch: Path, executor: Executor
 ) -> int:
-    """Pass 1 + 2 and the aesthetic score of every pending chunk, each committed as soon as it is whole."""
+    """Pass 1 + 2 and the aesthetic score of every pending chunk, each committed by the worker that completes
+    it; the driver sees counts only."""
     pending = [c for c in chunks if c.pending]
     log.info("scan + score: %d chunks committed, %d to do", len(chunks) - len(pending), len(pending))
     if not pending:
@@ -342,48 +465,55 @@ def scan_and_score(
         raise ValueError(
             f"aesthetic.batch_size {cfg.aesthetic.batch_size} makes batches over {MAX_BATCH_BYTES >> 20} MiB"
         )
-    plan = batch_plan(pending, cfg, scratch)
+    plan = chunk_plan(pending, cfg, root, scratch)
+    shutil.rmtree(plan.target.batches, ignore_errors=True)  # an interrupted run's batches: rescored whole
     if executor.name == "local":
         stream = _scan_local(plan, cfg, clip_size)
     else:
-        stream = _scan_dataset(plan, cfg, clip_size).iter_batches(batch_format="pyarrow", batch_size=None)
-    expected = {c.name: c for c in pending}
-    buffers: dict[str, list[pa.Table]] = {}
-    counts: Counter = Counter()
+        guard = getattr(executor, "guard", None)
+        stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
+    rows: Counter = Counter()
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
-    for batch in stream:
-        progress.update(batch.num_rows)
-        for name in pc.unique(batch["chunk"]).to_pylist():
-            part = batch.filter(pc.equal(batch["chunk"], name))
-            buffers.setdefault(name, []).append(part)
-            counts[name] += part.num_rows
-            if counts[name] == expected[name].num_rows:
-                commit_chunk(pa.concat_tables(buffers.pop(name)).sort_by("key"), expected[name], cfg, root)
-    assert not buffers and len(counts) == len(pending), "every pending chunk must come back whole"
+    for counts in stream:
+        assert counts.schema.equals(COUNTS), "the scored stream carries counts, never rows"
+        progress.update(pc.sum(counts["num_rows"]).as_py() or 0)
+        for index, num_rows in zip(counts["chunk"].to_pylist(), counts["num_rows"].to_pylist(), strict=True):
+            rows[index] += num_rows
+    assert all(rows[i] == w.num_rows for i, w in enumerate(plan.works)), (
+        "every pending chunk must come back whole"
+    )
+    commit_chunks(plan, executor)
+    shutil.rmtree(plan.target.batches, ignore_errors=True)
     return len(pending)
 
 
-def commit_chunk(table: pa.Table, chunk: chunking.Chunk, cfg: CurationConfig, root: Path) -> None:
-    """Embeddings first, then the chunk itself: a committed chunk implies its embeddings exist."""
-    if EMBEDDING in table.column_names:
-        scored = table.filter(pc.is_valid(table["aesthetic"]))
-        embeddings = scored.select(["key", "clip_model", EMBEDDING])
-        ManifestWriter(root / EMBEDDINGS_DIR, "clip_embeddings").write(embeddings, chunk.name)
-    table = table.select(SCORED.names).cast(SCORED)
-    folder = work_dir(root, cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    commit_parquet(table, folder, chunk.name, {"records_digest": chunk.digest})
+def commit_chunks(plan: ChunkPlan, executor: Executor) -> None:
+    """Commit, as tasks, the chunks whose batches are all scored but that no worker claimed (see
+    ``commit_if_whole``); none on a healthy run."""
+    left = [w for w in plan.works if not plan.target.is_committed(w)]
+    if left:
+        log.info("scan + score: committing %d chunks no scorer claimed", len(left))
+        executor.map(_commit_task, [(w, plan.target) for w in left])
+
+
+def _commit_task(item: tuple[ChunkWork, CommitTarget]) -> int:
+    return commit_batches(*item)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The job
 
 
-def make_executor(cfg: CurationConfig) -> Executor:
-    if cfg.executor == "local":
+def make_executor(cfg: CurationConfig, guard: rundir.RunGuard) -> Executor:
+    """The executor ``cfg.executor`` names (``auto``: ``curation.auto``); Ray tasks check ``guard`` first."""
+    name, why = choose_executor(cfg)
+    log.info("executor: %s (%s)", name, why)
+    if name == "local":
         return LocalExecutor()
     init_ray()
-    return RayExecutor()
+    return RayExecutor(guard=guard)
 
 
 def post_config(cfg: CurationConfig) -> PostConfig:
@@ -444,8 +574,10 @@ def run(cfg: CurationConfig) -> dict:
             log.info("removed %d temporary files of an interrupted run", removed)
         scratch = root / SCRATCH_DIR
         shutil.rmtree(scratch, ignore_errors=True)
+        if reason := cfg.semantic_dedup_off_reason:
+            log.info("semantic dedup off: %s", reason)
         phase_start = time.perf_counter()
-        executor = make_executor(cfg)
+        executor = make_executor(cfg, rundir.RunGuard(str(root), rundir.write_nonce(root)))
         seconds = {"start": round(time.perf_counter() - phase_start, 3)}
         phase_start = time.perf_counter()
 
@@ -488,6 +620,7 @@ def run(cfg: CurationConfig) -> dict:
             "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
             "executor": executor.name,
+            "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
             "output": str(root),
         }
         atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())

@@ -21,8 +21,10 @@ from curation.config import (
     TierConfig,
 )
 from curation.pipeline import run
+from curation.rundir import find_not_shared
 from manifests import preflight
 from manifests.checks import cli
+from manifests.progress import quiet_root_info
 
 
 def parse_min_aesthetic(values: list[str] | None) -> dict[str, float]:
@@ -84,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num-gpus", type=float, default=AestheticConfig.num_gpus, help="GPUs per scorer actor")
     add(
         "--save-embeddings",
-        action="store_true",
-        help="write fp16 CLIP embeddings to manifests/clip_embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=AestheticConfig.save_embeddings,
+        help="write fp16 CLIP embeddings to manifests/clip_embeddings (1.5 KiB per scored row)",
     )
     add(
         "--max-hamming",
@@ -106,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         default=None,
-        help="CLIP-embedding near-duplicates (default: on with --save-embeddings)",
+        help="CLIP-embedding near-duplicates, SemDeDup (default: on whenever embeddings are saved)",
     )
-    semantic.add_argument("--no-semantic-dedup", dest="semantic", action="store_const", const=False)
+    semantic.add_argument(
+        "--no-semantic-dedup",
+        dest="semantic",
+        action="store_const",
+        const=False,
+        help="off: for a random CLIP (tests, the demo), whose embeddings all look alike",
+    )
     add(
         "--semantic-threshold",
         type=float,
@@ -129,7 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a body over this is stopped and rejected as download_too_large (URL lists)",
     )
     add("--no-report", action="store_true", help="skip OUT/report/index.html")
-    add("--executor", choices=("ray", "local"), default=CurationConfig.executor, help="local: no Ray at all")
+    add(
+        "--executor",
+        choices=("auto", "ray", "local"),
+        default=CurationConfig.executor,
+        help="auto: Ray with RAY_ADDRESS or above --auto-local-max-inputs input files, else in-process; "
+        "local: no Ray at all",
+    )
+    add(
+        "--auto-local-max-inputs",
+        type=int,
+        default=CurationConfig.auto_local_max_inputs,
+        help="--executor auto runs in-process up to this many input files (no RAY_ADDRESS)",
+    )
     return parser
 
 
@@ -161,12 +182,14 @@ def parse_args(argv: list[str] | None = None) -> CurationConfig:
         chunk_size=args.chunk_size,
         report=not args.no_report,
         executor=args.executor,
+        auto_local_max_inputs=args.auto_local_max_inputs,
     )
 
 
 @cli  # a bad flag, input, output or model: one line on stderr, exit status 1
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_root_info()  # open_clip's model-load lines, printed in-process by the local executor's scorer
     cfg = parse_args(argv)
     # Before Ray starts an actor: inputs, output and models (issue 11, preflight).
     preflight.check_inputs("--input", cfg.inputs)
@@ -177,7 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     if score.head != BUILTIN_HEAD:
         preflight.check_file("--aesthetic-head", score.head, what="'builtin' or a .safetensors/.pth file")
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Exception as err:
+        # A node without the run folder: its one line (from inside Ray Data's or Ray's wrapping), exit 1.
+        if (not_shared := find_not_shared(err)) is not None:
+            raise not_shared from None
+        raise
     print(json.dumps(summary, indent=2))
 
 

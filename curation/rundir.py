@@ -8,6 +8,9 @@
   once. The kernel drops the lock when its holder dies, so a killed run never leaves a stale lock.
 - The output is never read as input: an ``--output`` inside an ``--input`` folder is skipped by the
   listing, and an ``--input`` inside the ``--output`` is refused.
+- ``.curation_nonce`` holds a random value the driver writes at the start of each run; every Ray task checks
+  it (``RunGuard``) before it writes, so a node that does not mount the run folder fails the run at once with
+  one line naming the node and the folder, instead of writing where no reader looks.
 - ``remove_stale_temporaries`` deletes only the hidden temporaries our atomic writers create
   (``.<name>.<8 hex>.tmp``, ``manifests.io.temp_path``) in the folders the run writes, never a user's file.
 """
@@ -20,11 +23,14 @@ import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from manifests import atomic_write_bytes
+from manifests.checks import InputError
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +172,54 @@ def remove_stale_temporaries(root: Path) -> int:
     for path in stale:
         path.unlink()
     return len(stale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every node must see the run folder (issue 18): a node without the shared mount would write phase files to
+# its own disk, where the readers' globs never look, and duplicates would pass silently.
+
+NONCE_FILE = ".curation_nonce"
+
+
+class RunFolderNotShared(InputError):
+    """A task's node does not see the run folder the driver writes (``--output`` is not on shared storage)."""
+
+
+def write_nonce(root: Path) -> str:
+    """Write a fresh random nonce into the run folder (driver, lock held); tasks compare it before writing."""
+    nonce = uuid.uuid4().hex
+    atomic_write_bytes(root / NONCE_FILE, nonce.encode())
+    return nonce
+
+
+@dataclass(frozen=True)
+class RunGuard:
+    """What a task checks before it writes: the run folder holds this run's nonce, as the driver sees it."""
+
+    root: str
+    nonce: str
+
+    def verify(self, *, node: str) -> None:
+        """Raise ``RunFolderNotShared`` (one line naming ``node`` and the folder) unless the nonce matches."""
+        try:
+            found = (Path(self.root) / NONCE_FILE).read_text()
+        except FileNotFoundError:
+            found = None
+        if found != self.nonce:
+            what = f"no {NONCE_FILE} there" if found is None else f"its {NONCE_FILE} is another run's"
+            raise RunFolderNotShared(
+                f"{node} does not see the run folder {self.root} ({what}): --output must be on storage "
+                "that every Ray node mounts at the same path"
+            )
+
+
+def find_not_shared(err: BaseException) -> RunFolderNotShared | None:
+    """The ``RunFolderNotShared`` inside a (Ray-wrapped) exception chain, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err) is RunFolderNotShared:  # not Ray's RayTaskError subclass, whose text is a traceback
+            return err
+        cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the task's exception here
+        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
+    return None

@@ -2,8 +2,8 @@
 
 An input is a folder, glob or fsspec URI of image files; a WebDataset tar (``.tar``, including
 img2dataset output); or a URL list (``.parquet``/``.csv`` with ``url`` and optional ``caption``), which is
-downloaded through img2dataset into the run folder and then read as tars. Listing touches names and tar
-headers only; image bytes are read by the Ray stages through ``open_source``.
+downloaded into the run folder by img2dataset shard tasks (``curation.downloads``) and then read as tars.
+Listing touches names and tar headers only; image bytes are read by the Ray stages through ``open_source``.
 
 Listing streams in partitions (``plan_listing`` → ``ListingUnit``s → ``list_unit``): a folder is one unit
 for its own files plus one per sub-folder, a downloaded URL list one per img2dataset shard; each unit is
@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
-import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
 from curation import rundir
 from curation.config import DownloadConfig
+from curation.executor import Executor
 from manifests import Rejected
 from manifests.imageio import AVIF_SUPPORTED
 
@@ -387,53 +387,6 @@ def _sample_problem(
     return None
 
 
-def _url_list_columns(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    with fs.open(path, "rb") as f:
-        if path.lower().endswith(".parquet"):
-            return pq.read_schema(f).names
-        return pv.read_csv(f).column_names
-
-
-def download_url_list(spec: str, out_dir: Path, cfg: DownloadConfig) -> Path:
-    """Download a URL list with img2dataset as a library (WebDataset output, original bytes, no resize).
-
-    img2dataset's incremental mode skips shards it finished before, so a rerun downloads only what is
-    missing. Every fetch is bounded (``curation.downloads``): http/https only, ``cfg.timeout`` seconds in
-    all per URL, at most ``cfg.max_bytes`` per body. Returns the output folder.
-    """
-    from img2dataset import download
-
-    from curation.downloads import bounded_downloads  # imports img2dataset (cv2 and friends): lazily
-
-    fs, path = fsspec.core.url_to_fs(spec)
-    columns = _url_list_columns(fs, path)
-    if "url" not in columns:
-        raise ValueError(f"URL list {spec!r} needs a 'url' column, has {columns}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with bounded_downloads(max_bytes=cfg.max_bytes):
-        download(
-            url_list=spec,
-            output_folder=str(out_dir),
-            input_format="parquet" if path.lower().endswith(".parquet") else "csv",
-            url_col="url",
-            caption_col="caption" if "caption" in columns else None,
-            output_format="webdataset",
-            resize_mode="no",
-            skip_reencode=True,
-            disable_all_reencoding=True,  # the original bytes, so our sha256 and shards match the origin
-            processes_count=cfg.processes_count,
-            thread_count=cfg.thread_count,
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            number_sample_per_shard=cfg.samples_per_shard,
-            incremental_mode="incremental",
-            enable_wandb=False,
-            extract_exif=False,
-            disallowed_header_directives=[],  # the list's owner chose these URLs; robots headers are theirs
-        )
-    return out_dir
-
-
 def downloaded_records(tar: Path) -> list[dict]:
     """Records of one img2dataset shard: its tar's samples, plus one rejection per row of its status
     Parquet that was not downloaded (a URL listed twice keeps its downloaded record, see
@@ -446,11 +399,6 @@ def downloaded_records(tar: Path) -> list[dict]:
             continue
         records.append(failed_download_record(row, tar.parent))
     return records
-
-
-def list_downloaded(out_dir: Path) -> list[dict]:
-    """Records of an img2dataset output folder: its tars' samples, plus one rejection per failed row."""
-    return [r for tar in sorted(out_dir.glob("*.tar")) for r in downloaded_records(tar)]
 
 
 def failed_download_record(row: dict, out_dir: Path) -> dict:
@@ -509,14 +457,22 @@ def download_dir_name(spec: str) -> str:
 
 
 def plan_listing(
-    inputs: list[str], *, download_dir: Path | None, download: DownloadConfig, excluded: list[str] = ()
+    inputs: list[str],
+    *,
+    download_dir: Path | None,
+    download: DownloadConfig,
+    excluded: list[str] = (),
+    executor: Executor | None = None,
 ) -> list[ListingUnit]:
-    """The listing units of every input, in input order. URL lists are downloaded here first."""
+    """The listing units of every input, in input order. URL lists are downloaded first, as shard tasks on
+    ``executor`` (``curation.downloads``; in-process by default): one unit per downloaded shard."""
     units = []
     for index, spec in enumerate(inputs):
         if spec.lower().endswith(URL_LIST_EXTENSIONS):
-            out = download_url_list(spec, download_dir / download_dir_name(spec), download)
-            units += [ListingUnit(index, spec, "downloaded", str(t)) for t in sorted(out.glob("*.tar"))]
+            from curation.downloads import download_url_list  # imports img2dataset (cv2 and friends): lazily
+
+            tars = download_url_list(spec, download_dir / download_dir_name(spec), download, executor)
+            units += [ListingUnit(index, spec, "downloaded", str(t)) for t in tars]
             continue
         fs, root = fsspec.core.url_to_fs(spec)
         if fs.isdir(root):

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import pyarrow as pa
 import yaml
@@ -23,9 +23,6 @@ import yaml
 from manifests.io import atomic_write_bytes
 from manifests.schema import CAPTIONS, IMAGES
 from manifests.tars import extension_for
-
-if TYPE_CHECKING:
-    from manifests.materialize import MaterializeConfig
 
 CARD_FILE = "README.md"
 IMAGE = "image"  # an image member: HF decodes it with Pillow, whatever its extension
@@ -181,7 +178,21 @@ def write_curated_card(shards_dir: str | os.PathLike, *, json_fields: Iterable[s
     return write_card(shards_dir, configs, title="Curated shards", body=body)
 
 
-def write_shards_card(cfg: MaterializeConfig, *, image_formats: Iterable[str | None]) -> Path | None:
+class ShardFolder(Protocol):
+    """What a shard card reads of ``manifests.materialize.MaterializeConfig`` (named here, not imported:
+    materialize imports this module)."""
+
+    selection: str
+    name: str
+    resolutions: tuple[int, ...]
+    t5: str | None
+    vae_resolutions: tuple[int, ...]
+    shard_prefix: str
+
+    def out_dir(self) -> Path: ...
+
+
+def write_shards_card(cfg: ShardFolder, *, image_formats: Iterable[str | None]) -> Path | None:
     """Card of a training or eval shard folder (``manifests.materialize``): one config, every member."""
     out = cfg.out_dir()
     tars = sorted(out.glob(f"{cfg.shard_prefix}-*.tar"))

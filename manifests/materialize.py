@@ -28,7 +28,7 @@ import ray
 from PIL import Image
 
 from manifests import preflight
-from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.buckets import BUCKET_RULES, BucketRule, nearest_bucket, resize_to_cover_and_crop
 from manifests.cards import write_shards_card
 from manifests.checks import InputError, check_name, cli, squeeze
 from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
@@ -44,7 +44,7 @@ from manifests.io import (
     temp_path,
     unmark_committed,
 )
-from manifests.progress import quiet_library_bars
+from manifests.progress import quiet_library_bars, quiet_ray_data
 from manifests.selection import RECORD_FILE, ROWS_FILE, require_selection
 from manifests.tars import extension_for, json_bytes, npy_bytes, read_members, write_shard
 
@@ -62,6 +62,7 @@ class MaterializeConfig:
     samples_per_shard: int = 1000
     seed: int = 0
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS  # buckets recorded in each sample's JSON
+    bucket_rule: BucketRule = "upstream"  # PixArt-Σ's rounded ratio key, or "exact" (manifests.buckets)
     t5: str | None = None  # HF id or path; caches t5_orig/t5_vlm when set
     vae: str | None = None  # HF id or path; caches vae<res> for each of vae_resolutions when set
     vae_resolutions: tuple[int, ...] = ()
@@ -79,6 +80,8 @@ class MaterializeConfig:
         check_name(self.shard_prefix, flag="shard_prefix")
         if self.vae_resolutions and not self.vae:
             raise ValueError("vae_resolutions is set but vae is not: name the VAE to cache latents with")
+        if self.bucket_rule not in BUCKET_RULES:
+            raise ValueError(f"bucket_rule must be one of {BUCKET_RULES}, got {self.bucket_rule!r}")
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be ≥ 1, got {self.samples_per_shard}")
         if self.feature_batch_size < 1:
@@ -93,6 +96,7 @@ def feature_settings(cfg: MaterializeConfig) -> dict:
     """What, besides its rows, decides a shard's bytes (part of each shard's plan hash)."""
     return {
         "resolutions": list(cfg.resolutions),
+        "bucket_rule": cfg.bucket_rule,
         "t5": cfg.t5,
         "vae": cfg.vae,
         "vae_resolutions": list(cfg.vae_resolutions),
@@ -148,7 +152,8 @@ class ShardWriter:
             )
         for row in rows:
             for res in self.cfg.resolutions:
-                buckets[f"{res}:{'x'.join(map(str, nearest_bucket(row['height'], row['width'], res)))}"] += 1
+                bucket = nearest_bucket(row["height"], row["width"], res, rule=self.cfg.bucket_rule)
+                buckets[f"{res}:{'x'.join(map(str, bucket))}"] += 1
         return {
             "shard": item["shard"],
             "num_samples": len(rows),
@@ -180,7 +185,8 @@ class ShardWriter:
     def sample(self, row: dict, data: bytes) -> dict:
         """The sample without features: original bytes and the JSON sidecar."""
         buckets = {
-            str(res): list(nearest_bucket(row["height"], row["width"], res)) for res in self.cfg.resolutions
+            str(res): list(nearest_bucket(row["height"], row["width"], res, rule=self.cfg.bucket_rule))
+            for res in self.cfg.resolutions
         }
         meta = {
             k: row[k] for k in ("key", "width", "height", "caption_orig", "caption_vlm", "captioner", "tier")
@@ -220,7 +226,7 @@ class ShardWriter:
                 data = samples[i][extension_for(row["format"])]
                 decoded: dict[int, Image.Image] = {}
                 for res in self.cfg.vae_resolutions:
-                    bucket = nearest_bucket(row["height"], row["width"], res)
+                    bucket = nearest_bucket(row["height"], row["width"], res, rule=self.cfg.bucket_rule)
                     if min(bucket) not in decoded:
                         decoded[min(bucket)] = decode_rgb(data, min_side=min(bucket))
                     crop = resize_to_cover_and_crop(decoded[min(bucket)], bucket)
@@ -292,6 +298,7 @@ def materialize(cfg: MaterializeConfig) -> Path:
         log.info("removed %d shards the selection no longer fills", removed)
     results = []
     if plans:
+        quiet_ray_data()  # no INFO progress blocks (evalset calls this too)
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
         ds = ray.data.from_items(plans, override_num_blocks=len(plans)).map(
@@ -351,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--t5")
     parser.add_argument("--vae")
     parser.add_argument("--vae-resolution", type=int, action="append", default=[])
+    parser.add_argument("--bucket-rule", choices=BUCKET_RULES, default="upstream",
+                        help="upstream: PixArt-Σ's nearest rounded ratio key; exact: nearest bucket h/w")  # fmt: skip
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--num-gpus", type=float, default=0.0)
     parser.add_argument("--feature-batch-size", type=int, default=32)

@@ -3,7 +3,8 @@
 On a terminal the libraries' bars stay (tqdm, Ray Data's). In a log (``ray job logs``, CI, ``> file``) a tqdm
 bar is one endless line of ``\\r`` frames, so there our loops log a ``ProgressLog`` line every
 ``every_seconds`` instead, and the HF libraries' bars (hub downloads, transformers' "Loading weights") are
-off. Ray Data already logs its progress as lines when stdout is not a terminal.
+off. Off a terminal Ray Data logs an INFO progress block every few seconds and its execution plan per
+dataset: ``quiet_ray_data`` drops those (our ``ProgressLog`` line says the same once), warnings stay.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import time
 log = logging.getLogger(__name__)
 
 EVERY_SECONDS = 30.0  # between progress lines: a few per minute keeps a day-long log readable
+# Ray Data's INFO emitters (execution plan, "Running Dataset", logged progress blocks). A level set on these
+# child loggers survives Ray Data resetting its "ray.data" logger at every execution.
+RAY_DATA_CHATTY_LOGGERS = ("ray.data._internal.execution", "ray.data._internal.progress")
 
 
 def interactive() -> bool:
@@ -22,10 +26,18 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's execution plan and progress blocks off (warnings and errors stay); no import of Ray."""
+    for name in RAY_DATA_CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def quiet_library_bars() -> None:
-    """Off a terminal, turn off the progress bars of the HF libraries (a log gets ``\\r`` frames otherwise)."""
+    """Off a terminal, turn off the progress bars of the HF libraries (a log gets ``\\r`` frames otherwise)
+    and Ray Data's logged progress blocks."""
     if interactive():
         return
+    quiet_ray_data()
     from huggingface_hub.utils import disable_progress_bars
 
     disable_progress_bars()  # transformers reads this switch when it is imported…

@@ -79,6 +79,7 @@ def _add_evaluations(summary: dict, train_dir: Path) -> None:
         m = json.loads(metrics_file.read_text())
         summary.setdefault("evaluation", {})[metrics_file.parent.name] = {
             "fid": m["fid"], "clip_score": m["clip_score"], "num_images": m["num_images"], "model": m["model"],
+            "fid_small_n": m.get("fid_small_n", False),
         }  # fmt: skip
         summary["outputs"][f"eval/{metrics_file.parent.name}"] = (
             f"{metrics_file.parent} (metrics.json, clip_scores.parquet, index.html, images/)"
@@ -99,8 +100,10 @@ def format_summary(summary: dict) -> str:
             f"training:            {t['steps']} steps over {t['stages']}, loss {t['first_loss']:.4f} → {t['last_loss']:.4f}"
         )
     for name, e in summary.get("evaluation", {}).items():
+        small = " [FID trend only: fewer than 2048 images per side]" if e.get("fid_small_n") else ""
         lines.append(
             f"evaluation {name + ':':<9} FID {e['fid']:.3f}, CLIP score {e['clip_score']:.3f} ({e['num_images']} images)"
+            + small
         )
     lines.append("outputs:")
     lines += [f"  {name:<22} {where}" for name, where in summary["outputs"].items()]

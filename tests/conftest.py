@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -48,6 +49,7 @@ LONGEST_FIRST = (
     "test_readme.py",
     "training/test_resume.py",
     "curation/test_resume.py",
+    "curation/test_two_nodes.py",
     "training/test_sample_readme.py",
     "training/test_weak_to_strong.py",
     "captioning/test_kill.py",
@@ -128,6 +130,51 @@ class RayCluster:
             pass
         self.proc.wait()
         self.log.close()
+
+
+class RayWorkerNode:
+    """A second node joined to ``head`` (`ray start --address … --block`): its own temp dir, ports and resources.
+
+    ``prefix`` runs before `ray start` (e.g. `unshare -m bash -c 'mount …; exec "$@"' --`, a node whose mount
+    table differs). ``stop`` ends only this node's processes (its own process group).
+    """
+
+    def __init__(self, head: RayCluster, *, num_cpus: int, resources: dict[str, float], prefix=()) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="raynode", dir="/tmp")
+        cmd = [
+            *prefix, str(VENV_BIN / "ray"), "start", f"--address={head.address}", "--block",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
+            f"--temp-dir={self.temp_dir}", "--object-store-memory=300000000",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        ]  # fmt: skip
+        self.log = open(Path(self.temp_dir) / "ray_start.log", "w")
+        env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        self.node_id = self._wait_joined(head, resources)
+
+    def _wait_joined(self, head: RayCluster, resources: dict[str, float], timeout: float = 90) -> str:
+        """This node's Ray id, once the head lists it alive (asked from a separate driver process)."""
+        (name,) = resources
+        probe = (
+            f"import json, ray; ray.init(address={head.address!r}, log_to_driver=False); "
+            f"print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive'] and {name!r} in n['Resources']]))"
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {Path(self.log.name).read_text()[-2000:]}")
+            out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+            ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+            if ids:
+                return ids[0]
+            time.sleep(1)
+        raise RuntimeError("the worker node did not join in time")
+
+    stop = RayCluster.stop
 
 
 @pytest.fixture(scope="session")

@@ -50,9 +50,14 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     output = result.stdout + result.stderr
     assert "\r" not in output and "INFO root:" not in output, output[-3000:]
     assert "null-caption buffer" not in output and "issue_detector" not in output, output[-3000:]
+    # Issue 18: no Ray Data progress blocks, no diffusers warning per export; semantic dedup off, saying why.
+    assert "streaming_executor" not in output and "logging_progress" not in output, output[-3000:]
+    assert "cannot be saved" not in output, output[-3000:]
+    assert "semantic dedup off: turned off" in output and "tiny random CLIP" in output, output[-3000:]
     # The trained demo model sampled the eval prompts and was evaluated (issue 12).
     num_eval = summary["selections"]["eval"]
     assert len((out / "samples" / "images.jsonl").read_text().splitlines()) == num_eval
+    assert (out / "pipeline" / "transformer" / "pixart_kv_transformer.py").is_file()  # the standalone export
     evaluation = summary["evaluation"]["eval"]
     assert (
         evaluation["num_images"] == num_eval and evaluation["fid"] == evaluation["fid"]

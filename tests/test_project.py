@@ -43,6 +43,56 @@ def test_import_arrows_run_one_way(package, forbidden):
     assert offenders == {}
 
 
+def module_imports() -> dict[str, set[str]]:
+    """Project module → the project modules it imports, anywhere in the file (lazy and TYPE_CHECKING included)."""
+    files = {path: ".".join(path.relative_to(REPO).with_suffix("").parts) for package in PACKAGES
+             for path in (REPO / package).rglob("*.py")}  # fmt: skip
+    modules = {name.removesuffix(".__init__") for name in files.values()}
+
+    def resolve(name: str) -> str | None:  # the longest project-module prefix of a dotted name
+        parts = name.split(".")
+        return next((".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in modules), None)
+
+    edges: dict[str, set[str]] = {}
+    for path, name in files.items():
+        me, targets = name.removesuffix(".__init__"), set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {resolve(f"{node.module}.{alias.name}") for alias in node.names}
+        edges[me] = {t for t in targets if t is not None and t != me}
+    return edges
+
+
+def test_no_two_modules_import_each_other_even_through_others():
+    """The house style's one-way arrows inside packages too: the import graph has no circle (issue 19 §8)."""
+    edges, state, circles = module_imports(), {}, []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert circles == []
+
+
+def test_inference_side_points_one_way():
+    """formats (convert) ← diffusers assembly (pipeline) ← loading any source (sample) ← the CLIs."""
+    layers = {"training.convert": 0, "training.pipeline": 1, "training.sample": 2, "training.export": 3,
+              "training.evaluate": 3}  # fmt: skip
+    edges = module_imports()
+    upward = {(m, t) for m, rank in layers.items() for t in edges[m] if layers.get(t, -1) > rank}
+    assert upward == set()
+
+
 def test_dockerfile_passes_hadolint():
     result = subprocess.run(
         [str(VENV_BIN / "hadolint"), "Dockerfile"], cwd=REPO, capture_output=True, text=True

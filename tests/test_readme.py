@@ -1,7 +1,7 @@
 """The README's cluster and query commands, run exactly as written from a fresh clone, on `ray start --head`.
 
 The clone (of the committed tree) lies in a folder with nothing beside it, no ../shared: the cluster section's
-curation is the demo's curation step under `ray job submit --working-dir .` from there. The commands read their data and models from the variables the README documents (INPUT, RUN, CLIP, VLM, T5,
+curation is the demo's curation step under `ray job submit --working-dir .` from there. The commands read their data and models from the variables the README documents (INPUT, RUN, CLIP, SEMDEDUP, VLM, T5,
 VAE, SELECT, CONFIG, NPROC, GPUS, RAY_ADDRESS); this test sets them to a small demo corpus, tiny models built
 offline and a tiny training config, and nothing else. The query section runs from a folder where
 `demo_out/run` is that run and `.venv` this venv, as it would after `make demo`.
@@ -93,6 +93,7 @@ def tiny(tmp_path_factory) -> dict[str, str]:
         "RUN": str(root / "run"),
         "CLIP": f"local-dir:{build_tiny_clip(models)}",
         "MIN_AESTHETIC": "none",  # a random CLIP's scores mean nothing
+        "SEMDEDUP": "--no-semantic-dedup",  # and its embeddings of distinct pictures are alike
         "VLM": str(build_tiny_llava(models)),
         "T5": str(t5),
         "VAE": str(vae),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from manifests.buckets import BucketRule
+
 SD_VAE_SCALING = 0.18215  # SD 1.x/2.x VAE latents × this (PixArt-α)
 SDXL_VAE_SCALING = 0.13025  # SDXL VAE (PixArt-Σ)
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # stage names become folder names
@@ -64,13 +66,16 @@ class DataSection:
     shards: str = ""  # folder of training shards (train-*.tar + shards.json), or a brace/glob pattern
     real_prompt_ratio: float = 0.5  # PixArt-Σ mixes the original and the VLM caption 50/50
     shuffle_buffer: int = 64  # samples per worker in the shuffle buffer (also capped by shuffle_buffer_mb)
-    # Host RAM per DataLoader worker (or per rank with num_workers = 0): the shuffle buffer holds raw samples
-    # already stripped to what the stage reads; the bucket buffer holds decoded samples waiting for their
-    # aspect-ratio bucket to fill. See configs/sigma.toml for the cost at XL/2 1024 px.
+    # Host RAM per rank: the shuffle and bucket buffers hold selected samples whose heavy members (T5 states,
+    # latents, images) are references into local tars, read when a batch is complete (training/data.py);
+    # shards that are URLs are held as bytes, and then these budgets bind. See configs/sigma.toml.
     shuffle_buffer_mb: float = 256.0
     bucket_buffer_mb: float = 256.0
     num_workers: int = 0  # DataLoader workers per rank decoding samples (0: in the training process)
     use_cached_features: bool = True  # False: always encode on the fly (the benchmark's baseline)
+    # Bucket of a sample whose latents are not cached (cached ones keep the bucket they were cropped to):
+    # "upstream" = PixArt-Σ's nearest rounded ratio key (get_closest_ratio), "exact" = nearest bucket h/w.
+    bucket_rule: BucketRule = "upstream"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.real_prompt_ratio <= 1.0:
@@ -200,6 +205,9 @@ class StageSection:
     resolution: int  # base resolution in pixels; picks the bucket table
     vae: str  # HF id or path
     vae_scaling_factor: float = SDXL_VAE_SCALING
+    # True: encode with this stage's VAE on the fly although the shards cache latents of another VAE (the
+    # weak stage of a VAE swap, whose VAE the shards were not made with). False: such a stage is refused.
+    vae_on_the_fly: bool = False
     pe_interpolation: float | None = None  # default resolution / 512
     kv_compress_layers: tuple[int, ...] = ()
     kv_compress_ratio: int = 2
@@ -242,7 +250,7 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     faults: FaultSection = field(default_factory=FaultSection)
     seed: int = 0
-    checkpoint_every: int = 50  # steps; also where the data stream is reseeded (see training/data.py)
+    checkpoint_every: int = 50  # steps (the data stream runs on across checkpoints: training/data.py)
     keep_checkpoints: int = 2
     export_stages: bool = True  # final/<stage>/ (+ final_ema/<stage>/) at each stage's end, never pruned
 

@@ -7,8 +7,8 @@ compression: a compressed model becomes a ``training.kv_processor.PixArtKVTransf
 diffusers model plus a KV-compression attention processor whose weights are ``attn1.processor.sr|norm``),
 or goes to our own folder (safetensors + config json).
 
-CLI (export any source to a complete ``PixArtSigmaPipeline`` folder; see ``training.pipeline``):
-``python -m training.convert --input RUN/final --output OUT [--components copy|reference]``.
+The formats only: ``training.pipeline`` assembles pipelines from them, ``training.sample`` loads any source
+through them, and ``training.export`` (``pixsigma-export``) is the command line; none is imported here.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_NAME = "pixsigma.PixArtSigma"
+# Beside a diffusers transformer's weights (diffusers ignores it): the null caption and how it is attended.
+NULL_CAPTION_FILE = "null_caption.safetensors"
+# How the released PixArt-α/Σ weights attend a dropped caption (their training code, scripts/inference.py).
+ORIGINAL_NULL_CAPTION = "upstream"
 
 # ours → diffusers, outside the blocks
 _TOP_LEVEL = {
@@ -90,7 +94,7 @@ def load_original_checkpoint(
         )
     # The PE is recomputed for each grid; the saved one is for the training grid only.
     state = {k: v for k, v in state.items() if k != "pos_embed"}
-    config = dataclasses.replace(config, **_shape_from_keys(state, config))
+    config = dataclasses.replace(config, **_shape_from_keys(state, config), null_caption=ORIGINAL_NULL_CAPTION)
     model = PixArtSigma(config)
     # Reference checkpoints have no null-caption mask: keep ours (all valid) and warn via the missing list.
     _load_exact(model, state, allowed_missing={"y_embedder.y_mask"}, source=str(path))
@@ -222,10 +226,42 @@ def from_diffusers_state_dict(state: dict[str, Tensor], depth: int) -> dict[str,
 
 
 def export_diffusers(model: PixArtSigma, folder: str | Path) -> None:
-    """Save as a diffusers ``PixArtTransformer2DModel`` folder; refuses a KV-compressed model."""
+    """Save as a diffusers ``PixArtTransformer2DModel`` folder (+ our null caption); refuses a KV-compressed model."""
     diffusers_config(model.config)  # raises for KV compression
     to_diffusers_transformer(model).save_pretrained(folder)
-    logger.info("exported diffusers PixArtTransformer2DModel to %s (null caption not included)", folder)
+    save_null_caption(model, folder)
+    logger.info("exported diffusers PixArtTransformer2DModel to %s", folder)
+
+
+def save_null_caption(model: PixArtSigma, folder: str | Path) -> Path:
+    """``folder/null_caption.safetensors``: the stored null caption (L, C) and mask (L,), the mode in its metadata.
+
+    diffusers has no such buffer (its pipeline encodes the negative prompt), so a transformer folder alone
+    cannot say how a model trained with ``null_caption = "upstream"`` must be guided; this file can.
+    """
+    path = Path(folder) / NULL_CAPTION_FILE
+    embedder = model.y_embedder
+    tensors = {"y_embedding": embedder.y_embedding.detach().float().cpu().contiguous(),
+               "y_mask": embedder.y_mask.detach().cpu().contiguous()}  # fmt: skip
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "null_caption": model.config.null_caption})
+    tmp.replace(path)
+    return path
+
+
+def read_null_caption(folder: str | Path) -> tuple[Tensor, Tensor, str] | None:
+    """(y_embedding (L, C), y_mask (L,), mode) from ``folder/null_caption.safetensors``, or None when absent."""
+    from safetensors import safe_open
+
+    path = Path(folder) / NULL_CAPTION_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        mode = (f.metadata() or {}).get("null_caption")
+        embedding, mask = f.get_tensor("y_embedding"), f.get_tensor("y_mask")
+    if mode is None:
+        raise ValueError(f"{path} does not say its null_caption mode (metadata 'null_caption')")
+    return embedding, mask, mode
 
 
 def to_diffusers_transformer(model: PixArtSigma) -> PixArtTransformer2DModel:
@@ -297,8 +333,9 @@ def from_diffusers_model(
     state = from_diffusers_state_dict(
         {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}, config.depth
     )
-    # diffusers keeps no null-caption buffer (its pipeline encodes the negative prompt): the trainer stores
-    # T5("") with set_null_caption before training; sampling encodes "" as diffusers does.
+    # diffusers keeps no null-caption buffer (its pipeline encodes the negative prompt): load_diffusers
+    # restores ours from null_caption.safetensors when the folder has one; else the trainer stores T5("")
+    # with set_null_caption before training, and sampling encodes "" as diffusers does.
     _load_exact(model, state, allowed_missing=set(_NULL_CAPTION_KEYS), source="diffusers model")
     return model
 
@@ -306,7 +343,11 @@ def from_diffusers_model(
 def load_diffusers(
     path: str | Path, *, subfolder: str | None = None, max_token_length: int = 300
 ) -> PixArtSigma:
-    """Load a diffusers transformer folder (plain or KV) or a pipeline folder with subfolder="transformer"."""
+    """Load a diffusers transformer folder (plain or KV) or a pipeline folder with subfolder="transformer".
+
+    Our exports carry ``null_caption.safetensors`` beside the weights: its buffer, its mask and its mode
+    (and so the caption budget) are restored; a folder without it gets ``max_token_length`` and mode diffusers.
+    """
     from diffusers import PixArtTransformer2DModel
 
     from training.kv_processor import PixArtKVTransformer2DModel, refuse_pixsigma_folder
@@ -315,7 +356,30 @@ def load_diffusers(
     config = PixArtTransformer2DModel.load_config(path, subfolder=subfolder)
     cls = PixArtKVTransformer2DModel if config.get("kv_compress_layers") else PixArtTransformer2DModel
     transformer = cls.from_pretrained(path, subfolder=subfolder, dtype=torch.float32)
-    return from_diffusers_model(transformer, max_token_length=max_token_length)
+    null = read_null_caption(Path(path) / (subfolder or ""))
+    if null is None:
+        return from_diffusers_model(transformer, max_token_length=max_token_length)
+    embedding, mask, mode = null
+    model = from_diffusers_model(transformer, max_token_length=embedding.shape[0])
+    model.set_null_caption(embedding, mask, mode=mode)
+    return model
+
+
+def resolve_null_caption(setting: str, init: str | None) -> str:
+    """``text.null_caption`` of a training config, ``auto`` resolved as the trainer does (training.main):
+    an original ``.pth`` or a diffusers folder init → upstream (the released weights), one of our folders
+    → its own mode, no init → diffusers."""
+    if setting != "auto":
+        return setting
+    if not init:
+        return "diffusers"
+    path = Path(init)
+    if path.suffix in (".pth", ".pt"):
+        return ORIGINAL_NULL_CAPTION
+    config = json.loads((path / CONFIG_NAME).read_text())
+    if config.get("format") == FORMAT_NAME:
+        return config.get("null_caption", "diffusers")
+    return ORIGINAL_NULL_CAPTION
 
 
 def _kv_norm_type() -> str:
@@ -380,60 +444,3 @@ def _load_exact(
             f"{source} does not match {model.config}: unexpected keys {unexpected[:8]}, missing keys {missing[:8]}"
         )
     model.load_state_dict(state, strict=False)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: any source → a complete PixArtSigmaPipeline folder
-# --------------------------------------------------------------------------------------------------
-
-
-def export_cli(argv: list[str] | None = None) -> Path:
-    """``python -m training.convert`` / ``pixsigma-export``: export any model source as a PixArtSigmaPipeline."""
-    import argparse
-
-    from training.pipeline import export_pipeline
-    from training.sample import load_source
-
-    parser = argparse.ArgumentParser(
-        prog="pixsigma-export",
-        description="Export a run, checkpoint, .pth, diffusers or pixsigma folder as a complete PixArtSigmaPipeline "
-        "folder (KV-compressed models as PixArtKVTransformer2DModel).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--input", required=True, help="the model, as training.sample's --model takes it")
-    parser.add_argument("--output", required=True, help="pipeline folder to write")
-    parser.add_argument("--components", choices=("copy", "reference"), default="copy",
-                        help="copy the T5/tokenizer/VAE into the folder, or name them in pixsigma.json")  # fmt: skip
-    parser.add_argument(
-        "--weights", choices=("ema", "model"), default="ema", help="for run folders and checkpoints"
-    )
-    parser.add_argument("--t5", help="T5 folder or hub id (default: the one the model was trained with)")
-    parser.add_argument("--vae", help="VAE folder or hub id (default: the one the model was trained with)")
-    parser.add_argument(
-        "--vae-scaling-factor", type=float, help="default: recorded with the model, else the VAE's"
-    )
-    parser.add_argument("--preset", default="XL/2", help="model shape of an original .pth")
-    parser.add_argument("--resolution", type=int, help="training resolution of an original .pth (px)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    loaded = load_source(
-        args.input, weights=args.weights, preset=args.preset, resolution=args.resolution, t5=args.t5, vae=args.vae,
-        vae_scaling_factor=args.vae_scaling_factor,
-    )  # fmt: skip
-    if loaded.components is None:
-        parser.error(f"{args.input} does not record its T5 and VAE: pass --t5 and --vae")
-    folder = export_pipeline(loaded.model, args.output, loaded.components, mode=args.components,
-                             extra={"source": args.input})  # fmt: skip
-    print(
-        f"PixArtSigmaPipeline ({'KV-compressed' if loaded.model.config.kv_compress_layers else 'plain'}) → {folder}"
-    )
-    return folder
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console script ``pixsigma-export`` (returns None: a console script's return value is its exit status)."""
-    export_cli(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,45 +1,62 @@
-"""Training data: WebDataset shards → per-sample arrays → aspect-ratio-bucketed batches.
+"""Training data: WebDataset shards → light sample references → aspect-ratio-bucketed batches → decoded batches.
 
 Each rank draws shards with replacement from a seeded stream (``ResampledShards``), so every rank can
 run exactly the same number of steps whatever the shard count, and DDP never waits on a rank that ran
-out of data. The split between ranks (and DataLoader workers) is explicit: each gets its own seed, so no
-rank depends on another's position. Every batch comes from one bucket (PixArt's multi-aspect training).
+out of data. The split between ranks is explicit: each gets its own seed, so no rank depends on another's
+position. Every batch comes from one bucket (PixArt's multi-aspect training).
 
-Per worker the pipeline is: read a tar → ``select`` (choose the caption, keep only the members this stage
-reads) → a shuffle buffer bounded in samples and bytes → ``decode`` (validate cached features, sample the
-latent posterior or decode pixels) → bucket buffers → one-bucket batches. No sample is ever dropped:
-a bucket yields when it holds ``batch_size`` samples, and when the bucket buffers exceed their budget the
-bucket waiting longest yields what it holds as a smaller batch (PixArt's ``AspectRatioBatchSampler``
-never drops either; it buckets indices of a map-style dataset, which a stream of tars cannot do).
+Per rank the pipeline is two halves. The *planner* (light, in the training process) reads each tar's
+headers and its ``.json`` members only: a heavy member (cached T5 states, the latent posterior, the image)
+becomes a ``MemberRef`` (file, offset, size) → ``select`` (choose the caption, keep only the members this
+stage reads, pick the bucket) → a shuffle buffer bounded in samples and bytes → bucket buffers → one-bucket
+*plans*. The *loader* (in DataLoader workers, or in-process) reads a plan's heavy members, validates them,
+samples the latent posterior or decodes pixels, and collates. Only references wait in the buffers: cached
+fp16 T5 states are ~8 KiB per token, so buffering them capped the bucket buffers at a few hundred samples,
+fewer than one batch per active bucket at 256/512 px, and most batches were partial (issue 20). A bucket
+yields when it holds ``batch_size`` samples; only when the buffers pass their budget does the SMALLEST
+waiting bucket yield what it holds (fewest samples in short batches; PixArt's ``AspectRatioBatchSampler``
+never drops either, and it buckets indices of a map-style dataset, which the planner's references mimic).
+Shards that are not local plain tars (URLs, pipes, compressed tars) cannot be re-read by offset: their
+members are held as bytes, and the byte budget then does its old job.
 
-Resume: a stream is a pure function of (seed, rank, worker). The trainer opens a new stream at every
-checkpoint boundary with a seed that names the stage and the segment (``stream_seed``), and a checkpoint
-taken inside a segment (pre-emption) records how many batches of the segment were read, which the
-resumed run skips; an interrupted run reads exactly what an uninterrupted one did.
+Resume: a rank's stream is a pure function of (seed, stage, rank): a plan's decoding randomness is seeded
+by its index, not by the worker that decodes it, so the batches do not depend on ``num_workers``. The
+trainer opens one stream per stage and keeps it across checkpoints (nothing waiting in a bucket is lost
+at a checkpoint); a resumed run replays the planner for the batches already read (headers and JSON only,
+nothing decoded) and continues exactly where the interrupted run stood, bucket buffers included.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
+import re
+import tarfile
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.buckets import BucketRule, nearest_bucket, resize_to_cover_and_crop
 from manifests.imageio import decode_rgb
 from manifests.tars import FORMAT_EXTENSIONS
 
 IMAGE_EXTENSIONS = tuple(sorted(set(FORMAT_EXTENSIONS.values())))  # every format a curated shard can hold
 VAE_DOWNSAMPLE = 8  # latent cells per pixel side, SD and SDXL VAEs
 MIB = 2**20
+log = logging.getLogger(__name__)
+# Members this small (and every .json) are read while planning; larger ones are kept by reference.
+INLINE_MEMBER_BYTES = 4096
+REF_NBYTES = 96  # a MemberRef's Python objects (dataclass, path string shared, two ints)
 
 
 @dataclass
@@ -69,13 +86,155 @@ def shard_urls(shards: str) -> list[str]:
     return [shards]
 
 
+@dataclass(frozen=True)
+class MemberRef:
+    """Where a tar member's bytes are (a local plain tar): read when its batch is complete, not while it waits."""
+
+    path: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise ValueError(
+                f"{self.path}: member at byte {self.offset} is truncated ({len(data)}/{self.size})"
+            )
+        return data
+
+
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's rule: the key ends at the first dot
+
+
+def scan_tar(url: str) -> Iterator[dict]:
+    """The samples of one shard as WebDataset dicts (``__key__``, ``__url__``, ext → payload).
+
+    A local plain tar is read header by header (``local_members``): members above ``INLINE_MEMBER_BYTES``
+    (but never .json) become ``MemberRef``s and their bytes are skipped. Anything else (a URL, a pipe, a
+    compressed tar) is streamed through ``webdataset.gopen`` and every member is held as bytes.
+    """
+    if Path(url).is_file() and _plain_tar(url):
+        with open(url, "rb") as f:
+
+            def payload(ext: str, offset: int, size: int) -> bytes | MemberRef:
+                if size > INLINE_MEMBER_BYTES and not ext.endswith("json"):
+                    return MemberRef(url, offset, size)
+                f.seek(offset)
+                return f.read(size)
+
+            yield from _group(
+                ((name, offset, size) for name, offset, size in local_members(f, url)), url, payload
+            )
+        return
+    with tarfile.open(fileobj=wds.gopen(url, "rb"), mode="r|*") as tar:
+        members = ((m.name, m, m.size) for m in tar if m.isfile())
+        yield from _group(members, url, lambda ext, member, size: tar.extractfile(member).read())
+
+
+def _group(members: Iterator[tuple[str, Any, int]], url: str, payload: Callable) -> Iterator[dict]:
+    """Consecutive members with the same key → one sample (WebDataset's grouping)."""
+    sample: dict = {}
+    for name, where, size in members:
+        match = _KEY_AND_EXT.match(name)
+        if match is None:
+            continue
+        key, ext = match.groups()
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample = sample or {"__key__": key, "__url__": url}
+        sample[ext] = payload(ext, where, size)
+    if sample:
+        yield sample
+
+
+_BLOCK = 512
+
+
+def local_members(f: io.BufferedReader, where: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file of a plain tar, from its headers alone.
+
+    Python's ``tarfile`` parses each header (and its pax record) in ~0.3 ms; planning reads only headers and
+    JSON, and a resumed run replays a stage's plans (training/data.py docstring), so this reads the POSIX
+    ustar/pax and GNU long-name headers directly: ~20× faster. Checksums are verified.
+    """
+    offset, pending = 0, {}
+    while True:
+        f.seek(offset)
+        header = f.read(_BLOCK)
+        if len(header) < _BLOCK or header.count(0) == _BLOCK:
+            return
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if sum(header[:148]) + 8 * 32 + sum(header[156:]) != stored:
+            raise ValueError(f"{where}: tar header at byte {offset} has a bad checksum (a corrupt shard)")
+        size = _tar_number(header[124:136])
+        kind = header[156:157]
+        data = offset + _BLOCK
+        if kind in (b"x", b"L"):
+            f.seek(data)
+            extended = f.read(size)
+            if kind == b"L":
+                pending["path"] = extended.rstrip(b"\0").decode()
+            else:
+                pending.update(_pax_records(extended))
+        elif kind in (b"0", b"\0", b"7"):
+            name = pending.get("path")
+            if name is None:
+                name = header[0:100].split(b"\0", 1)[0].decode()
+                prefix = (
+                    header[345:500].split(b"\0", 1)[0].decode() if header[257:263] == b"ustar\x00" else ""
+                )
+                name = f"{prefix}/{name}" if prefix else name
+            size = int(pending.get("size", size))
+            yield name, data, size
+            pending = {}
+        else:  # directories, links, global pax headers: nothing to read
+            pending = {} if kind != b"g" else pending
+        offset = data + -(-size // _BLOCK) * _BLOCK
+
+
+def _tar_number(field: bytes) -> int:
+    """A tar size field: octal ASCII, or base-256 (GNU) when the high bit of its first byte is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """'<len> key=value\\n' records of a pax extended header."""
+    records, at = {}, 0
+    while at < len(data) and data[at] != 0:
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
+        records[key.decode()] = value.decode()
+        at += length
+    return records
+
+
+def _plain_tar(path: str) -> bool:
+    """An uncompressed tar (offsets into the file are offsets into the archive)."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    return not magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
+
+
+def fetch(raw: dict) -> dict:
+    """The same sample with every ``MemberRef`` read into bytes."""
+    return {k: v.read() if isinstance(v, MemberRef) else v for k, v in raw.items()}
+
+
 def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def raw_nbytes(raw: dict) -> int:
-    """Bytes a raw (selected) sample holds: its members' payloads."""
-    return 256 + sum(len(v) for v in raw.values() if isinstance(v, bytes))
+    """Bytes a raw (selected) sample holds: its members' payloads held as bytes, references, parsed JSON."""
+    held = sum(len(v) for v in raw.values() if isinstance(v, bytes))
+    refs = sum(isinstance(v, MemberRef) for v in raw.values())
+    return 256 + held + len(raw.get("json", b"")) + REF_NBYTES * refs  # the parsed .json ≈ its bytes again
 
 
 class SampleDecoder:
@@ -84,7 +243,8 @@ class SampleDecoder:
     ``cached_latents``/``cached_text`` say whether the shards' cached features are used (they must come
     from the encoders the stage names); when they are, every sample must carry them, with the right shape,
     a float dtype and finite values, or the error names the shard and the sample. When not, pixels are
-    decoded and the trainer encodes them.
+    decoded and the trainer encodes them. ``select`` runs in the planner (caption choice, bucket), ``decode``
+    where the batch is loaded; ``reseed`` makes the posterior noise a function of the batch's index.
     """
 
     def __init__(
@@ -97,18 +257,25 @@ class SampleDecoder:
         cached_text: bool = False,
         caption_channels: int | None = None,
         latent_channels: int | None = None,
+        bucket_rule: BucketRule = "upstream",
     ) -> None:
         self.resolution = resolution
+        self.bucket_rule = bucket_rule
         self.real_prompt_ratio = real_prompt_ratio
         self.cached_latents = cached_latents
         self.cached_text = cached_text
         self.caption_channels = caption_channels
         self.latent_channels = latent_channels
+        self.seed = seed
         self.rng = random.Random(seed)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, raw: dict) -> Sample:
-        return self.decode(self.select(raw))
+        return self.decode(fetch(self.select(raw)))
+
+    def reseed(self, index: int) -> None:
+        """Posterior noise for batch ``index`` of the stream, whichever process decodes it."""
+        self.generator.manual_seed(self.seed * 1_000_003 + index)
 
     def select(self, raw: dict) -> dict:
         """Choose the caption and keep only the members this stage reads (what the shuffle buffer holds)."""
@@ -120,7 +287,8 @@ class SampleDecoder:
         if not isinstance(meta, dict) or not {"height", "width"} <= meta.keys():
             raise ValueError(f"{where}: its .json has no height and width (the bucket needs them)")
         which = self.choose_caption(meta)
-        kept = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"), "meta": meta, "which": which}
+        kept = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__"), "meta": meta, "which": which,
+                "bucket": self.bucket(meta)}  # fmt: skip
         kept["json"] = raw["json"]  # counted in the buffer's bytes
         latent_member = f"vae{self.resolution}.npy"
         if self.cached_text and f"t5_{which}.npy" in raw:
@@ -138,14 +306,18 @@ class SampleDecoder:
             kept["image"] = raw[image]
         return kept
 
-    def decode(self, raw: dict) -> Sample:
-        """A selected raw sample → ``Sample`` (posterior sampled, pixels at the bucket size)."""
-        meta, which = raw["meta"], raw["which"]
-        where = _where(raw)
-        bucket = tuple(
-            meta.get("buckets", {}).get(str(self.resolution))
-            or nearest_bucket(meta["height"], meta["width"], self.resolution)
+    def bucket(self, meta: dict) -> tuple[int, int]:
+        """The sample's bucket: the one its cached latent was cropped to (recorded by manifests.materialize),
+        else ``bucket_rule``'s choice from its size (PixArt-Σ's rounded ratio key by default)."""
+        recorded = meta.get("buckets", {}).get(str(self.resolution)) if self.cached_latents else None
+        return tuple(
+            recorded or nearest_bucket(meta["height"], meta["width"], self.resolution, rule=self.bucket_rule)
         )
+
+    def decode(self, raw: dict) -> Sample:
+        """A selected, fetched raw sample → ``Sample`` (posterior sampled, pixels at the bucket size)."""
+        meta, which, bucket = raw["meta"], raw["which"], raw["bucket"]
+        where = _where(raw)
         caption = meta.get(f"caption_{which}") or ""
         features = None
         if "t5.npy" in raw:
@@ -240,31 +412,41 @@ def bounded_shuffle(
 
 
 def bucket_batches(
-    samples: Iterable[Sample], batch_size: int, *, max_buffered: int, max_bytes: float = math.inf
-) -> Iterator[list[Sample]]:
+    samples: Iterable[Any],
+    batch_size: int,
+    *,
+    max_buffered: int,
+    max_bytes: float = math.inf,
+    bucket_of: Callable[[Any], tuple[int, int]] = lambda s: s.bucket,
+    nbytes_of: Callable[[Any], int] = lambda s: s.nbytes,
+) -> Iterator[list[Any]]:
     """Group samples by bucket; yield a batch as soon as one bucket holds ``batch_size`` samples.
 
     Nothing is dropped. At most ``max_buffered`` samples and ``max_bytes`` wait; past either, the bucket
-    that has waited longest yields what it holds as a smaller batch, so every sample leaves within a
-    bounded delay however rare its aspect ratio. A finite input ends with each bucket's remainder.
+    holding the FEWEST samples (the one waiting longest among equals) yields what it holds as a smaller
+    batch: the fewest samples land in short batches, and the buckets closest to full keep filling. A rare
+    bucket's samples still leave within a bounded delay. A finite input ends with each bucket's remainder.
+    Works on ``Sample``s and (with ``bucket_of``/``nbytes_of``) on the planner's raw references.
     """
-    buffers: OrderedDict[tuple[int, int], list[Sample]] = OrderedDict()  # oldest waiting bucket first
+    buffers: OrderedDict[tuple[int, int], list] = OrderedDict()  # oldest waiting bucket first
     num_buffered = held = 0
     for sample in samples:
-        bucket = buffers.setdefault(sample.bucket, [])
+        key = bucket_of(sample)
+        bucket = buffers.setdefault(key, [])
         bucket.append(sample)
         num_buffered += 1
-        held += sample.nbytes
+        held += nbytes_of(sample)
         if len(bucket) == batch_size:
-            del buffers[sample.bucket]
+            del buffers[key]
             num_buffered -= batch_size
-            held -= sum(s.nbytes for s in bucket)
+            held -= sum(map(nbytes_of, bucket))
             yield bucket
         while buffers and (num_buffered > max_buffered or held > max_bytes):
-            _, oldest = buffers.popitem(last=False)
-            num_buffered -= len(oldest)
-            held -= sum(s.nbytes for s in oldest)
-            yield oldest
+            smallest = min(buffers, key=lambda k: len(buffers[k]))  # first (oldest) among equals
+            evicted = buffers.pop(smallest)
+            num_buffered -= len(evicted)
+            held -= sum(map(nbytes_of, evicted))
+            yield evicted
     yield from buffers.values()
 
 
@@ -304,9 +486,9 @@ def collate(batch: list[Sample], *, caption_channels: int | None = None) -> dict
     return out
 
 
-def stream_seed(seed: int, stage_index: int, segment: int) -> int:
-    """The data seed of one checkpoint segment of one stage (ranks and workers mix in their own ids)."""
-    return (seed * 1_000_003 + stage_index) * 1_000_003 + segment
+def stream_seed(seed: int, stage_index: int) -> int:
+    """The data seed of one stage (ranks mix in their own ids); one stream per stage, kept across checkpoints."""
+    return seed * 1_000_003 + stage_index
 
 
 @dataclass(frozen=True)
@@ -323,45 +505,77 @@ class StreamConfig:
     cached_text: bool = True
     caption_channels: int | None = None
     latent_channels: int | None = None
+    bucket_rule: BucketRule = "upstream"
 
 
-class BatchStream(torch.utils.data.IterableDataset):
-    """An endless stream of collated one-bucket batches for one rank (one worker's share when in a DataLoader)."""
+def _decoder(c: StreamConfig, seed: int) -> SampleDecoder:
+    return SampleDecoder(
+        resolution=c.resolution, real_prompt_ratio=c.real_prompt_ratio, seed=seed, cached_latents=c.cached_latents,
+        cached_text=c.cached_text, caption_channels=c.caption_channels, latent_channels=c.latent_channels,
+        bucket_rule=c.bucket_rule,
+    )  # fmt: skip
 
-    def __init__(self, shards: str, config: StreamConfig, *, seed: int, rank: int) -> None:
-        super().__init__()
-        self.urls = shard_urls(shards)
+
+def max_waiting_samples(batch_size: int) -> int:
+    """The bucket buffers' sample cap: batch_size - 1 may wait in each of up to 64 buckets (the 40 of
+    manifests/buckets.py's tables fit), so the cap never binds before a bucket fills a batch."""
+    return 64 * max(1, batch_size - 1)
+
+
+def plan_batches(urls: list[str], c: StreamConfig, *, seed: int) -> Iterator[list[dict]]:
+    """The planner: endless one-bucket lists of selected raw samples whose heavy members are references.
+
+    Up to batch_size - 1 samples can wait in each of the 40 buckets, so the sample cap (64 × (batch_size - 1))
+    never binds; the byte budget holds references (~1–4 KiB a sample: the JSON with both captions), so
+    256 MiB holds ~60k samples and only shards held as bytes (URLs) meet it.
+    """
+    selector = _decoder(c, seed)
+    shards = wds.ResampledShards(urls, seed=seed, worker_seed=lambda: 0, deterministic=True)
+    raw = (sample for shard in shards for sample in scan_tar(shard["url"]))
+    shuffled = bounded_shuffle(
+        map(selector.select, raw),
+        max_samples=c.shuffle_buffer,
+        max_bytes=c.shuffle_buffer_mb * MIB,
+        rng=random.Random(seed),
+    )
+    yield from bucket_batches(
+        shuffled, c.batch_size, max_buffered=max_waiting_samples(c.batch_size), max_bytes=c.bucket_buffer_mb * MIB,
+        bucket_of=lambda r: r["bucket"], nbytes_of=raw_nbytes,
+    )  # fmt: skip
+
+
+class BatchLoader(torch.utils.data.Dataset):
+    """The loader: (index, plan) → a collated batch; reads the plan's members, decodes, collates.
+
+    Map-style, so DataLoader workers share one planner per rank (the plans travel to them as indices)
+    and the batches come back in plan order whatever ``num_workers``.
+    """
+
+    def __init__(self, config: StreamConfig, *, seed: int) -> None:
         self.config = config
-        self.seed, self.rank = seed, rank
+        self.decoder = _decoder(config, seed)
 
-    def __iter__(self) -> Iterator[dict]:
-        c = self.config
-        worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else 0
-        own_seed = (self.seed * 100_003 + self.rank) * 1_009 + worker_id  # explicit rank/worker split
-        decoder = SampleDecoder(
-            resolution=c.resolution, real_prompt_ratio=c.real_prompt_ratio, seed=own_seed,
-            cached_latents=c.cached_latents, cached_text=c.cached_text, caption_channels=c.caption_channels,
-            latent_channels=c.latent_channels,
+    def __getitem__(self, item: tuple[int, list[dict]]) -> dict:
+        index, plan = item
+        self.decoder.reseed(index)
+        batch = collate(
+            [self.decoder.decode(fetch(raw)) for raw in plan], caption_channels=self.config.caption_channels
+        )
+        batch["partial"] = len(plan) < self.config.batch_size  # logged by the trainer (issue 20)
+        return batch
+
+
+def warn_held_as_bytes(urls: list[str], config: StreamConfig) -> None:
+    """One warning when some shards are not local plain tars: their members wait in the buffers as bytes."""
+    expanded = [u for url in urls for u in wds.shardlists.expand_urls(url)]
+    held = [u for u in expanded if not (Path(u).is_file() and _plain_tar(u))]
+    if held:
+        log.warning(
+            "%d of %d shards are not local plain tars (URL, pipe or compressed; e.g. %s): their members are "
+            "held as bytes in the bucket buffers, so once those pass bucket_buffer_mb=%g short batches come "
+            "back, and a resumed run re-reads every shard its stage read so far",
+            len(held), len(expanded), held[0], config.bucket_buffer_mb,
         )  # fmt: skip
-        raw = wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=own_seed, worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(),
-        )
-        selected = map(decoder.select, raw)
-        shuffled = bounded_shuffle(
-            selected,
-            max_samples=c.shuffle_buffer,
-            max_bytes=c.shuffle_buffer_mb * MIB,
-            rng=random.Random(own_seed),
-        )
-        decoded = map(decoder.decode, shuffled)
-        # Up to batch_size - 1 samples can wait in each of the ~40 buckets; the byte budget bounds the rest.
-        max_buffered = 64 * max(1, c.batch_size - 1)
-        for batch in bucket_batches(
-            decoded, c.batch_size, max_buffered=max_buffered, max_bytes=c.bucket_buffer_mb * MIB
-        ):
-            yield collate(batch, caption_channels=c.caption_channels)
 
 
 def make_stream(
@@ -372,24 +586,37 @@ def make_stream(
     seed: int,
     rank: int,
     num_workers: int = 0,
+    skip: int = 0,
     **options,
 ) -> Iterator[dict]:
-    """An endless, deterministic stream of collated batches for one rank.
+    """An endless, deterministic stream of collated batches for one rank, from its ``skip``-th batch on.
 
     The rank's seed decides which shards it draws (with replacement), the shuffle, caption choice and
-    latent noise; the same (seed, rank, num_workers) gives the same batches. With workers, a DataLoader
-    takes batches from them in turn (deterministic order), each worker with its own seed. ``options`` are
-    the other fields of ``StreamConfig``.
+    latent noise; the same (seed, rank) gives the same batches with any ``num_workers``. Skipped batches
+    are planned (tar headers and JSON read) but not loaded: that is how a resumed run gets back to its
+    position with the bucket buffers as they were. ``options`` are the other fields of ``StreamConfig``.
     """
     config = StreamConfig(resolution=resolution, batch_size=batch_size, **options)
-    dataset = BatchStream(shards, config, seed=seed, rank=rank)
+    own_seed = seed * 100_003 + rank  # explicit rank split
+    urls = shard_urls(shards)
+    warn_held_as_bytes(urls, config)
+    plans = plan_batches(urls, config, seed=own_seed)
+    if skip:
+        started = time.perf_counter()
+        for _ in range(skip):
+            next(plans)
+        log.info("rank %d: replaying %d batches (%.1f s)", rank, skip, time.perf_counter() - started)
+    indexed = enumerate(plans, start=skip)
+    loader = BatchLoader(config, seed=own_seed)
     if num_workers == 0:
-        return iter(dataset)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        prefetch_factor=4,
-        pin_memory=torch.cuda.is_available(),
+        return map(loader.__getitem__, indexed)
+    return iter(
+        torch.utils.data.DataLoader(
+            loader,
+            sampler=indexed,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=4,
+            pin_memory=torch.cuda.is_available(),
+        )
     )
-    return iter(loader)

@@ -2,8 +2,9 @@
 
 PixArt-Σ pre-extracts T5 and VAE features because running T5-XXL and the VAE every step is slow; the
 shards written by ``manifests.materialize`` may hold them. A cached feature is only used when it was made
-by the same model the config names (``shards.json`` records which), so a VAE-swap stage whose VAE the
-shards were not encoded with runs its VAE on the fly.
+by the same model the config names (``shards.json`` records which). Latents cached with another VAE are
+refused at preflight (training/main.py ``check_cached_vae``) unless the stage sets ``vae_on_the_fly``, as
+the weak stage of a VAE swap does, whose VAE the shards were not encoded with.
 
 What the run needs from T5 besides the batches (the null caption, the validation prompts) is computed
 once at the start, saved in the run folder and T5 freed (``TextFeatures``): a run on cached features

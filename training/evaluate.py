@@ -11,9 +11,14 @@ result does not depend on the number of ranks.
 
 - FID: torchmetrics' ``FrechetInceptionDistance`` on torch-fidelity's Inception-v3 (the TF FID network;
   2048-d pool features by default), weights by local path (``--inception``) or torch's hub cache, never
-  downloaded here. PixArt-Σ reports FID on 30K held-out images (arXiv 2403.04692 §4).
+  downloaded here; images reach 299² by the TF graph's bilinear resize as torch-fidelity does (the standard
+  FID; ``--fid-resize clean``: clean-fid's PIL bicubic). ``metrics.json`` records the resize, the image
+  count per side and the weights' sha256. Below 2048 images per side FID is refused, or with
+  ``--allow-small-fid`` computed and marked ``fid_small_n`` (a trend, not a reportable number). PixArt-Σ reports FID on 30K held-out images (arXiv 2403.04692 §4).
 - CLIP score: open_clip (ViT-L/14 by default), 100 · max(cos(image, prompt), 0) per image, as torchmetrics'
-  ``CLIPScore`` defines it (Hessel et al. 2021 with w = 100), scored on the 8-bit PNG that is saved.
+  ``CLIPScore`` defines it (Hessel et al. 2021 with w = 100), scored on the 8-bit PNG that is saved; CLIP reads
+  77 tokens, so ``clip_prompts_cut`` counts the images whose prompt it saw only the start of (per row:
+  ``clip_prompt_cut``).
 
 Writes ``metrics.json``, ``clip_scores.parquet`` (one row per image), TensorBoard scalars (``tensorboard/``)
 and ``index.html`` (generated next to real, prompt and score under each, worst and best CLIP rows) to
@@ -100,19 +105,70 @@ def check_inception_weights(path: str | Path) -> Path:
     return path
 
 
+FID_RESIZE = ("tf", "clean")
+# Below this many images per side the 2048 × 2048 covariance is rank-deficient (rank ≤ N - 1) and FID is
+# biased upwards by an N-dependent amount (Chong & Forsyth 2020): a number to watch as a trend, not to report.
+MIN_FID_IMAGES = 2048
+SMALL_FID_LABEL = "trend only: fewer than 2048 images per side"
+FID_TREND_TAG = "eval/fid_trend_small_n"  # TensorBoard tag of a small-N FID (in-training evaluation)
+
+
+def small_fid(num_real: int, num_generated: int) -> bool:
+    """Whether FID on these counts is a small-N trend rather than a reportable number."""
+    return min(num_real, num_generated) < MIN_FID_IMAGES
+FID_INPUT_SIZE = 299  # the TF FID Inception's input side
+
+
+@functools.cache
+def file_sha256(path: str) -> str:
+    """sha256 of a file (the Inception weights named in metrics.json), read once per process."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clean_resize(images: Tensor) -> Tensor:
+    """(B, 3, H, W) uint8 → (B, 3, 299, 299) uint8 by clean-fid's resize: PIL bicubic on each channel in float
+    (``make_resizer("PIL", False, "bicubic", (299, 299))``), clipped to [0, 255], rounded to 8 bits (clean-fid
+    keeps the float: ≤ 0.5/255 per pixel apart)."""
+    out = []
+    for image in images.cpu().numpy():  # (3, H, W)
+        channels = [
+            np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize(
+                (FID_INPUT_SIZE, FID_INPUT_SIZE), resample=Image.BICUBIC))
+            for c in image
+        ]  # fmt: skip
+        out.append(np.stack(channels).clip(0, 255).round().astype(np.uint8))
+    return torch.from_numpy(np.stack(out))
+
+
 class FidMetric:
-    """torchmetrics' FID: sums of features and their outer products, all-reduced at ``compute``."""
+    """torchmetrics' FID: sums of features and their outer products, all-reduced at ``compute``.
+
+    ``resize="tf"`` (the standard FID): the TF FID Inception graph's bilinear resize to 299, as torch-fidelity
+    and pytorch-fid's TF port do it (torchmetrics' ``antialias=False``; its default antialiased resize gives
+    another number: 162.48 vs 158.89 on the same 12 + 12 images, issue 19). ``resize="clean"``: clean-fid's PIL
+    bicubic resize first (Parmar et al. 2022), then the same network.
+    """
 
     def __init__(self, *, device: torch.device, inception: str | Path | None = None, features: int = 2048,
-                 extractor: torch.nn.Module | None = None, sync: bool = True) -> None:  # fmt: skip
+                 extractor: torch.nn.Module | None = None, sync: bool = True, resize: str = "tf") -> None:  # fmt: skip
         from torchmetrics.image.fid import FrechetInceptionDistance
 
+        if resize not in FID_RESIZE:
+            raise ValueError(f"FID resize must be one of {FID_RESIZE}, got {resize!r}")
+        self.resize, self.weights_sha256 = resize, None
         if extractor is None:
             if features not in FID_FEATURES:
                 raise ValueError(f"FID features must be one of {FID_FEATURES}, got {features}")
             path = check_inception_weights(inception or default_inception_path())
+            self.weights_sha256 = file_sha256(str(path))
             self.metric = FrechetInceptionDistance(
-                feature=features, feature_extractor_weights_path=str(path), sync_on_compute=sync
+                feature=features, feature_extractor_weights_path=str(path), sync_on_compute=sync, antialias=False
             )
         else:  # fixed features in tests: any module with num_features
             self.metric = FrechetInceptionDistance(feature=extractor, sync_on_compute=sync)
@@ -121,6 +177,8 @@ class FidMetric:
 
     def update(self, images: Tensor, *, real: bool) -> None:
         """images (B, 3, H, W) uint8 (or features, with a fixed extractor)."""
+        if self.resize == "clean" and images.dtype == torch.uint8:
+            images = clean_resize(images)  # 299 × 299: the TF resize inside is then the identity
         self.metric.update(images.to(self.device), real=real)
 
     def compute(self) -> float:
@@ -154,6 +212,13 @@ class ClipScorer:
         self.tokenizer = open_clip.get_tokenizer(model)
         self.device = device
         self.name = model if pretrained is None else f"{model}/{pretrained}"
+
+    def is_cut(self, prompt: str) -> bool:
+        """Whether CLIP sees only the start of ``prompt``: its tokens (start and end included, after the
+        tokenizer's own cleaning) exceed the context length (77); PixArt-Σ captions run to 300 T5 tokens."""
+        context = self.tokenizer.context_length
+        tokens = self.tokenizer([prompt], context_length=context * 64)  # (1, L): zero-padded, not cut
+        return int((tokens != 0).sum()) > context
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
@@ -255,6 +320,7 @@ class EvalSettings:
     num_images_per_prompt: int = 1
     seed: int = 0
     resolution: int | None = None  # default: each model's training resolution
+    binning: str = "pixart"  # bucket tables (training.sample.BINNINGS), the same for sampling and evaluation
 
 
 def evaluate_generator(
@@ -273,7 +339,7 @@ def evaluate_generator(
     """Generate this rank's share into ``out/images``, feed FID and CLIP; FID and all rows on every rank."""
     k = eval_settings.num_images_per_prompt
     jobs = plan_jobs(rows, resolution=eval_settings.resolution or generator.resolution, seed=eval_settings.seed,
-                     num_images_per_prompt=k)  # fmt: skip
+                     num_images_per_prompt=k, binning=eval_settings.binning)  # fmt: skip
     mine = jobs[env.rank :: env.world_size]
     fid.reset()
     real_scores = {}  # the real image's CLIP score against its prompt: the ceiling the model is read against
@@ -287,17 +353,19 @@ def evaluate_generator(
             atomic_write_bytes(real_out / f"{_safe(row['key'])}.png", _png(image))
     real_scores = _gather_dict(real_scores, env)
     scores: dict[int, float] = {}
+    cut: dict[int, bool] = {}  # the prompt was longer than CLIP's context: scored on its start only
 
     def score(job: ImageJob, image: Tensor) -> None:
         pixels = Image.open(io.BytesIO(to_png_bytes(image)))  # exactly what was saved
         fid.update(pil_to_uint8(pixels)[None], real=False)
         scores[job.index] = float(clip([pixels.convert("RGB")], [job.prompt])[0])
+        cut[job.index] = clip.is_cut(job.prompt)
 
     image_rows = write_images(generator, mine, settings, out / "images", on_image=score)
     for row in image_rows:
         key = rows[row["index"] // k]["key"]
-        row.update(clip_score=scores[row["index"]], real_key=key, real_file=f"{_safe(key)}.png",
-                   real_clip_score=real_scores[key])  # fmt: skip
+        row.update(clip_score=scores[row["index"]], clip_prompt_cut=cut[row["index"]], real_key=key,
+                   real_file=f"{_safe(key)}.png", real_clip_score=real_scores[key])  # fmt: skip
     return fid.compute(), gather_rows(image_rows, env)
 
 
@@ -342,7 +410,7 @@ def log_tensorboard(folder: Path, metrics: dict, step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(folder))
-    writer.add_scalar("eval/fid", metrics["fid"], step)
+    writer.add_scalar(FID_TREND_TAG if metrics.get("fid_small_n") else "eval/fid", metrics["fid"], step)
     writer.add_scalar("eval/clip_score", metrics["clip_score"], step)
     writer.close()
 
@@ -400,7 +468,8 @@ def compare_page(all_metrics: list[dict], all_rows: list[list[dict]], labels: li
 
 def _summary_table(all_metrics: list[dict]) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(m['model'])}</td><td>{m['fid']:.3f}</td>"
+        f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(m['model'])}</td><td>{m['fid']:.3f}"
+        f"{'<br>(' + SMALL_FID_LABEL + ')' if m.get('fid_small_n') else ''}</td>"
         f"<td>{m['clip_score']:.3f}</td><td>{m['clip_score_real']:.3f}</td><td>{m['num_images']}</td>"
         f"<td>{m['sampling']['sampler']}, "
         f"{m['sampling']['steps']} steps, cfg {m['sampling']['cfg_scale']}</td></tr>"
@@ -446,10 +515,25 @@ def score_summary(fid_value: float, image_rows: list[dict]) -> dict:
     """FID, the mean (and spread) of the CLIP scores, and the real images' own mean CLIP score."""
     scores = np.array([r["clip_score"] for r in image_rows])
     real_scores = np.array(list({r["real_key"]: r["real_clip_score"] for r in image_rows}.values()))
-    return {
-        "num_images": len(image_rows), "fid": fid_value, "clip_score": float(scores.mean()),
+    summary = {
+        "num_images": len(image_rows), "num_real_images": len(real_scores), "num_generated_images": len(image_rows),
+        "fid": fid_value, "fid_small_n": small_fid(len(real_scores), len(image_rows)), "clip_score": float(scores.mean()),
         "clip_score_std": float(scores.std()), "clip_score_real": float(real_scores.mean()),
+        "clip_prompts_cut": sum(bool(r.get("clip_prompt_cut")) for r in image_rows),
     }  # fmt: skip
+    if summary["fid_small_n"]:
+        summary["fid_note"] = SMALL_FID_LABEL
+    return summary
+
+
+def check_fid_counts(num_real: int, num_generated: int, *, allow_small: bool) -> None:
+    """Refuse an FID on fewer than 2048 images per side (before any model loads) unless asked for."""
+    if small_fid(num_real, num_generated) and not allow_small:
+        raise ValueError(
+            f"FID on {num_real} real and {num_generated} generated images: below {MIN_FID_IMAGES} per side the "
+            "2048-d covariance is rank-deficient and FID is not comparable (PixArt-Σ reports 30K); use more "
+            "prompts or --num-images-per-prompt, or pass --allow-small-fid to get it marked as a trend"
+        )
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -464,11 +548,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise ValueError(
             f"{args.input}: FID needs at least 2 prompts, the eval set (or --num-samples) gives {len(rows)}"
         )
+    check_fid_counts(len(rows), len(rows) * args.num_images_per_prompt, allow_small=args.allow_small_fid)
     real_bytes = read_real_images(args.input, {r["key"] for r in rows})
-    fid = FidMetric(device=device, inception=args.inception, features=args.fid_features)
+    fid = FidMetric(device=device, inception=args.inception, features=args.fid_features, resize=args.fid_resize)
     clip = ClipScorer(args.clip_model, args.clip_pretrained, device=device)
     settings = settings_from_args(args)
-    eval_settings = EvalSettings(args.num_images_per_prompt, args.seed, args.resolution)
+    eval_settings = EvalSettings(args.num_images_per_prompt, args.seed, args.resolution, args.binning)
     compare = len(args.model) > 1
     labels = model_labels(args.model) if compare else [""]
     results = []
@@ -483,15 +568,18 @@ def evaluate(args: argparse.Namespace) -> dict:
         metrics = {
             "name": name, "model": model, "eval_set": str(args.input), "num_prompts": len(rows),
             **score_summary(fid_value, image_rows), "fid_features": args.fid_features, "clip_model": clip.name,
-            "inception": str(args.inception or default_inception_path()), "resolution": generator.resolution,
+            "inception": str(args.inception or default_inception_path()), "inception_sha256": fid.weights_sha256,
+            "fid_resize": args.fid_resize, "resolution": generator.resolution, "binning": args.binning,
             "sampling": dataclasses.asdict(settings), "seed": args.seed, "world_size": env.world_size,
             "seconds": time.perf_counter() - started,
         }  # fmt: skip
         if env.is_main:
             write_report(model_out, metrics, image_rows, real_dir="../real" if compare else "real")
             write_rows(model_out / "images.jsonl", image_rows)
-            print(f"{label or name}: FID {fid_value:.3f}  CLIP score {metrics['clip_score']:.3f}  "
-                  f"({len(image_rows)} images) → {model_out / METRICS_FILE}")  # fmt: skip
+            small = f" [{SMALL_FID_LABEL}]" if metrics["fid_small_n"] else ""
+            print(f"{label or name}: FID {fid_value:.3f}{small}  CLIP score {metrics['clip_score']:.3f}  "
+                  f"({metrics['num_real_images']} real, {len(image_rows)} generated images) → "
+                  f"{model_out / METRICS_FILE}")  # fmt: skip
         results.append((metrics, image_rows))
         del generator
     if compare and env.is_main:
@@ -547,7 +635,9 @@ def evaluate_during_training(
     ``section`` is the config's ``evaluation`` section; ``encode`` maps prompts to (T5 states, mask) and
     ``decode`` scaled latents to images in [-1, 1], as the trainer holds them. Images go to
     ``run_dir/eval/in_training/<step>/``, the scalars to ``eval/in_training.jsonl`` and, given a
-    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score``.
+    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score``. On fewer than 2048 images (the usual
+    in-training subset) FID is logged as ``eval/fid_trend_small_n`` and marked ``fid_small_n`` in the JSONL:
+    a trend within the run, not a number to compare with papers.
     """
     rows, real_bytes, fid, clip = training_evaluator(
         section.eval_set, section.num_samples, section.inception, section.fid_features, section.clip_model,
@@ -573,16 +663,18 @@ def evaluate_during_training(
     values = {"global_step": global_step, **score_summary(fid_value, image_rows)}
     with open(out / "in_training.jsonl", "a") as f:
         f.write(json.dumps(values) + "\n")
+    fid_tag = FID_TREND_TAG if values["fid_small_n"] else "eval/fid"
     if writer is not None:
-        writer.add_scalar("eval/fid", fid_value, global_step)
+        writer.add_scalar(fid_tag, fid_value, global_step)
         writer.add_scalar("eval/clip_score", values["clip_score"], global_step)
-    log.info("step %d: FID %.3f, CLIP score %.3f on %d eval prompts", global_step, fid_value,
+    small = f" ({SMALL_FID_LABEL})" if values["fid_small_n"] else ""
+    log.info("step %d: FID %.3f%s, CLIP score %.3f on %d eval prompts", global_step, fid_value, small,
              values["clip_score"], len(image_rows))  # fmt: skip
     return values
 
 
 def evaluate_in_training(model, cfg, stage, text, latents, env, metrics, global_step: int) -> None:
-    """The trainer's call: rank 0 evaluates ``model`` (EMA when kept) at this stage's resolution, the others wait.
+    """The trainer's call: rank 0 evaluates ``model`` (the raw weights the stage trains), the others wait.
 
     ``text`` holds the prompts' T5 states computed at the start (``training_eval_prompts``; T5 is not
     loaded here), ``latents.decode`` gives images, ``metrics.writer`` is the TensorBoard writer.
@@ -617,6 +709,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fid-features", type=int, default=2048, choices=FID_FEATURES,
                         help="Inception feature tap (2048: standard FID)")  # fmt: skip
+    parser.add_argument("--allow-small-fid", action="store_true",
+                        help=f"compute FID on fewer than {MIN_FID_IMAGES} images per side, marked as a trend")  # fmt: skip
+    parser.add_argument("--fid-resize", choices=FID_RESIZE, default="tf",
+                        help="to Inception's 299²: tf = the TF FID graph's bilinear (torch-fidelity, the standard "
+                        "FID); clean = clean-fid's PIL bicubic")  # fmt: skip
     parser.add_argument("--clip-model", default="ViT-L-14-quickgelu",
                         help="open_clip model name (OpenAI's ViT-L/14 uses QuickGELU) or local-dir:PATH")  # fmt: skip
     parser.add_argument(

@@ -16,10 +16,10 @@ model records the token grid from the latent that enters ``pos_embed`` (a forwar
 blocks run.
 
 ``PixArtKVTransformer2DModel`` is the loader: a ``PixArtTransformer2DModel`` whose config names the
-compressed layers and the ratio, so ``save_pretrained``/``from_pretrained`` round-trip, and a pipeline
-saved with it records ``["training.kv_processor", "PixArtKVTransformer2DModel"]`` in ``model_index.json``.
-diffusers then loads it inside ``PixArtSigmaPipeline.from_pretrained`` once this module is imported, and
-says "import training.kv_processor" when it is not. Its config stores ``norm_type`` as ``KV_NORM_TYPE``
+compressed layers and the ratio, so ``save_pretrained``/``from_pretrained`` round-trip. This file imports
+only torch and diffusers, so it travels: ``training.pipeline`` copies it into a KV export's ``transformer/``
+and names it in ``model_index.json`` (a diffusers custom component), and plain diffusers loads the pipeline
+with ``trust_remote_code=True``. Its config stores ``norm_type`` as ``KV_NORM_TYPE``
 so that loading the folder as a plain ``PixArtTransformer2DModel`` (which would drop the compression
 weights with only a warning and silently change every output) fails in the constructor instead, with
 that value, naming this class, in the error.
@@ -212,6 +212,6 @@ def refuse_pixsigma_folder(path, subfolder: str | None = None) -> None:
         raise ValueError(
             f"{config.parent} is a pixsigma checkpoint folder (config.json + model.safetensors), not a diffusers "
             "one: load it with training.convert.load_model, sample it with `python -m training.sample --model "
-            f"{config.parent}`, or export a PixArtSigmaPipeline folder with `python -m training.convert --input "
+            f"{config.parent}`, or export a PixArtSigmaPipeline folder with `python -m training.export --input "
             f"{config.parent} --output OUT`"
         )

@@ -6,10 +6,12 @@ The same command runs on a laptop (gloo, CPU, tiny preset) and on a GPU cluster 
 as the story: setup → preflight (config, data, models: fail in seconds) → build → resume → for each
 stage: transition, loop (checkpoints, validation), stage export → final export. Stages follow PixArt-Σ §3
 (arXiv 2403.04692): each starts from the previous stage's weights, and the transitions (caption length
-120 → 300 from PixArt-α weights, VAE swap, resolution up, KV compression on) keep every existing weight.
+120 → 300 from PixArt-α weights, VAE swap, resolution up, KV compression on) keep every existing weight;
+the EMA is re-seeded from the weights entering each stage (``reseed_ema``).
 
-SIGTERM (pre-emption) checkpoints at the next step boundary on every rank and exits with code 143; the
-same command resumes exactly where it stopped, mid data segment included.
+SIGTERM (pre-emption) checkpoints at the next step boundary on every rank and exits with code 143, a
+stage's last step included (its validation and export then run on resume); the same command resumes
+exactly where it stopped, the data stream (and what waits in its buckets) included.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from training.encoders import (
     ShardFeatures,
     TextFeatures,
     compute_text_features,
+    same_model,
     vae_scaling_factor,
 )
 from training.evaluate import evaluate_in_training, training_eval_prompts
@@ -214,7 +217,8 @@ def preflight(cfg: TrainConfig) -> ShardFeatures:
     if t5_needed(cfg, features, cached_text):
         check_model_source(cfg.text.t5, "text.t5")
     for i, stage in enumerate(cfg.stages):
-        cached = cfg.data.use_cached_features and features.has_latents(stage.vae, stage.resolution)
+        check_cached_vae(i, stage, features, use_cached=cfg.data.use_cached_features)
+        cached = latents_cached(cfg, stage, features)
         if not cached or stage.validation_prompts:
             check_model_source(stage.vae, f"stages.{i}.vae")
         check_vae_scaling(i, stage, features, cached=cached)
@@ -251,6 +255,25 @@ def check_model_source(value: str, name: str) -> None:
                 f"{name} = {value}: not a local folder and not in the hub cache, and HF_HUB_OFFLINE is set; "
                 f"download it first or pass a local path"
             )
+
+
+def latents_cached(cfg: TrainConfig, stage: StageSection, features: ShardFeatures) -> bool:
+    """Whether the stage reads the shards' cached latents (same VAE, resolution cached) or encodes them."""
+    use = cfg.data.use_cached_features and not stage.vae_on_the_fly
+    return use and features.has_latents(stage.vae, stage.resolution)
+
+
+def check_cached_vae(index: int, stage: StageSection, features: ShardFeatures, *, use_cached: bool) -> None:
+    """Shards that cache the stage's resolution with another VAE are refused, unless the stage asks for its
+    VAE on the fly (silently encoding would run a VAE the user did not expect, at a cost they did not plan)."""
+    cached_here = features.vae is not None and stage.resolution in features.vae_resolutions
+    if not use_cached or stage.vae_on_the_fly or not cached_here or same_model(features.vae, stage.vae):
+        return
+    raise PreflightError(
+        f"stages.{index}.vae = {stage.vae}, but the shards' cached latents at {stage.resolution} px were made "
+        f"with VAE {features.vae}: set --set stages.{index}.vae={features.vae}, or --set "
+        f"stages.{index}.vae_on_the_fly=true to encode with {stage.vae} on the fly"
+    )
 
 
 def check_vae_scaling(index: int, stage: StageSection, features: ShardFeatures, *, cached: bool) -> None:
@@ -426,10 +449,11 @@ def enter_stage(
     *,
     quiet: bool,
 ) -> None:
-    """Apply the transition to the model and its EMA, and log what changed (PixArt-Σ's weak-to-strong)."""
+    """Apply the transition to the model, re-seed its EMA, log what changed (PixArt-Σ's weak-to-strong)."""
     new_params = apply_stage(model, stage)
     if ema is not None:
-        apply_stage(ema, stage)  # same deterministic init for the new layers, so EMA = model there
+        apply_stage(ema, stage)  # the same transition (PE, KV layers), so the state dicts match
+        reseed_ema(ema, model)
     if quiet:
         return
     changes = []
@@ -470,6 +494,20 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection, lr: float) -> t
     return torch.optim.AdamW(
         params, lr=lr, betas=optim.betas, eps=optim.eps[0], weight_decay=optim.weight_decay
     )
+
+
+@torch.no_grad()
+def reseed_ema(ema: PixArtSigma, model: PixArtSigma) -> None:
+    """EMA ← the weights entering the stage: each stage's EMA averages that stage's weights only.
+
+    PixArt-Σ keeps no EMA (train_scripts/train.py builds none and saves none; ``ema_rate`` in
+    configs/PixArt_xl2_internal.py is unread, and a stage starts from the previous stage's raw
+    ``state_dict`` with ``load_ema=False``). An EMA carried across a transition would, at 0.9999 over a
+    2K-step stage, still be 0.9999^2000 ≈ 82 % the previous stage's weights (SD-VAE latents, another
+    resolution). Re-seeding from the raw weights at every transition is the nearest to upstream: the stage
+    starts from the same raw weights as theirs, and ``final_ema/<stage>/`` is an average of that stage alone.
+    """
+    ema.load_state_dict(model.state_dict())
 
 
 @torch.no_grad()
@@ -585,41 +623,30 @@ def train_stage(
     stage = cfg.stages[index]
     start_step = resume["position"]["step"] if resume else 0
     if resume:
-        model.load_state_dict(resume["model"])
-        if ema is not None and resume["ema"] is not None:
-            ema.load_state_dict(resume["ema"])
-    cached = cfg.data.use_cached_features and features.has_latents(stage.vae, stage.resolution)
+        restore_weights(model, ema, resume)
+    cached = latents_cached(cfg, stage, features)
     latents = LatentEncoder(
         stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
     )
-    if start_step >= stage.steps:  # resumed from this stage's last checkpoint
-        export_stage(model, ema, stage, cfg, env)
+    if start_step >= stage.steps:  # resumed from this stage's last checkpoint: its end, if not done yet
+        finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
+                     metrics=metrics, global_step=global_step, stop=stop, resumed=True)  # fmt: skip
+        if stop_agreed(stop, env):  # a SIGTERM during the export: exit before the next stage
+            raise Preempted()
         return global_step
     log.info("stage %s: latents %s, captions %s", stage.name, "cached" if cached else "VAE on the fly",
              "cached" if text.cached else "T5 on the fly")  # fmt: skip
     lr = stage_lr(stage, cfg.optim, global_batch(stage, cfg.optim, env.world_size))
     optimizer = build_optimizer(model, cfg.optim, lr)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 104_729 + index * 1_009 + env.rank)
-    nonfinite = 0
-    skip = 0  # batches of the first data segment already read before a mid-segment checkpoint
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        nonfinite = resume["nonfinite_streak"]
-        skip = segment_batches_read(resume, cfg, env)
-        if len(resume["rng"]) == env.world_size:
-            restore_rng(resume["rng"][env.rank], generator)
+    nonfinite, skip = restore_stage(resume, optimizer, generator, cfg, env) if resume else (0, 0)
     model.train()
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
-    stream = None
+    # One stream for the whole stage: what waits in its bucket buffers at a checkpoint stays there (issue 20).
+    stream = open_stream(cfg, stage, index, env, latents.cached, text.cached, model, skip=skip)
 
     for step in range(start_step, stage.steps):
-        if stream is None or step % cfg.checkpoint_every == 0:  # a new data segment per checkpoint interval
-            stream = open_stream(cfg, stage, index, step // cfg.checkpoint_every, env, latents.cached,
-                                 text.cached, model)  # fmt: skip
-            for _ in range(skip):
-                next(stream)
-            skip = 0
         inject_faults(cfg, global_step, env.rank, resumed_run=resumed_run)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr=lr, warmup_steps=stage.warmup_steps)
@@ -635,23 +662,119 @@ def train_stage(
         global_step += 1
         last = step + 1 == stage.steps
         record = {"stage": stage.name, "step": step, "global_step": global_step, "lr": optimizer.param_groups[0]["lr"],
-                  **{k: out[k] for k in ("loss", "mse", "vb", "latent_std", "grad_norm")},
+                  **{k: out[k] for k in ("loss", "mse", "vb", "latent_std", "grad_norm", "samples", "partial_batches")},
+                  "batches": cfg.optim.grad_accum_steps * env.world_size,
                   "skipped": not out["finite"], "force": last or out["stop"]}  # fmt: skip
         metrics.step(record, seconds=out["seconds"], data_seconds=out["data_seconds"],
-                     images=out["images"] * env.world_size, flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
+                     images=out["samples"], flops=out["flops"] * env.world_size, peak=peak)  # fmt: skip
         if last or out["stop"] or (step + 1) % cfg.checkpoint_every == 0:
             save_state(cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite)
-        if out["stop"] and not last:
+        if out["stop"]:  # the last step of a stage too: its validation and export run on resume
             log.warning("SIGTERM: checkpoint at stage %s step %d saved; rerun the same command to resume",
                         stage.name, step + 1)  # fmt: skip
             raise Preempted()
-        if cfg.validation.every and (step + 1) % cfg.validation.every == 0 and not last:
+        if last:  # the stage's end (validation, evaluation, export): finish_stage, also on resume
+            break
+        validating = bool(cfg.validation.every) and (step + 1) % cfg.validation.every == 0
+        evaluating = bool(cfg.evaluation.every) and (step + 1) % cfg.evaluation.every == 0
+        if validating:
             validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
-        if cfg.evaluation.every and (step + 1) % cfg.evaluation.every == 0:  # issue 12: FID / CLIP score
-            evaluate_in_training(ema or model, cfg, stage, text_features, latents, env, metrics, global_step)
-    validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
-    export_stage(model, ema, stage, cfg, env)
+        if evaluating:  # issue 12: FID / CLIP score
+            # The weights this stage trains (as PixArt's log_validation samples its model), not the EMA.
+            evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
+        if (validating or evaluating) and stop_agreed(stop, env):  # a SIGTERM while they ran: exit now
+            if (step + 1) % cfg.checkpoint_every:
+                save_state(
+                    cfg, env, index, step + 1, global_step, model, ema, optimizer, generator, nonfinite
+                )
+            log.warning("SIGTERM during validation/evaluation: checkpoint at stage %s step %d saved; rerun the "
+                        "same command to resume", stage.name, step + 1)  # fmt: skip
+            raise Preempted()
+    finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
+                 metrics=metrics, global_step=global_step, stop=stop, resumed=False)  # fmt: skip
+    if stop_agreed(stop, env):  # a SIGTERM during the export: its last step's checkpoint is the state
+        log.warning("SIGTERM: stage %s done and checkpointed; rerun the same command to resume", stage.name)
+        raise Preempted()
     return global_step
+
+
+def restore_weights(model: PixArtSigma, ema: PixArtSigma | None, resume: dict) -> None:
+    """The checkpoint's weights and EMA; an EMA the checkpoint lacks starts from its weights."""
+    model.load_state_dict(resume["model"])
+    if ema is not None and resume["ema"] is not None:
+        ema.load_state_dict(resume["ema"])
+    elif ema is not None:  # a checkpoint without one (ema_decay turned on since): the resumed weights
+        log.warning("checkpoint has no EMA (optim.ema_decay was 0): EMA re-seeded from its weights")
+        reseed_ema(ema, model)
+
+
+def restore_stage(
+    resume: dict, optimizer: torch.optim.Optimizer, generator: torch.Generator, cfg: TrainConfig, env: Dist
+) -> tuple[int, int]:
+    """The optimiser and this rank's RNG as checkpointed; returns (non-finite streak, batches of the stage's
+    stream read before the checkpoint)."""
+    optimizer.load_state_dict(resume["optimizer"])
+    if len(resume["rng"]) == env.world_size:
+        restore_rng(resume["rng"][env.rank], generator)
+    return resume["nonfinite_streak"], stage_batches_read(resume, cfg, env)
+
+
+def finish_stage(
+    model: PixArtSigma,
+    ema: PixArtSigma | None,
+    *,
+    stage: StageSection,
+    text_features: TextFeatures,
+    latents: LatentEncoder,
+    cfg: TrainConfig,
+    env: Dist,
+    metrics: MetricsSink,
+    global_step: int,
+    stop: StopRequest,
+    resumed: bool,
+) -> None:
+    """A stage's end: validation grids, the stage-end evaluation (FID / CLIP score), then ``final/<stage>/``.
+
+    Resumed from the stage's last checkpoint, only what the stopped run did not do: the ``stage_end``
+    marker says validation and evaluation are done (an export, written after them, says so too). A SIGTERM
+    that arrives while they run exits before the export (``Preempted``); the resumed run exports.
+    """
+    run_dir = Path(cfg.run_dir)
+    exported = cfg.export_stages and is_exported(run_dir / "final" / stage.name)
+    if not (resumed and (exported or stage_end_done(run_dir, stage, global_step))):
+        validate(model, ema, stage, text_features, latents, cfg, env, metrics, global_step)
+        if cfg.evaluation.every and stage.steps % cfg.evaluation.every == 0:  # as an uninterrupted loop would
+            evaluate_in_training(model, cfg, stage, text_features, latents, env, metrics, global_step)
+        if env.is_main:
+            atomic_write_bytes(
+                stage_end_marker(run_dir, stage), json.dumps({"global_step": global_step}).encode()
+            )
+        if env.world_size > 1:
+            dist.barrier()
+        if stop_agreed(stop, env):
+            log.warning("SIGTERM during stage %s's end: exiting before its export; rerun the same command to "
+                        "resume (the export runs then)", stage.name)  # fmt: skip
+            raise Preempted()
+    export_stage(model, ema, stage, cfg, env)
+
+
+def stage_end_marker(run_dir: Path, stage: StageSection) -> Path:
+    """Written once a stage's validation grids and evaluation are done (before its export)."""
+    return run_dir / "stage_end" / f"{stage.name}.json"
+
+
+def stage_end_done(run_dir: Path, stage: StageSection, global_step: int) -> bool:
+    """Whether this stage's end (at ``global_step``) already validated and evaluated."""
+    marker = stage_end_marker(run_dir, stage)
+    return marker.is_file() and json.loads(marker.read_text()).get("global_step") == global_step
+
+
+def stop_agreed(stop: StopRequest, env: Dist) -> bool:
+    """Whether any rank has a SIGTERM pending (one all-reduce, so every rank stops at the same point)."""
+    flag = torch.tensor(float(stop.requested), device=env.device)
+    if env.world_size > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)
 
 
 def skip_nonfinite(stage: StageSection, step: int, streak: int, cfg: TrainConfig) -> int:
@@ -670,20 +793,21 @@ def open_stream(
     cfg: TrainConfig,
     stage: StageSection,
     index: int,
-    segment: int,
     env: Dist,
     cached_latents: bool,
     cached_text: bool,
     model: PixArtSigma,
+    *,
+    skip: int = 0,
 ):
-    """This rank's batches for one checkpoint segment of a stage (see training/data.py on resume)."""
+    """This rank's batches for one stage, from its ``skip``-th on (see training/data.py on resume)."""
     d = cfg.data
     return make_stream(
-        d.shards, resolution=stage.resolution, batch_size=stage.batch_size, seed=stream_seed(cfg.seed, index, segment),
-        rank=env.rank, num_workers=d.num_workers, real_prompt_ratio=d.real_prompt_ratio,
+        d.shards, resolution=stage.resolution, batch_size=stage.batch_size, seed=stream_seed(cfg.seed, index),
+        rank=env.rank, num_workers=d.num_workers, skip=skip, real_prompt_ratio=d.real_prompt_ratio,
         shuffle_buffer=d.shuffle_buffer, shuffle_buffer_mb=d.shuffle_buffer_mb, bucket_buffer_mb=d.bucket_buffer_mb,
         cached_latents=cached_latents, cached_text=cached_text, caption_channels=model.config.caption_channels,
-        latent_channels=model.config.in_channels,
+        latent_channels=model.config.in_channels, bucket_rule=d.bucket_rule,
     )  # fmt: skip
 
 
@@ -702,19 +826,24 @@ def train_step(
 ) -> dict:
     """Forward/backward over grad_accum_steps micro-batches, clip, and agree on finiteness and stop across ranks.
 
-    Gradients are all-reduced on the last micro-batch only (``no_sync`` on the others). Captions are
-    dropped for classifier-free guidance here (probability class_dropout_prob, and always for a sample
-    with no caption), with the trainer's seeded generator.
+    Every sample weighs the same in the step, whatever the size of its micro-batch (issue 20: a short batch
+    from the bucket sampler must not weigh more per sample): the loss is the sum of per-sample losses over
+    the step's global sample count (all micro-batches, all ranks; one small all-reduce before the forward).
+    DDP averages gradients over ranks, so each rank scales by world_size / count, and the averaged gradient
+    is that of the mean over every sample of the step. Gradients are all-reduced on the last micro-batch
+    only (``no_sync`` on the others). Captions are dropped for classifier-free guidance here (probability
+    class_dropout_prob, and always for a sample with no caption), with the trainer's seeded generator.
     """
     started = time.perf_counter()
     num_micro = cfg.optim.grad_accum_steps
     autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
-    sums = torch.zeros(4, device=env.device)  # loss, mse, vb, latent std (summed over micro-batches)
-    data_seconds, images, flops = 0.0, 0, 0
-    for micro in range(num_micro):
-        fetch = time.perf_counter()
-        batch = next(stream)
-        data_seconds += time.perf_counter() - fetch
+    batches = [next(stream) for _ in range(num_micro)]
+    data_seconds = time.perf_counter() - started
+    num_samples, num_partial = step_counts(batches, env)
+    scale = env.world_size / num_samples  # DDP's mean over ranks × this = the mean over the step's samples
+    sums = torch.zeros(4, device=env.device)  # loss, mse, vb: sums over samples; latent std: mean
+    images, flops = 0, 0
+    for micro, batch in enumerate(batches):
         x0 = latents(batch, generator)  # (B, 4, h, w), scaled
         y, mask = text(batch)  # (B, L, C), (B, L)
         B = x0.shape[0]
@@ -728,17 +857,17 @@ def train_step(
             with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = net(x_t, t, y, mask, force_drop_ids=drop)  # (B, 8, h, w)
             terms = diffusion.training_losses(out.float(), x0, t, noise)
-            loss = terms["loss"].mean() / num_micro
+            loss = terms["loss"].sum() * scale
             if global_step in cfg.faults.inject_nan_steps and env.rank == cfg.faults.inject_rank:
                 loss = loss * float("nan")  # fault injection (tests): a NaN on one rank only
             loss.backward()
         parts = [
-            loss.detach(),
-            terms["mse"].detach().mean(),
-            terms["vb"].detach().mean(),
-            x0.detach().float().std(),
+            loss.detach() / scale,
+            terms["mse"].detach().sum(),
+            terms["vb"].detach().sum(),
+            x0.detach().float().std() / num_micro,
         ]
-        sums += torch.stack(parts) / torch.tensor([1.0, num_micro, num_micro, num_micro], device=env.device)
+        sums += torch.stack(parts)
         images += B
         flops += train_flops(model.config, x0, y.shape[1])
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -751,7 +880,7 @@ def train_step(
     if env.world_size > 1:
         dist.all_reduce(stats)
     finite = int(stats[4].item()) == env.world_size
-    mean = (stats[:4] / env.world_size).tolist()
+    mean = (stats[:3] / num_samples).tolist()  # per-sample means over the whole step
     nan = float("nan")
     return {
         "finite": finite,
@@ -759,13 +888,26 @@ def train_step(
         "loss": mean[0] if finite else nan,
         "mse": mean[1] if finite else nan,
         "vb": mean[2] if finite else nan,
-        "latent_std": mean[3],
+        "latent_std": (stats[3] / env.world_size).item(),
         "grad_norm": float(grad_norm) if finite else nan,
         "seconds": time.perf_counter() - started,
         "data_seconds": data_seconds,
         "images": images,
         "flops": flops,
+        "samples": num_samples,  # every rank's, this step
+        "partial_batches": num_partial,  # every rank's micro-batches short of the stage's batch size
     }
+
+
+def step_counts(batches: list[dict], env: Dist) -> tuple[int, int]:
+    """The step's samples and partial micro-batches over every rank (one all-reduce)."""
+    counts = torch.tensor(
+        [sum(len(b["keys"]) for b in batches), sum(bool(b.get("partial", False)) for b in batches)],
+        dtype=torch.float64, device=env.device,
+    )  # fmt: skip
+    if env.world_size > 1:
+        dist.all_reduce(counts)
+    return int(counts[0].item()), int(counts[1].item())
 
 
 def inject_faults(cfg: TrainConfig, global_step: int, rank: int, *, resumed_run: bool) -> None:
@@ -820,24 +962,26 @@ def save_state(
 
 
 def data_position(cfg: TrainConfig, index: int, step: int) -> dict:
-    """Where this rank's data stream stands: the stage, the segment it reopens, batches read so far."""
-    segment = step // cfg.checkpoint_every
+    """Where this rank's data stream stands: the stage's stream and the batches read from it so far."""
     return {
         "stage_index": index,
-        "segment": segment,
-        "segment_seed": stream_seed(cfg.seed, index, segment),
+        "stream_seed": stream_seed(cfg.seed, index),
         "batches_read": step * cfg.optim.grad_accum_steps,  # in this stage
-        "segment_start_batch": segment * cfg.checkpoint_every * cfg.optim.grad_accum_steps,
     }
 
 
-def segment_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
-    """Batches of the resumed segment that were read before the checkpoint (0 at a segment boundary)."""
+def stage_batches_read(resume: dict, cfg: TrainConfig, env: Dist) -> int:
+    """Batches of the stage's stream read before the checkpoint (the resumed stream replays as many)."""
     data = resume["data"][env.rank] if len(resume["data"]) == env.world_size else None
-    if data is None or "segment_start_batch" not in data:
-        step = resume["position"]["step"]
-        return (step % cfg.checkpoint_every) * cfg.optim.grad_accum_steps
-    return data["batches_read"] - data["segment_start_batch"]
+    if data is None:
+        return resume["position"]["step"] * cfg.optim.grad_accum_steps
+    if "segment" in data:  # written when the stream was reopened per checkpoint interval (before issue 20)
+        log.warning(
+            "rank %d: checkpoint from before one data stream per stage (its data position is segment %d): "
+            "resuming at batch %d of the stage's one stream, not the batches the interrupted run would "
+            "have read next", env.rank, data["segment"], data["batches_read"],
+        )  # fmt: skip
+    return data["batches_read"]
 
 
 @torch.no_grad()
@@ -854,10 +998,10 @@ def validate(
 ) -> None:
     """Rank 0 samples the stage's prompts from the raw and the EMA weights (fixed seed, DPM-Solver++).
 
-    Both, because an EMA at 0.9999 still holds most of the weights from before a transition for
-    thousands of steps (after 2K steps, 0.9999^2000 ≈ 82 %): the raw grid shows what the stage learnt.
-    Prompt states were computed at the start (T5 is not loaded here); bf16 autocast on CUDA; the VAE
-    decodes tiled.
+    Both, because the EMA (re-seeded at each transition, ``reseed_ema``) still holds most of the weights
+    that entered the stage for thousands of steps (after 2K steps at 0.9999, 0.9999^2000 ≈ 82 %): the raw
+    grid shows what the stage learnt. Prompt states were computed at the start (T5 is not loaded here);
+    bf16 autocast on CUDA; the VAE decodes tiled.
     """
     if env.is_main and stage.validation_prompts:
         y, mask = text.prompt_batch(list(stage.validation_prompts))  # (P, L, C), (P, L)

@@ -25,9 +25,10 @@ VAE_DOWNSAMPLE = 8  # SD / SDXL VAE: 8 pixels per latent cell
 PE_REFERENCE_RESOLUTION = 512  # pe_interpolation = resolution / 512 (PixArt-Σ: 0.5, 1, 2, 4 at 256…2K)
 TIMESTEP_FREQ_DIM = 256  # sinusoidal frequencies fed to the timestep MLP
 NORM_EPS = 1e-6  # every non-affine LayerNorm of the backbone
-PE_CACHE_SIZE = (
-    128  # PEs kept per model: (grid, base size, interpolation, device, dtype); ~40 buckets a stage
-)
+# PEs kept per model, least recently used dropped first; set_resolution empties it (one stage's grids at most).
+# One stage of 40 buckets at width 1152 in fp32 is 0.04 / 0.17 / 0.67 / 2.7 / 5.2 GiB at 256 / 512 / 1024 /
+# 2048 / 2880 px; the budget keeps ~7 of the 2880 grids (~133 MiB each), and a miss is computed on the device.
+PE_CACHE_BYTES = 1 << 30
 NULL_CAPTION_MODES = ("upstream", "diffusers")
 
 
@@ -154,14 +155,22 @@ def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: floa
 
 
 def get_2d_sincos_pos_embed(
-    embed_dim: int, grid_hw: tuple[int, int], *, base_size: int, pe_interpolation: float
+    embed_dim: int,
+    grid_hw: tuple[int, int],
+    *,
+    base_size: int,
+    pe_interpolation: float,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """PixArt 2D sin-cos PE for an (h, w) token grid, (h·w, D) float32, row-major; first D/2 channels encode w."""
+    """PixArt 2D sin-cos PE for an (h, w) token grid, (h·w, D) float32, row-major; first D/2 channels encode w.
+
+    Computed in float64 (as the reference's numpy) on ``device`` (the CPU by default).
+    """
     h, w = grid_hw
     # Positions are rescaled so that any grid spans [0, base_size / pe_interpolation): a grid twice the
     # training size sees positions at half steps (PixArt-α "lewei_scale", PixArt-Σ "pe_interpolation").
-    pos_h = torch.arange(h, dtype=torch.float64) / (h / base_size) / pe_interpolation  # (h,)
-    pos_w = torch.arange(w, dtype=torch.float64) / (w / base_size) / pe_interpolation  # (w,)
+    pos_h = torch.arange(h, dtype=torch.float64, device=device) / (h / base_size) / pe_interpolation  # (h,)
+    pos_w = torch.arange(w, dtype=torch.float64, device=device) / (w / base_size) / pe_interpolation  # (w,)
     grid_h, grid_w = torch.meshgrid(pos_h, pos_w, indexing="ij")  # (h, w) each
     emb_w = _sincos_1d(embed_dim // 2, grid_w.reshape(-1))  # (h·w, D/2)
     emb_h = _sincos_1d(embed_dim // 2, grid_h.reshape(-1))  # (h·w, D/2)
@@ -170,7 +179,8 @@ def get_2d_sincos_pos_embed(
 
 def _sincos_1d(dim: int, pos: Tensor) -> Tensor:
     """MAE-style 1D sin-cos embedding, [sin, cos] order, in float64."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))  # (dim/2,)
+    steps = torch.arange(dim // 2, dtype=torch.float64, device=pos.device)
+    omega = 1.0 / 10000 ** (steps / (dim / 2.0))  # (dim/2,)
     out = pos[:, None] * omega[None]  # (M, dim/2)
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (M, dim)
 
@@ -502,24 +512,31 @@ class PixArtSigma(nn.Module):
     ) -> Tensor:
         """Sin-cos PE for an (h, w) grid at the model's base_size / pe_interpolation, (h·w, D), cached.
 
-        Computing it costs float64 work on the CPU and a host-to-device copy (at 2K, ~0.8 s and 140 MiB
-        per forward), so each (grid, base_size, pe_interpolation, device, dtype) is computed once.
+        Computed on ``device`` (float64 on the CPU cost ~0.8 s and a 140 MiB copy per forward at 2K), and
+        kept per (grid, base_size, pe_interpolation, device, dtype) within PE_CACHE_BYTES, least recently
+        used dropped first; ``set_resolution`` empties the cache.
         """
         cfg = self.config
         device = torch.device("cpu") if device is None else torch.device(device)
         key = (h, w, cfg.base_size, cfg.pe_interpolation, device, dtype)
-        pe = self._pe_cache.get(key)
+        pe = self._pe_cache.pop(key, None)
         if pe is None:
-            if len(self._pe_cache) >= PE_CACHE_SIZE:
-                self._pe_cache.clear()
+            where = device if device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 there
             with (
                 torch.inference_mode(False),
                 torch.no_grad(),
             ):  # a plain tensor even if built in inference mode
                 pe = get_2d_sincos_pos_embed(
-                    cfg.hidden_size, (h, w), base_size=cfg.base_size, pe_interpolation=cfg.pe_interpolation
+                    cfg.hidden_size,
+                    (h, w),
+                    base_size=cfg.base_size,
+                    pe_interpolation=cfg.pe_interpolation,
+                    device=where,
                 ).to(device=device, dtype=dtype)  # (h·w, D)
-            self._pe_cache[key] = pe
+        self._pe_cache[key] = pe  # (re)inserted last: the most recently used
+        cached = sum(t.nbytes for t in self._pe_cache.values())
+        while cached > PE_CACHE_BYTES and len(self._pe_cache) > 1:
+            cached -= self._pe_cache.pop(next(iter(self._pe_cache))).nbytes
         return pe
 
     def unpatchify(self, x: Tensor, h: int, w: int) -> Tensor:
@@ -534,8 +551,13 @@ class PixArtSigma(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def set_resolution(self, base_size: int, pe_interpolation: float) -> None:
-        """Move to a new training resolution; the PE follows (its cache is keyed by these)."""
+        """Move to a new training resolution; the PE follows, and the previous stage's cached PEs are freed.
+
+        The cache then holds one stage's grids at most (one per bucket, 40): kept across stages, one PE per
+        bucket of every sigma stage at width 1152 in fp32 would be 8.8 GiB on the device.
+        """
         self.config = dataclasses.replace(self.config, base_size=base_size, pe_interpolation=pe_interpolation)
+        self._pe_cache.clear()
 
     def set_compile(self, enabled: bool, *, backend: str | Callable = "inductor") -> None:
         """torch.compile the transformer blocks (one graph for all blocks alike), or run them eagerly again.

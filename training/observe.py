@@ -32,6 +32,7 @@ SCALARS = (
     "latent_std",
     "lr",
     "grad_norm",
+    "partial_batches",
     "images_per_s",
     "data_wait_share",
     "tflops",
@@ -72,6 +73,8 @@ class MetricsSink:
         self.path = run_dir / METRICS_FILE
         self.writer = self.bar = self.progress = None
         self.window = {"seconds": 0.0, "data_seconds": 0.0, "images": 0, "flops": 0}
+        # stage → [partial, all] micro-batches over every rank since this launch (each record has its step's)
+        self.stage_batches: dict[str, list[int]] = {}
         if not enabled:
             return
         _truncate_after(self.path, resume_global_step)  # a resumed run rewrites what followed its checkpoint
@@ -100,11 +103,19 @@ class MetricsSink:
         window["data_seconds"] += data_seconds
         window["images"] += images
         window["flops"] += flops
+        # Short batches from the bucket sampler (issue 20) in the progress line: the stage's since this launch.
+        counts = self.stage_batches.setdefault(record["stage"], [0, 0])
+        counts[0] += record.get("partial_batches", 0)
+        counts[1] += record.get("batches", 0)
+        partial = {"partial": f"{counts[0]}/{counts[1]}"} if counts[1] else {}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}")
+            self.bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.4f}", **partial)
         elif self.progress is not None:
-            self.progress.update(1, note=f"stage {record['stage']}, loss {record['loss']:.4f}")
+            note = f"stage {record['stage']}, loss {record['loss']:.4f}"
+            self.progress.update(
+                1, note=note + (f", partial batches {partial['partial']}" if partial else "")
+            )
         if not (record.pop("force", False) or record["global_step"] % self.cfg.every == 0):
             return
         elapsed = max(window["seconds"], 1e-9)

@@ -3,14 +3,18 @@
 A folder written by ``export_pipeline`` is what ``PixArtSigmaPipeline.save_pretrained`` writes —
 ``model_index.json``, ``transformer/``, ``scheduler/`` (DPM-Solver++ on our noise schedule, the settings
 we sample with) and, with ``components="copy"``, ``vae/``, ``text_encoder/``, ``tokenizer/`` — plus
-``pixsigma.json``: the model config, the caption budget, the VAE scaling factor trained with, the
-resolution, and where the frozen components come from. With ``components="reference"`` (the trainer's
+``transformer/null_caption.safetensors`` (the stored null caption and its mode, which diffusers has no
+place for; ``training.convert.load_diffusers`` restores it) and ``pixsigma.json``: the model config, the
+caption budget, the VAE scaling factor trained with, the resolution, and where the frozen components come
+from. With ``components="reference"`` (the trainer's
 default: T5-XXL is ~19 GB) those three are ``[null, null]`` in ``model_index.json`` and named by path or
 hub id in ``pixsigma.json``; ``load_pipeline`` fills them in, and a plain diffusers user passes them to
 ``from_pretrained`` (README, "Sampling, export and evaluation").
 
-A KV-compressed model's transformer is a ``training.kv_processor.PixArtKVTransformer2DModel``: diffusers
-loads it inside ``PixArtSigmaPipeline.from_pretrained`` once ``training.kv_processor`` is imported.
+A KV-compressed model's transformer is a ``training.kv_processor.PixArtKVTransformer2DModel`` whose code
+travels in the folder (``transformer/pixart_kv_transformer.py``, a diffusers custom component): plain
+diffusers loads it with ``PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)``, pixsigma not
+needed. With ``components="copy"`` (``pixsigma-export --standalone``) that call needs no other argument.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 INFO_FILE = "pixsigma.json"
 INFO_FORMAT = "pixsigma.pipeline"
 FROZEN_COMPONENTS = ("tokenizer", "text_encoder", "vae")
+KV_MODULE = "pixart_kv_transformer"  # transformer/<KV_MODULE>.py: the KV transformer's code, in KV exports
 PIPELINE_ENTRIES = ("model_index.json", "transformer", "scheduler", *FROZEN_COMPONENTS, INFO_FILE)
 # What older trainer exports left at the top of final/: a bare transformer folder, or ours plus the config.
 LEGACY_FILES = (
@@ -116,7 +121,7 @@ def export_pipeline(
     """
     from diffusers import PixArtSigmaPipeline
 
-    from training.convert import to_diffusers_transformer
+    from training.convert import save_null_caption, to_diffusers_transformer
 
     if mode not in ("copy", "reference"):
         raise ValueError(f"mode must be 'copy' or 'reference', got {mode!r}")
@@ -129,7 +134,18 @@ def export_pipeline(
         load_frozen(components, dtype=torch.float32) if mode == "copy" else dict.fromkeys(FROZEN_COMPONENTS)
     )
     pipe = PixArtSigmaPipeline(transformer=transformer, scheduler=scheduler(), **frozen)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    # Referenced components are None here: diffusers warns "self.vae=None … cannot be saved" for each, per
+    # export; they are recorded in pixsigma.json instead, so that warning is silenced for this call only.
+    saver_log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    level = saver_log.level
+    saver_log.setLevel(logging.ERROR)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        saver_log.setLevel(level)
+    save_null_caption(model, tmp / "transformer")  # the null caption and its mode travel with the weights
+    if model.config.kv_compress_layers:
+        ship_kv_transformer_code(tmp)
     info = {
         "format": INFO_FORMAT,
         "model": {**dataclasses.asdict(model.config), "grad_checkpointing": False},
@@ -151,6 +167,19 @@ def export_pipeline(
     log.info("exported PixArtSigmaPipeline (%s, components %s) to %s",
              type(transformer).__name__, mode, folder)  # fmt: skip
     return folder
+
+
+def ship_kv_transformer_code(folder: Path) -> None:
+    """Put ``PixArtKVTransformer2DModel``'s code in ``transformer/`` and name it in ``model_index.json``: diffusers'
+    custom components, so a process with torch + diffusers alone loads the pipeline with
+    ``trust_remote_code=True`` (training/kv_processor.py imports nothing of ours: it travels as it is)."""
+    from training import kv_processor
+
+    shutil.copyfile(kv_processor.__file__, folder / "transformer" / f"{KV_MODULE}.py")
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["transformer"] = [KV_MODULE, "PixArtKVTransformer2DModel"]
+    atomic_write_bytes(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
 
 
 def export_weights(model: PixArtSigma, ema: PixArtSigma | None, run_dir: str | Path, cfg: TrainConfig, *,
@@ -271,12 +300,22 @@ def load_frozen(
 
 def load_pipeline(folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   t5: str | None = None, vae: str | None = None):  # fmt: skip
-    """``PixArtSigmaPipeline`` from any export of ours (plain or KV, components copied or referenced)."""
-    from diffusers import PixArtSigmaPipeline
+    """``PixArtSigmaPipeline`` from any export of ours (plain or KV, components copied or referenced).
 
-    import training.kv_processor  # noqa: F401  (diffusers resolves PixArtKVTransformer2DModel through it)
+    The pipeline is assembled from its parts, a KV transformer with our own class: nothing is executed from
+    the folder's code copy (diffusers' ``from_pretrained`` would resolve it even for a passed component).
+    """
+    import diffusers
+    from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    from training.kv_processor import PixArtKVTransformer2DModel
 
     components = frozen_components(folder, t5=t5, vae=vae)
     frozen = load_frozen(components, dtype=dtype, device=device)
-    pipe = PixArtSigmaPipeline.from_pretrained(str(folder), dtype=dtype, **frozen)
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    kv = index["transformer"][1] == PixArtKVTransformer2DModel.__name__
+    transformer_class = PixArtKVTransformer2DModel if kv else PixArtTransformer2DModel
+    transformer = transformer_class.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+    scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(folder, subfolder="scheduler")
+    pipe = PixArtSigmaPipeline(transformer=transformer, scheduler=scheduler, **frozen)
     return pipe.to(device)

@@ -5,9 +5,12 @@
 
 Every source becomes our ``PixArtSigma`` (``training.convert``), so one code path samples them all; the
 frozen T5 and VAE come from the export (``pixsigma.json``, ``train_config.json``), the checkpoint's config,
-or ``--t5``/``--vae``. Samplers: DPM-Solver++ (diffusers' ``DPMSolverMultistepScheduler`` on our noise
-schedule, what ``PixArtSigmaPipeline`` runs) and the IDDPM ancestral sampler with the learned variance on
-respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
+or ``--t5``/``--vae``; so does the null caption and its mode (``null_caption.safetensors`` beside an exported
+transformer, the checkpoint's config, upstream for an original ``.pth``), so that a model trained with
+``text.null_caption = "upstream"`` samples as the trainer's validation did. Samplers: DPM-Solver++ (diffusers'
+``DPMSolverMultistepScheduler`` on our noise schedule, what ``PixArtSigmaPipeline`` runs), SA-Solver
+(diffusers' ``SASolverScheduler`` with PixArt-Σ's demo settings) and the IDDPM ancestral sampler with the
+learned variance on respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
 against the encoded negative prompt ("" by default, the pipeline's choice); only the ε channels are guided.
 Each image's starting noise (and IDDPM's per-step noise) comes from its own CPU generator seeded with
 ``--seed`` + its index, so an image does not depend on the batch it lands in or on the device.
@@ -35,13 +38,18 @@ from manifests.buckets import nearest_bucket
 from manifests.features import t5_states
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
+from training.convert import NULL_CAPTION_FILE, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
 from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("dpm-solver", "iddpm")
+SAMPLERS = ("dpm-solver", "iddpm", "sa-solver")
+# Bucket tables: "pixart", the 40 buckets per resolution the model trained on (manifests.buckets, PixArt's
+# ASPECT_RATIO_* tables, 256…2880, by nearest h/w); "diffusers", PixArtSigmaPipeline's 33-bucket *_BIN tables
+# (256/512/1024/2048, picked as its use_resolution_binning picks) with an asked size resized back to it.
+BINNINGS = ("pixart", "diffusers")
 IMAGES_FILE = "images.jsonl"
 DEFAULT_MAX_TOKENS = 300  # PixArt-Σ's caption budget, for sources that do not record theirs
 TILING_MIN_SIDE = 2048  # --vae-tiling auto: tile decodes from 2K up (an SDXL VAE decode of 4K needs > 40 GB)
@@ -54,7 +62,8 @@ TILING_MIN_SIDE = 2048  # --vae-tiling auto: tile decodes from 2K up (an SDXL VA
 
 @dataclass(frozen=True)
 class ImageJob:
-    """One image: its prompt, seed and pixel size; ``key`` ties it to an eval-set row."""
+    """One image: its prompt, seed and pixel size; ``key`` ties it to an eval-set row; ``output_size`` (H, W),
+    when set, is the asked size the image is resized-and-cropped back to (diffusers' binning)."""
 
     index: int
     prompt: str
@@ -62,6 +71,7 @@ class ImageJob:
     height: int
     width: int
     key: str | None = None
+    output_size: tuple[int, int] | None = None
 
     @property
     def file_name(self) -> str:
@@ -101,6 +111,33 @@ def read_prompts(path: str | Path) -> list[dict]:
     return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
 
 
+def diffusers_bins(resolution: int) -> dict[str, list[float]]:
+    """PixArtSigmaPipeline's ``ASPECT_RATIO_<resolution>_BIN`` table (what ``use_resolution_binning`` uses)."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    tables = {256: sigma.ASPECT_RATIO_256_BIN, 512: sigma.ASPECT_RATIO_512_BIN,
+              1024: sigma.ASPECT_RATIO_1024_BIN, 2048: sigma.ASPECT_RATIO_2048_BIN}  # fmt: skip
+    if resolution not in tables:
+        raise ValueError(
+            f"diffusers has binning tables for {sorted(tables)} px, not {resolution}: use binning 'pixart' "
+            "(PixArt's tables, 256…2880 and scaled ones)"
+        )
+    return tables[resolution]
+
+
+def bucket(height: int, width: int, resolution: int, binning: str = "pixart") -> tuple[int, int]:
+    """The (H, W) an image of aspect height/width is generated at, in the chosen tables."""
+    if binning == "pixart":
+        return nearest_bucket(height, width, resolution)
+    if binning != "diffusers":
+        raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
+    from diffusers.image_processor import PixArtImageProcessor
+
+    # diffusers keys its tables by the ratio rounded to 2 decimals and picks the nearest key (not the bucket's
+    # own h/w): 8.5 % of sizes land elsewhere than in PixArt's tables.
+    return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=diffusers_bins(resolution))
+
+
 def plan_jobs(
     rows: list[dict],
     *,
@@ -109,26 +146,34 @@ def plan_jobs(
     num_images_per_prompt: int = 1,
     size: tuple[int, int] | None = None,
     aspect_ratio: tuple[int, int] = (1, 1),
+    binning: str | None = None,
 ) -> list[ImageJob]:
-    """One job per prompt × image: an explicit size, else the bucket nearest to the row's (or the given) aspect."""
+    """One job per prompt × image: an explicit size, else the bucket nearest to the row's (or the given) aspect.
+
+    With ``binning`` and an explicit size, the size is binned and the image resized back to it, as
+    ``PixArtSigmaPipeline(..., use_resolution_binning=True)`` does; without, an explicit size is exact.
+    """
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-    if size is not None and (size[0] % 16 or size[1] % 16 or min(size) < 16):
+    if size is not None and binning is None and (size[0] % 16 or size[1] % 16 or min(size) < 16):
         raise ValueError(f"height and width must be positive multiples of 16 (VAE 8 × patch 2), got {size}")
     jobs = []
     for row_index, row in enumerate(rows):
-        if size is not None:
+        output_size = None
+        if size is not None and binning is not None:
+            (height, width), output_size = bucket(*size, resolution, binning), size
+        elif size is not None:
             height, width = size
         elif row.get("width") and row.get("height"):
-            height, width = nearest_bucket(int(row["height"]), int(row["width"]), resolution)
+            height, width = bucket(int(row["height"]), int(row["width"]), resolution, binning or "pixart")
         else:
-            height, width = nearest_bucket(aspect_ratio[0], aspect_ratio[1], resolution)
+            height, width = bucket(aspect_ratio[0], aspect_ratio[1], resolution, binning or "pixart")
         for j in range(num_images_per_prompt):
             index = row_index * num_images_per_prompt + j
             key = row.get("key")
             if key is not None and num_images_per_prompt > 1:
                 key = f"{key}-{j}"
-            jobs.append(ImageJob(index, row["prompt"], seed + index, height, width, key))
+            jobs.append(ImageJob(index, row["prompt"], seed + index, height, width, key, output_size))
     return jobs
 
 
@@ -215,6 +260,7 @@ def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
     info = read_info(path) or {}
     max_tokens = info.get("max_token_length", DEFAULT_MAX_TOKENS)
     model = load_diffusers(path, subfolder="transformer", max_token_length=max_tokens)
+    _check_null_caption(model, info.get("model", {}).get("null_caption"), path)
     components = frozen_components(path, **overrides)
     return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
 
@@ -229,11 +275,24 @@ def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
     else:
         max_tokens = train_cfg["text"]["max_tokens"] if train_cfg else DEFAULT_MAX_TOKENS
         model = load_diffusers(path, max_token_length=max_tokens)
+        if train_cfg is not None:
+            trained = resolve_null_caption(train_cfg["text"]["null_caption"], train_cfg["model"]["init"])
+            _check_null_caption(model, trained, path)
     if train_cfg is not None:
         components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
     else:
         components = _flag_components(**overrides)
     return LoadedModel(model, components, _resolution(model), spec)
+
+
+def _check_null_caption(model: PixArtSigma, trained: str | None, path: Path) -> None:
+    """Refuse to sample a model trained with ``null_caption = "upstream"`` whose export lost its null caption
+    (exports before null_caption.safetensors): guided against T5("") it would not be the trained model."""
+    if trained is not None and trained != model.config.null_caption:
+        raise ValueError(
+            f"{path}: trained with null_caption={trained!r} but the export has no {NULL_CAPTION_FILE} to "
+            f"sample it that way; export it again from its checkpoint (pixsigma-export --input CHECKPOINT)"
+        )
 
 
 def cached_hub_snapshot(repo_id: str) -> Path:
@@ -294,13 +353,14 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
     weights_state = state["ema"] if weights == "ema" and state.get("ema") is not None else state["model"]
     preset = PRESETS[cfg["model"]["preset"]]
     null = weights_state["y_embedder.y_embedding"]  # (max_tokens, C): the caption width and budget
+    null_mode = resolve_null_caption(cfg["text"]["null_caption"], cfg["model"]["init"])
     kv_layers = tuple(i for i in range(preset.depth) if f"blocks.{i}.attn.sr.weight" in weights_state)
     ratio = int(weights_state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]) if kv_layers else 2
     base_size, default_pe = pe_params_for_resolution(stage["resolution"], patch_size=preset.patch_size)
     config = dataclasses.replace(
         preset, caption_channels=null.shape[1], max_token_length=null.shape[0], base_size=base_size,
         pe_interpolation=stage.get("pe_interpolation") or default_pe, kv_compress_layers=kv_layers,
-        kv_compress_ratio=ratio, grad_checkpointing=False,
+        kv_compress_ratio=ratio, grad_checkpointing=False, null_caption=null_mode,
     )  # fmt: skip
     model = PixArtSigma(config)
     model.load_state_dict(weights_state, strict=True)
@@ -315,12 +375,23 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
 # --------------------------------------------------------------------------------------------------
 
 
+def diffusers_prompt(prompt: str) -> str:
+    """The text ``PixArtSigmaPipeline`` encodes for ``prompt`` (``_text_preprocessing`` with ``clean_caption=False``,
+    also its fallback without bs4/ftfy): lowercased and stripped, as PixArt's own T5 feature extraction
+    (DeepFloyd's ``text_preprocessing``) lowercases captions."""
+    return prompt.lower().strip()
+
+
 class PromptEncoder:
-    """Prompts → T5 states (B, L, C) float32 and mask (B, L), L = the longest prompt's token count."""
+    """Prompts → T5 states (B, L, C) float32 and mask (B, L), L = the longest prompt's token count.
+
+    The prompt policy of a plain ``PixArtSigmaPipeline`` call: lowercased (``keep_case=False``) and cut at the
+    model's caption budget (``max_tokens``: ``max_sequence_length`` there, 300 by default, Σ's budget).
+    """
 
     def __init__(
         self, tokenizer: ComponentRef, encoder: ComponentRef, *, max_tokens: int, device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype, keep_case: bool = False,
     ) -> None:  # fmt: skip
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -331,9 +402,11 @@ class PromptEncoder:
         self.encoder = self.encoder.to(device).eval().requires_grad_(False)
         self.max_tokens = max_tokens
         self.device = device
+        self.keep_case = keep_case
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        states, mask = t5_states(self.tokenizer, self.encoder, prompts, max_tokens=self.max_tokens)
+        texts = prompts if self.keep_case else [diffusers_prompt(p) for p in prompts]
+        states, mask = t5_states(self.tokenizer, self.encoder, texts, max_tokens=self.max_tokens)
         length = int(mask.sum(dim=1).max())  # the padding every prompt shares is dropped
         return states[:, :length].float(), mask[:, :length].bool()  # (B, L, C), (B, L)
 
@@ -366,7 +439,7 @@ class LatentDecoder:
             self.vae.disable_tiling()
         z = (latents / self.scaling_factor).to(self.vae.device, self.vae.dtype)
         images = self.vae.decode(z).sample.float()  # (B, 3, H, W) in ~[-1, 1]
-        return (images / 2 + 0.5).clamp(0, 1)
+        return images / 2 + 0.5  # clamped by ImageGenerator.decode, after any resize (as diffusers orders them)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,6 +502,36 @@ def dpm_solver_sample(denoise: Denoiser, noise: Tensor, *, steps: int, in_channe
         out = denoise(model_input, t.expand(x.shape[0]))  # (B, C_out, h, w)
         eps = out[:, :in_channels]  # the σ channels are not used by an ODE solver
         x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def sa_solver_tau(t: float) -> float:
+    """SA-Solver's stochasticity τ(t) in PixArt-Σ's demo (app.py): SDE steps for 200 ≤ t ≤ 800, ODE elsewhere."""
+    return 1.0 if 200 <= t <= 800 else 0.0
+
+
+def sa_solver_scheduler():
+    """diffusers' ``SASolverScheduler`` (Xue et al. 2023; PixArt-Σ's second sampler) on our noise schedule, with
+    the demo's settings: data prediction, predictor and corrector of order 2, ``sa_solver_tau``."""
+    from diffusers import SASolverScheduler
+
+    return SASolverScheduler.from_config(
+        GaussianDiffusion().scheduler().config, algorithm_type="data_prediction", tau_func=sa_solver_tau,
+        predictor_order=2, corrector_order=2,
+    )  # fmt: skip
+
+
+def sa_solver_sample(
+    denoise: Denoiser, noise: Tensor, *, steps: int, in_channels: int, generators: list[torch.Generator]
+) -> Tensor:
+    """SA-Solver, the loop ``PixArtSigmaPipeline`` runs with that scheduler; its step noise is drawn per image from
+    ``generators`` (CPU), so an image does not depend on its batch; returns x_0 (B, C, h, w)."""
+    scheduler = sa_solver_scheduler()
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise.float() * scheduler.init_noise_sigma  # (B, C, h, w)
+    for t in scheduler.timesteps:
+        out = denoise(scheduler.scale_model_input(x, t), t.expand(x.shape[0]))  # (B, C_out, h, w)
+        x = scheduler.step(out[:, :in_channels], t, x, generator=generators).prev_sample
     return x
 
 
@@ -543,6 +646,7 @@ class ImageGenerator:
         dtype: torch.dtype | None = None,
         vae_tiling: str = "auto",
         vae_slicing: bool = False,
+        keep_case: bool = False,
     ) -> ImageGenerator:
         """Move the model to ``device``/``dtype`` (bf16 on CUDA by default) and load its T5 and VAE there."""
         if loaded.components is None:
@@ -554,7 +658,7 @@ class ImageGenerator:
         model = loaded.model.to(device, dtype).eval().requires_grad_(False)
         c = loaded.components
         text = PromptEncoder(c.tokenizer, c.text_encoder, max_tokens=model.config.max_token_length,
-                             device=device, dtype=dtype)  # fmt: skip
+                             device=device, dtype=dtype, keep_case=keep_case)  # fmt: skip
         decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=device, dtype=dtype,
                                 slicing=vae_slicing)  # fmt: skip
         return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution, device=device,
@@ -577,23 +681,31 @@ class ImageGenerator:
             denoise = guided_denoiser(self.model, y, mask, y_neg, mask_neg, settings.cfg_scale)
         if settings.sampler == "iddpm":
             return iddpm_sample(denoise, noise, steps=settings.steps, in_channels=C, generators=generators)
+        if settings.sampler == "sa-solver":
+            return sa_solver_sample(denoise, noise, steps=settings.steps, in_channels=C, generators=generators)
         return dpm_solver_sample(denoise, noise, steps=settings.steps, in_channels=C)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """(B, 3, H, W) float images in [0, 1]."""
+    def decode(self, latents: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
+        """(B, 3, H, W) float images in [0, 1]; resized and center-cropped to ``output_size`` (H, W) when given,
+        before the clamp, as PixArtSigmaPipeline's binning does (``resize_and_crop_tensor``)."""
         side = max(latents.shape[-2:]) * VAE_DOWNSAMPLE
         tile = self.vae_tiling == "on" or (self.vae_tiling == "auto" and side >= TILING_MIN_SIDE)
-        return self.decoder(latents, tile).cpu()
+        images = self.decoder(latents, tile).cpu()  # (B, 3, H, W)
+        if output_size is not None:
+            from diffusers.image_processor import PixArtImageProcessor
+
+            images = PixArtImageProcessor.resize_and_crop_tensor(images, output_size[1], output_size[0])
+        return images.clamp(0, 1)
 
     def generate(self, jobs: list[ImageJob], settings: SamplingSettings) -> Iterator[tuple[ImageJob, Tensor]]:
         """(job, (3, H, W) image in [0, 1]) for every job; batches hold jobs of one size, in job order."""
-        by_size: dict[tuple[int, int], list[ImageJob]] = {}
+        by_size: dict[tuple, list[ImageJob]] = {}
         for job in jobs:
-            by_size.setdefault((job.height, job.width), []).append(job)
+            by_size.setdefault((job.height, job.width, job.output_size), []).append(job)
         for group in by_size.values():
             for start in range(0, len(group), settings.batch_size):
                 batch = group[start : start + settings.batch_size]
-                images = self.decode(self.latents(batch, settings))
+                images = self.decode(self.latents(batch, settings), batch[0].output_size)  # (B, 3, H, W)
                 yield from zip(batch, images, strict=True)
 
 
@@ -609,10 +721,12 @@ def to_png_bytes(image: Tensor) -> bytes:
 
 def image_row(job: ImageJob, settings: SamplingSettings, model_name: str) -> dict:
     """The JSONL record of one generated image."""
+    height, width = job.output_size or (job.height, job.width)
     return {
         "file": job.file_name, "index": job.index, "key": job.key, "prompt": job.prompt,
-        "negative_prompt": settings.negative_prompt, "seed": job.seed, "height": job.height, "width": job.width,
-        "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale, "model": model_name,
+        "negative_prompt": settings.negative_prompt, "seed": job.seed, "height": height, "width": width,
+        "bucket": [job.height, job.width], "sampler": settings.sampler, "steps": settings.steps,
+        "cfg_scale": settings.cfg_scale, "model": model_name,
     }  # fmt: skip
 
 
@@ -667,7 +781,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampler flags shared with training.evaluate."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver",
-                       help="DPM-Solver++ (diffusers, as PixArtSigmaPipeline) or IDDPM ancestral")  # fmt: skip
+                       help="DPM-Solver++ (diffusers, as PixArtSigmaPipeline), IDDPM ancestral, or SA-Solver "
+                       "(diffusers' SASolverScheduler with PixArt-Σ's demo settings)")  # fmt: skip
     group.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps")
     group.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance scale")
     group.add_argument("--negative-prompt", default="", help="the unconditional side of guidance")
@@ -679,9 +794,16 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num-images-per-prompt", type=int, default=1, help="images per prompt, seeds in a row"
     )
+    group.add_argument("--binning", choices=BINNINGS, default="pixart",
+                       help="bucket tables: pixart = the 40 buckets per resolution the model trained on (256…2880); "
+                       "diffusers = PixArtSigmaPipeline's 33-bucket *_BIN tables (256…2048), an explicit "
+                       "--height/--width binned and resized back as use_resolution_binning does")  # fmt: skip
     group.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                        help=f"tiled VAE decode; auto: from {TILING_MIN_SIDE} px")  # fmt: skip
     group.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time")
+    group.add_argument("--keep-case", action="store_true",
+                       help="encode prompts as typed; default: lowercased, as PixArtSigmaPipeline and PixArt's "
+                       "T5 preprocessing do (our trainer encodes captions as written)")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
@@ -698,7 +820,8 @@ def generator_from_args(
         vae_scaling_factor=args.vae_scaling_factor,
     )  # fmt: skip
     return ImageGenerator.load(loaded, device=device, dtype=resolve_dtype(args.dtype, device),
-                               vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing)  # fmt: skip
+                               vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
+                               keep_case=args.keep_case)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -758,7 +881,8 @@ def run(argv: list[str] | None = None) -> Path:
     size = (args.height, args.width) if args.height is not None else None
     jobs = plan_jobs(rows, resolution=args.resolution or generator.resolution, seed=args.seed,
                      num_images_per_prompt=args.num_images_per_prompt, size=size,
-                     aspect_ratio=parse_aspect_ratio(args.aspect_ratio))  # fmt: skip
+                     aspect_ratio=parse_aspect_ratio(args.aspect_ratio),
+                     binning=None if args.binning == "pixart" and size is not None else args.binning)  # fmt: skip
     settings = settings_from_args(args)
     image_rows = write_images(generator, jobs, settings, out)
     write_rows(out / IMAGES_FILE, image_rows)

@@ -6,13 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from curation.config import AestheticConfig, CurationConfig, ShardConfig
+from curation.config import AestheticConfig, CurationConfig, DedupConfig, ShardConfig
 from curation.demo_corpus import generate
 from curation.pipeline import run
 from curation.tiny import build_tiny_clip
 
 SAMPLES_PER_SHARD = 3
 CHUNK_SIZE = 5  # several committed work chunks, so the resume test can kill between them
+# The tiny CLIP is random: its embeddings of distinct pictures are alike (most pairs of the demo corpus at
+# cosine ≥ 0.95), so semantic dedup on them would keep one picture of the corpus. Runs on it turn semantic
+# dedup off, explicitly; semantic dedup itself is tested on planted embeddings.
+TINY_CLIP_DEDUP = DedupConfig(semantic=False)
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +31,11 @@ def aesthetic_cfg(tiny_clip: Path) -> AestheticConfig:
 
 
 def clip_flags(cfg: AestheticConfig) -> list[str]:
-    """The CLI flags that select the same scorer as ``cfg``."""
-    return ["--clip-model", cfg.clip_model, "--aesthetic-head", cfg.head, "--min-aesthetic", "none"]
+    """The CLI flags that select the same scorer as ``cfg`` (and, like ``TINY_CLIP_DEDUP``, no semantic dedup)."""
+    return [
+        "--clip-model", cfg.clip_model, "--aesthetic-head", cfg.head, "--min-aesthetic", "none",
+        "--no-semantic-dedup",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +54,7 @@ def demo_config(corpus: Path, out: Path, aesthetic_cfg: AestheticConfig, **overr
         shards=ShardConfig(samples_per_shard=SAMPLES_PER_SHARD),
         aesthetic=aesthetic_cfg,
         chunk_size=CHUNK_SIZE,
-        **overrides,
+        **{"dedup": TINY_CLIP_DEDUP, **overrides},
     )
 
 

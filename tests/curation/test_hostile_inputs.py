@@ -29,12 +29,11 @@ from PIL import Image
 
 import manifests
 from curation.config import CurationConfig, DownloadConfig, ShardConfig
-from curation.downloads import DownloadRefused, fetch
+from curation.downloads import DownloadRefused, download_url_list, fetch
 from curation.pipeline import run
 from curation.sources import (
-    download_url_list,
+    downloaded_records,
     io_rejection,
-    list_downloaded,
     list_sources,
     open_source,
     read_bytes,
@@ -42,6 +41,7 @@ from curation.sources import (
 from curation.stages import scan_header
 from manifests.imageio import AVIF_SUPPORTED
 from tests.conftest import REPO
+from tests.curation.conftest import TINY_CLIP_DEDUP
 
 LOCAL = fsspec.filesystem("file")
 NON_UTF8_NAME = b"caf\xe9.jpg"  # Latin-1 é: what an old Windows archive unpacks to
@@ -418,6 +418,7 @@ def test_hostile_folder_runs_to_the_end_with_one_row_each(
         output=str(tmp_path / "out"),
         shards=ShardConfig(samples_per_shard=4),
         aesthetic=aesthetic_cfg,
+        dedup=TINY_CLIP_DEDUP,
         report=False,
     )
     summary = run(cfg)
@@ -563,7 +564,8 @@ def test_url_list_through_img2dataset_is_bounded(hostile_server, tmp_path):
     pq.write_table(pa.table({"url": list(urls), "caption": [f"c{i}" for i in range(len(urls))]}), url_list)
     cfg = DownloadConfig(timeout=TIMEOUT, max_bytes=MAX_BYTES, thread_count=8)
     before = dict(sent)
-    records = list_downloaded(download_url_list(str(url_list), tmp_path / "downloads", cfg))
+    tars = download_url_list(str(url_list), tmp_path / "downloads", cfg)
+    records = [r for tar in tars for r in downloaded_records(tar)]
     assert {r["url"]: r["reason"] for r in records} == urls
     assert [read_bytes(r) for r in records if r["reason"] is None] == [png]
     assert sent["/drip.png"] - before.get("/drip.png", 0) < DRIP_SECONDS

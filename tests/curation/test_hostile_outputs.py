@@ -19,6 +19,7 @@ from curation.config import CurationConfig, ShardConfig
 from curation.pipeline import run
 from curation.rundir import remove_stale_temporaries
 from tests.conftest import REPO
+from tests.curation.conftest import TINY_CLIP_DEDUP
 
 
 def write_images(folder: Path, seeds: range) -> None:
@@ -40,7 +41,7 @@ def config(inputs: list[Path], out: Path, aesthetic_cfg, **overrides) -> Curatio
         aesthetic=aesthetic_cfg,
         chunk_size=3,
         report=False,
-        **overrides,
+        **{"dedup": TINY_CLIP_DEDUP, **overrides},
     )
 
 

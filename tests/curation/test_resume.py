@@ -13,8 +13,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 import manifests
+from curation.demo_corpus import write_url_list
+from curation.pipeline import run
 from tests.conftest import REPO
-from tests.curation.conftest import demo_flags
+from tests.curation.conftest import demo_config, demo_flags
+from tests.curation.test_sources import http_corpus  # noqa: F401 (a fixture: the corpus over loopback HTTP)
 
 # Kill points, in pipeline order: a committed scan + score chunk, then a committed shard.
 KILL_WHEN = ("work/*/_committed/chunk-*", "shards/curated/*/_committed/*")
@@ -76,4 +79,31 @@ def test_killed_runs_resume_to_the_clean_result(demo_corpus, curated, tmp_path, 
     assert (
         manifests.connect(out).execute(kept).fetchall()
         == manifests.connect(clean_root).execute(kept).fetchall()
+    )
+
+
+def test_killed_download_resumes_without_fetching_again(
+    demo_corpus,
+    http_corpus,  # noqa: F811
+    tmp_path,
+    ray_cluster,
+    aesthetic_cfg,
+):
+    """SIGKILL once the URL list's shard is committed: the rerun reuses it (same tar, same marker) and ends with
+    the manifest of a clean run."""
+    url_list = write_url_list(demo_corpus, http_corpus, out=tmp_path / "urls.parquet")
+    clean = tmp_path / "clean"
+    run(demo_config(url_list, clean, aesthetic_cfg))
+    out = tmp_path / "out"
+    flags = demo_flags(url_list, out, aesthetic_cfg)
+    shard_marker = "downloads/*/_committed/00000.committed"
+    assert run_cli(out, flags, shard_marker) == -signal.SIGKILL
+    (marker,) = out.glob(shard_marker)
+    tar = marker.parent.parent / "00000.tar"
+    before = (marker.stat().st_mtime_ns, tar.read_bytes())
+    run_cli(out, flags, None)
+    assert (marker.stat().st_mtime_ns, tar.read_bytes()) == before  # the shard was not fetched again
+    rows = "SELECT key, status, reason, dup_of FROM images ORDER BY key"
+    assert (
+        manifests.connect(out).execute(rows).fetchall() == manifests.connect(clean).execute(rows).fetchall()
     )

@@ -23,6 +23,7 @@ from curation.config import CurationConfig, DownloadConfig, ShardConfig
 from curation.demo_corpus import write_url_list
 from curation.pipeline import run
 from curation.sources import key_for, list_sources, list_tar, open_source, read_bytes
+from tests.curation.conftest import TINY_CLIP_DEDUP
 
 SLOW_SECONDS = 4
 DOWNLOAD_TIMEOUT = 1
@@ -121,6 +122,7 @@ def test_url_list_tar_and_memory_in_one_run(
         shards=ShardConfig(samples_per_shard=4),
         aesthetic=aesthetic_cfg,
         download=DownloadConfig(timeout=DOWNLOAD_TIMEOUT, thread_count=4),
+        dedup=TINY_CLIP_DEDUP,
         report=False,
     )
     summary = run(cfg)

@@ -44,8 +44,8 @@ def test_bucketing_never_drops_a_sample_and_every_bucket_yields(resolution, batc
     """An epoch-equivalent of a skewed mix: every sample comes out exactly once, every bucket yields.
 
     ``tight`` keeps the old eviction threshold (max(64, 16·batch) samples) and a small byte budget: the
-    buckets waiting longest flush as smaller batches instead of being dropped. With the stream's own
-    limits (BatchStream) there is no pressure at these sizes: the batches are full ones.
+    smallest buckets flush as smaller batches instead of being dropped. With the stream's own limits
+    (plan_batches) there is no pressure at these sizes: the batches are full ones.
     """
     samples = web_like_samples(6000, resolution)
     if pressure == "tight":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -51,7 +52,7 @@ def exports(tiny_models, tmp_path_factory):
 
 def _args(eval_models, eval_set, *extra):
     return ["--input", str(eval_set), "--inception", str(eval_models["inception"]), "--fid-features", "64",
-            "--clip-model", eval_models["clip"], "--steps", "3", "--batch-size", "2", "--device", "cpu", *extra]  # fmt: skip
+            "--clip-model", eval_models["clip"], "--steps", "3", "--batch-size", "2", "--device", "cpu", "--allow-small-fid", *extra]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +118,84 @@ def test_clip_score_of_matching_prompts_beats_shuffled(eval_models):
     assert matching.mean() > 0 and matching.mean() > shuffled.mean() + 5
 
 
+def _image_folder(folder, seeds, *, level: int, size=(320, 448)):
+    """Noisy PNGs of one size (torch-fidelity batches a folder), larger than 299 and full of high frequencies,
+    so that the resize to 299 (downsampling: antialiased or not) matters; ``level`` sets the mean colour."""
+    folder.mkdir(parents=True)
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (*size, 3)) // 2 + rng.integers(0, level, (1, 1, 3)) // 2
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{seed:05d}.png")
+    return folder
+
+
+def _folder_fid(metric: FidMetric, real, fake) -> float:
+    for folder, real_side in ((real, True), (fake, False)):
+        images = torch.stack([pil_to_uint8(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+        for batch in images.split(16):
+            metric.update(batch, real=real_side)
+    return metric.compute()
+
+
+def _torch_fidelity_fid(real, fake, weights) -> float:
+    import torch_fidelity
+
+    return torch_fidelity.calculate_metrics(
+        input1=str(fake), input2=str(real), fid=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(weights), feature_layer_fid="64", cuda=False, cache=False,
+        verbose=False, batch_size=16, save_cpu_ram=True,
+    )["frechet_inception_distance"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fid_folders(eval_models, tmp_path_factory):
+    """Two folders of 32 images and torch-fidelity's FID between them (64-d tap: small and quick on CPU)."""
+    root = tmp_path_factory.mktemp("fid")
+    real = _image_folder(root / "real", range(32), level=256)
+    fake = _image_folder(root / "fake", range(500, 532), level=128)
+    return real, fake, _torch_fidelity_fid(real, fake, eval_models["inception"])
+
+
+def test_default_fid_is_torch_fidelitys_on_two_folders(eval_models, fid_folders):
+    """The standard FID (TF-compatible bilinear resize): torch-fidelity's calculate_metrics, same weights file."""
+    real, fake, theirs = fid_folders
+    weights = eval_models["inception"]
+    ours = _folder_fid(FidMetric(device=CPU, inception=weights, features=64), real, fake)
+    assert abs(ours - theirs) <= 1e-3, (ours, theirs)
+    # torchmetrics' own default (antialiased resize) is another number
+    antialiased = FidMetric(device=CPU, inception=weights, features=64)
+    antialiased.metric.inception.use_antialias = True
+    assert abs(_folder_fid(antialiased, real, fake) - theirs) > 0.1
+
+
+def test_clean_resize_fid_is_torch_fidelitys_on_pil_bicubic_299_images(eval_models, fid_folders, tmp_path):
+    """--fid-resize clean: PIL bicubic (per channel, float) to 299 first; torch-fidelity on those 299² images
+    (its TF resize is then the identity) is the reference."""
+    real, fake, standard = fid_folders
+    for folder in (real, fake):
+        (tmp_path / folder.name).mkdir()
+        for path in sorted(folder.glob("*.png")):
+            channels = [Image.fromarray(np.asarray(c, np.float32), mode="F").resize((299, 299), Image.BICUBIC)
+                        for c in Image.open(path).convert("RGB").split()]  # fmt: skip
+            pixels = np.stack([np.asarray(c) for c in channels], -1).clip(0, 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / folder.name / path.name)
+    weights = eval_models["inception"]
+    theirs = _torch_fidelity_fid(tmp_path / "real", tmp_path / "fake", weights)
+    clean = _folder_fid(FidMetric(device=CPU, inception=weights, features=64, resize="clean"), real, fake)
+    assert abs(clean - theirs) <= 1e-3, (clean, theirs)
+    assert abs(clean - standard) > 0.1  # the two resizes are two protocols
+
+
+def test_clip_counts_prompts_cut_at_its_context_length(eval_models):
+    """CLIP reads 77 tokens (start and end included): a prompt one BPE token over is scored on its start only."""
+    clip = ClipScorer(eval_models["clip"], None, device=CPU)
+    context = clip.tokenizer.context_length
+    fits = " ".join(["cat"] * (context - 2))
+    assert len(clip.tokenizer.encode(fits)) + 2 == context  # open_clip's BPE: one token per word here
+    assert not clip.is_cut("a red car in the rain") and not clip.is_cut(fits)
+    assert clip.is_cut(fits + " dog")
+
+
 def test_inception_weights_must_be_a_plain_state_dict(tmp_path):
     with pytest.raises(FileNotFoundError, match="--inception"):
         FidMetric(device=CPU, inception=tmp_path / "missing.pth")
@@ -141,10 +220,18 @@ def test_evaluate_writes_metrics_scores_tensorboard_and_page(single, eval_models
     metrics, out = single
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert (metrics["num_prompts"], metrics["num_images"], metrics["fid_features"]) == (5, 10, 64)
+    # what the FID was computed on: counts per side, the resize protocol, the exact weights file
+    assert (metrics["num_real_images"], metrics["num_generated_images"], metrics["fid_resize"]) == (5, 10, "tf")
+    with open(eval_models["inception"], "rb") as f:
+        assert metrics["inception_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert metrics["fid_small_n"] and "trend only" in metrics["fid_note"]  # 5 / 10 images: marked
+    assert metrics["clip_prompts_cut"] == 0  # the eval prompts are short
+    assert "trend only" in (out / "index.html").read_text()
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
 
     table = pq.read_table(out / "clip_scores.parquet").to_pylist()
     assert [r["file"] for r in table] == [f"k{i:03d}-{j}.png" for i in range(5) for j in range(2)]
+    assert not any(r["clip_prompt_cut"] for r in table)
     # each generated image lands in the bucket nearest to its real image's aspect (64 px table)
     assert [(r["height"], r["width"]) for r in table[::2]] == [
         nearest_bucket(h, w, 64) for h, w in EVAL_SIZES
@@ -171,6 +258,23 @@ def test_evaluate_writes_metrics_scores_tensorboard_and_page(single, eval_models
         and "images/k004-1.png" in page
         and "real/k004.png" in page
     )
+
+
+def test_small_fid_is_refused_without_the_flag_and_marked_with_it(exports, eval_models, eval_set, tmp_path, capsys):
+    args = _args(eval_models, eval_set, "--num-samples", "2", "--output", str(tmp_path / "e"))
+    args.remove("--allow-small-fid")
+    with pytest.raises(ValueError, match="2 real and 2 generated images: below 2048 per side.*--allow-small-fid"):
+        run(["--model", str(exports[0]), *args])
+    assert not (tmp_path / "e").exists()  # refused before anything was generated
+    metrics = run(["--model", str(exports[0]), *args, "--allow-small-fid"])
+    assert metrics["fid_small_n"] and "[trend only: fewer than 2048 images per side]" in capsys.readouterr().out
+
+
+def test_the_small_n_threshold_is_2048_per_side():
+    from training.evaluate import small_fid
+
+    assert not small_fid(2048, 2048) and not small_fid(30_000, 2048)
+    assert small_fid(2047, 30_000) and small_fid(30_000, 2047)
 
 
 def test_torchrun_two_ranks_give_the_single_process_numbers(single, exports, eval_models, eval_set, tmp_path):
@@ -250,7 +354,9 @@ def test_trainer_exports_every_stage_and_evaluates_during_training(
     ]
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("eval/fid")] == [2, 4]
+    # 2 images: logged as a trend, labelled so (never under the tag a reportable FID uses)
+    assert [e.step for e in events.Scalars("eval/fid_trend_small_n")] == [2, 4]
+    assert "eval/fid" not in events.Tags()["scalars"] and all(r["fid_small_n"] for r in rows)
     for folder in ("final", "final_ema"):
         assert json.loads((run_dir / folder / "model_index.json").read_text())["transformer"][1] == (
             "PixArtKVTransformer2DModel"

@@ -11,14 +11,22 @@ with one deliberate bug, measured margins in brackets): latents scaled by the wr
 caption's denoising error near the captions': ratio 1.3 right, 5.0 without dropout), no VB term (the
 variance output moves off its zero init: mean |v| 0.43 right, exactly 0 without), the caption padding
 mask ignored (padded tokens change nothing: 0 right, 0.7 without).
+
+It trains on one intra-op thread (``one_thread``). On the 2-core test machine with both cores busy, torch's
+default of one thread per core made each of the 1500 tiny steps wait for a descheduled thread at every
+parallel op: 198 steps in 265 s (~2000 s projected; it once hit the 600 s timeout), against 21 s for the
+whole test on one thread; quiet, both take ~12 s. Gradient clipping and posterior sampling, which this test
+cannot see, have their own tests (test_gradients.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from training.config import load_config
@@ -64,7 +72,16 @@ warmup_steps = 10
 """
 
 
-def test_tiny_model_overfits_and_follows_its_captions(tiny_models: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test, restored after (see the module docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_model_overfits_and_follows_its_captions(tiny_models: Path, tmp_path: Path, one_thread) -> None:
     vae = str(tiny_models / "vae")
     shards = write_synthetic_shards(
         tmp_path / "shards", num_images=NUM_IMAGES, samples_per_shard=NUM_IMAGES, sizes=((64, 64),),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import pytest
@@ -18,6 +19,9 @@ from training.sample import ImageGenerator, ImageJob, SamplingSettings, load_sou
 
 TINY = PRESETS["tiny"]
 ATOL = 1e-5  # fp32 parity required by the issue
+# Mixed case, surrounding spaces and more T5 tokens than the tiny model's budget of 16 (issue 19 §5)
+LONG_MIXED_CASE = ("  A Photo of a CAT on a Red Sofa at Sunset, Golden Light through the Window, "
+                   "highly Detailed, 35mm Film, Bokeh  ")  # fmt: skip
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -123,12 +127,12 @@ def test_export_generates_in_pixart_sigma_pipeline_like_ours(tiny_models, tmp_pa
     info = read_info(folder)
     assert info["resolution"] == 64 and info["max_token_length"] == TINY.max_token_length
 
-    if mode == "copy":
-        pipe = PixArtSigmaPipeline.from_pretrained(folder)  # plain diffusers (training.kv_processor imported)
+    if mode == "copy":  # plain diffusers: the KV transformer's code comes from the folder
+        pipe = PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)
     else:  # referenced components are passed in, as a diffusers user would
         pipe = PixArtSigmaPipeline.from_pretrained(folder, **load_frozen(components, dtype=torch.float32))
     pipe.set_progress_bar_config(disable=True)
-    prompts = ["a photo of a cat at sunset", "a red car in the rain"]
+    prompts = [LONG_MIXED_CASE, "a red car in the rain"]
     # 48×80 px: latents 6×10, a 3×5 token grid that R = 2 does not divide (edge padding)
     jobs = [ImageJob(i, p, seed=10 + i, height=48, width=80) for i, p in enumerate(prompts)]
     settings = SamplingSettings(steps=4, cfg_scale=4.5)
@@ -155,11 +159,64 @@ def test_load_pipeline_fills_referenced_components(tiny_models, tmp_path):
     assert pipe.text_encoder is not None and pipe.tokenizer is not None
 
 
-def test_pipeline_without_our_module_names_it(tiny_models, tmp_path, monkeypatch):
-    folder = export_pipeline(_tiny(), tmp_path / "export", _components(tiny_models), mode="copy")
-    monkeypatch.delitem(sys.modules, "training.kv_processor")  # as in a process that never imported it
-    with pytest.raises(ValueError, match=r"import training\.kv_processor before calling `from_pretrained`"):
+# A process where pixsigma cannot be imported: the repository and the editable-install finder are removed.
+PLAIN_DIFFUSERS = """
+import sys
+sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+try:
+    import training.kv_processor
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("pixsigma is importable here")
+import torch
+from diffusers import PixArtSigmaPipeline
+
+folder, kv = sys.argv[2], sys.argv[4] == "kv"
+if kv:
+    try:
         PixArtSigmaPipeline.from_pretrained(folder)
+    except ValueError as error:
+        assert "trust_remote_code" in str(error), error
+    else:
+        raise SystemExit("loaded custom code without trust_remote_code")
+pipe = PixArtSigmaPipeline.from_pretrained(folder, **({"trust_remote_code": True} if kv else {}))
+pipe.set_progress_bar_config(disable=True)
+inputs = torch.load(sys.argv[3])
+images = pipe(inputs["prompts"], negative_prompt="", height=48, width=80, num_inference_steps=4,
+              guidance_scale=4.5, latents=inputs["noise"], max_sequence_length=16, clean_caption=False,
+              use_resolution_binning=False, output_type="pt").images
+torch.save(images, sys.argv[3] + ".out")
+"""
+
+
+@pytest.mark.parametrize("kv_layers", [(1,), ()])
+def test_standalone_export_samples_in_a_process_without_pixsigma(tiny_models, tmp_path, kv_layers):
+    """``pixsigma-export --standalone``: PixArtSigmaPipeline.from_pretrained(dir) with nothing else (a KV model:
+    trust_remote_code=True, its class travels in transformer/) samples as our sampler does, pixsigma absent."""
+    import subprocess
+
+    from tests.training.conftest import REPO
+    from training.export import export_cli
+
+    source = export_pipeline(_tiny(kv_layers), tmp_path / "final", _components(tiny_models), mode="reference")
+    folder = export_cli(["--input", str(source), "--output", str(tmp_path / "standalone"), "--standalone"])
+    assert all((folder / name).is_dir() for name in ("tokenizer", "text_encoder", "vae"))
+    prompts = [LONG_MIXED_CASE, "a red car in the rain"]
+    jobs = [ImageJob(i, p, seed=10 + i, height=48, width=80) for i, p in enumerate(prompts)]
+    noise = torch.stack([torch.randn(4, 6, 10, generator=torch.Generator().manual_seed(j.seed)) for j in jobs])
+    torch.save({"prompts": prompts, "noise": noise}, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_DIFFUSERS, str(REPO), str(folder), str(tmp_path / "inputs.pt"),
+         "kv" if kv_layers else "plain"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ours = ImageGenerator.load(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
+    expected = ours.decode(ours.latents(jobs, SamplingSettings(steps=4, cfg_scale=4.5)))
+    got = torch.load(tmp_path / "inputs.pt.out")
+    assert got.shape == expected.shape and (got - expected).abs().max().item() <= ATOL
 
 
 def test_reexport_keeps_other_entries_and_drops_stale_components(tiny_models, tmp_path):
@@ -171,3 +228,102 @@ def test_reexport_keeps_other_entries_and_drops_stale_components(tiny_models, tm
     assert (folder / "64px" / "model_index.json").exists()
     assert not (folder / "vae").exists()  # copied before, referenced now
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_reference_export_prints_no_unsaved_component_warning(tiny_models, tmp_path):
+    """A reference export leaves T5/VAE out on purpose: no `self.vae=None … cannot be saved` line per export."""
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    saver_log = logging.getLogger("diffusers.pipelines.pipeline_utils")  # where diffusers warns
+    level, collect = saver_log.level, Collect()
+    saver_log.addHandler(collect)
+    try:
+        export_pipeline(_tiny(), tmp_path / "export", _components(tiny_models), mode="reference")
+    finally:
+        saver_log.removeHandler(collect)
+    assert not [m for m in collect.messages if "cannot be saved" in m], collect.messages
+    assert saver_log.level == level  # silenced for that call only
+    assert read_info(tmp_path / "export")["components_mode"] == "reference"
+
+
+# --------------------------------------------------------------------------------------------------
+# Binning: PixArt's 40-bucket tables or diffusers' 33-bucket *_BIN tables (issue 19 §6)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_diffusers_binning_is_pixart_sigma_pipelines_and_samples_like_it(tiny_models, tmp_path):
+    """--binning diffusers: the bucket PixArtSigmaPipeline(use_resolution_binning=True) generates at (its latent
+    shape), and the same image resized back to the asked size; PixArt's tables choose otherwise for some sizes."""
+    from training.sample import bucket, plan_jobs
+
+    model = _randomize(PixArtSigma(dataclasses.replace(TINY, base_size=32)), 5)  # 512 px: sample_size 64
+    folder = export_pipeline(model, tmp_path / "export", _components(tiny_models), mode="copy")
+    pipe = PixArtSigmaPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    call = {"num_inference_steps": 2, "max_sequence_length": 16, "clean_caption": False, "negative_prompt": ""}
+    for height, width in [(400, 704), (512, 512), (1000, 250), (304, 592), (592, 304), (720, 480)]:
+        latents = pipe("a cat", height=height, width=width, guidance_scale=1.0, output_type="latent", **call).images
+        [job] = plan_jobs([{"prompt": "a cat"}], resolution=512, seed=0, size=(height, width), binning="diffusers")
+        assert (job.height, job.width) == (latents.shape[-2] * 8, latents.shape[-1] * 8), (height, width)
+        assert job.output_size == (height, width)
+    differ = [(h, w) for h in range(256, 1025, 16) for w in range(256, 1025, 16)
+              if bucket(h, w, 512, "diffusers") != bucket(h, w, 512, "pixart")]  # fmt: skip
+    assert differ  # the two tables are two choices
+
+    [job] = plan_jobs([{"prompt": "A Red Car"}], resolution=512, seed=3, size=(400, 704), binning="diffusers")
+    ours = ImageGenerator.load(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
+    [(_, image)] = list(ours.generate([job], SamplingSettings(steps=2, cfg_scale=4.5)))
+    noise = torch.randn(4, job.height // 8, job.width // 8, generator=torch.Generator().manual_seed(3))[None]
+    theirs = pipe("A Red Car", height=400, width=704, guidance_scale=4.5, latents=noise, output_type="pt",
+                  use_resolution_binning=True, **call).images  # fmt: skip
+    assert image.shape == theirs[0].shape == (3, 400, 704)
+    assert (image - theirs[0]).abs().max().item() <= ATOL
+
+
+def test_pixart_binning_covers_2k_and_4k_where_diffusers_has_no_table():
+    from manifests.buckets import bucket_table
+    from training.sample import bucket
+
+    assert bucket(2160, 3840, 2880, "pixart") in bucket_table(2880)
+    with pytest.raises(ValueError, match="not 2880: use binning 'pixart'"):
+        bucket(2160, 3840, 2880, "diffusers")
+
+
+# --------------------------------------------------------------------------------------------------
+# SA-Solver (issue 19 §7)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sa_solver_samples_as_pixart_sigma_pipeline_with_the_demos_scheduler(tiny_models, tmp_path):
+    """--sampler sa-solver: PixArtSigmaPipeline with SASolverScheduler built as PixArt-Σ's demo builds it (from
+    the pipeline's scheduler config), same starting latents and per-image generators: the same images."""
+    from diffusers import SASolverScheduler
+
+    folder = export_pipeline(_tiny(), tmp_path / "export", _components(tiny_models), mode="copy")
+    pipe = PixArtSigmaPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipe.scheduler = SASolverScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="data_prediction", tau_func=lambda t: 1 if 200 <= t <= 800 else 0,
+        predictor_order=2, corrector_order=2,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a cat at sunset", "a red car in the rain"]
+    jobs = [ImageJob(i, p, seed=20 + i, height=48, width=80) for i, p in enumerate(prompts)]
+    settings = SamplingSettings(sampler="sa-solver", steps=6, cfg_scale=4.5)
+    ours = ImageGenerator.load(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
+    expected = ours.decode(ours.latents(jobs, settings))
+    generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    noise = torch.stack([torch.randn(4, 6, 10, generator=g) for g in generators])  # ours draws this first
+    got = pipe(prompts, negative_prompt="", height=48, width=80, num_inference_steps=6, guidance_scale=4.5,
+               latents=noise, generator=generators, max_sequence_length=16, clean_caption=False,
+               use_resolution_binning=False, output_type="pt").images  # fmt: skip
+    assert (got - expected).abs().max().item() <= ATOL
+    dpm = ours.decode(ours.latents(jobs, SamplingSettings(steps=6, cfg_scale=4.5)))
+    assert (dpm - expected).abs().max().item() > 1e-3  # a different sampler, not DPM-Solver renamed

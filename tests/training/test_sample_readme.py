@@ -14,12 +14,12 @@ from tests.training.eval_factories import PROMPTS, build_eval_models, build_eval
 HEADING = "## Sampling, export and evaluation"
 
 
-def readme_block(heading: str) -> str:
-    """The first ```bash block under ``heading`` in README.md, as written."""
+def readme_block(heading: str, lang: str = "bash") -> str:
+    """The first ```<lang> block under ``heading`` in README.md, as written."""
     text = (REPO / "README.md").read_text()
     section = text[text.index(heading) :]
-    match = re.search(r"^```bash\n(.*?)^```$", section, flags=re.S | re.M)
-    assert match, f"no bash block under {heading!r}"
+    match = re.search(rf"^```{lang}\n(.*?)^```$", section, flags=re.S | re.M)
+    assert match, f"no {lang} block under {heading!r}"
     return match.group(1)
 
 
@@ -38,7 +38,7 @@ def test_readme_sampling_export_and_evaluation_commands_run(tiny_models, tmp_pat
         "OMP_NUM_THREADS": "1",
         # Only the variables the README names:
         "RUN": str(run), "BASELINE": str(baseline), "INCEPTION": models["inception"], "CLIP": models["clip"],
-        "NPROC": "1",
+        "NPROC": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),  # where diffusers copies custom code
     }  # fmt: skip
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", readme_block(HEADING)], cwd=tmp_path, env=env, capture_output=True,
@@ -58,3 +58,14 @@ def test_readme_sampling_export_and_evaluation_commands_run(tiny_models, tmp_pat
     for label in compare["labels"]:
         assert (run / "train" / "eval" / "compare" / label / "metrics.json").is_file()
     assert (run / "train" / "eval" / "compare" / "index.html").is_file()
+    assert (run / "pipeline" / "transformer" / "pixart_kv_transformer.py").is_file()  # --standalone
+
+    # The three lines of plain diffusers, on a standalone export where `make demo` leaves one.
+    (tmp_path / "demo" / "demo_out").mkdir(parents=True)
+    (tmp_path / "demo" / "demo_out" / "pipeline").symlink_to(run / "pipeline")
+    lines = readme_block(HEADING, lang="python")
+    assert len(lines.strip().splitlines()) == 3
+    result = subprocess.run([sys.executable, "-c", lines], cwd=tmp_path / "demo", env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "demo" / "demo_out" / "cat.png").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,16 @@ SIGMA_STAGES = {
     "2048px-kv": (2048, 4, 100, 4.0, tuple(range(14, 28))),
     "4k-kv": (2880, 1, 100, 2880 / 512, tuple(range(14, 28))),
 }
+# Steps per stage and where each number comes from: "paper" (a step count the PixArt-Σ paper or its released
+# configs give) or "chosen" (ours). The released configs set num_epochs over their unreleased internal data,
+# so no step count follows from them: every one is chosen, and marked so on its line of sigma.toml.
+SIGMA_STEPS = {
+    "256px-sdxl-vae": (2000, "chosen"),
+    "512px": (10000, "chosen"),
+    "1024px": (10000, "chosen"),
+    "2048px-kv": (5000, "chosen"),
+    "4k-kv": (2000, "chosen"),
+}
 
 
 def test_sigma_preset_is_the_official_schedule() -> None:
@@ -192,4 +203,10 @@ def test_sigma_preset_is_the_official_schedule() -> None:
     assert (optim.weight_decay, optim.grad_clip, optim.ema_decay) == (0.0, 0.01, 0.9999)
     assert (cfg.text.max_tokens, cfg.data.real_prompt_ratio, cfg.model.grad_checkpointing) == (300, 0.5, True)
     assert PRESETS[cfg.model.preset].class_dropout_prob == 0.1
+    # Each stage's step count, and its source marked on its line of the file ("steps = N  # chosen …").
+    text = (DEBUG_CONFIG.parent / "sigma.toml").read_text()
+    marked = [re.fullmatch(r"steps = (\d+)  # (chosen|paper)\b.*", line) for line in text.splitlines()
+              if line.startswith("steps =")]  # fmt: skip
+    assert all(marked), [line for line in text.splitlines() if line.startswith("steps =")]
+    assert {s.name: (s.steps, m[2]) for s, m in zip(cfg.stages, marked, strict=True)} == SIGMA_STEPS
     assert trainer.stage_lr(cfg.stages[0], optim, 64 * 8) == pytest.approx(2e-5 * 2**0.5)  # 8 GPUs × 64

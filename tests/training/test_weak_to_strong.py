@@ -66,6 +66,7 @@ def _stages(models: Path) -> str:
             f'[[stages]]\nname = "{name}"\nresolution = {res}\nvae = "{models / vae}"\nvae_scaling_factor = {scaling}\n'
             f"kv_compress_layers = {kv}\ncompile = {str(compile_).lower()}\nsteps = {STEPS}\nbatch_size = 2\n"
             f"validation_prompts = {prompts}\n"
+            + ("vae_on_the_fly = true\n" if vae == "vae_sd" else "")  # its latents are not in the shards
         )
     return "\n".join(tables)
 

@@ -77,7 +77,7 @@ WEAK = ToyVaeSpec(
     SD_DIR, block_out_channels=(8, 16, 16, 16), kl_weight=1e-4, steps=800, lr=1e-3, object_weight=3.0
 )
 STRONG = ToyVaeSpec(
-    SDXL_DIR, block_out_channels=(16, 32, 32, 32), kl_weight=1e-6, steps=700, object_weight=10.0
+    SDXL_DIR, block_out_channels=(16, 32, 32, 32), kl_weight=1e-6, steps=2500, lr=1e-3, object_weight=3.0
 )
 SPECS = {"sd": WEAK, "sdxl": STRONG}
 

@@ -1,6 +1,6 @@
 """Tiny ``AutoencoderKL``s trained on the toy world (``manifests.toy``), so decode(encode(x)) ≈ x there.
 
-``python -m training.toy_vae --output DIR --seed 0`` trains two VAEs on CPU in a few minutes and saves them
+``python -m training.toy_vae --output DIR --seed 0`` trains two VAEs on CPU (on the shared 2-core machine, 1 thread each: ~6 min weak, ~22 min strong) and saves them
 with ``save_pretrained`` to ``DIR/toy_vae_sd`` and ``DIR/toy_vae_sdxl``; they load like real weights
 (``AutoencoderKL.from_pretrained``). Both are SD-shaped (4 latent channels, 8× downsample, the layout the
 trainer and ``manifests.features`` expect) and stand in for PixArt-Σ's VAE swap (§3: SD VAE → SDXL VAE):

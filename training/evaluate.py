@@ -19,6 +19,9 @@ result does not depend on the number of ranks.
   ``CLIPScore`` defines it (Hessel et al. 2021 with w = 100), scored on the 8-bit PNG that is saved; CLIP reads
   77 tokens, so ``clip_prompts_cut`` counts the images whose prompt it saw only the start of (per row:
   ``clip_prompt_cut``).
+- Adherence, when every prompt is a toy-world caption (``manifests.toy``): ``training.adherence`` scores each
+  saved image and each real one against the caption's objects; ``adherence`` / ``adherence_real`` hold the
+  mean overall, count, colour, shape and position scores (per row: ``adherence``, ``real_adherence``).
 
 Writes ``metrics.json``, ``clip_scores.parquet`` (one row per image), TensorBoard scalars (``tensorboard/``)
 and ``index.html`` (generated next to real, prompt and score under each, worst and best CLIP rows) to
@@ -52,6 +55,7 @@ from manifests.buckets import resize_to_cover_and_crop
 from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars, quiet_root_info
+from training.adherence import adherence_metrics, is_toy_prompt, score_image
 from training.sample import (
     ImageGenerator,
     ImageJob,
@@ -343,15 +347,20 @@ def evaluate_generator(
     mine = jobs[env.rank :: env.world_size]
     fid.reset()
     real_scores = {}  # the real image's CLIP score against its prompt: the ceiling the model is read against
+    toy = all(is_toy_prompt(r["prompt"]) for r in rows)  # prompts carry toy-world truth: score adherence too
+    adherence, real_adherence = {}, {}
     for row, job in list(zip(rows, jobs[::k], strict=True))[
         env.rank :: env.world_size
     ]:  # one real per prompt
         image = real_image(real_bytes[row["key"]], (job.height, job.width))
         fid.update(pil_to_uint8(image)[None], real=True)
         real_scores[row["key"]] = float(clip([image], [row["prompt"]])[0])
+        if toy:
+            real_adherence[row["key"]] = score_image(image, row["prompt"])
         if real_out is not None:
             atomic_write_bytes(real_out / f"{_safe(row['key'])}.png", _png(image))
     real_scores = _gather_dict(real_scores, env)
+    real_adherence = _gather_dict(real_adherence, env)
     scores: dict[int, float] = {}
     cut: dict[int, bool] = {}  # the prompt was longer than CLIP's context: scored on its start only
 
@@ -360,12 +369,16 @@ def evaluate_generator(
         fid.update(pil_to_uint8(pixels)[None], real=False)
         scores[job.index] = float(clip([pixels.convert("RGB")], [job.prompt])[0])
         cut[job.index] = clip.is_cut(job.prompt)
+        if toy:
+            adherence[job.index] = score_image(pixels.convert("RGB"), job.prompt)
 
     image_rows = write_images(generator, mine, settings, out / "images", on_image=score)
     for row in image_rows:
         key = rows[row["index"] // k]["key"]
         row.update(clip_score=scores[row["index"]], clip_prompt_cut=cut[row["index"]], real_key=key,
                    real_file=f"{_safe(key)}.png", real_clip_score=real_scores[key])  # fmt: skip
+        if toy:
+            row.update(adherence=adherence[row["index"]], real_adherence=real_adherence[key])
     return fid.compute(), gather_rows(image_rows, env)
 
 
@@ -520,6 +533,7 @@ def score_summary(fid_value: float, image_rows: list[dict]) -> dict:
         "fid": fid_value, "fid_small_n": small_fid(len(real_scores), len(image_rows)), "clip_score": float(scores.mean()),
         "clip_score_std": float(scores.std()), "clip_score_real": float(real_scores.mean()),
         "clip_prompts_cut": sum(bool(r.get("clip_prompt_cut")) for r in image_rows),
+        **adherence_metrics(image_rows),  # toy-world eval sets only (training.adherence)
     }  # fmt: skip
     if summary["fid_small_n"]:
         summary["fid_note"] = SMALL_FID_LABEL

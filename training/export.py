@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from manifests.progress import quiet_library_bars
 from training.pipeline import FROZEN_COMPONENTS, export_pipeline
 from training.sample import load_source
 
@@ -43,6 +44,7 @@ def export_cli(argv: list[str] | None = None) -> Path:
     parser.add_argument("--preset", default="XL/2", help="model shape of an original .pth")
     parser.add_argument("--resolution", type=int, help="training resolution of an original .pth (px)")
     args = parser.parse_args(argv)
+    quiet_library_bars()  # no \r bars (T5's "Loading weights", "Writing model shards") in a log file
     if args.standalone and args.components != "copy":
         parser.error("--standalone copies the T5, tokenizer and VAE: it cannot go with --components reference")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -832,7 +832,7 @@ def train_step(
     num_samples, num_partial = step_counts(batches, env)
     scale = env.world_size / num_samples  # DDP's mean over ranks × this = the mean over the step's samples
     sums = torch.zeros(4, device=env.device)  # loss, mse, vb: sums over samples; latent std: mean
-    images, flops = 0, 0
+    flops = 0
     for micro, batch in enumerate(batches):
         x0 = latents(batch, generator)  # (B, 4, h, w), scaled
         y, mask = text(batch)  # (B, L, C), (B, L)
@@ -858,7 +858,6 @@ def train_step(
             x0.detach().float().std() / num_micro,
         ]
         sums += torch.stack(parts)
-        images += B
         flops += train_flops(model.config, x0, y.shape[1])
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     # One all-reduce: the sums over ranks, how many ranks saw a finite loss and gradient, and any SIGTERM.
@@ -882,7 +881,6 @@ def train_step(
         "grad_norm": float(grad_norm) if finite else nan,
         "seconds": time.perf_counter() - started,
         "data_seconds": data_seconds,
-        "images": images,
         "flops": flops,
         "samples": num_samples,  # every rank's, this step
         "partial_batches": num_partial,  # every rank's micro-batches short of the stage's batch size

@@ -159,17 +159,21 @@ def test_load_pipeline_fills_referenced_components(tiny_models, tmp_path):
     assert pipe.text_encoder is not None and pipe.tokenizer is not None
 
 
-# A process where pixsigma cannot be imported: the repository and the editable-install finder are removed.
-PLAIN_DIFFUSERS = """
+# A process where pixsigma cannot be imported: the repository (argv[1]) and the editable-install finder removed.
+NO_PIXSIGMA = """
 import sys
 sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 try:
-    import training.kv_processor
+    import training
 except ModuleNotFoundError:
     pass
 else:
     raise SystemExit("pixsigma is importable here")
+"""
+
+# Plain diffusers loads and samples an export.
+PLAIN_DIFFUSERS = NO_PIXSIGMA + """
 import torch
 from diffusers import PixArtSigmaPipeline
 
@@ -245,16 +249,7 @@ def test_two_kv_exports_with_different_code_load_their_own_class_in_one_process(
 
 # Plain diffusers on an upstream-mode export, as the README shows: the stored null caption as the negative
 # embeddings, under the prompt's own mask (PixArt's guidance; encoding "" would attend one token of T5("")).
-UPSTREAM_IN_PLAIN_DIFFUSERS = """
-import sys
-sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-try:
-    import training
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("pixsigma is importable here")
+UPSTREAM_IN_PLAIN_DIFFUSERS = NO_PIXSIGMA + """
 import torch
 from diffusers import PixArtSigmaPipeline
 from safetensors import safe_open

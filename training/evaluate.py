@@ -56,13 +56,13 @@ from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars, quiet_root_info
 from training.adherence import adherence_metrics, is_toy_prompt, score_image
+from training.ranks import Dist, init_distributed
 from training.sample import (
     ImageGenerator,
     ImageJob,
     SamplingSettings,
     add_model_arguments,
     add_sampling_arguments,
-    default_device,
     generator_from_args,
     plan_jobs,
     read_prompts,
@@ -281,31 +281,6 @@ def pil_to_uint8(image: Image.Image) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # One model
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> tuple[Dist, torch.device]:
-    """torchrun's process group (NCCL on CUDA, gloo on CPU), or a single process."""
-    if "RANK" not in os.environ:
-        return Dist(), default_device()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    return Dist(rank, world), device
 
 
 def gather_rows(rows: list[dict], env: Dist) -> list[dict]:

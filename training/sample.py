@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +43,8 @@ from training.convert import NULL_CAPTION_FILE, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
 from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
+from training.prompt_files import parse_aspect, read_prompt_file
+from training.ranks import Dist, close_distributed, default_device, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ SAMPLERS = ("dpm-solver", "iddpm", "sa-solver")
 # (256/512/1024/2048, picked as its use_resolution_binning picks) with an asked size resized back to it.
 BINNINGS = ("pixart", "diffusers")
 IMAGES_FILE = "images.jsonl"
+RUN_FILE = "sampling_run.json"  # what a sampling folder holds: its plan digest (resume only the same run)
+RANK_ROWS_PREFIX = "images.rank-"  # each rank's rows before the merge
 DEFAULT_MAX_TOKENS = 300  # PixArt-Σ's caption budget, for sources that do not record theirs
 TILING_MIN_SIDE = 2048  # --vae-tiling auto: tile decodes from 2K up (an SDXL VAE decode of 4K needs > 40 GB)
 
@@ -99,16 +104,9 @@ class SamplingSettings:
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """Rows with ``prompt`` (and ``key``, ``width``, ``height`` when given) from a JSONL or one-per-line text file."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
-        if bad:
-            raise ValueError(f"{path}: rows {bad[:5]} have no string 'prompt'")
-        return rows
-    return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+    """Rows with ``prompt`` (and ``key``, ``seed``, ``width``/``height`` or ``aspect``) from a prompt file
+    (``training.prompt_files``: JSONL, MJHQ's meta_data.json, or one prompt per line)."""
+    return read_prompt_file(path)
 
 
 def diffusers_bins(resolution: int) -> dict[str, list[float]]:
@@ -166,6 +164,8 @@ def plan_jobs(
             height, width = size
         elif row.get("width") and row.get("height"):
             height, width = bucket(int(row["height"]), int(row["width"]), resolution, binning or "pixart")
+        elif row.get("aspect"):
+            height, width = bucket(*parse_aspect(row["aspect"]), resolution, binning or "pixart")
         else:
             height, width = bucket(aspect_ratio[0], aspect_ratio[1], resolution, binning or "pixart")
         for j in range(num_images_per_prompt):
@@ -173,7 +173,9 @@ def plan_jobs(
             key = row.get("key")
             if key is not None and num_images_per_prompt > 1:
                 key = f"{key}-{j}"
-            jobs.append(ImageJob(index, row["prompt"], seed + index, height, width, key, output_size))
+            # a row's own seed (prompt files) wins: its images are the same whatever precedes it in the file
+            image_seed = row["seed"] + j if "seed" in row else seed + index
+            jobs.append(ImageJob(index, row["prompt"], image_seed, height, width, key, output_size))
     return jobs
 
 
@@ -614,10 +616,6 @@ def _per_image_noise(generators: list[torch.Generator], shape: tuple, device: to
 # --------------------------------------------------------------------------------------------------
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA (PixArt-Σ samples in half precision), fp32 on CPU."""
     choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -768,6 +766,105 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Sharded, resumable sampling (torchrun)
+# --------------------------------------------------------------------------------------------------
+
+
+def plan_digest(rows: list[dict]) -> str:
+    """sha256 of the planned image rows (file, prompt, seed, size, sampler, steps, cfg, model): a run's identity."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def is_complete_png(path: Path, size: tuple[int, int]) -> bool:
+    """Whether ``path`` is a whole PNG of (H, W) ``size``: every chunk's CRC checked (a finished image)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()  # reads every chunk to IEND; a truncated or corrupted file raises
+            return image.format == "PNG" and image.size == (size[1], size[0])
+    except (OSError, SyntaxError) as error:  # PIL's errors for a broken file: it is generated again
+        log.warning("%s is incomplete (%s): generating it again", path, error)
+        return False
+
+
+def check_sampling_run(out: Path, run_record: dict, planned: list[dict], *, overwrite: bool) -> None:
+    """Refuse an output folder that holds another sampling run (other prompts, seeds, sizes, settings or
+    model) or images of no recorded run; the same run is resumed."""
+    if overwrite or not out.exists():
+        return
+    record = out / RUN_FILE
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        if theirs.get("plan_sha256") == run_record["plan_sha256"]:
+            return
+        raise SystemExit(
+            f"{out} already holds a sampling run ({RUN_FILE}: {theirs.get('num_images')} images of "
+            f"{theirs.get('model')}, another plan); pass --overwrite to replace it, or another --output"
+        )
+    if (out / IMAGES_FILE).exists() or any((out / r["file"]).exists() for r in planned):
+        raise SystemExit(
+            f"{out} already holds a sampling run ({IMAGES_FILE} or images without {RUN_FILE}); pass "
+            "--overwrite to replace it"
+        )
+
+
+def sample_sharded(
+    generator: ImageGenerator,
+    jobs: list[ImageJob],
+    settings: SamplingSettings,
+    out: Path,
+    *,
+    env: Dist,
+    overwrite: bool = False,
+) -> list[dict]:
+    """Rank r generates the jobs with index % world_size == r, skipping those whose PNG is already complete
+    (resume after a kill); each rank writes its rows, rank 0 merges them into images.jsonl in job order.
+
+    Every image depends only on its own seed (``ImageGenerator.latents``), so the files are the same for any
+    number of ranks and any batch they land in.
+    """
+    planned = [image_row(job, settings, generator.name) for job in jobs]
+    run_record = {"model": generator.name, "num_images": len(jobs), "sampling": dataclasses.asdict(settings),
+                  "plan_sha256": plan_digest(planned)}  # fmt: skip
+    check_sampling_run(out, run_record, planned, overwrite=overwrite)  # every rank, before anyone writes
+    env.barrier()
+    if env.is_main:
+        atomic_write_bytes(out / RUN_FILE, json.dumps(run_record, indent=2).encode())
+        (out / IMAGES_FILE).unlink(missing_ok=True)  # written again once every image is there
+    mine = [job for job in jobs if job.index % env.world_size == env.rank]
+    todo = [job for job in mine if overwrite or not is_complete_png(out / job.file_name, _saved_size(job))]
+    log.info("rank %d: %d of %d images to generate (%d already complete)", env.rank, len(todo), len(mine),
+             len(mine) - len(todo))  # fmt: skip
+    write_images(generator, todo, settings, out)
+    write_rows(out / f"{RANK_ROWS_PREFIX}{env.rank:05d}-of-{env.world_size:05d}.jsonl",
+               [planned[job.index] for job in mine])  # fmt: skip
+    env.barrier()
+    if not env.is_main:
+        return planned
+    merged = merge_rank_rows(out, env.world_size)
+    if [r["index"] for r in merged] != [job.index for job in jobs]:
+        raise RuntimeError(f"{out}: the ranks' rows do not cover the plan ({len(merged)} of {len(jobs)})")
+    write_rows(out / IMAGES_FILE, merged)
+    for part in out.glob(f"{RANK_ROWS_PREFIX}*.jsonl"):
+        part.unlink()
+    return merged
+
+
+def _saved_size(job: ImageJob) -> tuple[int, int]:
+    return job.output_size or (job.height, job.width)
+
+
+def merge_rank_rows(out: Path, world_size: int) -> list[dict]:
+    """Every rank's rows (``images.rank-RRRRR-of-WWWWW.jsonl``) in job order."""
+    rows = []
+    for rank in range(world_size):
+        part = out / f"{RANK_ROWS_PREFIX}{rank:05d}-of-{world_size:05d}.jsonl"
+        rows += [json.loads(line) for line in part.read_text().splitlines()]
+    return sorted(rows, key=lambda r: r["index"])
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
 
@@ -869,39 +966,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_aspect_ratio(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.split(":"))
-    except ValueError as error:
-        raise ValueError(f"aspect ratio must look like H:W (e.g. 9:16), got {text!r}") from error
-    if h < 1 or w < 1:
-        raise ValueError(f"aspect ratio must be positive, got {text!r}")
-    return h, w
+    return parse_aspect(text)
 
 
 def run(argv: list[str] | None = None) -> Path:
-    """Parse the flags, sample, write; returns the output folder."""
+    """Parse the flags, sample this rank's share (skipping finished images), merge the rows; returns the folder."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
     out = Path(args.output)
-    if (out / IMAGES_FILE).exists() and not args.overwrite:
-        raise SystemExit(
-            f"{out} already holds a sampling run ({IMAGES_FILE}); pass --overwrite to replace it"
-        )
     rows = [{"prompt": p} for p in args.prompt] + (read_prompts(args.input) if args.input else [])
     rows = rows[: args.num_samples] if args.num_samples is not None else rows
-    generator = generator_from_args(args, args.model)
+    generator = generator_from_args(args, args.model, device if args.device == "auto" else None)
     size = (args.height, args.width) if args.height is not None else None
     jobs = plan_jobs(rows, resolution=args.resolution or generator.resolution, seed=args.seed,
                      num_images_per_prompt=args.num_images_per_prompt, size=size,
                      aspect_ratio=parse_aspect_ratio(args.aspect_ratio),
                      binning=None if args.binning == "pixart" and size is not None else args.binning)  # fmt: skip
     settings = settings_from_args(args)
-    image_rows = write_images(generator, jobs, settings, out)
-    write_rows(out / IMAGES_FILE, image_rows)
-    print(
-        f"{len(image_rows)} images ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) → {out}"
-    )
+    image_rows = sample_sharded(generator, jobs, settings, out, env=env, overwrite=args.overwrite)
+    if env.is_main:
+        print(f"{len(image_rows)} images ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) "
+              f"→ {out}")  # fmt: skip
+    close_distributed()
     return out
 
 

@@ -56,8 +56,16 @@ from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars, quiet_root_info
 from training.adherence import adherence_metrics, is_toy_prompt, score_image
-from training.ranks import Dist, init_distributed
+from training.ranks import Dist, close_distributed, init_distributed
+from training.reference_stats import (
+    ReferenceStats,
+    check_reference_stats,
+    describe,
+    load_reference_stats,
+    save_reference_stats,
+)
 from training.sample import (
+    IMAGES_FILE,
     ImageGenerator,
     ImageJob,
     SamplingSettings,
@@ -81,6 +89,7 @@ CLIP_SCORE_WEIGHT = 100.0  # torchmetrics CLIPScore: 100 · max(cos, 0)
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "clip_scores.parquet"
 NUM_EXTREME_ROWS = 8  # worst / best CLIP-score rows on the HTML page
+FEATURE_BATCH_SIZE = 64  # images per Inception / CLIP forward (--feature-batch-size)
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
 
 
@@ -165,7 +174,9 @@ class FidMetric:
 
         if resize not in FID_RESIZE:
             raise ValueError(f"FID resize must be one of {FID_RESIZE}, got {resize!r}")
-        self.resize, self.weights_sha256 = resize, None
+        self.resize, self.weights_sha256, self.sync = resize, None, sync
+        self.num_features = features if extractor is None else extractor.num_features
+        self.reference: ReferenceStats | None = None  # the real side, when it comes from a statistics file
         if extractor is None:
             if features not in FID_FEATURES:
                 raise ValueError(f"FID features must be one of {FID_FEATURES}, got {features}")
@@ -185,9 +196,49 @@ class FidMetric:
             images = clean_resize(images)  # 299 × 299: the TF resize inside is then the identity
         self.metric.update(images.to(self.device), real=real)
 
+    def update_images(self, images: list[Tensor], *, real: bool, batch_size: int) -> None:
+        """(3, H, W) uint8 images of any sizes, fed in batches of one size of at most ``batch_size``."""
+        by_size: dict[tuple, list[Tensor]] = {}
+        for image in images:
+            by_size.setdefault(tuple(image.shape), []).append(image)
+        for group in by_size.values():
+            for start in range(0, len(group), batch_size):
+                self.update(torch.stack(group[start : start + batch_size]), real=real)  # (B, 3, H, W)
+
+    def use_reference(self, stats: ReferenceStats, path: str | Path) -> None:
+        """Take the real side from ``stats`` (refused when made with another resize, weights or tap)."""
+        check_reference_stats(stats, path, fid_resize=self.resize, inception_sha256=self.weights_sha256,
+                              features=self.num_features)  # fmt: skip
+        self.reference = stats
+
+    def statistics(self, *, real: bool) -> tuple[Tensor, Tensor, int]:
+        """One side's feature mean (D,), covariance (D, D) (float64, N - 1 as pytorch-fid's ``np.cov``) and
+        image count, over every rank's updates."""
+        side = "real" if real else "fake"
+        with self.metric.sync_context(should_sync=self.sync):  # all-reduce the sums under torchrun
+            num = int(getattr(self.metric, f"{side}_features_num_samples"))
+            total = getattr(self.metric, f"{side}_features_sum").double().cpu()  # (D,)
+            outer = getattr(self.metric, f"{side}_features_cov_sum").double().cpu()  # (D, D)
+        if num < 2:
+            raise ValueError(f"FID statistics need at least 2 images, the {side} side has {num}")
+        mean = total / num
+        return mean, (outer - num * torch.outer(mean, mean)) / (num - 1), num
+
+    def reference_stats(self) -> ReferenceStats:
+        """The real side's statistics with their record, to save (``--save-reference-stats``)."""
+        mean, cov, num = self.statistics(real=True)
+        return ReferenceStats(mean.numpy(), cov.numpy(), self.resize, self.weights_sha256, num)
+
     def compute(self) -> float:
-        """FID over every rank's updates (torchmetrics sums the statistics across the process group)."""
-        return float(self.metric.compute())
+        """FID over every rank's updates (torchmetrics sums the statistics across the process group); the real
+        side from the reference statistics when given."""
+        if self.reference is None:
+            return float(self.metric.compute())
+        from torchmetrics.image.fid import _compute_fid  # the Fréchet distance torchmetrics' compute uses
+
+        mean, cov, _ = self.statistics(real=False)
+        ref = self.reference
+        return float(_compute_fid(torch.from_numpy(ref.mu), torch.from_numpy(ref.sigma), mean, cov))
 
     def reset(self) -> None:
         """Forget both sides (each model is compared with real images cropped to its own buckets)."""
@@ -223,6 +274,14 @@ class ClipScorer:
         context = self.tokenizer.context_length
         tokens = self.tokenizer([prompt], context_length=context * 64)  # (1, L): zero-padded, not cut
         return int((tokens != 0).sum()) > context
+
+    def score_batched(self, images: list[Image.Image], prompts: list[str], *, batch_size: int) -> Tensor:
+        """CLIP scores (N,) of any number of pairs, ``batch_size`` pairs per forward (any image sizes: each is
+        preprocessed to CLIP's input on its own)."""
+        if not images:
+            return torch.zeros(0)
+        return torch.cat([self(images[i : i + batch_size], prompts[i : i + batch_size])
+                          for i in range(0, len(images), batch_size)])  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
@@ -300,12 +359,47 @@ class EvalSettings:
     seed: int = 0
     resolution: int | None = None  # default: each model's training resolution
     binning: str = "pixart"  # bucket tables (training.sample.BINNINGS), the same for sampling and evaluation
+    feature_batch_size: int = FEATURE_BATCH_SIZE  # images per Inception / CLIP forward
+
+
+class FeaturePass:
+    """Images scored in batches of ``batch_size``: Inception features into FID, CLIP score against the prompt,
+    the CLIP cut flag, and toy-world adherence; per-image results by index."""
+
+    def __init__(self, fid: FidMetric, clip: ClipScorer, *, batch_size: int, real: bool, toy: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"feature batch size must be >= 1, got {batch_size}")
+        self.fid, self.clip, self.batch_size, self.real, self.toy = fid, clip, batch_size, real, toy
+        self.pending: list[tuple[int | str, str, Image.Image]] = []
+        self.scores: dict = {}
+        self.cut: dict = {}
+        self.adherence: dict = {}
+
+    def add(self, index: int | str, prompt: str, image: Image.Image) -> None:
+        """Queue one RGB image; a full batch is scored at once."""
+        self.pending.append((index, prompt, image))
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score what is queued (call once more at the end)."""
+        if not self.pending:
+            return
+        indices, prompts, images = zip(*self.pending, strict=True)
+        self.pending = []
+        if not (self.real and self.fid.reference is not None):  # a reference file replaces the real images
+            self.fid.update_images([pil_to_uint8(im) for im in images], real=self.real, batch_size=self.batch_size)
+        scores = self.clip.score_batched(list(images), list(prompts), batch_size=self.batch_size)
+        for index, prompt, image, score in zip(indices, prompts, images, scores.tolist(), strict=True):
+            self.scores[index], self.cut[index] = score, self.clip.is_cut(prompt)
+            if self.toy:
+                self.adherence[index] = score_image(image, prompt)
 
 
 def evaluate_generator(
     generator: ImageGenerator,
     rows: list[dict],
-    real_bytes: dict[str, bytes],
+    real_bytes: dict[str, bytes] | None,
     *,
     settings: SamplingSettings,
     eval_settings: EvalSettings,
@@ -315,45 +409,43 @@ def evaluate_generator(
     real_out: Path | None,
     env: Dist,
 ) -> tuple[float, list[dict]]:
-    """Generate this rank's share into ``out/images``, feed FID and CLIP; FID and all rows on every rank."""
+    """Generate this rank's share into ``out/images``, feed FID and CLIP in batches; FID and all rows on every
+    rank. Without ``real_bytes`` (a prompt file) the real side is the FID metric's reference statistics."""
     k = eval_settings.num_images_per_prompt
     jobs = plan_jobs(rows, resolution=eval_settings.resolution or generator.resolution, seed=eval_settings.seed,
                      num_images_per_prompt=k, binning=eval_settings.binning)  # fmt: skip
     mine = jobs[env.rank :: env.world_size]
     fid.reset()
-    real_scores = {}  # the real image's CLIP score against its prompt: the ceiling the model is read against
-    toy = all(is_toy_prompt(r["prompt"]) for r in rows)  # prompts carry toy-world truth: score adherence too
-    adherence, real_adherence = {}, {}
-    for row, job in list(zip(rows, jobs[::k], strict=True))[
-        env.rank :: env.world_size
-    ]:  # one real per prompt
-        image = real_image(real_bytes[row["key"]], (job.height, job.width))
-        fid.update(pil_to_uint8(image)[None], real=True)
-        real_scores[row["key"]] = float(clip([image], [row["prompt"]])[0])
-        if toy:
-            real_adherence[row["key"]] = score_image(image, row["prompt"])
-        if real_out is not None:
-            atomic_write_bytes(real_out / f"{_safe(row['key'])}.png", _png(image))
-    real_scores = _gather_dict(real_scores, env)
-    real_adherence = _gather_dict(real_adherence, env)
-    scores: dict[int, float] = {}
-    cut: dict[int, bool] = {}  # the prompt was longer than CLIP's context: scored on its start only
+    # prompts carry toy-world truth: score adherence too (read against the real images' own, so only with them)
+    toy = real_bytes is not None and all(is_toy_prompt(r["prompt"]) for r in rows)
+    batch = eval_settings.feature_batch_size
+    # the real image's CLIP score against its prompt: the ceiling the model is read against
+    reals = FeaturePass(fid, clip, batch_size=batch, real=True, toy=toy)
+    if real_bytes is not None:
+        for row, job in list(zip(rows, jobs[::k], strict=True))[env.rank :: env.world_size]:  # one per prompt
+            image = real_image(real_bytes[row["key"]], (job.height, job.width))
+            reals.add(row["key"], row["prompt"], image)
+            if real_out is not None:
+                atomic_write_bytes(real_out / f"{_safe(row['key'])}.png", _png(image))
+        reals.flush()
+    real_scores = _gather_dict(reals.scores, env)
+    real_adherence = _gather_dict(reals.adherence, env)
+    generated = FeaturePass(fid, clip, batch_size=batch, real=False, toy=toy)
 
     def score(job: ImageJob, image: Tensor) -> None:
-        pixels = Image.open(io.BytesIO(to_png_bytes(image)))  # exactly what was saved
-        fid.update(pil_to_uint8(pixels)[None], real=False)
-        scores[job.index] = float(clip([pixels.convert("RGB")], [job.prompt])[0])
-        cut[job.index] = clip.is_cut(job.prompt)
-        if toy:
-            adherence[job.index] = score_image(pixels.convert("RGB"), job.prompt)
+        pixels = Image.open(io.BytesIO(to_png_bytes(image))).convert("RGB")  # exactly what was saved
+        generated.add(job.index, job.prompt, pixels)
 
     image_rows = write_images(generator, mine, settings, out / "images", on_image=score)
+    generated.flush()
     for row in image_rows:
-        key = rows[row["index"] // k]["key"]
-        row.update(clip_score=scores[row["index"]], clip_prompt_cut=cut[row["index"]], real_key=key,
-                   real_file=f"{_safe(key)}.png", real_clip_score=real_scores[key])  # fmt: skip
+        i = row["index"]
+        row.update(clip_score=generated.scores[i], clip_prompt_cut=generated.cut[i])
+        if real_bytes is not None:
+            key = rows[i // k]["key"]
+            row.update(real_key=key, real_file=f"{_safe(key)}.png", real_clip_score=real_scores[key])
         if toy:
-            row.update(adherence=adherence[row["index"]], real_adherence=real_adherence[key])
+            row.update(adherence=generated.adherence[i], real_adherence=real_adherence[rows[i // k]["key"]])
     return fid.compute(), gather_rows(image_rows, env)
 
 
@@ -381,7 +473,9 @@ def _png(image: Image.Image) -> bytes:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_report(out: Path, metrics: dict, rows: list[dict], *, real_dir: str, step: int = 0) -> None:
+def write_report(
+    out: Path, metrics: dict, rows: list[dict], *, real_dir: str, step: int = 0, images_dir: str = "images"
+) -> None:
     """metrics.json, clip_scores.parquet, TensorBoard scalars and index.html for one model."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -391,7 +485,7 @@ def write_report(out: Path, metrics: dict, rows: list[dict], *, real_dir: str, s
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     atomic_write_bytes(out / SCORES_FILE, buffer.getvalue())
     log_tensorboard(out / "tensorboard", metrics, step)
-    atomic_write_bytes(out / "index.html", model_page(metrics, rows, real_dir=real_dir).encode())
+    atomic_write_bytes(out / "index.html", model_page(metrics, rows, real_dir=real_dir, images_dir=images_dir).encode())
 
 
 def log_tensorboard(folder: Path, metrics: dict, step: int) -> None:
@@ -410,7 +504,7 @@ _STYLE = (
 )
 
 
-def model_page(metrics: dict, rows: list[dict], *, real_dir: str) -> str:
+def model_page(metrics: dict, rows: list[dict], *, real_dir: str, images_dir: str = "images") -> str:
     """Generated next to real, the prompt and CLIP score under each; worst and best CLIP rows first."""
     ranked = sorted(rows, key=lambda r: r["clip_score"])
     k = min(NUM_EXTREME_ROWS, len(rows))
@@ -423,15 +517,17 @@ def model_page(metrics: dict, rows: list[dict], *, real_dir: str) -> str:
         f"<h1>Evaluation: {html.escape(metrics['name'])}</h1>",
         _summary_table([metrics]),
     ]
+    real = bool(rows) and "real_file" in rows[0]  # no real images with reference statistics and a prompt file
     for title, section in sections:
-        body.append(f"<h2>{title}</h2><table><tr><th>generated</th><th>real</th><th>prompt</th></tr>")
+        body.append(f"<h2>{title}</h2><table><tr><th>generated</th>{'<th>real</th>' if real else ''}"
+                    "<th>prompt</th></tr>")  # fmt: skip
         for r in section:
+            real_cell = f"<td><img src='{real_dir}/{html.escape(r['real_file'])}'></td>" if real else ""
+            real_score = f" (real {r['real_clip_score']:.2f})" if real else ""
             body.append(
-                f"<tr><td><img src='images/{html.escape(r['file'])}'></td>"
-                f"<td><img src='{real_dir}/{html.escape(r['real_file'])}'></td>"
-                f"<td class='p'>{html.escape(r['prompt'])}<br>CLIP {r['clip_score']:.2f} (real "
-                f"{r['real_clip_score']:.2f}) · seed {r['seed']} · "
-                f"{r['width']}×{r['height']}</td></tr>"
+                f"<tr><td><img src='{images_dir}/{html.escape(r['file'])}'></td>{real_cell}"
+                f"<td class='p'>{html.escape(r['prompt'])}<br>CLIP {r['clip_score']:.2f}{real_score} · "
+                f"seed {r['seed']} · {r['width']}×{r['height']}</td></tr>"
             )
         body.append("</table>")
     return _page(f"eval {metrics['name']}", body)
@@ -443,7 +539,7 @@ def compare_page(all_metrics: list[dict], all_rows: list[list[dict]], labels: li
     body = [f"<h1>Comparison on {html.escape(all_metrics[0]['eval_set'])}</h1>", _summary_table(all_metrics),
             f"<table><tr><th>real</th>{header}</tr>"]  # fmt: skip
     for i, first in enumerate(all_rows[0]):
-        cells = [f"<td><img src='real/{html.escape(first['real_file'])}'></td>"]
+        cells = [f"<td><img src='real/{html.escape(first['real_file'])}'></td>" if "real_file" in first else "<td></td>"]
         for label, rows in zip(labels, all_rows, strict=True):
             r = rows[i]
             cells.append(f"<td><img src='{label}/images/{html.escape(r['file'])}'><span class='p'>"
@@ -458,7 +554,7 @@ def _summary_table(all_metrics: list[dict]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(m['name'])}</td><td>{html.escape(m['model'])}</td><td>{m['fid']:.3f}"
         f"{'<br>(' + SMALL_FID_LABEL + ')' if m.get('fid_small_n') else ''}</td>"
-        f"<td>{m['clip_score']:.3f}</td><td>{m['clip_score_real']:.3f}</td><td>{m['num_images']}</td>"
+        f"<td>{m['clip_score']:.3f}</td><td>{_number(m['clip_score_real'])}</td><td>{m['num_images']}</td>"
         f"<td>{m['sampling']['sampler']}, "
         f"{m['sampling']['steps']} steps, cfg {m['sampling']['cfg_scale']}</td></tr>"
         for m in all_metrics
@@ -468,6 +564,10 @@ def _summary_table(all_metrics: list[dict]) -> str:
         "<th>images</th>"
         f"<th>sampling</th></tr>{rows}</table>"
     )
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _page(title: str, body: list[str]) -> str:
@@ -499,14 +599,17 @@ def default_output(model: str, name: str) -> Path:
     raise ValueError(f"{model} is not inside a run folder: pass --output")
 
 
-def score_summary(fid_value: float, image_rows: list[dict]) -> dict:
-    """FID, the mean (and spread) of the CLIP scores, and the real images' own mean CLIP score."""
+def score_summary(fid_value: float, image_rows: list[dict], *, reference: ReferenceStats | None = None) -> dict:
+    """FID, the mean (and spread) of the CLIP scores, and the real images' own mean CLIP score (when there are
+    real images: with reference statistics the real side is the file's, its count the one it records)."""
     scores = np.array([r["clip_score"] for r in image_rows])
-    real_scores = np.array(list({r["real_key"]: r["real_clip_score"] for r in image_rows}.values()))
+    real_scores = np.array(list({r["real_key"]: r["real_clip_score"] for r in image_rows if "real_key" in r}.values()))
+    num_real = reference.num_images if reference is not None else len(real_scores)
     summary = {
-        "num_images": len(image_rows), "num_real_images": len(real_scores), "num_generated_images": len(image_rows),
-        "fid": fid_value, "fid_small_n": small_fid(len(real_scores), len(image_rows)), "clip_score": float(scores.mean()),
-        "clip_score_std": float(scores.std()), "clip_score_real": float(real_scores.mean()),
+        "num_images": len(image_rows), "num_real_images": num_real, "num_generated_images": len(image_rows),
+        "fid": fid_value, "fid_small_n": small_fid(len(image_rows) if num_real is None else num_real, len(image_rows)),
+        "clip_score": float(scores.mean()), "clip_score_std": float(scores.std()),
+        "clip_score_real": float(real_scores.mean()) if len(real_scores) else None,
         "clip_prompts_cut": sum(bool(r.get("clip_prompt_cut")) for r in image_rows),
         **adherence_metrics(image_rows),  # toy-world eval sets only (training.adherence)
     }  # fmt: skip
@@ -525,24 +628,48 @@ def check_fid_counts(num_real: int, num_generated: int, *, allow_small: bool) ->
         )
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    """Evaluate each --model on the eval set; returns the metrics (a list of them in compare mode)."""
+def _device(args: argparse.Namespace) -> tuple[Dist, torch.device]:
     env, device = init_distributed()
-    if args.device != "auto":
-        device = torch.device(args.device)
-    name = args.name or Path(args.input).name
+    return env, device if args.device == "auto" else torch.device(args.device)
+
+
+def _fid_metric(args: argparse.Namespace, device: torch.device, reference: ReferenceStats | None) -> FidMetric:
+    """The FID metric as the flags say, the real side from ``--reference-stats`` when given (checked here)."""
+    fid = FidMetric(device=device, inception=args.inception, features=args.fid_features, resize=args.fid_resize)
+    if reference is not None:
+        fid.use_reference(reference, args.reference_stats)
+    return fid
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Evaluate each --model on the eval set or prompt file, score a sampled folder (--images), or save
+    reference statistics; returns the metrics (compare mode: a list of them)."""
+    if args.save_reference_stats:
+        return save_reference(args)
+    if args.images:
+        return evaluate_images(args)
+    env, device = _device(args)
+    prompt_file = Path(args.input).is_file()  # COCO-30K / MJHQ-30K prompts: no real images, reference statistics
+    name = args.name or (Path(args.input).stem if prompt_file else Path(args.input).name)
     out = Path(args.output) if args.output else default_output(args.model[0], name)
-    rows = read_eval_set(args.input, num_samples=args.num_samples)
+    if prompt_file and not args.reference_stats:
+        raise ValueError(f"{args.input} is a prompt file, with no real images: pass --reference-stats PATH.npz")
+    rows = read_prompts(args.input)[: args.num_samples] if prompt_file else read_eval_set(
+        args.input, num_samples=args.num_samples)  # fmt: skip
     if len(rows) < 2:
         raise ValueError(
             f"{args.input}: FID needs at least 2 prompts, the eval set (or --num-samples) gives {len(rows)}"
         )
-    check_fid_counts(len(rows), len(rows) * args.num_images_per_prompt, allow_small=args.allow_small_fid)
-    real_bytes = read_real_images(args.input, {r["key"] for r in rows})
-    fid = FidMetric(device=device, inception=args.inception, features=args.fid_features, resize=args.fid_resize)
+    reference = load_reference_stats(args.reference_stats) if args.reference_stats else None
+    num_generated = len(rows) * args.num_images_per_prompt
+    num_real = (reference.num_images or num_generated) if reference is not None else len(rows)
+    check_fid_counts(num_real, num_generated, allow_small=args.allow_small_fid)
+    real_bytes = None if prompt_file else read_real_images(args.input, {r["key"] for r in rows})
+    fid = _fid_metric(args, device, reference)
     clip = ClipScorer(args.clip_model, args.clip_pretrained, device=device)
     settings = settings_from_args(args)
-    eval_settings = EvalSettings(args.num_images_per_prompt, args.seed, args.resolution, args.binning)
+    eval_settings = EvalSettings(args.num_images_per_prompt, args.seed, args.resolution, args.binning,
+                                 args.feature_batch_size)  # fmt: skip
     compare = len(args.model) > 1
     labels = model_labels(args.model) if compare else [""]
     results = []
@@ -556,7 +683,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         )  # fmt: skip
         metrics = {
             "name": name, "model": model, "eval_set": str(args.input), "num_prompts": len(rows),
-            **score_summary(fid_value, image_rows), "fid_features": args.fid_features, "clip_model": clip.name,
+            **score_summary(fid_value, image_rows, reference=reference), "fid_features": args.fid_features,
+            "clip_model": clip.name, **(describe(args.reference_stats, reference) if reference else {}),
             "inception": str(args.inception or default_inception_path()), "inception_sha256": fid.weights_sha256,
             "fid_resize": args.fid_resize, "resolution": generator.resolution, "binning": args.binning,
             "sampling": dataclasses.asdict(settings), "seed": args.seed, "world_size": env.world_size,
@@ -576,10 +704,106 @@ def evaluate(args: argparse.Namespace) -> dict:
         atomic_write_bytes(out / "compare.json", json.dumps(summary, indent=2).encode())
         atomic_write_bytes(out / "index.html",
                            compare_page([m for m, _ in results], [r for _, r in results], labels).encode())  # fmt: skip
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_distributed()
     return results[0][0] if not compare else {"labels": labels, "models": [m for m, _ in results]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The 30K protocol: reference statistics once, a sampled folder scored against them
+# --------------------------------------------------------------------------------------------------
+
+
+def real_image_sources(folder: str | Path, env: Dist) -> tuple[int, list[tuple[str, bytes]]]:
+    """Every image of a folder (its files, recursively, or the members of its ``*.tar`` shards), in name order:
+    the total count and this rank's (name, bytes) share (image i on rank i % world_size)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of real images or of .tar shards")
+    shards = sorted(folder.glob("*.tar"))
+    mine: list[tuple[str, bytes]] = []
+    count = 0
+    if shards:
+        for shard in shards:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
+                        if count % env.world_size == env.rank:
+                            mine.append((f"{shard.name}/{member.name}", tar.extractfile(member).read()))
+                        count += 1
+        return count, mine
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+    return len(files), [(str(p), p.read_bytes()) for p in files[env.rank :: env.world_size]]
+
+
+def save_reference(args: argparse.Namespace) -> dict:
+    """``--save-reference-stats``: the Inception statistics of the real images in --input, with their record."""
+    env, device = _device(args)
+    fid = _fid_metric(args, device, None)
+    count, mine = real_image_sources(args.input, env)
+    check_fid_counts(count, count, allow_small=args.allow_small_fid)
+    batch = args.feature_batch_size
+    for start in range(0, len(mine), batch):  # decoded a batch at a time: 30K images never sit in memory
+        images = [pil_to_uint8(decode_rgb(data)) for _, data in mine[start : start + batch]]  # at their own size
+        fid.update_images(images, real=True, batch_size=batch)
+    stats = fid.reference_stats()
+    if env.is_main:
+        save_reference_stats(args.save_reference_stats, stats)
+        print(f"reference statistics of {stats.num_images} images ({stats.features}-d, resize {stats.fid_resize}) "
+              f"→ {args.save_reference_stats}")  # fmt: skip
+    close_distributed()
+    return {"reference_stats": str(args.save_reference_stats), "num_images": stats.num_images,
+            "fid_resize": stats.fid_resize, "inception_sha256": stats.inception_sha256}  # fmt: skip
+
+
+def read_sampled_rows(folder: Path) -> list[dict]:
+    """pixsigma-sample's ``images.jsonl`` rows (file, prompt, seed, size, sampler…), every file present."""
+    path = folder / IMAGES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: --images takes a finished pixsigma-sample folder")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    missing = [r["file"] for r in rows if not (folder / r["file"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: {len(missing)} images of {IMAGES_FILE} are missing, e.g. {missing[:3]}")
+    return rows
+
+
+def evaluate_images(args: argparse.Namespace) -> dict:
+    """``--images``: FID of a sampled folder against ``--reference-stats`` and each image's CLIP score against its
+    prompt, in batches, rank-sharded (image i on rank i % world_size)."""
+    env, device = _device(args)
+    folder = Path(args.images)
+    rows = read_sampled_rows(folder)[: args.num_samples]
+    reference = load_reference_stats(args.reference_stats)
+    check_fid_counts(reference.num_images or len(rows), len(rows), allow_small=args.allow_small_fid)
+    started = time.perf_counter()
+    fid = _fid_metric(args, device, reference)
+    clip = ClipScorer(args.clip_model, args.clip_pretrained, device=device)
+    generated = FeaturePass(fid, clip, batch_size=args.feature_batch_size, real=False)
+    mine = rows[env.rank :: env.world_size]
+    for row in mine:
+        with Image.open(folder / row["file"]) as image:
+            generated.add(row["index"], row["prompt"], image.convert("RGB"))
+    generated.flush()
+    image_rows = gather_rows([{**r, "clip_score": generated.scores[r["index"]],
+                               "clip_prompt_cut": generated.cut[r["index"]]} for r in mine], env)  # fmt: skip
+    fid_value = fid.compute()
+    out = Path(args.output) if args.output else folder / "eval"
+    first = rows[0]
+    metrics = {
+        "name": args.name or folder.name, "model": first.get("model", ""), "images": str(folder),
+        "num_prompts": len({r["prompt"] for r in rows}), **score_summary(fid_value, image_rows, reference=reference),
+        "fid_features": args.fid_features, "clip_model": clip.name, "inception": str(args.inception or default_inception_path()),
+        "inception_sha256": fid.weights_sha256, "fid_resize": args.fid_resize, **describe(args.reference_stats, reference),
+        "sampling": {k: first.get(k) for k in ("sampler", "steps", "cfg_scale", "negative_prompt")},
+        "world_size": env.world_size, "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    if env.is_main:
+        write_report(out, metrics, image_rows, real_dir="", images_dir=os.path.relpath(folder, out))
+        small = f" [{SMALL_FID_LABEL}]" if metrics["fid_small_n"] else ""
+        print(f"{metrics['name']}: FID {fid_value:.3f}{small}  CLIP score {metrics['clip_score']:.3f}  "
+              f"({len(image_rows)} images against {args.reference_stats}) → {out / METRICS_FILE}")  # fmt: skip
+    close_distributed()
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,9 +911,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="pixsigma-evaluate", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--model", action="append", required=True,
+    parser.add_argument("--model", action="append",
                         help="a model as training.sample takes it; twice to compare two models side by side")  # fmt: skip
-    parser.add_argument("--input", required=True, help="eval set folder (eval-*.tar + prompts.jsonl)")
+    parser.add_argument("--input", help="eval set folder (eval-*.tar + prompts.jsonl), or a prompt file (JSONL, "
+                        "MJHQ meta_data.json; with --reference-stats); with --save-reference-stats: real images "
+                        "(a folder of files or of .tar shards)")  # fmt: skip
+    parser.add_argument("--images", help="score a finished pixsigma-sample folder (images.jsonl + PNGs) against "
+                        "--reference-stats instead of generating (the 30K protocol's second step)")  # fmt: skip
+    parser.add_argument("--reference-stats", help="FID's real side from this .npz (mu, sigma: pytorch-fid / "
+                        "clean-fid layout) instead of the real images")  # fmt: skip
+    parser.add_argument("--save-reference-stats", metavar="PATH.npz", help="compute the real images' (--input) "
+                        "Inception statistics with this run's --inception and --fid-resize, save them, and stop")  # fmt: skip
+    parser.add_argument("--feature-batch-size", type=int, default=FEATURE_BATCH_SIZE,
+                        help="images per Inception / CLIP forward (--batch-size is the sampler's)")  # fmt: skip
     parser.add_argument("--output", help="default: <run>/eval/<name> for a model inside a run folder")
     parser.add_argument("--name", help="evaluation name; default: the eval set's folder name")
     parser.add_argument("--num-samples", type=int, help="only the first N prompts (a quick subset)")
@@ -711,8 +945,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_sampling_arguments(parser)
     add_model_arguments(parser)
     args = parser.parse_args(argv)
-    if len(args.model) > 2:
+    modes = [flag for flag, value in (("--model", args.model), ("--images", args.images),
+                                      ("--save-reference-stats", args.save_reference_stats)) if value]  # fmt: skip
+    if len(modes) != 1:
+        parser.error(f"give one of --model, --images, --save-reference-stats (got {modes or 'none'})")
+    if args.model and len(args.model) > 2:
         parser.error("compare mode takes two models")
+    if (args.model or args.save_reference_stats) and not args.input:
+        parser.error(f"{modes[0]} needs --input")
+    if args.images and args.input:
+        parser.error("--images scores the sampled folder's own prompts: --input is not used")
+    if args.images and not args.reference_stats:
+        parser.error("--images needs --reference-stats (the real side of FID)")
+    if args.save_reference_stats and args.reference_stats:
+        parser.error("--save-reference-stats and --reference-stats do not go together")
+    if args.feature_batch_size < 1:
+        parser.error("--feature-batch-size must be >= 1")
     return args
 
 

@@ -18,6 +18,7 @@ from training.model import PRESETS, PixArtSigma
 from training.pipeline import FrozenComponents, export_pipeline
 from training.sample import (
     IMAGES_FILE,
+    RUN_FILE,
     ImageGenerator,
     ImageJob,
     PromptEncoder,
@@ -73,7 +74,7 @@ def test_cli_is_deterministic_for_a_seed_on_cpu(export, tmp_path):
     run([*common, "--output", str(tmp_path / "c"), "--seed", "8"])
     a, b, c = _files(tmp_path / "a"), _files(tmp_path / "b"), _files(tmp_path / "c")
     assert a == b
-    assert set(a) == {"000000.png", "k0.png", "k1.png", IMAGES_FILE}
+    assert set(a) == {"000000.png", "k0.png", "k1.png", IMAGES_FILE, RUN_FILE}
     assert all(a[name] != c[name] for name in a if name.endswith(".png"))
     rows = [json.loads(line) for line in (tmp_path / "a" / IMAGES_FILE).read_text().splitlines()]
     assert [(r["file"], r["prompt"], r["seed"], r["height"], r["width"]) for r in rows] == [

@@ -1,0 +1,157 @@
+"""The 30K protocol: reference statistics saved and loaded (pytorch-fid's .npz), a sampled folder scored against
+them, prompt files, and the batched Inception / CLIP passes against one image at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from tests.training.eval_factories import PROMPTS, build_eval_models, real_images, tiny_export
+from tests.training.test_evaluate import _Features, _folder_fid, _image_folder, _torch_fidelity_fid
+from training.evaluate import ClipScorer, FidMetric, pil_to_uint8, run
+from training.reference_stats import load_reference_stats
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory):
+    return build_eval_models(tmp_path_factory.getbasetemp() / "eval_models")
+
+
+@pytest.fixture(scope="module")
+def folders(eval_models, tmp_path_factory):
+    """32 real and 32 "generated" noisy images (the fake ones as pixsigma-sample leaves them: images.jsonl), the
+    real ones' statistics saved by the CLI, and torch-fidelity's FID between the two folders."""
+    root = tmp_path_factory.mktemp("fid30k")
+    real = _image_folder(root / "real", range(32), level=256)
+    fake = _image_folder(root / "fake", range(500, 532), level=128)
+    rows = [{"index": i, "file": p.name, "prompt": PROMPTS[i % len(PROMPTS)], "model": "m", "sampler": "dpm-solver",
+             "steps": 20, "cfg_scale": 4.5, "negative_prompt": "", "seed": i, "width": 448, "height": 320}
+            for i, p in enumerate(sorted(fake.glob("*.png")))]  # fmt: skip
+    (fake / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = root / "real_stats.npz"
+    run(["--save-reference-stats", str(stats), "--input", str(real), *_flags(eval_models), "--feature-batch-size", "5"])
+    return real, fake, stats, _torch_fidelity_fid(real, fake, eval_models["inception"])
+
+
+def _flags(eval_models, *extra):
+    return ["--inception", eval_models["inception"], "--fid-features", "64", "--clip-model", eval_models["clip"],
+            "--device", "cpu", "--allow-small-fid", *extra]  # fmt: skip
+
+
+def test_saved_statistics_are_pytorch_fids_layout_with_our_record(folders, eval_models):
+    real, _, stats, _ = folders
+    with np.load(stats, allow_pickle=False) as data:  # what pytorch-fid's calculate_frechet_distance reads
+        assert data["mu"].dtype == data["sigma"].dtype == np.float64
+        assert data["mu"].shape == (64,) and data["sigma"].shape == (64, 64)
+        assert np.allclose(data["sigma"], data["sigma"].T)
+        with open(eval_models["inception"], "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        assert (str(data["fid_resize"]), str(data["inception_sha256"]), int(data["num_images"])) == ("tf", sha, 32)
+
+
+def test_fid_from_saved_statistics_equals_fid_from_the_folders(folders, eval_models, tmp_path):
+    real, fake, stats, theirs = folders
+    from_folders = _folder_fid(FidMetric(device=CPU, inception=eval_models["inception"], features=64), real, fake)
+    metric = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
+    metric.use_reference(load_reference_stats(stats), stats)
+    images = [pil_to_uint8(Image.open(p).convert("RGB")) for p in sorted(fake.glob("*.png"))]
+    metric.update_images(images, real=False, batch_size=7)
+    assert metric.compute() == pytest.approx(from_folders, rel=1e-5)
+    assert abs(metric.compute() - theirs) <= 1e-3  # torch-fidelity's calculate_metrics on the two folders
+
+    # --images: the sampled folder scored against the statistics, in batches of 6
+    metrics = run(["--images", str(fake), "--reference-stats", str(stats), "--output", str(tmp_path / "e"),
+                   *_flags(eval_models, "--feature-batch-size", "6")])  # fmt: skip
+    assert abs(metrics["fid"] - theirs) <= 1e-3
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text()) == metrics
+    assert metrics["reference_stats"] == str(stats)
+    assert metrics["reference_stats_sha256"] == hashlib.sha256(stats.read_bytes()).hexdigest()
+    assert (metrics["num_real_images"], metrics["num_generated_images"], metrics["fid_small_n"]) == (32, 32, True)
+    assert metrics["clip_score_real"] is None and metrics["sampling"]["sampler"] == "dpm-solver"
+    clip = ClipScorer(eval_models["clip"], None, device=CPU)
+    rows = [json.loads(line) for line in (fake / "images.jsonl").read_text().splitlines()]
+    one_by_one = [float(clip([Image.open(fake / r["file"]).convert("RGB")], [r["prompt"]])[0]) for r in rows]
+    assert metrics["clip_score"] == pytest.approx(float(np.mean(one_by_one)), abs=1e-4)
+    page = (tmp_path / "e" / "index.html").read_text()  # the sampled images, linked where they are
+    assert f"src='{os.path.relpath(fake, tmp_path / 'e')}/{rows[0]['file']}'" in page and "<th>real</th>" not in page
+
+
+def test_a_numpy_npz_with_only_mu_and_sigma_loads(tmp_path):
+    """What pytorch-fid and clean-fid ship: mu and sigma, nothing else; FID against it is the Fréchet formula."""
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    fake = rng.normal(size=(200, 6)) * 1.3 + 0.2
+    np.savez(tmp_path / "theirs.npz", mu=real.mean(0), sigma=np.cov(real, rowvar=False))
+    stats = load_reference_stats(tmp_path / "theirs.npz")
+    assert (stats.fid_resize, stats.inception_sha256, stats.num_images) == (None, None, None)
+    metric = FidMetric(device=CPU, extractor=_Features())
+    metric.use_reference(stats, tmp_path / "theirs.npz")
+    for chunk in np.array_split(fake, 3):
+        metric.update(torch.from_numpy(chunk), real=False)
+    mu_a, mu_b, cov_a, cov_b = real.mean(0), fake.mean(0), np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert metric.compute() == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_statistics_made_another_way_are_refused(folders, eval_models, tmp_path):
+    _, _, stats, _ = folders
+    loaded = load_reference_stats(stats)
+    clean = FidMetric(device=CPU, inception=eval_models["inception"], features=64, resize="clean")
+    with pytest.raises(ValueError, match=r"made with fid_resize 'tf' \(this run: 'clean'\)"):
+        clean.use_reference(loaded, stats)
+    with np.load(stats) as data:
+        np.savez(tmp_path / "other.npz", **{**data, "inception_sha256": np.asarray("0" * 64)})
+    standard = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
+    with pytest.raises(ValueError, match=r"made with inception_sha256 '0000"):
+        standard.use_reference(load_reference_stats(tmp_path / "other.npz"), tmp_path / "other.npz")
+    with pytest.raises(ValueError, match="holds 64-d statistics, this run's Inception tap gives 192"):
+        FidMetric(device=CPU, inception=eval_models["inception"], features=192).use_reference(loaded, stats)
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
+    with pytest.raises(ValueError, match=r"no \['sigma'\] array"):
+        load_reference_stats(tmp_path / "bad.npz")
+
+
+def test_batched_features_equal_one_at_a_time_for_mixed_sizes(eval_models):
+    """Inception statistics and CLIP scores of batches (images of three sizes interleaved) equal the
+    one-image-at-a-time ones."""
+    images = [pil_to_uint8(im) for im in real_images()] * 3  # 15 images, sizes mixed
+    one, batched = (FidMetric(device=CPU, inception=eval_models["inception"], features=64) for _ in range(2))
+    for image in images:
+        one.update(image[None], real=True)
+    batched.update_images(images, real=True, batch_size=4)
+    (mean_1, cov_1, n_1), (mean_b, cov_b, n_b) = one.statistics(real=True), batched.statistics(real=True)
+    assert n_1 == n_b == 15
+    assert torch.allclose(mean_b, mean_1, rtol=1e-5, atol=1e-6) and torch.allclose(cov_b, cov_1, rtol=1e-4, atol=1e-6)
+    clip = ClipScorer(eval_models["clip"], None, device=CPU)
+    pictures, prompts = real_images() * 2, list(PROMPTS) * 2
+    alone = torch.cat([clip([im], [p]) for im, p in zip(pictures, prompts, strict=True)])
+    assert torch.allclose(clip.score_batched(pictures, prompts, batch_size=3), alone, atol=1e-4)
+
+
+def test_a_prompt_file_is_evaluated_against_reference_statistics(folders, eval_models, tiny_models, tmp_path):
+    _, _, stats, _ = folders
+    model = tiny_export(tiny_models, tmp_path / "run" / "final", seed=4)
+    prompts = tmp_path / "coco.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": f"c{i}"}) + "\n" for i, p in enumerate(PROMPTS)))
+    args = ["--model", str(model), "--input", str(prompts), "--steps", "2", *_flags(eval_models)]
+    with pytest.raises(ValueError, match="a prompt file, with no real images: pass --reference-stats"):
+        run(args)
+    metrics = run([*args, "--reference-stats", str(stats), "--feature-batch-size", "2"])
+    assert metrics["name"] == "coco" and (tmp_path / "run" / "eval" / "coco" / "metrics.json").is_file()
+    assert (metrics["num_real_images"], metrics["num_generated_images"]) == (32, 5)
+    assert metrics["clip_score_real"] is None and np.isfinite(metrics["fid"])
+    out = tmp_path / "run" / "eval" / "coco"
+    fid = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
+    fid.use_reference(load_reference_stats(stats), stats)
+    fid.update_images([pil_to_uint8(Image.open(out / "images" / f"c{i}.png")) for i in range(5)], real=False,
+                      batch_size=1)  # fmt: skip
+    assert metrics["fid"] == pytest.approx(fid.compute(), rel=1e-5)

@@ -2,6 +2,13 @@
 
     python -m training.evaluate --model RUN --input RUN_DATA/eval_shards/eval --inception weights.pth
     torchrun --nproc_per_node=8 -m training.evaluate --model RUN_A --model RUN_B --input … --output cmp/
+    python -m training.evaluate --save-reference-stats real.npz --input REAL_IMAGES/ --inception weights.pth
+    torchrun --nproc_per_node=8 -m training.evaluate --images SAMPLES/ --reference-stats real.npz --inception …
+
+The 30K protocol (PixArt-Σ §4): reference statistics of the real set saved once (``training.reference_stats``,
+pytorch-fid's ``mu``/``sigma`` .npz with how it was made), a ``pixsigma-sample`` folder (``--images``) or a prompt
+file (``--input prompts.jsonl`` with ``--model``) scored against them; Inception and CLIP run
+``--feature-batch-size`` images per forward.
 
 For each prompt of the eval set (``prompts.jsonl`` from ``manifests.evalset``) the model generates
 ``--num-images-per-prompt`` images with fixed seeds (``--seed`` + index) in the bucket nearest to the real

@@ -14,7 +14,11 @@ learned variance on respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(
 against the encoded negative prompt ("" by default, the pipeline's choice); only the ε channels are guided.
 Each image's starting noise (and IDDPM's per-step noise) comes from its own CPU generator seeded with
 ``--seed`` + its index, so an image does not depend on the batch it lands in or on the device.
-Writes one PNG per image and ``images.jsonl`` (prompt, seed, size, sampler, steps, cfg, model).
+Writes one PNG per image and ``images.jsonl`` (prompt, seed, size, sampler, steps, cfg, model). Under torchrun
+rank r makes the images i with i % world_size == r (the files do not depend on the world size); the folder's
+``sampling_run.json`` holds the plan's digest, and a rerun of the same plan keeps every complete PNG (written to a
+temporary name, then renamed) and makes the rest: a 30K run resumes after a kill. Prompt files:
+``training.prompt_files`` (JSONL with id/seed/size, MJHQ's meta_data.json, plain text).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from tests.training.conftest import REPO
 from tests.training.eval_factories import PROMPTS, build_eval_models, real_images, tiny_export
 from tests.training.test_evaluate import _Features, _folder_fid, _image_folder, _torch_fidelity_fid
 from training.evaluate import ClipScorer, FidMetric, pil_to_uint8, run
@@ -155,3 +158,25 @@ def test_a_prompt_file_is_evaluated_against_reference_statistics(folders, eval_m
     fid.update_images([pil_to_uint8(Image.open(out / "images" / f"c{i}.png")) for i in range(5)], real=False,
                       batch_size=1)  # fmt: skip
     assert metrics["fid"] == pytest.approx(fid.compute(), rel=1e-5)
+
+
+def test_torchrun_two_ranks_give_the_single_process_statistics_and_scores(folders, eval_models, tmp_path):
+    """--save-reference-stats and --images sharded over 2 ranks (CPU, gloo): the one-process numbers."""
+    real, fake, stats, _ = folders
+    single = run(["--images", str(fake), "--reference-stats", str(stats), "--output", str(tmp_path / "one"),
+                  *_flags(eval_models)])  # fmt: skip
+    torchrun = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2",
+                "-m", "training.evaluate"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for args in (["--save-reference-stats", str(tmp_path / "two.npz"), "--input", str(real)],
+                 ["--images", str(fake), "--reference-stats", str(tmp_path / "two.npz"), "--output", str(tmp_path / "two")]):  # fmt: skip
+        result = subprocess.run([*torchrun, *args, *_flags(eval_models, "--feature-batch-size", "3")], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with np.load(stats) as a, np.load(tmp_path / "two.npz") as b:
+        assert int(b["num_images"]) == 32
+        assert np.allclose(a["mu"], b["mu"], rtol=1e-5, atol=1e-7) and np.allclose(a["sigma"], b["sigma"], rtol=1e-4, atol=1e-7)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (two["world_size"], two["num_generated_images"]) == (2, 32)
+    assert two["fid"] == pytest.approx(single["fid"], rel=1e-4)
+    assert two["clip_score"] == pytest.approx(single["clip_score"], abs=1e-4)

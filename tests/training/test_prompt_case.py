@@ -58,10 +58,11 @@ def test_materialized_features_equal_the_trainers_on_the_fly_encoding(
     ray_cluster, long_caption_run, tiny_models, prompt_case
 ):
     """The T5 features materialize caches for a caption are the trainer's own on-the-fly encoding of it under
-    the same text.prompt_case (long, mixed-case captions), and shards.json records the case."""
+    the same text.prompt_case (long, mixed-case captions), and shards.json records the case. Both cases write
+    the same folder in turn: the case is part of each shard's plan hash, so the second run rewrites them."""
     root, captions = long_caption_run
     t5 = str(tiny_models / "t5")
-    out = materialize(MaterializeConfig(root=str(root), selection="all", name=prompt_case, samples_per_shard=3,
+    out = materialize(MaterializeConfig(root=str(root), selection="all", name="cased", samples_per_shard=3,
                                         resolutions=(256,), t5=t5, prompt_case=prompt_case))  # fmt: skip
     assert json.loads((out / "shards.json").read_text())["features"]["prompt_case"] == prompt_case
     other = next(c for c in PROMPT_CASES if c != prompt_case)

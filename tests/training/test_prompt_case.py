@@ -19,13 +19,14 @@ from manifests.features import PROMPT_CASES
 from manifests.materialize import MaterializeConfig, materialize
 from manifests.selection import SelectionSpec, select
 from tests.manifests.factories import VLM, make_run
-from tests.training.conftest import debug_config
+from tests.training.conftest import MAX_TOKENS, debug_config
 from training.checkpoint import complete_checkpoints
 from training.convert import save_model
 from training.diffusion import sample
 from training.encoders import TEXT_FEATURES_FILE, CaptionEncoder, TextFeatures
 from training.export import export_cli
 from training.sample import ImageGenerator, ImageJob, SamplingSettings, load_source
+from training.tiny import write_synthetic_shards
 
 CPU = torch.device("cpu")
 STEPS, CFG = 4, 4.5
@@ -107,13 +108,16 @@ def test_cached_features_of_another_case_are_refused(tiny_models, shards, tmp_pa
 
 @pytest.fixture(scope="module", params=PROMPT_CASES)
 def trained(request, tiny_models, shards, tmp_path_factory):
-    """One debug stage (64 px, 2 steps) trained with each prompt case, validating on PROMPTS; captions on the
-    fly for as_written (the shared shards cache them lowercased)."""
+    """One debug stage (64 px, 2 steps) trained with each prompt case on shards cached with that case (T5 is
+    then loaded only for the null caption and PROMPTS, its validation prompts)."""
     case = request.param
     run_dir = tmp_path_factory.mktemp(case) / "run"
+    if case != "lower":  # the shared fixture caches lowercased captions
+        shards = write_synthetic_shards(
+            tmp_path_factory.mktemp("shards"), num_images=9, samples_per_shard=3, t5=str(tiny_models / "t5"),
+            vae=str(tiny_models / "vae"), vae_resolutions=(32, 64), max_tokens=MAX_TOKENS, prompt_case=case,
+        )  # fmt: skip
     extra = [f'text.prompt_case="{case}"', "stages.2.steps=2", f"stages.2.validation_prompts={json.dumps(PROMPTS)}"]
-    if case != "lower":
-        extra.append("data.use_cached_features=false")
     cfg = debug_config(tiny_models, shards, run_dir, *extra)
     cfg.stages = cfg.stages[2:3]
     trainer.main(cfg)

@@ -32,7 +32,13 @@ from manifests.buckets import BUCKET_RULES, BucketRule, nearest_bucket, resize_t
 from manifests.cards import write_shards_card
 from manifests.checks import InputError, check_name, cli, squeeze
 from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
-from manifests.features import DEFAULT_PROMPT_CASE, NULL_CAPTION_FILE, PROMPT_CASES, PromptCase, check_prompt_case
+from manifests.features import (
+    DEFAULT_PROMPT_CASE,
+    NULL_CAPTION_FILE,
+    PROMPT_CASES,
+    PromptCase,
+    check_prompt_case,
+)
 from manifests.imageio import decode_rgb
 from manifests.io import (
     COMMITTED_DIR,

@@ -11,7 +11,6 @@ cleaning on, or a ``diffusers_call`` that left it on, fails here instead of pass
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import subprocess
@@ -72,8 +71,12 @@ def _env_without_pixsigma(tmp_path: Path) -> dict:
 def test_pixsigma_sample_is_a_plain_diffusers_call_on_long_mixed_case_prompts(
     tiny_models, tmp_path, caplog, prompt_case
 ):
+    import importlib.util
+
     from transformers import AutoTokenizer
 
+    for name in ("bs4", "ftfy"):  # test dependencies (pyproject [dev]): without both, diffusers never cleans
+        assert importlib.util.find_spec(name), f"{name} is not installed: `make test` installs the dev extras"
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_models / "t5"))
     assert all(100 < len(tokenizer(text).input_ids) < BUDGET for p in PROMPTS for text in (p, p.lower()))
     model = PixArtSigma(dataclasses.replace(TINY, kv_compress_layers=(1,), max_token_length=BUDGET,

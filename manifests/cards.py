@@ -186,6 +186,7 @@ class ShardFolder(Protocol):
     name: str
     resolutions: tuple[int, ...]
     t5: str | None
+    prompt_case: str
     vae_resolutions: tuple[int, ...]
     shard_prefix: str
 
@@ -213,7 +214,10 @@ def write_shards_card(cfg: ShardFolder, *, image_formats: Iterable[str | None]) 
         columns[f"vae{res}.npy"] = ndarray("float16", 4)  # (2, C, h, w): posterior mean and std
     split = SPLITS.get(cfg.shard_prefix, "train")
     config = CardConfig("default", split, (f"{cfg.shard_prefix}-*.tar",), columns, num_shards=len(tars))
-    features = ["cached T5 features (`t5_orig.npy`, `t5_vlm.npy`: valid tokens × D)"] if cfg.t5 else []
+    features = (
+        [f"cached T5 features (`t5_orig.npy`, `t5_vlm.npy`: valid tokens × D; captions cased `{cfg.prompt_case}`)"]
+        if cfg.t5 else []
+    )  # fmt: skip
     features += [f"VAE posteriors at {res} px (`vae{res}.npy`: mean and std)" for res in cfg.vae_resolutions]
     body = (
         f"Selection `{cfg.selection}` as WebDataset shards: each sample is `<key>.<ext>` (original bytes) and "

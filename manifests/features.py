@@ -7,6 +7,8 @@ makes training slow; the trainer uses the same classes when a shard has no cache
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 from PIL import Image
@@ -14,28 +16,60 @@ from PIL import Image
 NULL_CAPTION_FILE = "t5_null.npy"  # T5("") beside cached T5 features; the trainer's null caption
 MAX_CAPTION_TOKENS = 300  # PixArt-Σ raised the T5 token budget from 120 (PixArt-α) to 300
 
+# The text T5 sees for a caption or prompt: one policy, applied by every encoder (materialize's cache, the
+# trainer on the fly, validation/eval prompts, pixsigma-sample/evaluate) and recorded with the model.
+#   lower      — ``prompt.lower().strip()``: what PixArtSigmaPipeline encodes (diffusers'
+#                ``_text_preprocessing`` with ``clean_caption=False``, and its fallback without bs4/ftfy), so a
+#                plain diffusers call on an export encodes exactly what the model was trained on. Default.
+#   as_written — ``prompt.strip()``: PixArt-Σ's own code (tools/extract_features.py ``caption.strip()``,
+#                train_scripts/train.py tokenises ``batch[1]`` as is, scripts/inference.py ``prompt.strip()``);
+#                plain diffusers lowercases, so such an export samples differently there (its pixsigma.json says so).
+PromptCase = Literal["lower", "as_written"]
+PROMPT_CASES: tuple[str, ...] = ("lower", "as_written")
+DEFAULT_PROMPT_CASE: PromptCase = "lower"
+# The case of features, checkpoints and exports written before the case was recorded: encoded as written.
+LEGACY_PROMPT_CASE: PromptCase = "as_written"
+
+
+def check_prompt_case(prompt_case: str) -> str:
+    """``prompt_case`` when it is one of PROMPT_CASES; else ValueError naming the allowed values."""
+    if prompt_case not in PROMPT_CASES:
+        raise ValueError(f"prompt_case must be one of {PROMPT_CASES}, got {prompt_case!r}")
+    return prompt_case
+
+
+def prompt_text(prompt: str, prompt_case: str) -> str:
+    """The text T5 encodes for ``prompt`` under ``prompt_case`` (see PROMPT_CASES)."""
+    if check_prompt_case(prompt_case) == "lower":
+        return prompt.lower().strip()  # diffusers PixArtSigmaPipeline._text_preprocessing(clean_caption=False)
+    return prompt.strip()
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
-def t5_states(tokenizer, encoder, texts: list[str], *, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def t5_states(
+    tokenizer, encoder, texts: list[str], *, max_tokens: int, prompt_case: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, max_tokens, D) last hidden states in the encoder's dtype and (B, max_tokens) attention mask, every
-    text tokenised to ``max_tokens`` (PixArt's ``padding="max_length"``)."""
+    text cased by ``prompt_case`` and tokenised to ``max_tokens`` (PixArt's ``padding="max_length"``)."""
     tokens = tokenizer(
-        texts, max_length=max_tokens, padding="max_length", truncation=True, return_tensors="pt"
-    ).to(encoder.device)
+        [prompt_text(t, prompt_case) for t in texts],
+        max_length=max_tokens, padding="max_length", truncation=True, return_tensors="pt",
+    ).to(encoder.device)  # fmt: skip
     states = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
     return states, tokens.attention_mask
 
 
 class T5Features:
-    """Caption → T5 encoder states of the valid tokens only (never the padding)."""
+    """Caption → T5 encoder states of the valid tokens only (never the padding), cased by ``prompt_case``."""
 
     def __init__(
-        self, path: str, *, max_tokens: int = MAX_CAPTION_TOKENS, device: torch.device | None = None
-    ) -> None:
+        self, path: str, *, max_tokens: int = MAX_CAPTION_TOKENS, prompt_case: str = DEFAULT_PROMPT_CASE,
+        device: torch.device | None = None,
+    ) -> None:  # fmt: skip
         from transformers import AutoTokenizer, T5EncoderModel
 
         self.device = device or default_device()
@@ -45,12 +79,14 @@ class T5Features:
             T5EncoderModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
         )
         self.max_tokens = max_tokens
+        self.prompt_case = check_prompt_case(prompt_case)
         self.dim = self.encoder.config.d_model
 
     @torch.no_grad()
     def encode_padded(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, max_tokens, D) float32 states and (B, max_tokens) mask, padded to ``max_tokens``."""
-        states, mask = t5_states(self.tokenizer, self.encoder, captions, max_tokens=self.max_tokens)
+        states, mask = t5_states(self.tokenizer, self.encoder, captions, max_tokens=self.max_tokens,
+                                 prompt_case=self.prompt_case)  # fmt: skip
         return states.float(), mask  # (B, L, D), (B, L)
 
     def __call__(self, captions: list[str]) -> list[np.ndarray]:

@@ -2,7 +2,7 @@
 
 Each sample holds the original image bytes, a JSON sidecar (key, size, both captions, the aspect-ratio
 bucket per base resolution) and, when configured, ``t5_orig.npy``/``t5_vlm.npy`` (valid tokens only,
-float16) and ``vae<res>.npy`` (posterior mean and std stacked, unscaled, float16, at the bucket size after
+float16, each caption cased by ``--prompt-case`` as the trainer and samplers case theirs) and ``vae<res>.npy`` (posterior mean and std stacked, unscaled, float16, at the bucket size after
 resize-to-cover + center-crop) so training can resample a latent each step.
 Shards follow the selection they are given: each shard's commit marker records the sha256 of its plan (its
 rows and the feature settings), so a rerun keeps a shard only if it would write the same one, rewrites the
@@ -32,7 +32,13 @@ from manifests.buckets import BUCKET_RULES, BucketRule, nearest_bucket, resize_t
 from manifests.cards import write_shards_card
 from manifests.checks import InputError, check_name, cli, squeeze
 from manifests.db import INDEX_FILE, TRAIN_SHARDS_DIR
-from manifests.features import NULL_CAPTION_FILE
+from manifests.features import (
+    DEFAULT_PROMPT_CASE,
+    NULL_CAPTION_FILE,
+    PROMPT_CASES,
+    PromptCase,
+    check_prompt_case,
+)
 from manifests.imageio import decode_rgb
 from manifests.io import (
     COMMITTED_DIR,
@@ -64,6 +70,9 @@ class MaterializeConfig:
     resolutions: tuple[int, ...] = DEFAULT_RESOLUTIONS  # buckets recorded in each sample's JSON
     bucket_rule: BucketRule = "upstream"  # PixArt-Σ's rounded ratio key, or "exact" (manifests.buckets)
     t5: str | None = None  # HF id or path; caches t5_orig/t5_vlm when set
+    # How captions are cased before T5 (manifests.features.PROMPT_CASES); the trainer refuses a cache whose
+    # case is not its text.prompt_case (recorded in shards.json, part of each shard's plan hash).
+    prompt_case: PromptCase = DEFAULT_PROMPT_CASE
     vae: str | None = None  # HF id or path; caches vae<res> for each of vae_resolutions when set
     vae_resolutions: tuple[int, ...] = ()
     num_workers: int = 1  # actors; each loads the encoders once
@@ -80,6 +89,7 @@ class MaterializeConfig:
         check_name(self.shard_prefix, flag="shard_prefix")
         if self.vae_resolutions and not self.vae:
             raise ValueError("vae_resolutions is set but vae is not: name the VAE to cache latents with")
+        check_prompt_case(self.prompt_case)
         if self.bucket_rule not in BUCKET_RULES:
             raise ValueError(f"bucket_rule must be one of {BUCKET_RULES}, got {self.bucket_rule!r}")
         if self.samples_per_shard < 1:
@@ -98,6 +108,7 @@ def feature_settings(cfg: MaterializeConfig) -> dict:
         "resolutions": list(cfg.resolutions),
         "bucket_rule": cfg.bucket_rule,
         "t5": cfg.t5,
+        "prompt_case": cfg.prompt_case if cfg.t5 else None,
         "vae": cfg.vae,
         "vae_resolutions": list(cfg.vae_resolutions),
     }
@@ -130,7 +141,7 @@ class ShardWriter:
 
         self.cfg = cfg
         self.out = cfg.out_dir()
-        self.t5 = T5Features(cfg.t5) if cfg.t5 else None
+        self.t5 = T5Features(cfg.t5, prompt_case=cfg.prompt_case) if cfg.t5 else None
         self.vae = VaeFeatures(cfg.vae) if cfg.vae else None
 
     def __call__(self, item: dict) -> dict:
@@ -325,7 +336,7 @@ def materialize(cfg: MaterializeConfig) -> Path:
         # T5("") for the trainer's null caption, so a run on cached features never loads T5 at all.
         from manifests.features import T5Features
 
-        atomic_write_bytes(out / NULL_CAPTION_FILE, npy_bytes(T5Features(cfg.t5)([""])[0]))
+        atomic_write_bytes(out / NULL_CAPTION_FILE, npy_bytes(T5Features(cfg.t5, prompt_case=cfg.prompt_case)([""])[0]))
     info = {
         "config": dataclasses.asdict(cfg),
         "selection_keys_sha256": selection_record["keys_sha256"],
@@ -333,6 +344,7 @@ def materialize(cfg: MaterializeConfig) -> Path:
         "num_shards": len(plans),
         "features": {
             "t5": cfg.t5,
+            "prompt_case": cfg.prompt_case if cfg.t5 else None,  # the trainer's text.prompt_case must match
             "vae": cfg.vae,
             "vae_resolutions": list(cfg.vae_resolutions),
             # The trainer checks its stages' vae_scaling_factor against this (a wrong one trains silently).
@@ -356,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--t5")
+    parser.add_argument("--prompt-case", choices=PROMPT_CASES, default=DEFAULT_PROMPT_CASE,
+                        help="captions cased before T5 as the trainer's text.prompt_case: lower = what "
+                        "PixArtSigmaPipeline encodes; as_written = PixArt-Σ's own feature extraction")  # fmt: skip
     parser.add_argument("--vae")
     parser.add_argument("--vae-resolution", type=int, action="append", default=[])
     parser.add_argument("--bucket-rule", choices=BUCKET_RULES, default="upstream",
@@ -369,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_library_bars()  # no \r bars (T5's "Loading weights") in a log file
     cfg = MaterializeConfig(
         root=args.input, selection=args.selection, name=args.name, samples_per_shard=args.samples_per_shard,
-        seed=args.seed, t5=args.t5, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
+        seed=args.seed, t5=args.t5, prompt_case=args.prompt_case, vae=args.vae, vae_resolutions=tuple(args.vae_resolution),
         num_workers=args.num_workers, num_gpus=args.num_gpus, feature_batch_size=args.feature_batch_size,
         allow_empty=args.allow_empty,
     )  # fmt: skip

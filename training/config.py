@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from manifests.buckets import BucketRule
+from manifests.features import PromptCase
 
 SD_VAE_SCALING = 0.18215  # SD 1.x/2.x VAE latents × this (PixArt-α)
 SDXL_VAE_SCALING = 0.13025  # SDXL VAE (PixArt-Σ)
@@ -56,6 +57,12 @@ class TextSection:
     #   auto      — upstream when model.init names official weights (.pth or diffusers folder), the init's
     #               own choice for one of our folders, else diffusers.
     null_caption: Literal["auto", "upstream", "diffusers"] = "auto"
+    # The text T5 sees, for training captions (cached by materialize --prompt-case, or on the fly), validation
+    # and evaluation prompts, and every sampler of the model (recorded in run.json, checkpoints, exports):
+    #   lower      — lowercased and stripped, what diffusers' PixArtSigmaPipeline encodes (clean_caption=False),
+    #                so a plain diffusers call on an export samples the trained model exactly (the default);
+    #   as_written — stripped only, PixArt-Σ's own code (tools/extract_features.py, scripts/inference.py).
+    prompt_case: PromptCase = "lower"
 
     def __post_init__(self) -> None:
         _at_least("max_tokens", self.max_tokens, 1)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from manifests.features import LEGACY_PROMPT_CASE
 from training.model import ModelConfig, PixArtSigma
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ FORMAT_NAME = "pixsigma.PixArtSigma"
 NULL_CAPTION_FILE = "null_caption.safetensors"
 # How the released PixArt-α/Σ weights attend a dropped caption (their training code, scripts/inference.py).
 ORIGINAL_NULL_CAPTION = "upstream"
+# How the released weights' captions were cased: as written (PixArt-Σ tools/extract_features.py keeps
+# ``caption.strip()``; scripts/inference.py encodes ``prompt.strip()``).
+ORIGINAL_PROMPT_CASE = "as_written"
 
 # ours → diffusers, outside the blocks
 _TOP_LEVEL = {
@@ -94,7 +98,8 @@ def load_original_checkpoint(
         )
     # The PE is recomputed for each grid; the saved one is for the training grid only.
     state = {k: v for k, v in state.items() if k != "pos_embed"}
-    config = dataclasses.replace(config, **_shape_from_keys(state, config), null_caption=ORIGINAL_NULL_CAPTION)
+    config = dataclasses.replace(config, **_shape_from_keys(state, config), null_caption=ORIGINAL_NULL_CAPTION,
+                                 prompt_case=ORIGINAL_PROMPT_CASE)  # fmt: skip
     model = PixArtSigma(config)
     # Reference checkpoints have no null-caption mask: keep ours (all valid) and warn via the missing list.
     _load_exact(model, state, allowed_missing={"y_embedder.y_mask"}, source=str(path))
@@ -244,24 +249,28 @@ def save_null_caption(model: PixArtSigma, folder: str | Path) -> Path:
     tensors = {"y_embedding": embedder.y_embedding.detach().float().cpu().contiguous(),
                "y_mask": embedder.y_mask.detach().cpu().contiguous()}  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "null_caption": model.config.null_caption})
+    metadata = {"format": "pt", "null_caption": model.config.null_caption, "prompt_case": model.config.prompt_case}
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
 
 
-def read_null_caption(folder: str | Path) -> tuple[Tensor, Tensor, str] | None:
-    """(y_embedding (L, C), y_mask (L,), mode) from ``folder/null_caption.safetensors``, or None when absent."""
+def read_null_caption(folder: str | Path) -> tuple[Tensor, Tensor, str, str] | None:
+    """(y_embedding (L, C), y_mask (L,), mode, prompt case) from ``folder/null_caption.safetensors``, or None
+    when absent. Files written before the prompt case was recorded come from models trained on captions as
+    written (the trainer did not case them then)."""
     from safetensors import safe_open
 
     path = Path(folder) / NULL_CAPTION_FILE
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
-        mode = (f.metadata() or {}).get("null_caption")
+        metadata = f.metadata() or {}
+        mode, prompt_case = metadata.get("null_caption"), metadata.get("prompt_case", LEGACY_PROMPT_CASE)
         embedding, mask = f.get_tensor("y_embedding"), f.get_tensor("y_mask")
     if mode is None:
         raise ValueError(f"{path} does not say its null_caption mode (metadata 'null_caption')")
-    return embedding, mask, mode
+    return embedding, mask, mode, prompt_case
 
 
 def to_diffusers_transformer(model: PixArtSigma) -> PixArtTransformer2DModel:
@@ -346,7 +355,8 @@ def load_diffusers(
     """Load a diffusers transformer folder (plain or KV) or a pipeline folder with subfolder="transformer".
 
     Our exports carry ``null_caption.safetensors`` beside the weights: its buffer, its mask and its mode
-    (and so the caption budget) are restored; a folder without it gets ``max_token_length`` and mode diffusers.
+    (and so the caption budget) are restored, and the prompt case its metadata records; a folder without it
+    gets ``max_token_length``, mode diffusers and prompt case ``lower`` (what PixArtSigmaPipeline encodes).
     """
     from diffusers import PixArtTransformer2DModel
 
@@ -359,9 +369,10 @@ def load_diffusers(
     null = read_null_caption(Path(path) / (subfolder or ""))
     if null is None:
         return from_diffusers_model(transformer, max_token_length=max_token_length)
-    embedding, mask, mode = null
+    embedding, mask, mode, prompt_case = null
     model = from_diffusers_model(transformer, max_token_length=embedding.shape[0])
     model.set_null_caption(embedding, mask, mode=mode)
+    model.set_prompt_case(prompt_case)
     return model
 
 
@@ -414,6 +425,7 @@ def load_model(folder: str | Path) -> PixArtSigma:
     if raw.pop("format", None) != FORMAT_NAME:
         raise ValueError(f"{folder}: not a {FORMAT_NAME} folder (a diffusers folder? use load_diffusers)")
     raw["kv_compress_layers"] = tuple(raw["kv_compress_layers"])
+    raw.setdefault("prompt_case", LEGACY_PROMPT_CASE)  # saved before it was recorded: trained as written
     model = PixArtSigma(ModelConfig(**raw))
     _load_exact(model, load_file(str(folder / WEIGHTS_NAME)), allowed_missing=set(), source=str(folder))
     return model

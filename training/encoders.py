@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from manifests.features import NULL_CAPTION_FILE, T5Features, VaeFeatures
+from manifests.features import LEGACY_PROMPT_CASE, NULL_CAPTION_FILE, T5Features, VaeFeatures
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ShardFeatures:
     vae_scaling_factor: float | None = (
         None  # the VAE's own factor (shards written before it was recorded: None)
     )
+    prompt_case: str | None = None  # how cached captions were cased (None: no cached T5 features)
 
     @classmethod
     def read(cls, shards: str) -> ShardFeatures:
@@ -54,6 +55,8 @@ class ShardFeatures:
             features.get("vae"),
             tuple(features.get("vae_resolutions") or ()),
             features.get("vae_scaling_factor"),
+            # shards cached before the case was recorded hold captions encoded as written
+            features.get("prompt_case", LEGACY_PROMPT_CASE) if features.get("t5") else None,
         )
 
     def has_text(self, t5: str) -> bool:
@@ -142,6 +145,7 @@ def compute_text_features(
     max_tokens: int,
     mode: str,
     prompts: list[str],
+    prompt_case: str,
     device: torch.device,
     cached_null: Path | None = None,
     encoder: T5Features | None = None,
@@ -151,7 +155,8 @@ def compute_text_features(
     ``upstream`` keeps T5("") padded to ``max_tokens``, every row (PixArt's ``null_embed``), since a
     dropped caption is attended under the sample's own mask; ``diffusers`` keeps its valid tokens. A
     shard folder's ``t5_null.npy`` (valid tokens) serves ``diffusers`` without T5. ``encoder`` is reused
-    when the run keeps T5 loaded anyway (captions encoded on the fly).
+    when the run keeps T5 loaded anyway (captions encoded on the fly). Prompts are cased by ``prompt_case``
+    (T5("") is the same either way).
     """
     needs_t5 = bool(prompts) or mode == "upstream" or cached_null is None
     if not needs_t5:
@@ -160,7 +165,9 @@ def compute_text_features(
     owned = encoder is None
     if owned:
         log.info("loading T5 %s once for the null caption and %d validation prompts", t5, len(prompts))
-        encoder = T5Features(t5, max_tokens=max_tokens, device=device)
+        encoder = T5Features(t5, max_tokens=max_tokens, prompt_case=prompt_case, device=device)
+    if encoder.prompt_case != prompt_case:
+        raise ValueError(f"the T5 encoder cases prompts {encoder.prompt_case!r}, the run {prompt_case!r}")
     states, mask = encoder.encode_padded(["", *prompts])  # (1 + P, max_tokens, C), (1 + P, max_tokens)
     states, mask = states.float().cpu(), mask.bool().cpu()
     lengths = mask.sum(dim=1).tolist()
@@ -180,11 +187,15 @@ def compute_text_features(
 
 
 class CaptionEncoder:
-    """Caption → (B, L, C) T5 states and (B, L) mask: the batch's cached features, else T5 on the fly."""
+    """Caption → (B, L, C) T5 states and (B, L) mask: the batch's cached features, else T5 on the fly, captions
+    cased by ``prompt_case`` (cached ones were cased so by materialize; preflight refuses other caches)."""
 
-    def __init__(self, t5: str, *, max_tokens: int, device: torch.device, cached: bool) -> None:
+    def __init__(
+        self, t5: str, *, max_tokens: int, device: torch.device, cached: bool, prompt_case: str = "lower"
+    ) -> None:
         self.path = t5
         self.max_tokens = max_tokens
+        self.prompt_case = prompt_case
         self.device = device
         self.cached = cached
         self._t5: T5Features | None = None
@@ -194,7 +205,9 @@ class CaptionEncoder:
         """T5 (frozen; bf16 on CUDA), loaded on first use: a run on cached features may never need it."""
         if self._t5 is None:
             log.info("loading T5 %s for on-the-fly caption features", self.path)
-            self._t5 = T5Features(self.path, max_tokens=self.max_tokens, device=self.device)
+            self._t5 = T5Features(
+                self.path, max_tokens=self.max_tokens, prompt_case=self.prompt_case, device=self.device
+            )
         return self._t5
 
     def null_caption(self, shards: str) -> torch.Tensor:

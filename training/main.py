@@ -161,6 +161,7 @@ def write_resolved_config(cfg: TrainConfig, env: Dist, run_dir: Path) -> None:
         "device": str(env.device),
         "torch": torch.__version__,
         "null_caption": null_caption_mode(cfg),
+        "prompt_case": cfg.text.prompt_case,  # how captions and prompts are cased before T5
         "stages": {
             s.name: {
                 "global_batch": global_batch(s, cfg.optim, env.world_size),
@@ -215,6 +216,7 @@ def preflight(cfg: TrainConfig) -> ShardFeatures:
                 f"stages.{i}.kv_compress_layers {bad}: preset {cfg.model.preset} has {preset.depth} blocks"
             )
     cached_text = cfg.data.use_cached_features and features.has_text(cfg.text.t5)
+    check_cached_text_case(cfg, features, cached=cached_text)
     if t5_needed(cfg, features, cached_text):
         check_model_source(cfg.text.t5, "text.t5")
     for i, stage in enumerate(cfg.stages):
@@ -277,6 +279,19 @@ def check_cached_vae(index: int, stage: StageSection, features: ShardFeatures, *
     )
 
 
+def check_cached_text_case(cfg: TrainConfig, features: ShardFeatures, *, cached: bool) -> None:
+    """Cached T5 features cased otherwise than ``text.prompt_case`` are refused: training on them and sampling
+    with the other case would make every prompt a text the model never saw (shards.json records the case)."""
+    if not cached or features.prompt_case == cfg.text.prompt_case:
+        return
+    raise PreflightError(
+        f"text.prompt_case = {cfg.text.prompt_case!r}, but the shards' cached T5 features were cased "
+        f"{features.prompt_case!r} (shards.json): materialize them again with --prompt-case "
+        f"{cfg.text.prompt_case}, set --set text.prompt_case={features.prompt_case}, or --set "
+        "data.use_cached_features=false to encode captions on the fly"
+    )
+
+
 def check_vae_scaling(index: int, stage: StageSection, features: ShardFeatures, *, cached: bool) -> None:
     """The stage's vae_scaling_factor must be its VAE's: the one recorded with cached latents, else the VAE's."""
     recorded = features.vae_scaling_factor if cached else None
@@ -325,6 +340,7 @@ def text_features_key(cfg: TrainConfig) -> dict:
         "t5": cfg.text.t5,
         "max_tokens": cfg.text.max_tokens,
         "mode": null_caption_mode(cfg),
+        "prompt_case": cfg.text.prompt_case,
         "prompts": prompts,
     }
 
@@ -336,7 +352,7 @@ def prepare_text_features(cfg: TrainConfig, env: Dist, text: CaptionEncoder) -> 
         cached_null = Path(cfg.data.shards) / NULL_CAPTION_FILE
         features = compute_text_features(
             cfg.text.t5, max_tokens=cfg.text.max_tokens, mode=key["mode"], prompts=key["prompts"],
-            device=env.device, cached_null=cached_null if text.cached and cached_null.exists() else None,
+            prompt_case=cfg.text.prompt_case, device=env.device, cached_null=cached_null if text.cached and cached_null.exists() else None,
             encoder=None if text.cached else text.t5,
         )  # fmt: skip
         features.save(path, key)
@@ -366,7 +382,9 @@ def build_model(cfg: TrainConfig, text: TextFeatures, device: torch.device) -> P
         load_init(model, cfg.model.init)
     mode = null_caption_mode(cfg)
     model.set_null_caption(text.null, text.null_mask, mode=mode)
-    log.info("null caption: %s (%d tokens stored)", mode, text.null.shape[0])
+    model.set_prompt_case(cfg.text.prompt_case)  # travels with every checkpoint and export of the model
+    log.info("null caption: %s (%d tokens stored); prompts cased %s", mode, text.null.shape[0],
+             cfg.text.prompt_case)  # fmt: skip
     return model.to(device)
 
 
@@ -558,7 +576,8 @@ def run(cfg: TrainConfig, env: Dist, features: ShardFeatures, stop: StopRequest)
 
     # Build: T5 runs once for the null caption and the prompts (then freed); its width sizes the model.
     cached_text = cfg.data.use_cached_features and features.has_text(cfg.text.t5)
-    text = CaptionEncoder(cfg.text.t5, max_tokens=cfg.text.max_tokens, device=env.device, cached=cached_text)
+    text = CaptionEncoder(cfg.text.t5, max_tokens=cfg.text.max_tokens, device=env.device, cached=cached_text,
+                          prompt_case=cfg.text.prompt_case)  # fmt: skip
     text_features = prepare_text_features(cfg, env, text)
     model = build_model(cfg, text_features, env.device)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay else None
@@ -943,6 +962,7 @@ def save_state(
             "nonfinite_streak": nonfinite, "world_size": env.world_size, "config": to_dict(cfg),
             # resolved here, where model.init exists: a loader need not find the init folder again
             "null_caption": null_caption_mode(cfg),
+            "prompt_case": cfg.text.prompt_case,
         }  # fmt: skip
         save_checkpoint(
             Path(cfg.run_dir), f"{global_step:08d}-{stage.name}", state, keep=cfg.keep_checkpoints

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from manifests.features import DEFAULT_PROMPT_CASE, check_prompt_case
+
 logger = logging.getLogger(__name__)
 
 VAE_DOWNSAMPLE = 8  # SD / SDXL VAE: 8 pixels per latent cell
@@ -60,6 +62,9 @@ class ModelConfig:
     # T5("") padded to max_token_length (PixArt's training code and samplers); "diffusers" uses the null
     # caption's own mask (diffusers' negative prompt).
     null_caption: str = "diffusers"
+    # How the captions it was trained on were cased before T5 (manifests.features.PROMPT_CASES); samplers
+    # case prompts the same way. Not part of the weights' shape: the trainer sets text.prompt_case here.
+    prompt_case: str = DEFAULT_PROMPT_CASE
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.num_heads < 1 or self.patch_size < 1 or self.in_channels < 1:
@@ -78,6 +83,7 @@ class ModelConfig:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.null_caption not in NULL_CAPTION_MODES:
             raise ValueError(f"null_caption must be one of {NULL_CAPTION_MODES}, got {self.null_caption!r}")
+        check_prompt_case(self.prompt_case)
         if self.kv_compress_ratio < 1:
             raise ValueError(f"kv_compress_ratio must be >= 1, got {self.kv_compress_ratio}")
         bad = [i for i in self.kv_compress_layers if not 0 <= i < self.depth]
@@ -594,6 +600,10 @@ class PixArtSigma(nn.Module):
             self.blocks[i].attn.add_kv_compression(ratio)
             conv_avg_init_(self.blocks[i].attn)
         logger.info("KV compression R=%d now in layers %s", ratio, list(merged))
+
+    def set_prompt_case(self, prompt_case: str) -> None:
+        """Record how the captions this model trains (or was trained) on are cased (ModelConfig.prompt_case)."""
+        self.config = dataclasses.replace(self.config, prompt_case=prompt_case)  # validates
 
     def set_null_caption(self, features: Tensor, mask: Tensor, *, mode: str | None = None) -> None:
         """Store T5("") features (L, C) and mask (L,) as the null caption, zero-padded to max_token_length.

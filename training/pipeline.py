@@ -5,8 +5,11 @@ A folder written by ``export_pipeline`` is what ``PixArtSigmaPipeline.save_pretr
 we sample with) and, with ``components="copy"``, ``vae/``, ``text_encoder/``, ``tokenizer/`` — plus
 ``transformer/null_caption.safetensors`` (the stored null caption and its mode, which diffusers has no
 place for; ``training.convert.load_diffusers`` restores it) and ``pixsigma.json``: the model config, the
-caption budget, the VAE scaling factor trained with, the resolution, and where the frozen components come
-from. With ``components="reference"`` (the trainer's
+caption budget, the VAE scaling factor trained with, the resolution, where the frozen components come
+from, the prompt case the model was trained with and ``diffusers_call``: the keyword arguments under which a
+plain ``pipe(prompt, **diffusers_call)`` encodes prompts as the model was trained (``max_sequence_length`` =
+the caption budget; ``clean_caption=False``, since diffusers' default ``True`` runs DeepFloyd's caption
+cleaning, URL and punctuation removal, whenever bs4 and ftfy are installed). With ``components="reference"`` (the trainer's
 default: T5-XXL is ~19 GB) those three are ``[null, null]`` in ``model_index.json`` and named by path or
 hub id in ``pixsigma.json``; ``load_pipeline`` fills them in, and a plain diffusers user passes them to
 ``from_pretrained`` (README, "Sampling, export and evaluation").
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "pixsigma.json"
 INFO_FORMAT = "pixsigma.pipeline"
+# What PixArtSigmaPipeline.__call__ does to a prompt under diffusers_call (_text_preprocessing with
+# clean_caption=False): lowercase + strip, i.e. manifests.features' "lower" prompt case.
+DIFFUSERS_PROMPT_CASE = "lower"
 FROZEN_COMPONENTS = ("tokenizer", "text_encoder", "vae")
 # transformer/<KV_MODULE>_<sha256[:8] of the code>.py: the KV transformer's code, in KV exports. diffusers
 # keeps a custom module by its name in sys.modules, so the name carries the code's hash: two exports with
@@ -154,6 +160,9 @@ def export_pipeline(
         "format": INFO_FORMAT,
         "model": {**dataclasses.asdict(model.config), "grad_checkpointing": False},
         "max_token_length": model.config.max_token_length,
+        "prompt_case": model.config.prompt_case,
+        "diffusers_call": diffusers_call(model),
+        **prompt_case_note(model),
         "resolution": model_resolution(model),
         "vae_scaling_factor": components.vae_scaling_factor,
         "components_mode": mode,
@@ -171,6 +180,25 @@ def export_pipeline(
     log.info("exported PixArtSigmaPipeline (%s, components %s) to %s",
              type(transformer).__name__, mode, folder)  # fmt: skip
     return folder
+
+
+def diffusers_call(model: PixArtSigma) -> dict:
+    """Keyword arguments for ``PixArtSigmaPipeline.__call__`` that encode prompts as pixsigma-sample does."""
+    return {"max_sequence_length": model.config.max_token_length, "clean_caption": False}
+
+
+def prompt_case_note(model: PixArtSigma) -> dict:
+    """``{"prompt_case_note": …}`` for a model whose prompts plain diffusers cannot case as trained (and a
+    warning), else nothing."""
+    if model.config.prompt_case == DIFFUSERS_PROMPT_CASE:
+        return {}
+    note = (
+        f"trained on captions cased {model.config.prompt_case!r}: PixArtSigmaPipeline lowercases every prompt "
+        "(and negative prompt) whatever its arguments, so a plain diffusers call samples this model on text it "
+        "was not trained on; pixsigma-sample cases prompts as trained"
+    )
+    log.warning("export: %s", note)
+    return {"prompt_case_note": note}
 
 
 def ship_kv_transformer_code(folder: Path) -> None:

@@ -7,7 +7,9 @@ Every source becomes our ``PixArtSigma`` (``training.convert``), so one code pat
 frozen T5 and VAE come from the export (``pixsigma.json``, ``train_config.json``), the checkpoint's config,
 or ``--t5``/``--vae``; so does the null caption and its mode (``null_caption.safetensors`` beside an exported
 transformer, the checkpoint's config, upstream for an original ``.pth``), so that a model trained with
-``text.null_caption = "upstream"`` samples as the trainer's validation did. Samplers: DPM-Solver++ (diffusers'
+``text.null_caption = "upstream"`` samples as the trainer's validation did; and so does the prompt case
+(``text.prompt_case``: prompts lowercased as PixArtSigmaPipeline does, or as written), unless ``--prompt-case``
+overrides it. Samplers: DPM-Solver++ (diffusers'
 ``DPMSolverMultistepScheduler`` on our noise schedule, what ``PixArtSigmaPipeline`` runs), SA-Solver
 (diffusers' ``SASolverScheduler`` with PixArt-Σ's demo settings) and the IDDPM ancestral sampler with the
 learned variance on respaced timesteps (Nichol & Dhariwal §4; PixArt's ``IDDPM(str(steps))``). Guidance is classifier-free
@@ -40,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from manifests.buckets import nearest_bucket
-from manifests.features import t5_states
+from manifests.features import LEGACY_PROMPT_CASE, PROMPT_CASES, t5_states
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
 from training.convert import NULL_CAPTION_FILE, resolve_null_caption
@@ -267,6 +269,8 @@ def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
     max_tokens = info.get("max_token_length", DEFAULT_MAX_TOKENS)
     model = load_diffusers(path, subfolder="transformer", max_token_length=max_tokens)
     _check_null_caption(model, info.get("model", {}).get("null_caption"), path)
+    if info and not (path / "transformer" / NULL_CAPTION_FILE).is_file():  # ours, from before the sidecar
+        model.set_prompt_case(info["model"].get("prompt_case", LEGACY_PROMPT_CASE))
     components = frozen_components(path, **overrides)
     return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
 
@@ -283,6 +287,8 @@ def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
         model = load_diffusers(path, max_token_length=max_tokens)
         if train_cfg is not None:
             _check_null_caption(model, _trained_null_caption(train_cfg, None, path), path)
+            if not (path / NULL_CAPTION_FILE).is_file():  # ours, from before the sidecar recorded the case
+                model.set_prompt_case(_trained_prompt_case(train_cfg))
     if train_cfg is not None:
         components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
     else:
@@ -302,6 +308,11 @@ def _trained_null_caption(cfg: dict, stored: str | None, path: Path) -> str:
             f"{path}: saved before checkpoints stored their null_caption mode, with null_caption='auto' and "
             f"an init that is gone ({err.filename}); put the init back at that path to resolve it"
         ) from None
+
+
+def _trained_prompt_case(cfg: dict) -> str:
+    """``text.prompt_case`` of a training config; configs from before it existed trained on captions as written."""
+    return cfg["text"].get("prompt_case", LEGACY_PROMPT_CASE)
 
 
 def _check_null_caption(model: PixArtSigma, trained: str | None, path: Path) -> None:
@@ -373,13 +384,14 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
     preset = PRESETS[cfg["model"]["preset"]]
     null = weights_state["y_embedder.y_embedding"]  # (max_tokens, C): the caption width and budget
     null_mode = _trained_null_caption(cfg, state.get("null_caption"), path)
+    prompt_case = state.get("prompt_case") or _trained_prompt_case(cfg)
     kv_layers = tuple(i for i in range(preset.depth) if f"blocks.{i}.attn.sr.weight" in weights_state)
     ratio = int(weights_state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]) if kv_layers else 2
     base_size, default_pe = pe_params_for_resolution(stage["resolution"], patch_size=preset.patch_size)
     config = dataclasses.replace(
         preset, caption_channels=null.shape[1], max_token_length=null.shape[0], base_size=base_size,
         pe_interpolation=stage.get("pe_interpolation") or default_pe, kv_compress_layers=kv_layers,
-        kv_compress_ratio=ratio, grad_checkpointing=False, null_caption=null_mode,
+        kv_compress_ratio=ratio, grad_checkpointing=False, null_caption=null_mode, prompt_case=prompt_case,
     )  # fmt: skip
     model = PixArtSigma(config)
     model.load_state_dict(weights_state, strict=True)
@@ -394,23 +406,17 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
 # --------------------------------------------------------------------------------------------------
 
 
-def diffusers_prompt(prompt: str) -> str:
-    """The text ``PixArtSigmaPipeline`` encodes for ``prompt`` (``_text_preprocessing`` with ``clean_caption=False``,
-    also its fallback without bs4/ftfy): lowercased and stripped, as PixArt's own T5 feature extraction
-    (DeepFloyd's ``text_preprocessing``) lowercases captions."""
-    return prompt.lower().strip()
-
-
 class PromptEncoder:
     """Prompts → T5 states (B, L, C) float32 and mask (B, L), L = the longest prompt's token count.
 
-    The prompt policy of a plain ``PixArtSigmaPipeline`` call: lowercased (``keep_case=False``) and cut at the
-    model's caption budget (``max_tokens``: ``max_sequence_length`` there, 300 by default, Σ's budget).
+    Prompts are cased by ``prompt_case`` (the model's ``text.prompt_case``; ``lower`` is what a plain
+    ``PixArtSigmaPipeline`` call with ``clean_caption=False`` encodes) and cut at the model's caption budget
+    (``max_tokens``: ``max_sequence_length`` there, 300 by default, Σ's budget).
     """
 
     def __init__(
         self, tokenizer: ComponentRef, encoder: ComponentRef, *, max_tokens: int, device: torch.device,
-        dtype: torch.dtype, keep_case: bool = False,
+        dtype: torch.dtype, prompt_case: str,
     ) -> None:  # fmt: skip
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -421,11 +427,12 @@ class PromptEncoder:
         self.encoder = self.encoder.to(device).eval().requires_grad_(False)
         self.max_tokens = max_tokens
         self.device = device
-        self.keep_case = keep_case
+        self.prompt_case = prompt_case
 
     def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        texts = prompts if self.keep_case else [diffusers_prompt(p) for p in prompts]
-        states, mask = t5_states(self.tokenizer, self.encoder, texts, max_tokens=self.max_tokens)
+        states, mask = t5_states(
+            self.tokenizer, self.encoder, prompts, max_tokens=self.max_tokens, prompt_case=self.prompt_case
+        )
         length = int(mask.sum(dim=1).max())  # the padding every prompt shares is dropped
         return states[:, :length].float(), mask[:, :length].bool()  # (B, L, C), (B, L)
 
@@ -661,9 +668,10 @@ class ImageGenerator:
         dtype: torch.dtype | None = None,
         vae_tiling: str = "auto",
         vae_slicing: bool = False,
-        keep_case: bool = False,
+        prompt_case: str | None = None,
     ) -> ImageGenerator:
-        """Move the model to ``device``/``dtype`` (bf16 on CUDA by default) and load its T5 and VAE there."""
+        """Move the model to ``device``/``dtype`` (bf16 on CUDA by default) and load its T5 and VAE there;
+        prompts are cased as the model was trained (``prompt_case`` overrides it, with a warning)."""
         if loaded.components is None:
             raise ValueError(
                 f"{loaded.name}: the T5 and VAE it was trained with are not recorded; pass --t5 and --vae"
@@ -672,8 +680,12 @@ class ImageGenerator:
         dtype = dtype or resolve_dtype("auto", device)
         model = loaded.model.to(device, dtype).eval().requires_grad_(False)
         c = loaded.components
+        trained = model.config.prompt_case
+        if prompt_case is not None and prompt_case != trained:
+            log.warning("%s was trained on captions cased %r; prompts are cased %r as asked (--prompt-case)",
+                        loaded.name, trained, prompt_case)  # fmt: skip
         text = PromptEncoder(c.tokenizer, c.text_encoder, max_tokens=model.config.max_token_length,
-                             device=device, dtype=dtype, keep_case=keep_case)  # fmt: skip
+                             device=device, dtype=dtype, prompt_case=prompt_case or trained)  # fmt: skip
         decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=device, dtype=dtype,
                                 slicing=vae_slicing)  # fmt: skip
         return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution, device=device,
@@ -915,9 +927,9 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                        help=f"tiled VAE decode; auto: from {TILING_MIN_SIDE} px")  # fmt: skip
     group.add_argument("--vae-slicing", action="store_true", help="decode one image of a batch at a time")
-    group.add_argument("--keep-case", action="store_true",
-                       help="encode prompts as typed; default: lowercased, as PixArtSigmaPipeline and PixArt's "
-                       "T5 preprocessing do (our trainer encodes captions as written)")  # fmt: skip
+    group.add_argument("--prompt-case", choices=PROMPT_CASES,
+                       help="override how prompts are cased before T5 (lower: as PixArtSigmaPipeline; as_written); "
+                       "default: as the model was trained (text.prompt_case, recorded with it)")  # fmt: skip
 
 
 def settings_from_args(args: argparse.Namespace) -> SamplingSettings:
@@ -935,7 +947,7 @@ def generator_from_args(
     )  # fmt: skip
     return ImageGenerator.load(loaded, device=device, dtype=resolve_dtype(args.dtype, device),
                                vae_tiling=args.vae_tiling, vae_slicing=args.vae_slicing,
-                               keep_case=args.keep_case)  # fmt: skip
+                               prompt_case=args.prompt_case)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

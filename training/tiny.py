@@ -274,6 +274,7 @@ def write_synthetic_shards(
     vae: str | None = None,
     vae_resolutions: tuple[int, ...] = (),
     max_tokens: int = 300,
+    prompt_case: str = "lower",
 ) -> Path:
     """Training shards in the layout ``manifests.materialize`` writes, without Ray (tests, benchmarks).
 
@@ -289,7 +290,7 @@ def write_synthetic_shards(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu")
-    text = T5Features(t5, max_tokens=max_tokens, device=device) if t5 else None
+    text = T5Features(t5, max_tokens=max_tokens, prompt_case=prompt_case, device=device) if t5 else None
     latents = VaeFeatures(vae, device=device) if vae else None
     samples = []
     for index in range(num_images):
@@ -319,6 +320,7 @@ def write_synthetic_shards(
         "num_shards": len(shards),
         "features": {
             "t5": t5,
+            "prompt_case": prompt_case if t5 else None,
             "vae": vae,
             "vae_resolutions": list(vae_resolutions),
             "vae_scaling_factor": latents.scaling_factor if latents is not None else None,

@@ -218,9 +218,10 @@ def test_null_caption_mode_follows_the_init(tiny_models, shards, tmp_path) -> No
 def test_upstream_null_caption_is_t5_of_empty_padded_to_max_tokens(tiny_models) -> None:
     t5 = str(tiny_models / "t5")
     upstream = compute_text_features(
-        t5, max_tokens=MAX_TOKENS, mode="upstream", prompts=["a cat"], device=CPU
+        t5, max_tokens=MAX_TOKENS, mode="upstream", prompts=["a cat"], prompt_case="lower", device=CPU
     )
-    diffusers = compute_text_features(t5, max_tokens=MAX_TOKENS, mode="diffusers", prompts=[], device=CPU)
+    diffusers = compute_text_features(t5, max_tokens=MAX_TOKENS, mode="diffusers", prompts=[], prompt_case="lower",
+                                      device=CPU)
     assert upstream.null.shape == (MAX_TOKENS, 32) and upstream.null_mask.tolist() == [True] + [False] * 15
     assert upstream.null[1:].abs().sum() > 0  # T5's outputs at the padding positions, as PixArt stores them
     assert diffusers.null.shape == (1, 32) and torch.equal(diffusers.null, upstream.null[:1])

@@ -133,7 +133,8 @@ def test_dpm_solver_with_empty_negative_prompt_equals_the_trainers_sampler(tiny_
     """Guidance against T5("") here == the trainer's validation sampler against the null-caption buffer."""
     ref = lambda name: type("Ref", (), {"path": str(tiny_models / name), "subfolder": None})()  # noqa: E731
     text = PromptEncoder(
-        ref("t5"), ref("t5"), max_tokens=TINY.max_token_length, device=CPU, dtype=torch.float32
+        ref("t5"), ref("t5"), max_tokens=TINY.max_token_length, device=CPU, dtype=torch.float32,
+        prompt_case="lower",
     )
     model = _tiny()
     null, null_mask = text([""])
@@ -153,7 +154,8 @@ def test_an_upstream_model_is_guided_against_its_own_null_caption_under_the_prom
     the prompt's mask, as PixArt's samplers and the trainer's validation do, and never encodes ""."""
     ref = lambda name: type("Ref", (), {"path": str(tiny_models / name), "subfolder": None})()  # noqa: E731
     encoder = PromptEncoder(
-        ref("t5"), ref("t5"), max_tokens=TINY.max_token_length, device=CPU, dtype=torch.float32
+        ref("t5"), ref("t5"), max_tokens=TINY.max_token_length, device=CPU, dtype=torch.float32,
+        prompt_case="lower",
     )
     asked: list[str] = []
 

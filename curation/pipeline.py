@@ -23,15 +23,17 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from curation import chunks as chunking
 from curation import rundir, stages
@@ -42,6 +44,7 @@ from curation.aesthetic import (
     clip_image_size,
     clip_model_id,
     resolve_head,
+    torch_threads,
 )
 from curation.auto import choose_executor
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
@@ -56,13 +59,15 @@ from curation.phases import (
     post_scoring,
     remove_stale_shards,
 )
-from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
 from manifests.io import commit_parquet, migrate_markers, publish, temp_path, unmark_committed
 from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
+
+if TYPE_CHECKING:  # Ray is imported where a Ray path starts: the local executor never loads it (issue 18, item 8)
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +89,15 @@ MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
 # Data's memory issue detector on the demo; declared with headroom so the scheduler counts it.
 SCAN_WORKER_BYTES = 256 * 1024**2
+# The local executor's scanned batches waiting for the scorer: at most this many bytes of thumbnails (the scan
+# processes run ahead while the scorer loads its model, ~6 s of imports on one core).
+LOCAL_SCAN_AHEAD_BYTES = 512 * 1024**2
 
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    import ray
+
     quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
@@ -319,14 +329,18 @@ class ScanChunk:
         if self.guard is not None:
             self.guard.verify(node=this_node())
         for index in indices["id"].to_pylist():
-            work = self.plan.works[index]
-            records = pq.ParquetFile(work.records)
+            records = pq.ParquetFile(self.plan.works[index].records)
             for batch in range(records.num_row_groups):
-                scanned = self.scan_batch(records.read_row_group(batch))
-                yield pa.table(
-                    {"chunk": [index], "batch": [batch], "scanned": [_pack(scanned)]},
-                    schema=PACKED,
-                )
+                yield self.packed(index, batch, records.read_row_group(batch))
+
+    def packed_batch(self, index: int, batch: int) -> pa.Table:
+        """Scoring batch ``batch`` of chunk ``index`` alone (the local executor's scan processes)."""
+        records = pq.ParquetFile(self.plan.works[index].records).read_row_group(batch)
+        return self.packed(index, batch, records)
+
+    def packed(self, index: int, batch: int, records: pa.Table) -> pa.Table:
+        scanned = self.scan_batch(records)
+        return pa.table({"chunk": [index], "batch": [batch], "scanned": [_pack(scanned)]}, schema=PACKED)
 
     def scan_batch(self, records: pa.Table) -> pa.Table:
         scanned = self.scan(records)
@@ -430,6 +444,8 @@ def _scan_dataset(
     plan: ChunkPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
 ) -> ray.data.Dataset:
     """The Ray Data pipeline: one scan task per chunk, then the scorer actor pool, which commits (lazy)."""
+    import ray.data
+
     num_chunks = len(plan.works)
     # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
     # worker's own footprint, the worst-case decode (RGB at tiers.max_pixels) and the output buffer that Ray
@@ -454,13 +470,45 @@ def _scan_dataset(
     )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
 
 
+def local_scan_processes(cfg: CurationConfig) -> int:
+    """How many scan processes the local executor starts (``cfg.local_scan_processes``; 0: one per core)."""
+    return cfg.local_scan_processes or len(os.sched_getaffinity(0))
+
+
 def _scan_local(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
-    """The same stages in this process, batch after batch."""
+    """The same stages as on Ray, without it: batches scanned by a pool of processes (one per core) that starts
+    before the scorer loads its model here, so model load and scan overlap; scored and committed in order.
+    With one process (``local_scan_processes=1``) every batch is scanned in this process instead."""
     scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
-    score = ScoreAndCommit(cfg.aesthetic, plan)
-    for index in range(len(plan.works)):
-        for packed in scan(pa.table({"id": [index]})):
-            yield score(packed)
+    items = [(i, b) for i, work in enumerate(plan.works) for b in range(plan.target.num_batches(work))]
+    num_processes = min(local_scan_processes(cfg), len(items))
+    with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
+        if num_processes <= 1:
+            score = ScoreAndCommit(cfg.aesthetic, plan)
+            yield from (score(scan.packed_batch(i, b)) for i, b in items)
+            return
+        batch_bytes = clip_size * clip_size * 3 * cfg.aesthetic.batch_size
+        ahead = max(2 * num_processes, LOCAL_SCAN_AHEAD_BYTES // batch_bytes)
+        # forkserver: fresh workers that import what the scan needs; never a fork of a process whose DuckDB,
+        # Arrow or torch threads may hold a lock.
+        pool = ProcessPoolExecutor(num_processes, mp_context=get_context("forkserver"))
+        try:
+            todo, pending = iter(items), deque[Future]()
+
+            def submit() -> None:
+                for i, b in todo:
+                    pending.append(pool.submit(scan.packed_batch, i, b))
+                    if len(pending) >= ahead:
+                        return
+
+            submit()
+            score = ScoreAndCommit(cfg.aesthetic, plan)  # the model loads while the pool scans
+            while pending:
+                packed = pending.popleft().result()
+                submit()
+                yield score(packed)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def scan_and_score(
@@ -634,6 +682,8 @@ def run(cfg: CurationConfig) -> dict:
         removed_shards = remove_stale_shards(root, post.shards)
         remove_stale_embeddings(root, chunks)
         if cfg.report:
+            from curation.report import write_report  # matplotlib: imported only for a report
+
             write_report(root)
         # An HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k") loads every
         # image format and JSON field of the tier.

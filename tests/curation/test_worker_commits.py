@@ -4,6 +4,7 @@ carries counts, never rows; every input lands in the manifest; the local executo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -208,3 +209,55 @@ def test_errors_of_tasks_drained_after_a_failure_are_logged_at_debug(ray_cluster
         _drain([fails.remote()])
     (record,) = [r for r in caplog.records if r.name == "curation.executor"]
     assert record.levelno == logging.DEBUG and "a planted task error" in record.getMessage()
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    columns = ["key", "status", "reason", "tier", "sha256", "phash", "aesthetic", "shard"]
+    return pq.read_table(out / "manifests" / "images", columns=columns).sort_by("key").to_pylist()
+
+
+def test_the_local_scan_pool_gives_the_ray_runs_manifest_and_scans_outside_this_process(
+    curated, demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 8: the local executor's scan runs in a process pool (overlapping the scorer's load); its
+    manifest — scores, hashes, reasons, shards — and shard bytes are the Ray executor's (the session's run)."""
+    ray_out, ray_summary = curated
+    assert ray_summary["executor"] == "ray"
+
+    def not_here(self, record):  # patched in this process only: the pool's fresh processes scan unpatched
+        raise AssertionError("scanned in the driver, not in the pool")
+
+    monkeypatch.setattr(pipeline.ScanAndDecode, "process", not_here)
+    cfg = demo_config(demo_corpus, tmp_path, aesthetic_cfg, executor="local", local_scan_processes=2)
+    assert run(cfg)["executor"] == "local"
+    assert manifest_rows(tmp_path) == manifest_rows(ray_out)
+    shards = sorted((ray_out / "shards" / "curated").rglob("*.tar"))
+    assert shards and [p.read_bytes() for p in shards] == [
+        (tmp_path / p.relative_to(ray_out)).read_bytes() for p in shards
+    ]
+
+
+def test_the_local_scorer_runs_on_its_actors_cpus_and_gives_the_threads_back():
+    """Ray starts an actor with OMP_NUM_THREADS = its num_cpus; the local scorer does the same, then restores."""
+    import torch
+
+    from curation.aesthetic import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_the_local_scan_pool_scans_every_batch_of_a_chunk_once(demo_corpus, tmp_path, aesthetic_cfg):
+    """Chunks of several scoring batches, scanned by the pool: one manifest row per input, each hashed from
+    its own file's bytes (hashlib over the file: the reference)."""
+    scorer = dataclasses.replace(aesthetic_cfg, batch_size=3)
+    cfg = demo_config(demo_corpus, tmp_path, scorer, executor="local", local_scan_processes=2)
+    run(dataclasses.replace(cfg, chunk_size=1000))
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+    rows = pq.read_table(tmp_path / "manifests" / "images", columns=["source", "sha256"]).to_pylist()
+    hashed = [(r["source"], r["sha256"]) for r in rows if r["sha256"] is not None]
+    assert len(hashed) > 3 * 2  # more than two batches' worth
+    files = {source: Path(source.removeprefix("file:")).read_bytes() for source, _ in hashed}
+    assert all(hashlib.sha256(files[source]).hexdigest() == sha for source, sha in hashed)

@@ -24,6 +24,11 @@ from curation.rundir import RunGuard, find_not_shared
 
 log = logging.getLogger(__name__)
 
+# A worker's own footprint before its task reads anything (interpreter, pyarrow, duckdb, numpy, faiss): the base
+# of every task's declared memory (``memory=``), an upper bound of the worker peak RSS measured by
+# bench/bench_curation_scale.py (docs/benchmarks.md).
+TASK_BASE_BYTES = 384 << 20
+
 
 class Executor(Protocol):
     name: str

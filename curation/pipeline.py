@@ -54,10 +54,14 @@ from curation.phases import (
     SAMPLE_JSON_FIELDS,
     SCORED,
     SHARDS_DIR,
+    EMBEDDING_BYTES_PER_VALUE,
+    MAX_EMBEDDING_DIM,
+    ROW_BYTES,
     PostConfig,
     ScoredPart,
     post_scoring,
     remove_stale_shards,
+    task_memory,
 )
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
@@ -202,14 +206,15 @@ def list_inputs(cfg: CurationConfig, root: Path, scratch: Path, executor: Execut
     ]
     # memory:// inputs exist in this process only.
     counts = LocalExecutor().map(chunking.write_listing_unit, [t for t in tasks if t["unit"].in_driver])
-    counts += executor.map(chunking.write_listing_unit, [t for t in tasks if not t["unit"].in_driver])
+    remote = [t for t in tasks if not t["unit"].in_driver]
+    counts += executor.map(chunking.write_listing_unit, remote, memory=chunking.LISTING_TASK_BYTES)
     log.info("listing: %d units, %d records", len(units), sum(counts))
     records = str(scratch / "records.parquet")
     if not units:
         pq.write_table(chunking.RECORDS.empty_table(), records)
         return records, 0
     sort = {"listing": [t["out"] for t in tasks], "out": records, "temp": str(scratch / "duckdb")}
-    return records, executor.map(chunking.sort_records, [sort])[0]
+    return records, executor.map(chunking.sort_records, [sort], memory=chunking.SORT_TASK_BYTES)[0]
 
 
 def plan_work(
@@ -226,7 +231,10 @@ def plan_work(
         "chunk_size": cfg.chunk_size,
     }
     tasks = chunking.chunk_tasks(ranges, cfg.manifest_rows_per_part, common)
-    return [chunking.Chunk(**c) for result in executor.map(chunking.split_chunks, tasks) for c in result]
+    # A split task reads its ranges' records at once: at most chunk_size keys per range.
+    largest = max((len(t["ranges"]) for t in tasks), default=0) * cfg.chunk_size
+    memory = task_memory(min(largest, num_records), chunking.RECORD_BYTES)
+    return [chunking.Chunk(**c) for r in executor.map(chunking.split_chunks, tasks, memory=memory) for c in r]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -568,7 +576,10 @@ def commit_chunks(plan: ChunkPlan, executor: Executor) -> None:
     left = [w for w in plan.works if not plan.target.is_committed(w)]
     if left:
         log.info("scan + score: committing %d chunks no scorer claimed", len(left))
-        executor.map(_commit_task, [(w, plan.target) for w in left])
+        # A commit task holds its chunk's scored rows twice (concatenated, then sorted), embeddings included.
+        per_row = 2 * (ROW_BYTES + EMBEDDING_BYTES_PER_VALUE * MAX_EMBEDDING_DIM)
+        memory = task_memory(max(w.num_rows for w in left), per_row)
+        executor.map(_commit_task, [(w, plan.target) for w in left], memory=memory)
     if missing := [w.name for w in plan.works if not plan.target.is_committed(w)]:
         raise RuntimeError(
             f"scan + score: {len(missing)} chunks are not committed after their commit tasks: "

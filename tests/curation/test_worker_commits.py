@@ -19,7 +19,7 @@ from PIL import Image
 import manifests
 from curation import pipeline
 from curation.config import DecodeConfig, DownloadConfig, TierConfig
-from curation.executor import _drain
+from curation.executor import TASK_BASE_BYTES, _drain
 from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
 from curation.sources import list_sources
 from manifests.io import committed_parts
@@ -261,3 +261,19 @@ def test_the_local_scan_pool_scans_every_batch_of_a_chunk_once(demo_corpus, tmp_
     assert len(hashed) > 3 * 2  # more than two batches' worth
     files = {source: Path(source.removeprefix("file:")).read_bytes() for source, _ in hashed}
     assert all(hashlib.sha256(files[source]).hexdigest() == sha for source, sha in hashed)
+
+
+def test_listing_chunk_and_commit_tasks_declare_memory_from_their_plan(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 3: every task the job maps declares ``memory=`` (the worker base plus its plan's share)."""
+    from tests.curation.test_scale import RecordingExecutor
+
+    executor = RecordingExecutor()
+    monkeypatch.setattr(pipeline, "make_executor", lambda cfg, guard: executor)
+    monkeypatch.setattr(pipeline, "commit_if_whole", lambda work, target: False)  # commits as tasks
+    run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+    before_scoring = ("write_listing_unit", "sort_records", "count_keys", "split_chunks", "_commit_task")
+    assert set(before_scoring) <= set(executor.declared)
+    assert all((executor.declared[n] or 0) > TASK_BASE_BYTES for n in before_scoring), executor.declared
+    assert all(m is not None for m in executor.declared.values()), executor.declared  # the later phases too

@@ -50,14 +50,15 @@ from curation.auto import choose_executor
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
 from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib, this_node
 from curation.phases import (
+    EMBEDDING_BYTES_PER_VALUE,
     HOW_TO_READ,
+    MAX_EMBEDDING_DIM,
+    ROW_BYTES,
     SAMPLE_JSON_FIELDS,
     SCORED,
     SHARDS_DIR,
-    EMBEDDING_BYTES_PER_VALUE,
-    MAX_EMBEDDING_DIM,
-    ROW_BYTES,
     PostConfig,
+    PostResult,
     ScoredPart,
     post_scoring,
     remove_stale_shards,
@@ -649,6 +650,67 @@ def scored_parts(chunks: list[chunking.Chunk], cfg: CurationConfig, root: Path) 
     ]
 
 
+def prepare_run_folder(cfg: CurationConfig, root: Path) -> tuple[list[str], dict, Path]:
+    """Under the run lock: claim the folder for these inputs, write the resolved config, clear what an
+    interrupted run left (temporaries, scratch). Returns (claimed inputs, config as written, scratch folder)."""
+    inputs = rundir.claim(root, cfg.inputs)
+    config = dataclasses.asdict(cfg)
+    atomic_write_bytes(root / "curation_config.json", json.dumps(config, indent=2).encode())
+    if removed := rundir.remove_stale_temporaries(root):
+        log.info("removed %d temporary files of an interrupted run", removed)
+    scratch = root / SCRATCH_DIR
+    shutil.rmtree(scratch, ignore_errors=True)
+    if reason := cfg.semantic_dedup_off_reason:
+        log.info("semantic dedup off: %s", reason)
+    return inputs, config, scratch
+
+
+class PhaseClock:
+    """Seconds per phase of the job, for its summary: ``lap(name)`` closes the phase that ran since the last lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._start = round(now - self._start, 3), now
+
+
+def finish_outputs(cfg: CurationConfig, root: Path, post: PostResult, chunks: list[chunking.Chunk]) -> int:
+    """After the manifest: stale shards and embeddings removed, the report and the dataset card written.
+    Returns how many stale shards were removed."""
+    removed_shards = remove_stale_shards(root, post.shards)
+    remove_stale_embeddings(root, chunks)
+    if cfg.report:
+        from curation.report import write_report  # matplotlib: imported only for a report
+
+        write_report(root)
+    # An HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k") loads every
+    # image format and JSON field of the tier.
+    write_curated_card(root / SHARDS_DIR, json_fields=SAMPLE_JSON_FIELDS)
+    return removed_shards
+
+
+def job_summary(post: PostResult, *, removed_shards: int, clock: PhaseClock, seconds: float, executor: Executor,
+                root: Path) -> dict:  # fmt: skip
+    """The summary printed by the CLI and written to ``curation_summary.json``."""
+    return {
+        **{k: v for k, v in post.counts.items() if k != "dedup"},
+        "shards": len(post.shards),
+        "shards_written": post.shards_written,
+        "shards_removed": removed_shards,
+        "seconds": round(seconds, 2),
+        "seconds_per_phase": {**clock.seconds, **post.seconds},
+        "dedup": post.counts["dedup"],
+        "driver_peak_rss_mib": round(peak_rss_mib(), 1),
+        "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
+        "executor": executor.name,
+        "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
+        "output": str(root),
+    }
+
+
 def run(cfg: CurationConfig) -> dict:
     """Run the whole curation job; returns the summary that is also written to the run folder."""
     started = time.time()
@@ -656,66 +718,28 @@ def run(cfg: CurationConfig) -> dict:
     rundir.check_inputs_outside_output(cfg.inputs, root)
     check_before_start(cfg)
     with rundir.run_lock(root):
-        inputs = rundir.claim(root, cfg.inputs)
-        config = dataclasses.asdict(cfg)
-        atomic_write_bytes(root / "curation_config.json", json.dumps(config, indent=2).encode())
-        if removed := rundir.remove_stale_temporaries(root):
-            log.info("removed %d temporary files of an interrupted run", removed)
-        scratch = root / SCRATCH_DIR
-        shutil.rmtree(scratch, ignore_errors=True)
-        if reason := cfg.semantic_dedup_off_reason:
-            log.info("semantic dedup off: %s", reason)
-        phase_start = time.perf_counter()
+        inputs, config, scratch = prepare_run_folder(cfg, root)
+        clock = PhaseClock()
         executor = make_executor(cfg, rundir.RunGuard(str(root), rundir.write_nonce(root)))
-        seconds = {"start": round(time.perf_counter() - phase_start, 3)}
-        phase_start = time.perf_counter()
-
+        clock.lap("start")
         records, num_records = list_inputs(cfg, root, scratch, executor)
         chunks = plan_work(cfg, records, num_records, work_dir(root, cfg), scratch, executor)
-        seconds["listing"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
+        clock.lap("listing")
         scan_and_score(chunks, cfg, root, scratch, executor)
-        seconds["scan_score"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
-        post = post_scoring(
-            scored_parts(chunks, cfg, root),
-            post_config(cfg),
-            root=root,
-            scratch=scratch / "post",
-            executor=executor,
-        )
+        clock.lap("scan_score")
+        parts = scored_parts(chunks, cfg, root)
+        post = post_scoring(parts, post_config(cfg), root=root, scratch=scratch / "post", executor=executor)
         if post.counts["inputs"] != num_records:
             raise RuntimeError(
                 f"{post.counts['inputs']} manifest rows for {num_records} inputs: every input must produce one"
             )
-        seconds["post_scoring"], phase_start = (
-            round(time.perf_counter() - phase_start, 3),
-            time.perf_counter(),
-        )
-        removed_shards = remove_stale_shards(root, post.shards)
-        remove_stale_embeddings(root, chunks)
-        if cfg.report:
-            from curation.report import write_report  # matplotlib: imported only for a report
-
-            write_report(root)
-        # An HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k") loads every
-        # image format and JSON field of the tier.
-        write_curated_card(root / SHARDS_DIR, json_fields=SAMPLE_JSON_FIELDS)
-        seconds["cleanup_report"] = round(time.perf_counter() - phase_start, 3)
+        clock.lap("post_scoring")
+        removed_shards = finish_outputs(cfg, root, post, chunks)
+        clock.lap("cleanup_report")
         digest = hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest()
         rundir.record(root, inputs, fingerprint={"records": num_records, "digest": digest}, config=config)
         shutil.rmtree(scratch, ignore_errors=True)
-        summary = {
-            **{k: v for k, v in post.counts.items() if k != "dedup"},
-            "shards": len(post.shards),
-            "shards_written": post.shards_written,
-            "shards_removed": removed_shards,
-            "seconds": round(time.time() - started, 2),
-            "seconds_per_phase": {**seconds, **post.seconds},
-            "dedup": post.counts["dedup"],
-            "driver_peak_rss_mib": round(peak_rss_mib(), 1),
-            "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
-            "executor": executor.name,
-            "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
-            "output": str(root),
-        }
+        summary = job_summary(post, removed_shards=removed_shards, clock=clock, seconds=time.time() - started,
+                              executor=executor, root=root)  # fmt: skip
         atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from curation.executor import TASK_BASE_BYTES, _drain
 from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
 from curation.sources import list_sources
 from manifests.io import committed_parts
+from tests.conftest import REPO
 from tests.curation.conftest import CHUNK_SIZE, demo_config
 
 
@@ -277,3 +281,27 @@ def test_listing_chunk_and_commit_tasks_declare_memory_from_their_plan(
     assert set(before_scoring) <= set(executor.declared)
     assert all((executor.declared[n] or 0) > TASK_BASE_BYTES for n in before_scoring), executor.declared
     assert all(m is not None for m in executor.declared.values()), executor.declared  # the later phases too
+
+
+LOCAL_IMPORTS = """
+import sys
+from curation.config import AestheticConfig, CurationConfig, DedupConfig
+from curation.pipeline import check_before_start, run
+
+scorer = AestheticConfig(clip_model=sys.argv[3], pretrained=None, min_score={})
+cfg = CurationConfig(inputs=[sys.argv[1]], output=sys.argv[2], aesthetic=scorer, dedup=DedupConfig(semantic=False),
+                     report=False, executor="local")
+check_before_start(cfg)
+print("before:", sorted(m for m in ("ray", "torch", "open_clip", "matplotlib") if m in sys.modules))
+run(cfg)
+print("after:", sorted(m for m in ("ray", "matplotlib") if m in sys.modules))
+"""
+
+
+def test_a_local_run_never_imports_ray_and_loads_no_model_before_its_scan(demo_corpus, tmp_path, aesthetic_cfg):
+    """Issue 18 item 8: the small job's start-up is not Ray's nor torch's (both cost seconds to import)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-c", LOCAL_IMPORTS, str(demo_corpus), str(tmp_path / "run"), aesthetic_cfg.clip_model]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "before: []" in result.stdout and "after: []" in result.stdout, result.stdout

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -86,9 +88,9 @@ def clip_model_id(cfg: AestheticConfig) -> str:
 
 
 def clip_image_size(model_name: str) -> int:
-    """The image tower's input side, read from the model config alone (no weights loaded on the driver)."""
-    import open_clip
-
+    """The image tower's input side, read from the model config alone (no weights loaded on the driver; a
+    ``local-dir:`` model's JSON is read without importing open_clip, whose torch/transformers/timm imports take
+    ~6 s of a one-core start-up: issue 18, item 8)."""
     if model_name.startswith("local-dir:"):
         config_path = Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json"
         if not config_path.is_file():
@@ -99,6 +101,8 @@ def clip_image_size(model_name: str) -> int:
             "aesthetic.clip_model: hf-hub: names need a download; use local-dir: or a built-in name"
         )
     else:
+        import open_clip
+
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise ValueError(f"aesthetic.clip_model: unknown open_clip model {model_name!r}")
@@ -106,6 +110,21 @@ def clip_image_size(model_name: str) -> int:
     if not isinstance(size, int):
         raise ValueError(f"aesthetic.clip_model: only square image towers are supported, got {size}")
     return size
+
+
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``num_threads`` inside the block, restored after. The local executor's
+    scorer uses its actor's ``num_cpus`` as a Ray actor does (Ray sets ``OMP_NUM_THREADS`` from it): the same
+    thread count as on Ray, and no oversubscription of cores the scan processes use."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class AestheticScorer:

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import keyspace
+from curation.executor import TASK_BASE_BYTES
 from curation.sources import ListingUnit, list_unit
 from manifests.io import is_committed, marker_info
 
@@ -38,6 +39,14 @@ RECORDS = pa.schema(
 LISTED = pa.schema([*RECORDS, pa.field("unit", pa.int32()), pa.field("position", pa.int64())])
 LISTING_BATCH = 4096
 RECORDS_ROW_GROUP = 65_536
+# Declared task memory (``memory=``), the worker's base plus what each task holds:
+# a listing task, one batch of listed records (paths, caption, JSON meta: ≤ 16 KiB each as a dict and as Arrow);
+LISTING_TASK_BYTES = TASK_BASE_BYTES + LISTING_BATCH * (16 << 10)
+# the sort task, DuckDB held to SORT_DUCKDB_BYTES (it spills to its temp_directory beyond);
+SORT_DUCKDB_BYTES = 1 << 30
+SORT_TASK_BYTES = TASK_BASE_BYTES + SORT_DUCKDB_BYTES + (128 << 20)  # + DuckDB's own buffers outside its limit
+RECORD_BYTES = 2_048  # a split task: one record as Arrow, the slice and the Parquet write buffer of it
+PREFIX_BYTES = 64  # count_keys: one prefix's (prefix, count) in DuckDB's hash table and the NumPy result
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ def sort_records(task: dict) -> int:
     con = duckdb.connect()
     try:
         con.execute(f"SET temp_directory = {sql_string(task['temp'])}")
+        con.execute(f"SET memory_limit = '{SORT_DUCKDB_BYTES >> 20}MiB'")  # what the task declares
         con.execute(
             f"""
             COPY (SELECT * EXCLUDE (unit, position) FROM read_parquet({sql_list(task["listing"])})
@@ -122,7 +132,9 @@ def plan_chunks(records: str, num_records: int, chunk_size: int, executor) -> li
         return []
     depth = keyspace.fine_depth(num_records, chunk_size)
     while True:
-        prefixes, counts = executor.map(count_keys, [{"records": records, "depth": depth}])[0]
+        task = {"records": records, "depth": depth}
+        memory = TASK_BASE_BYTES + min(1 << depth, num_records) * PREFIX_BYTES  # prefixes that occur
+        prefixes, counts = executor.map(count_keys, [task], memory=memory)[0]
         try:
             return keyspace.plan_ranges(prefixes, counts, depth, chunk_size)
         except keyspace.DepthTooShallow:

@@ -158,11 +158,14 @@ class CurationConfig:
     # auto: Ray when a cluster is named (RAY_ADDRESS, as under `ray job submit`) or the inputs hold more than
     # auto_local_max_inputs files; else every phase in this process (curation.auto). local: never Ray.
     executor: Literal["auto", "ray", "local"] = "auto"
-    # Up to this many input files (sidecars count), on one machine, Ray's fixed cost (~28 s more than in-process:
-    # start, workers, scorer actor, task warm-up) outweighs its parallel speed-up: measured break-even ≈ 2,700
-    # images on 2 cores, ≈ 1,400 on 16 (docs/benchmarks.md "Curation: small jobs"); 2,000 files is a 1k-image
-    # job with caption sidecars.
+    # Up to this many input files (sidecars count), on one machine, Ray's fixed cost (13 s more than in-process,
+    # whose scan also uses every core: start, workers, scorer actor, task warm-up) outweighs its faster per-image
+    # rate: measured break-even ≈ 2,350 images on 2 cores (docs/benchmarks.md "Curation: small jobs"); 2,000
+    # files is a 1k-image job with caption sidecars.
     auto_local_max_inputs: int = 2000
+    # The local executor's scan (pass 1 + 2) runs in this many worker processes, started before the scorer loads
+    # its model so that the two overlap (issue 18, item 8); 0: one per core this process may use; 1: no pool.
+    local_scan_processes: int = 0
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -175,6 +178,8 @@ class CurationConfig:
             raise ValueError(f"executor must be 'auto', 'ray' or 'local', got {self.executor!r}")
         if self.auto_local_max_inputs < 0:
             raise ValueError(f"auto_local_max_inputs must be ≥ 0, got {self.auto_local_max_inputs}")
+        if self.local_scan_processes < 0:
+            raise ValueError(f"local_scan_processes must be ≥ 0 (0: one per core), got {self.local_scan_processes}")
         if self.dedup.semantic and not self.aesthetic.save_embeddings:
             raise ValueError(
                 "dedup.semantic needs aesthetic.save_embeddings (the CLIP embeddings it compares)"

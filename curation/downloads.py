@@ -52,7 +52,7 @@ from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
 
 from curation.config import DownloadConfig
-from curation.executor import Executor, LocalExecutor
+from curation.executor import TASK_BASE_BYTES, Executor, LocalExecutor
 from manifests.io import file_sha256, mark_committed, marker_info, publish, temp_path
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ log = logging.getLogger(__name__)
 ALLOWED_SCHEMES = ("http", "https")
 CHUNK_BYTES = 64 * 1024
 SPOOL_BYTES = 1 << 20  # a body above this spills from memory to a temporary file while it downloads
+# Declared task memory (``memory=``), from the shard plan and DownloadConfig:
+URL_ROW_BYTES = 2_048  # one URL-list row (url + caption strings) as Arrow, and the copy a concat or slice makes
+IMG2DATASET_BYTES = 256 << 20  # img2dataset, cv2 and albumentations imported into the worker
+# img2dataset decodes each body once (cv2, to read its size) before writing it: the pixels of one image, up to a
+# 13k × 13k RGB picture; a larger one costs more than declared for its moment.
+DECODED_BYTES = 512 << 20
 # img2dataset's browser user agent, so servers answer us as they answer img2dataset.
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 # Reasons of our own; list_downloaded keeps them as the row's reason (other errors are `download_error`).
@@ -303,6 +309,8 @@ class DownloadShard:
 
 
 def _source_identity(spec: str) -> dict:
+    """What a prepared list is reused for: the same path, size and modification time (an edited list at the
+    same path is prepared again; hashing it instead would read a 33M-row list on every run)."""
     fs, path = fsspec.core.url_to_fs(spec)
     info = fs.info(path)
     changed = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
@@ -322,6 +330,20 @@ def _url_batches(f: BinaryIO, path: str, columns: list[str]) -> Iterator[pa.Reco
         return
     convert = pv.ConvertOptions(include_columns=columns, column_types={c: pa.string() for c in columns})
     yield from pv.open_csv(f, convert_options=convert)
+
+
+def prepare_memory(samples_per_shard: int) -> int:
+    """``prepare_url_list``'s memory: one read batch of the list and up to two shards' rows being cut."""
+    return TASK_BASE_BYTES + (URL_LIST_BATCH + 2 * samples_per_shard) * URL_ROW_BYTES
+
+
+def download_memory(cfg: DownloadConfig) -> int:
+    """A shard task's memory. img2dataset's threads each hold a body in memory up to ``SPOOL_BYTES`` (beyond it
+    spills to disk, ``fetch``) and it queues at most twice ``thread_count`` fetched bodies; the one it writes is
+    read whole (≤ ``max_bytes``, copied once by the decoder) and decoded; the shard's rows and status table."""
+    in_flight = 2 * cfg.thread_count * SPOOL_BYTES
+    written = 2 * cfg.max_bytes + DECODED_BYTES
+    return TASK_BASE_BYTES + IMG2DATASET_BYTES + in_flight + written + 2 * cfg.samples_per_shard * URL_ROW_BYTES
 
 
 def prepare_url_list(task: dict) -> dict:
@@ -501,10 +523,10 @@ def download_url_list(
             "download.processes_count (%d) is ignored: each shard is its own task", cfg.processes_count
         )
     task = {"spec": spec, "out_dir": str(out_dir), "samples_per_shard": cfg.samples_per_shard}
-    prepared = executor.map(prepare_url_list, [task])[0]
+    prepared = executor.map(prepare_url_list, [task], memory=prepare_memory(cfg.samples_per_shard))[0]
     shards = plan_shards(prepared, out_dir, cfg)
     pending = [s for s in shards if not is_downloaded(s)]
-    counts = executor.map(download_shard, pending)
+    counts = executor.map(download_shard, pending, memory=download_memory(cfg))
     log.info(
         "download %s: %d URLs in %d shards of ≤ %d, %d fetched now by %d %s tasks (%d downloaded)",
         spec, prepared["num_rows"], len(shards), cfg.samples_per_shard, sum(c["urls"] for c in counts),

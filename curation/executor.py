@@ -3,7 +3,8 @@
 A phase is a top-level function over one small plan item (a partition, a bucket, a shard plan) that reads
 and writes Parquet/tar files under the run folder and returns a small result (counts, a digest). The driver
 only builds the list of items and folds the results; rows never pass through it. ``LocalExecutor`` runs the
-items one after another (tests, benchmarks, debugging); ``RayExecutor`` runs each as a Ray task with
+items one after another (small jobs, tests, debugging; the scan, which is not a phase here, has its own process
+pool in ``curation.pipeline``); ``RayExecutor`` runs each as a Ray task with
 retries, keeping a bounded number in flight. (datatrove: ``executor/local.py`` beside ``executor/ray.py``.)
 
 Before a Ray task runs its item it checks the run folder's nonce (``rundir.RunGuard``): a node that does not
@@ -23,6 +24,11 @@ from typing import Any, Protocol
 from curation.rundir import RunGuard, find_not_shared
 
 log = logging.getLogger(__name__)
+
+# A worker's own footprint before its task reads anything (interpreter, pyarrow, duckdb, numpy, faiss): the base
+# of every task's declared memory (``memory=``), an upper bound of the worker peak RSS measured by
+# bench/bench_curation_scale.py (docs/benchmarks.md).
+TASK_BASE_BYTES = 384 << 20
 
 
 class Executor(Protocol):

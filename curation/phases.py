@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from curation import dedup, keyspace, semdedup
 from curation.chunks import sql_list
-from curation.executor import Executor, peak_rss_mib
+from curation.executor import TASK_BASE_BYTES, Executor, peak_rss_mib
 from curation.sources import read_bytes
 from curation.stages import sha256
 from manifests import IMAGES, ManifestWriter
@@ -79,7 +79,6 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of pHash values int
 # Task memory declared to Ray (``memory=``, bytes), from the plan: a worker's own footprint plus what the
 # task holds per row it reads. Upper bounds of the worker peak RSS measured by bench/bench_curation_scale.py
 # (docs/benchmarks.md), so that Ray never packs more tasks on a node than its memory holds.
-TASK_BASE_BYTES = 384 << 20  # interpreter, pyarrow, duckdb, numpy, faiss before the task reads anything
 ROW_BYTES = (
     2_048  # one scored row as Arrow and the copies a partition task makes of it (filters, joins, sorts)
 )

@@ -23,15 +23,17 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from curation import chunks as chunking
 from curation import rundir, stages
@@ -42,27 +44,35 @@ from curation.aesthetic import (
     clip_image_size,
     clip_model_id,
     resolve_head,
+    torch_threads,
 )
 from curation.auto import choose_executor
 from curation.config import AestheticConfig, CurationConfig, DecodeConfig, TierConfig
 from curation.executor import Executor, LocalExecutor, RayExecutor, peak_rss_mib, this_node
 from curation.phases import (
+    EMBEDDING_BYTES_PER_VALUE,
     HOW_TO_READ,
+    MAX_EMBEDDING_DIM,
+    ROW_BYTES,
     SAMPLE_JSON_FIELDS,
     SCORED,
     SHARDS_DIR,
     PostConfig,
+    PostResult,
     ScoredPart,
     post_scoring,
     remove_stale_shards,
+    task_memory,
 )
-from curation.report import write_report
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.cards import write_curated_card
 from manifests.io import commit_parquet, migrate_markers, publish, temp_path, unmark_committed
 from manifests.progress import ProgressLog, quiet_ray_data
 from manifests.schema import KEPT, REJECTED
+
+if TYPE_CHECKING:  # Ray is imported where a Ray path starts: the local executor never loads it (issue 18, item 8)
+    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +94,15 @@ MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
 # Data's memory issue detector on the demo; declared with headroom so the scheduler counts it.
 SCAN_WORKER_BYTES = 256 * 1024**2
+# The local executor's scanned batches waiting for the scorer: at most this many bytes of thumbnails (the scan
+# processes run ahead while the scorer loads its model, ~6 s of imports on one core).
+LOCAL_SCAN_AHEAD_BYTES = 512 * 1024**2
 
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
+    import ray
+
     quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
@@ -192,14 +207,15 @@ def list_inputs(cfg: CurationConfig, root: Path, scratch: Path, executor: Execut
     ]
     # memory:// inputs exist in this process only.
     counts = LocalExecutor().map(chunking.write_listing_unit, [t for t in tasks if t["unit"].in_driver])
-    counts += executor.map(chunking.write_listing_unit, [t for t in tasks if not t["unit"].in_driver])
+    remote = [t for t in tasks if not t["unit"].in_driver]
+    counts += executor.map(chunking.write_listing_unit, remote, memory=chunking.LISTING_TASK_BYTES)
     log.info("listing: %d units, %d records", len(units), sum(counts))
     records = str(scratch / "records.parquet")
     if not units:
         pq.write_table(chunking.RECORDS.empty_table(), records)
         return records, 0
     sort = {"listing": [t["out"] for t in tasks], "out": records, "temp": str(scratch / "duckdb")}
-    return records, executor.map(chunking.sort_records, [sort])[0]
+    return records, executor.map(chunking.sort_records, [sort], memory=chunking.SORT_TASK_BYTES)[0]
 
 
 def plan_work(
@@ -216,7 +232,10 @@ def plan_work(
         "chunk_size": cfg.chunk_size,
     }
     tasks = chunking.chunk_tasks(ranges, cfg.manifest_rows_per_part, common)
-    return [chunking.Chunk(**c) for result in executor.map(chunking.split_chunks, tasks) for c in result]
+    # A split task reads its ranges' records at once: at most chunk_size keys per range.
+    largest = max((len(t["ranges"]) for t in tasks), default=0) * cfg.chunk_size
+    memory = task_memory(min(largest, num_records), chunking.RECORD_BYTES)
+    return [chunking.Chunk(**c) for r in executor.map(chunking.split_chunks, tasks, memory=memory) for c in r]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,14 +338,18 @@ class ScanChunk:
         if self.guard is not None:
             self.guard.verify(node=this_node())
         for index in indices["id"].to_pylist():
-            work = self.plan.works[index]
-            records = pq.ParquetFile(work.records)
+            records = pq.ParquetFile(self.plan.works[index].records)
             for batch in range(records.num_row_groups):
-                scanned = self.scan_batch(records.read_row_group(batch))
-                yield pa.table(
-                    {"chunk": [index], "batch": [batch], "scanned": [_pack(scanned)]},
-                    schema=PACKED,
-                )
+                yield self.packed(index, batch, records.read_row_group(batch))
+
+    def packed_batch(self, index: int, batch: int) -> pa.Table:
+        """Scoring batch ``batch`` of chunk ``index`` alone (the local executor's scan processes)."""
+        records = pq.ParquetFile(self.plan.works[index].records).read_row_group(batch)
+        return self.packed(index, batch, records)
+
+    def packed(self, index: int, batch: int, records: pa.Table) -> pa.Table:
+        scanned = self.scan_batch(records)
+        return pa.table({"chunk": [index], "batch": [batch], "scanned": [_pack(scanned)]}, schema=PACKED)
 
     def scan_batch(self, records: pa.Table) -> pa.Table:
         scanned = self.scan(records)
@@ -430,6 +453,8 @@ def _scan_dataset(
     plan: ChunkPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
 ) -> ray.data.Dataset:
     """The Ray Data pipeline: one scan task per chunk, then the scorer actor pool, which commits (lazy)."""
+    import ray.data
+
     num_chunks = len(plan.works)
     # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
     # worker's own footprint, the worst-case decode (RGB at tiers.max_pixels) and the output buffer that Ray
@@ -454,13 +479,45 @@ def _scan_dataset(
     )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
 
 
+def local_scan_processes(cfg: CurationConfig) -> int:
+    """How many scan processes the local executor starts (``cfg.local_scan_processes``; 0: one per core)."""
+    return cfg.local_scan_processes or len(os.sched_getaffinity(0))
+
+
 def _scan_local(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
-    """The same stages in this process, batch after batch."""
+    """The same stages as on Ray, without it: batches scanned by a pool of processes (one per core) that starts
+    before the scorer loads its model here, so model load and scan overlap; scored and committed in order.
+    With one process (``local_scan_processes=1``) every batch is scanned in this process instead."""
     scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
-    score = ScoreAndCommit(cfg.aesthetic, plan)
-    for index in range(len(plan.works)):
-        for packed in scan(pa.table({"id": [index]})):
-            yield score(packed)
+    items = [(i, b) for i, work in enumerate(plan.works) for b in range(plan.target.num_batches(work))]
+    num_processes = min(local_scan_processes(cfg), len(items))
+    with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
+        if num_processes <= 1:
+            score = ScoreAndCommit(cfg.aesthetic, plan)
+            yield from (score(scan.packed_batch(i, b)) for i, b in items)
+            return
+        batch_bytes = clip_size * clip_size * 3 * cfg.aesthetic.batch_size
+        ahead = max(2 * num_processes, LOCAL_SCAN_AHEAD_BYTES // batch_bytes)
+        # forkserver: fresh workers that import what the scan needs; never a fork of a process whose DuckDB,
+        # Arrow or torch threads may hold a lock.
+        pool = ProcessPoolExecutor(num_processes, mp_context=get_context("forkserver"))
+        try:
+            todo, pending = iter(items), deque[Future]()
+
+            def submit() -> None:
+                for i, b in todo:
+                    pending.append(pool.submit(scan.packed_batch, i, b))
+                    if len(pending) >= ahead:
+                        return
+
+            submit()
+            score = ScoreAndCommit(cfg.aesthetic, plan)  # the model loads while the pool scans
+            while pending:
+                packed = pending.popleft().result()
+                submit()
+                yield score(packed)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def scan_and_score(
@@ -520,7 +577,10 @@ def commit_chunks(plan: ChunkPlan, executor: Executor) -> None:
     left = [w for w in plan.works if not plan.target.is_committed(w)]
     if left:
         log.info("scan + score: committing %d chunks no scorer claimed", len(left))
-        executor.map(_commit_task, [(w, plan.target) for w in left])
+        # A commit task holds its chunk's scored rows twice (concatenated, then sorted), embeddings included.
+        per_row = 2 * (ROW_BYTES + EMBEDDING_BYTES_PER_VALUE * MAX_EMBEDDING_DIM)
+        memory = task_memory(max(w.num_rows for w in left), per_row)
+        executor.map(_commit_task, [(w, plan.target) for w in left], memory=memory)
     if missing := [w.name for w in plan.works if not plan.target.is_committed(w)]:
         raise RuntimeError(
             f"scan + score: {len(missing)} chunks are not committed after their commit tasks: "
@@ -590,6 +650,67 @@ def scored_parts(chunks: list[chunking.Chunk], cfg: CurationConfig, root: Path) 
     ]
 
 
+def prepare_run_folder(cfg: CurationConfig, root: Path) -> tuple[list[str], dict, Path]:
+    """Under the run lock: claim the folder for these inputs, write the resolved config, clear what an
+    interrupted run left (temporaries, scratch). Returns (claimed inputs, config as written, scratch folder)."""
+    inputs = rundir.claim(root, cfg.inputs)
+    config = dataclasses.asdict(cfg)
+    atomic_write_bytes(root / "curation_config.json", json.dumps(config, indent=2).encode())
+    if removed := rundir.remove_stale_temporaries(root):
+        log.info("removed %d temporary files of an interrupted run", removed)
+    scratch = root / SCRATCH_DIR
+    shutil.rmtree(scratch, ignore_errors=True)
+    if reason := cfg.semantic_dedup_off_reason:
+        log.info("semantic dedup off: %s", reason)
+    return inputs, config, scratch
+
+
+class PhaseClock:
+    """Seconds per phase of the job, for its summary: ``lap(name)`` closes the phase that ran since the last lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self._start = round(now - self._start, 3), now
+
+
+def finish_outputs(cfg: CurationConfig, root: Path, post: PostResult, chunks: list[chunking.Chunk]) -> int:
+    """After the manifest: stale shards and embeddings removed, the report and the dataset card written.
+    Returns how many stale shards were removed."""
+    removed_shards = remove_stale_shards(root, post.shards)
+    remove_stale_embeddings(root, chunks)
+    if cfg.report:
+        from curation.report import write_report  # matplotlib: imported only for a report
+
+        write_report(root)
+    # An HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k") loads every
+    # image format and JSON field of the tier.
+    write_curated_card(root / SHARDS_DIR, json_fields=SAMPLE_JSON_FIELDS)
+    return removed_shards
+
+
+def job_summary(post: PostResult, *, removed_shards: int, clock: PhaseClock, seconds: float, executor: Executor,
+                root: Path) -> dict:  # fmt: skip
+    """The summary printed by the CLI and written to ``curation_summary.json``."""
+    return {
+        **{k: v for k, v in post.counts.items() if k != "dedup"},
+        "shards": len(post.shards),
+        "shards_written": post.shards_written,
+        "shards_removed": removed_shards,
+        "seconds": round(seconds, 2),
+        "seconds_per_phase": {**clock.seconds, **post.seconds},
+        "dedup": post.counts["dedup"],
+        "driver_peak_rss_mib": round(peak_rss_mib(), 1),
+        "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
+        "executor": executor.name,
+        "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
+        "output": str(root),
+    }
+
+
 def run(cfg: CurationConfig) -> dict:
     """Run the whole curation job; returns the summary that is also written to the run folder."""
     started = time.time()
@@ -597,64 +718,28 @@ def run(cfg: CurationConfig) -> dict:
     rundir.check_inputs_outside_output(cfg.inputs, root)
     check_before_start(cfg)
     with rundir.run_lock(root):
-        inputs = rundir.claim(root, cfg.inputs)
-        config = dataclasses.asdict(cfg)
-        atomic_write_bytes(root / "curation_config.json", json.dumps(config, indent=2).encode())
-        if removed := rundir.remove_stale_temporaries(root):
-            log.info("removed %d temporary files of an interrupted run", removed)
-        scratch = root / SCRATCH_DIR
-        shutil.rmtree(scratch, ignore_errors=True)
-        if reason := cfg.semantic_dedup_off_reason:
-            log.info("semantic dedup off: %s", reason)
-        phase_start = time.perf_counter()
+        inputs, config, scratch = prepare_run_folder(cfg, root)
+        clock = PhaseClock()
         executor = make_executor(cfg, rundir.RunGuard(str(root), rundir.write_nonce(root)))
-        seconds = {"start": round(time.perf_counter() - phase_start, 3)}
-        phase_start = time.perf_counter()
-
+        clock.lap("start")
         records, num_records = list_inputs(cfg, root, scratch, executor)
         chunks = plan_work(cfg, records, num_records, work_dir(root, cfg), scratch, executor)
-        seconds["listing"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
+        clock.lap("listing")
         scan_and_score(chunks, cfg, root, scratch, executor)
-        seconds["scan_score"], phase_start = round(time.perf_counter() - phase_start, 3), time.perf_counter()
-        post = post_scoring(
-            scored_parts(chunks, cfg, root),
-            post_config(cfg),
-            root=root,
-            scratch=scratch / "post",
-            executor=executor,
-        )
+        clock.lap("scan_score")
+        parts = scored_parts(chunks, cfg, root)
+        post = post_scoring(parts, post_config(cfg), root=root, scratch=scratch / "post", executor=executor)
         if post.counts["inputs"] != num_records:
             raise RuntimeError(
                 f"{post.counts['inputs']} manifest rows for {num_records} inputs: every input must produce one"
             )
-        seconds["post_scoring"], phase_start = (
-            round(time.perf_counter() - phase_start, 3),
-            time.perf_counter(),
-        )
-        removed_shards = remove_stale_shards(root, post.shards)
-        remove_stale_embeddings(root, chunks)
-        if cfg.report:
-            write_report(root)
-        # An HF dataset card beside the shards, so load_dataset(<run>/shards/curated, "4k") loads every
-        # image format and JSON field of the tier.
-        write_curated_card(root / SHARDS_DIR, json_fields=SAMPLE_JSON_FIELDS)
-        seconds["cleanup_report"] = round(time.perf_counter() - phase_start, 3)
+        clock.lap("post_scoring")
+        removed_shards = finish_outputs(cfg, root, post, chunks)
+        clock.lap("cleanup_report")
         digest = hashlib.blake2b("".join(c.digest for c in chunks).encode(), digest_size=12).hexdigest()
         rundir.record(root, inputs, fingerprint={"records": num_records, "digest": digest}, config=config)
         shutil.rmtree(scratch, ignore_errors=True)
-        summary = {
-            **{k: v for k, v in post.counts.items() if k != "dedup"},
-            "shards": len(post.shards),
-            "shards_written": post.shards_written,
-            "shards_removed": removed_shards,
-            "seconds": round(time.time() - started, 2),
-            "seconds_per_phase": {**seconds, **post.seconds},
-            "dedup": post.counts["dedup"],
-            "driver_peak_rss_mib": round(peak_rss_mib(), 1),
-            "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
-            "executor": executor.name,
-            "tasks_per_node": dict(getattr(executor, "task_nodes", {})),  # Ray node id → phase tasks
-            "output": str(root),
-        }
+        summary = job_summary(post, removed_shards=removed_shards, clock=clock, seconds=time.time() - started,
+                              executor=executor, root=root)  # fmt: skip
         atomic_write_bytes(root / "curation_summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -5,6 +5,7 @@ every row ends as exactly one record, kept or rejected with the reason its URL c
 from __future__ import annotations
 
 import math
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -156,3 +157,41 @@ def test_a_row_img2dataset_drops_is_rejected_not_lost(hostile_server, tmp_path, 
     assert outcome(records) == expected_outcome(
         [(url, reason if "missing" in url else None) for url, _ in rows]
     )
+
+
+@pytest.mark.parametrize("change", ["longer", "same size, newer"])
+def test_a_changed_url_list_at_the_same_path_is_planned_again(tmp_path, change):
+    """The prepared list is reused only for the same path, size and mtime: an edited list is re-read."""
+    url_list = write_list(tmp_path / "urls.parquet", [f"http://127.0.0.1/{i}.png" for i in range(5)])
+    task = {"spec": str(url_list), "out_dir": str(tmp_path / "downloads"), "samples_per_shard": PER_SHARD}
+    first = downloads.prepare_url_list(task)
+    prepared = Path(first["urls"])
+    written = prepared.stat().st_mtime_ns
+    assert downloads.prepare_url_list(task) == first and prepared.stat().st_mtime_ns == written  # reused
+
+    stat = url_list.stat()
+    urls = [f"http://127.0.0.1/{i}.png" for i in range(7 if change == "longer" else 5)][::-1]
+    write_list(url_list, urls)
+    if change != "longer":
+        assert url_list.stat().st_size == stat.st_size  # the edit alone does not change the size
+        os.utime(url_list, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    again = downloads.prepare_url_list(task)
+    assert pq.read_table(again["urls"])["url"].to_pylist() == urls  # the edited list, not the first one
+    assert again["num_rows"] == len(urls) and again["sha256"] != first["sha256"]
+
+
+@pytest.mark.timeout(300)
+def test_download_tasks_declare_memory_from_their_config(hostile_server, tmp_path):  # noqa: F811
+    """Issue 18 item 3: the prepare task and every shard task declare ``memory=``; more fetch threads or a
+    larger body cap declare more."""
+    from curation.executor import TASK_BASE_BYTES
+    from tests.curation.test_scale import RecordingExecutor
+
+    base, _, _ = hostile_server
+    url_list = write_list(tmp_path / "urls.parquet", [f"{base}/ok.png"] * 4)
+    executor = RecordingExecutor()
+    download_url_list(str(url_list), tmp_path / "downloads", config(), executor)
+    assert set(executor.declared) == {"prepare_url_list", "download_shard"}
+    assert all((m or 0) > TASK_BASE_BYTES for m in executor.declared.values()), executor.declared
+    more = DownloadConfig(thread_count=64, max_bytes=2 * MAX_BYTES, samples_per_shard=PER_SHARD)
+    assert downloads.download_memory(more) > downloads.download_memory(config())

@@ -64,3 +64,30 @@ def test_a_healthy_run_logs_no_library_chatter(executor, demo_corpus, aesthetic_
     assert "INFO root:" not in output and "\r" not in output, output[-3000:]
     expected = "executor: local (auto:" if executor == "auto" else "executor: ray (--executor ray)"
     assert expected in output and "semantic dedup off: turned off" in output
+
+
+# Ray's "E … core_worker.cc … has constructor arguments in the object store and max_restarts > 0" line. Ray Data
+# 2.60 creates every map actor with ObjectRefs (its DataContext, the map transformer) and an actor handle as
+# constructor arguments, and with max_restarts=-1, so the line comes for any actor pool, whatever our arguments
+# (ray-project/ray#57733, open). Ours are small (configs, a plan of a few fields per chunk). Avoiding it would
+# take max_restarts=0 (a lost scorer fails the run, the rerun resumes from committed chunks) or plain Ray actors
+# instead of Ray Data's pool: a choice for the lead (issue 18, item 9), not a silenced stderr.
+ACTOR_POOL = """
+import ray, ray.data
+class Identity:
+    def __call__(self, batch):
+        return batch
+ray.init(log_to_driver=False)
+ray.data.range(1).map_batches(Identity, compute=ray.data.ActorPoolStrategy(size=1)).materialize()
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="Ray Data passes ObjectRefs to its map actors: ray-project/ray#57733")
+def test_a_ray_data_actor_pool_with_no_arguments_prints_no_constructor_argument_error(ray_cluster):
+    """A strict xfail: passes (and so fails, to be removed) once Ray Data stops printing the line."""
+    result = subprocess.run(
+        [sys.executable, "-c", ACTOR_POOL], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "constructor arguments in the object store" not in output, output[-3000:]

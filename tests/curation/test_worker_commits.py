@@ -4,8 +4,12 @@ carries counts, never rows; every input lands in the manifest; the local executo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +22,11 @@ from PIL import Image
 import manifests
 from curation import pipeline
 from curation.config import DecodeConfig, DownloadConfig, TierConfig
-from curation.executor import _drain
+from curation.executor import TASK_BASE_BYTES, _drain
 from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
 from curation.sources import list_sources
 from manifests.io import committed_parts
+from tests.conftest import REPO
 from tests.curation.conftest import CHUNK_SIZE, demo_config
 
 
@@ -208,3 +213,95 @@ def test_errors_of_tasks_drained_after_a_failure_are_logged_at_debug(ray_cluster
         _drain([fails.remote()])
     (record,) = [r for r in caplog.records if r.name == "curation.executor"]
     assert record.levelno == logging.DEBUG and "a planted task error" in record.getMessage()
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    columns = ["key", "status", "reason", "tier", "sha256", "phash", "aesthetic", "shard"]
+    return pq.read_table(out / "manifests" / "images", columns=columns).sort_by("key").to_pylist()
+
+
+def test_the_local_scan_pool_gives_the_ray_runs_manifest_and_scans_outside_this_process(
+    curated, demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 8: the local executor's scan runs in a process pool (overlapping the scorer's load); its
+    manifest — scores, hashes, reasons, shards — and shard bytes are the Ray executor's (the session's run)."""
+    ray_out, ray_summary = curated
+    assert ray_summary["executor"] == "ray"
+
+    def not_here(self, record):  # patched in this process only: the pool's fresh processes scan unpatched
+        raise AssertionError("scanned in the driver, not in the pool")
+
+    monkeypatch.setattr(pipeline.ScanAndDecode, "process", not_here)
+    cfg = demo_config(demo_corpus, tmp_path, aesthetic_cfg, executor="local", local_scan_processes=2)
+    assert run(cfg)["executor"] == "local"
+    assert manifest_rows(tmp_path) == manifest_rows(ray_out)
+    shards = sorted((ray_out / "shards" / "curated").rglob("*.tar"))
+    assert shards and [p.read_bytes() for p in shards] == [
+        (tmp_path / p.relative_to(ray_out)).read_bytes() for p in shards
+    ]
+
+
+def test_the_local_scorer_runs_on_its_actors_cpus_and_gives_the_threads_back():
+    """Ray starts an actor with OMP_NUM_THREADS = its num_cpus; the local scorer does the same, then restores."""
+    import torch
+
+    from curation.aesthetic import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_the_local_scan_pool_scans_every_batch_of_a_chunk_once(demo_corpus, tmp_path, aesthetic_cfg):
+    """Chunks of several scoring batches, scanned by the pool: one manifest row per input, each hashed from
+    its own file's bytes (hashlib over the file: the reference)."""
+    scorer = dataclasses.replace(aesthetic_cfg, batch_size=3)
+    cfg = demo_config(demo_corpus, tmp_path, scorer, executor="local", local_scan_processes=2)
+    run(dataclasses.replace(cfg, chunk_size=1000))
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+    rows = pq.read_table(tmp_path / "manifests" / "images", columns=["source", "sha256"]).to_pylist()
+    hashed = [(r["source"], r["sha256"]) for r in rows if r["sha256"] is not None]
+    assert len(hashed) > 3 * 2  # more than two batches' worth
+    files = {source: Path(source.removeprefix("file:")).read_bytes() for source, _ in hashed}
+    assert all(hashlib.sha256(files[source]).hexdigest() == sha for source, sha in hashed)
+
+
+def test_listing_chunk_and_commit_tasks_declare_memory_from_their_plan(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 3: every task the job maps declares ``memory=`` (the worker base plus its plan's share)."""
+    from tests.curation.test_scale import RecordingExecutor
+
+    executor = RecordingExecutor()
+    monkeypatch.setattr(pipeline, "make_executor", lambda cfg, guard: executor)
+    monkeypatch.setattr(pipeline, "commit_if_whole", lambda work, target: False)  # commits as tasks
+    run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+    before_scoring = ("write_listing_unit", "sort_records", "count_keys", "split_chunks", "_commit_task")
+    assert set(before_scoring) <= set(executor.declared)
+    assert all((executor.declared[n] or 0) > TASK_BASE_BYTES for n in before_scoring), executor.declared
+    assert all(m is not None for m in executor.declared.values()), executor.declared  # the later phases too
+
+
+LOCAL_IMPORTS = """
+import sys
+from curation.config import AestheticConfig, CurationConfig, DedupConfig
+from curation.pipeline import check_before_start, run
+
+scorer = AestheticConfig(clip_model=sys.argv[3], pretrained=None, min_score={})
+cfg = CurationConfig(inputs=[sys.argv[1]], output=sys.argv[2], aesthetic=scorer, dedup=DedupConfig(semantic=False),
+                     report=False, executor="local")
+check_before_start(cfg)
+print("before:", sorted(m for m in ("ray", "torch", "open_clip", "matplotlib") if m in sys.modules))
+run(cfg)
+print("after:", sorted(m for m in ("ray", "matplotlib") if m in sys.modules))
+"""
+
+
+def test_a_local_run_never_imports_ray_and_loads_no_model_before_its_scan(demo_corpus, tmp_path, aesthetic_cfg):
+    """Issue 18 item 8: the small job's start-up is not Ray's nor torch's (both cost seconds to import)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-c", LOCAL_IMPORTS, str(demo_corpus), str(tmp_path / "run"), aesthetic_cfg.clip_model]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "before: []" in result.stdout and "after: []" in result.stdout, result.stdout

@@ -66,7 +66,9 @@ def _header_info(name: str, size: int) -> tarfile.TarInfo:
 def _template() -> tuple[bytes, int]:
     """A member header with an empty name and size 0, and its checksum without the name and size fields."""
     header = _header_info("", 0).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
-    fixed = header[: _CHKSUM.start] + b" " * 8 + header[_CHKSUM.stop :]  # the checksum counts itself as spaces
+    fixed = (
+        header[: _CHKSUM.start] + b" " * 8 + header[_CHKSUM.stop :]
+    )  # the checksum counts itself as spaces
     return header, sum(fixed) - sum(header[_NAME]) - sum(header[_SIZE])
 
 

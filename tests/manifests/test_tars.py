@@ -77,7 +77,9 @@ def test_shards_read_back_with_webdataset_and_tarfile(tmp_path: Path) -> None:
 
     with tarfile.open(path) as tar:
         infos = tar.getmembers()
-        expected = [(f"{s['__key__']}.{ext}", data) for s in samples for ext, data in sorted(members(s).items())]
+        expected = [
+            (f"{s['__key__']}.{ext}", data) for s in samples for ext, data in sorted(members(s).items())
+        ]
         assert [i.name for i in infos] == [name for name, _ in expected]
         for info, (_, data) in zip(infos, expected, strict=True):
             assert info.isfile() and info.mtime == 0 and info.mode == 0o444

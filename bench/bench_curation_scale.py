@@ -79,6 +79,8 @@ def measure(plan_file: Path, root: Path, num_cpus: int) -> dict:
         "rows": sum(p.num_rows for p in parts),
         "seconds": seconds,
         "phases": result.seconds,
+        "task_seconds": result.task_seconds,
+        "semantic_dim": result.semantic_dim,
         "driver_peak_rss_mib": peak_rss_mib(),
         "driver_rss_before_mib": driver_before,
         "worker_peak_rss_mib": result.worker_peak_rss_mib,

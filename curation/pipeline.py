@@ -650,6 +650,7 @@ def run(cfg: CurationConfig) -> dict:
             "seconds": round(time.time() - started, 2),
             "seconds_per_phase": {**seconds, **post.seconds},
             "dedup": post.counts["dedup"],
+            "semantic_dim": post.semantic_dim,  # the embeddings' width (None: no semantic dedup)
             "driver_peak_rss_mib": round(peak_rss_mib(), 1),
             "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
             "executor": executor.name,

@@ -342,6 +342,7 @@ def test_two_level_semantic_pairs_are_true_pairs_found_alike_on_any_partitioning
     dedup_counts = counts[300]["dedup"]
     assert dedup_counts["semantic_groups"] == 6 and dedup_counts["semantic_clusters"] >= 12, dedup_counts
     assert "semantic_dim" not in dedup_counts and "dim" not in dedup_counts  # a width, not a count
+    assert result.semantic_dim == 32  # plant_embeddings' width, beside the counts
     keys = sorted(vectors)
     matrix = np.stack([vectors[k] for k in keys])
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)

@@ -11,11 +11,11 @@ Cost, in two levels so that no term grows faster than N × a constant at the siz
 ~``phases.SEMANTIC_ROWS_PER_GROUP`` (trained on a sample, ``SAMPLE_PER_CLUSTER`` rows per centroid;
 assignment N × groups), then each group's own k-means (``cluster_labels``) cuts it into clusters of
 ~``cluster_size`` (group rows × clusters per group). One flat k-means of N / cluster_size centroids would
-cost N × N / cluster_size to assign (measured single-threaded at 64-d: 1.0, 4.7, 7.6, 24.7 s at 0.5, 1, 2,
-4M rows), at 33M rows (23M kept, 2,300 clusters) about as much as the in-cluster search itself; two levels
+cost N × N / cluster_size to assign (measured single-threaded at 64-d: 1.0, 4.7, 7.6, 24.7 s for 0.5, 1, 2,
+4M embeddings), at 33M rows (23M kept, 2,300 clusters) about as much as the in-cluster search itself; two levels
 cost N × (N / 250k + 25). The in-cluster search is ``sum(cluster_size²)`` dot products, linear in N for a
 fixed mean cluster size (k-means clusters of the synthetic benchmark rows measure sum(size²) = 1.00 × N ×
-mean size at 0.5–4M rows: balanced), done in ``BLOCK_ROWS``² tiles so its memory is constant whatever a
+mean size at 0.5–4M embeddings: balanced), done in ``BLOCK_ROWS``² tiles so its memory is constant whatever a
 cluster's size.
 
 Approximate: a pair whose two images fall in different clusters is never compared (recall on planted

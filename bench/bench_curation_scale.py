@@ -79,6 +79,8 @@ def measure(plan_file: Path, root: Path, num_cpus: int) -> dict:
         "rows": sum(p.num_rows for p in parts),
         "seconds": seconds,
         "phases": result.seconds,
+        "task_seconds": result.task_seconds,
+        "semantic_dim": result.semantic_dim,
         "driver_peak_rss_mib": peak_rss_mib(),
         "driver_rss_before_mib": driver_before,
         "worker_peak_rss_mib": result.worker_peak_rss_mib,
@@ -181,7 +183,7 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
     sizes = sorted({r["rows"] for r in results})
     by_size = {n: [r for r in results if r["rows"] == n] for n in sizes}
     medians = [float(np.median([r["seconds"] for r in by_size[n]])) for n in sizes]
-    exponent = fit(sizes, medians)
+    exponent = fit(sizes, medians) if len(sizes) > 1 else float("nan")
     per_repeat = []
     for repeat in sorted({r["repeat"] for r in results}):
         runs = {r["rows"]: r["seconds"] for r in results if r["repeat"] == repeat}
@@ -206,6 +208,23 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
             f"{last['dedup'].get('duplicates', 0):,}: {_by_test(last)} | {last['kept']:,} | "
             f"{last['shards_written']:,} | {_phase_medians(runs)} |"
         )
+    semantic = [
+        "| rows | kept rows searched | groups | clusters | in-cluster pairs per kept row | task-seconds (median): "
+        "coarse k-means / assign to groups / read + group k-means / in-cluster search | search µs per kept row |",
+        "|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for n in sizes:
+        runs, last = by_size[n], by_size[n][0]["dedup"]
+        steps = [
+            float(np.median([r.get("task_seconds", {}).get(k, float("nan")) for r in runs]))
+            for k in ("semantic_train", "semantic_assign", "semantic_kmeans", "semantic_search")
+        ]
+        searched = last.get("semantic_assigned", 0)
+        semantic.append(
+            f"| {n:,} | {searched:,} | {last.get('semantic_groups', 0)} | {last.get('semantic_clusters', 0)} | "
+            f"{last.get('semantic_compared', 0) / max(searched, 1):,.0f} | "
+            f"{' / '.join(f'{s:.1f}' for s in steps)} | {1e6 * steps[3] / max(searched, 1):.0f} |"
+        )
     spread = (
         f"per repeat {', '.join(f'N^{b:.2f} (run {k + 1}, {len(ns)} sizes)' for k, ns, b in per_repeat)}: "
         f"**{min(b for *_, b in per_repeat):.2f}–{max(b for *_, b in per_repeat):.2f}**"
@@ -218,26 +237,35 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
 
 Command: `python -m bench.bench_curation_scale --rows {" ".join(map(str, sizes))} --repeats {" ".join(str(len(by_size[n])) for n in sizes)} --num-cpus {args.num_cpus} --embedding-dim {dim}`
 
-Machine: {os.cpu_count()} cores visible, **shared with four other engineers' builds and tests** (1-minute
-load average {min(loads):.1f}–{max(loads):.1f} at the end of the runs); a private Ray cluster of {args.num_cpus}
-CPUs, every phase as Ray tasks declaring `memory=`. Runs: {repeats}. Input: synthetic scored chunks
-(4096 rows each; 70 % kept; among them 1 % byte copies, 1 % pHash copies ≤ 4 bits away, 1 % semantic
-copies at cosine ~0.98), {dim}-d fp16 embeddings ({2 * dim:,} bytes a row), {DATA_BYTES} inline image bytes a row;
-default config (`max_hamming` {dedup.max_hamming}, {dedup.phash_splits} split of 32-bit bands: exact; SemDeDup at
-cosine {dedup.semantic_threshold} in k-means clusters of ~{dedup.semantic_cluster_size:,} rows; thresholds 5.0;
-partitions of 100k rows; 1000 samples per shard). Thresholds → exact, pHash and semantic dedup → keepers
-(greedy, direct matches only) → shard plan and names → shards written → manifest.
+Machine: {os.cpu_count()} cores visible, **shared with six other engineers' builds, tests and trainings** (1-minute
+load average {min(loads):.1f}–{max(loads):.1f} at the end of the runs, i.e. several times more runnable work than
+cores); a private Ray cluster of {args.num_cpus} CPUs, every phase as Ray tasks declaring `memory=`. Runs:
+{repeats}, round-robin (every size once, then the second runs, …) so that the load hits all sizes alike.
+Input: synthetic scored chunks (4096 rows each; 70 % kept; among them 1 % byte copies, 1 % pHash copies ≤ 4
+bits away, 1 % semantic copies at cosine ~0.98), {dim}-d fp16 embeddings ({2 * dim:,} bytes a row),
+{DATA_BYTES} inline image bytes a row; default config (`max_hamming` {dedup.max_hamming}, {dedup.phash_splits}
+split of 32-bit bands: exact; SemDeDup at cosine {dedup.semantic_threshold}, coarse groups of ~250k rows, each
+cut by its own k-means into clusters of ~{dedup.semantic_cluster_size:,} rows; thresholds 5.0; partitions of 100k
+rows; 1000 samples per shard). Thresholds → exact, pHash and semantic dedup → keepers (greedy, direct matches
+only) → shard plan and names → shards written → manifest.
 
 {chr(10).join(table)}
 
 Growth: fitted exponent over the medians **N^{exponent:.2f}** (size to size:
 {", ".join(f"{sizes[i] / 1e6:g}M→{sizes[i + 1] / 1e6:g}M N^{b:.2f}" for i, b in enumerate(pairwise))}); {spread}.
-The in-cluster semantic search is N × cluster size × {dim} multiply-adds (linear in N at a fixed
-cluster size), k-means assignment N × clusters × {dim} (clusters grow with N: the one term
-that is N², small at these sizes). The load from other work on the same 2 cores moves single runs
-by tens of percent, hence the spread. Driver peak RSS: plans and counts only. Worker peak RSS: the
-largest task (a semantic group of ≤ 250k embeddings plus one 64 MiB similarity tile, or a near-search
-band), bounded by the plan, not by N.
+
+Semantic dedup by sub-step (seconds summed inside the tasks, so on 2 CPUs about twice the phase's wall time;
+one run's counts):
+
+{chr(10).join(semantic)}
+
+Cost model (`curation.semdedup`): coarse k-means on groups × 64 sampled rows; assignment to groups N × groups
+× {dim}; each group's k-means on its first ~25 × 64 rows and assignment group rows × ~25 × {dim}; in-cluster
+search Σ cluster size² / 2 × {dim}, in 1024² tiles. The pairs compared per kept row stay at ~half the mean
+cluster size at every size: the in-cluster search is linear in N. Driver peak RSS: plans and counts only.
+Worker peak RSS: the largest task (a semantic group of ~250k embeddings plus one 4 MiB similarity tile, a
+near-search band, or a shard), bounded by the plan, not by N. The load from other work on the same 2 cores
+moves single runs by tens of percent, hence the spread.
 
 {args.note}
 """

@@ -9,7 +9,8 @@ writes files under the run's scratch folder and returns counts. The driver holds
     2 exact       per bucket     same sha256 → star edges
       phash       per bucket     same pHash → star edges; the bucket's distinct pHash values
       near        per band part  multi-index hashing over all distinct values (curation.dedup)
-      semantic    k-means (1 task), assignment per partition, pairs per cluster group (curation.semdedup)
+      semantic    coarse k-means (1 task), assignment to groups per partition; per group: its own k-means
+                  into clusters, pairs within each cluster (curation.semdedup)
       resolve     1 task         rows that match another → components → greedy direct-match keep rule
                                  (curation.dedup.keepers) → dups.parquet (key, dup_of, reason)
     3 finalize    per partition  final status of every row; kept-row counts per (tier, ext, key prefix)
@@ -71,7 +72,8 @@ SAMPLE_JSON_FIELDS = (
 KEY_SHA = pa.schema([("key", pa.string()), ("sha256", pa.string())])
 KEY_PHASH = pa.schema([("key", pa.string()), ("phash", pa.int64())])
 ROWS_PER_BUCKET = 1_000_000  # rows per hash bucket of the dedup shuffles
-# Embeddings per semantic cluster group: ~1.5 GiB of task memory at 768-d (EMBEDDING_BYTES_PER_VALUE).
+# Embeddings per semantic group (a coarse k-means cell): ~1.5 GiB of task memory at 768-d
+# (EMBEDDING_BYTES_PER_VALUE); its clusters are found inside the group's task (curation.semdedup, two levels).
 SEMANTIC_ROWS_PER_GROUP = 250_000
 ENTRIES_PER_NEAR_TASK = 8_000_000  # index entries one near-search task sorts (~200 MB at its peak)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing of pHash values into buckets
@@ -149,8 +151,10 @@ class PostResult:
     shards: list[dict] = field(default_factory=list)  # {"shard", "tier", "num_rows"}
     num_parts: int = 0
     shards_written: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, on the driver
+    task_seconds: dict[str, float] = field(default_factory=dict)  # summed inside tasks, per sub-step
     worker_peak_rss_mib: float = 0.0
+    semantic_dim: int | None = None  # the embeddings' width (not a count: kept out of ``counts``)
 
 
 def plan_partitions(parts: list[ScoredPart], rows_per_partition: int) -> list[Partition]:
@@ -317,7 +321,9 @@ def near_band(task: dict) -> dict:
 
 
 def semantic_train(task: dict) -> dict:
-    """k-means centroids from the first ``sample_rows`` kept rows in key order (a uniform sample)."""
+    """Coarse k-means centroids (one per group) from the first ``sample_rows`` kept rows in key order (a
+    uniform sample)."""
+    started = time.perf_counter()
     scratch, need = Path(task["scratch"]), task["sample_rows"]
     samples, have = [], 0
     for partition in task["partitions"]:
@@ -328,10 +334,10 @@ def semantic_train(task: dict) -> dict:
         samples.append(semdedup.embedding_matrix(embedded["embedding"])[: need - have])
         have += len(samples[-1])
     sample = np.concatenate([s for s in samples if len(s)]) if have else np.zeros((0, 0), np.float32)
-    centroids = semdedup.train_centroids(sample, task["clusters"]) if len(sample) else sample
+    centroids = semdedup.train_centroids(sample, task["groups"]) if len(sample) else sample
     np.save(scratch / "centroids.npy", centroids)
-    dim = sample.shape[1] if len(sample) else 0
-    return _rss({"semantic_sample": len(sample), "semantic_clusters": len(centroids), "semantic_dim": dim})
+    return _rss({"semantic_sample": len(sample), "semantic_groups": len(centroids),
+                 "dim": sample.shape[1] if len(sample) else 0, "seconds": time.perf_counter() - started})  # fmt: skip
 
 
 def _kept_embeddings(partition: Partition, keys: pa.ChunkedArray) -> pa.Table:
@@ -343,40 +349,47 @@ def _kept_embeddings(partition: Partition, keys: pa.ChunkedArray) -> pa.Table:
 
 
 def semantic_assign(task: dict) -> dict:
-    """Nearest centroid of each kept row of one partition, written into its cluster group."""
-    scratch, partition, groups = Path(task["scratch"]), task["partition"], task["num_groups"]
+    """Each kept row of one partition to its nearest coarse centroid: written into that group's folder."""
+    started = time.perf_counter()
+    scratch, partition = Path(task["scratch"]), task["partition"]
     keys = _read([str(scratch / "attributes" / f"{partition.name}.parquet")], ["key"])["key"]
     embedded = _kept_embeddings(partition, keys)
     matrix = semdedup.embedding_matrix(embedded["embedding"])
     if len(matrix) == 0:
-        return _rss({"semantic_assigned": 0, "group_rows": {}})
-    labels = semdedup.assign(matrix, np.load(scratch / "centroids.npy"))
-    table = embedded.append_column("cluster", pa.array(labels))
-    group_of = labels % groups
+        return _rss({"semantic_assigned": 0, "group_rows": {}, "seconds": time.perf_counter() - started})
+    group_of = semdedup.assign(matrix, np.load(scratch / "centroids.npy"))
     group_rows = {int(g): int(n) for g, n in zip(*np.unique(group_of, return_counts=True), strict=True)}
-    for group in np.unique(group_of):
+    for group in group_rows:
         _write(
-            table.filter(pa.array(group_of == group)),
+            embedded.filter(pa.array(group_of == group)),
             scratch / "semantic" / f"g={group:04d}" / f"{partition.name}.parquet",
         )
-    return _rss({"semantic_assigned": len(matrix), "group_rows": group_rows})
+    return _rss({"semantic_assigned": len(matrix), "group_rows": group_rows,
+                 "seconds": time.perf_counter() - started})  # fmt: skip
 
 
 def semantic_group(task: dict) -> dict:
-    """Pairs above the cosine threshold within each cluster of one group."""
+    """One group: its own k-means into clusters of ~``cluster_size``, then pairs above the cosine threshold
+    within each cluster."""
+    started = time.perf_counter()
     scratch, group = Path(task["scratch"]), task["group"]
     table = _read(_glob(scratch / "semantic" / f"g={group:04d}"))
     if table is None or table.num_rows == 0:
-        return _rss({"semantic_pairs": 0})
-    table = table.sort_by([("cluster", "ascending"), ("key", "ascending")])  # semantic_edges' order: no copy
-    edges = semdedup.semantic_edges(
-        table["key"],
-        semdedup.embedding_matrix(table["embedding"]),
-        table["cluster"].to_numpy(),
-        task["threshold"],
-    )
+        return _rss({"semantic_pairs": 0, "kmeans_seconds": 0.0, "search_seconds": 0.0})
+    table = table.sort_by("key")  # key order: the group's k-means sample and labels ignore the partitioning
+    keys, matrix = table["key"], semdedup.embedding_matrix(table["embedding"])
+    del table  # the fp16 column: the matrix and its reordered copy below fit EMBEDDING_BYTES_PER_VALUE
+    labels = semdedup.cluster_labels(matrix, task["cluster_size"])
+    order = np.argsort(labels, kind="stable")  # by cluster, then key: semantic_edges' order, so no copy there
+    keys, matrix, labels = keys.take(pa.array(order)), matrix[order], labels[order]
+    clustered = time.perf_counter()
+    edges = semdedup.semantic_edges(keys, matrix, labels, task["threshold"])
     _write(edges, scratch / "semantic_pairs" / f"{group:04d}.parquet")
-    return _rss({"semantic_pairs": edges.num_rows})
+    sizes = np.bincount(labels).astype(np.int64)
+    return _rss({"semantic_pairs": edges.num_rows, "semantic_clusters": int(np.count_nonzero(sizes)),
+                 "semantic_compared": int(np.sum(sizes * (sizes + 1) // 2)),  # in-cluster pairs: Σ size²/2
+                 "kmeans_seconds": clustered - started,
+                 "search_seconds": time.perf_counter() - clustered})  # fmt: skip
 
 
 def resolve_duplicates(task: dict) -> dict:
@@ -606,9 +619,12 @@ def write_shard_task(task: dict) -> dict:
 # The wiring
 
 
+_NOT_COUNTS = frozenset({"peak_rss_mib", "dim"})  # ints tasks return that are not counts
+
+
 def _fold(results: list[dict], into: Counter) -> float:
     for result in results:
-        into.update({k: v for k, v in result.items() if isinstance(v, int) and k != "peak_rss_mib"})
+        into.update({k: v for k, v in result.items() if isinstance(v, int) and k not in _NOT_COUNTS})
     return max([r["peak_rss_mib"] for r in results], default=0.0)
 
 
@@ -618,78 +634,103 @@ def _timed(result: PostResult, name: str, started: float) -> float:
     return now
 
 
+def _add_task_seconds(result: PostResult, name: str, results: list[dict], key: str = "seconds") -> None:
+    result.task_seconds[name] = round(sum(r[key] for r in results), 3)
+
+
 def find_duplicates(
     partitions: list[Partition], cfg: PostConfig, scratch: Path, executor: Executor, result: PostResult
 ) -> Counter:
     """Phases 1–2: thresholds, then every duplicate edge, then ``scratch/dups.parquet``."""
     counts: Counter = Counter()
     started = time.perf_counter()
-    num_rows = sum(p.num_rows for p in partitions)
-    buckets = _power_of_two_at_least(num_rows / ROWS_PER_BUCKET)
-    common = {"scratch": str(scratch), "min_score": cfg.min_score, "num_buckets": buckets}
     largest = max((p.num_rows for p in partitions), default=0)
+    buckets = _power_of_two_at_least(sum(p.num_rows for p in partitions) / ROWS_PER_BUCKET)
+    common = {"scratch": str(scratch), "min_score": cfg.min_score, "num_buckets": buckets}
     gate = [{**common, "partition": p} for p in partitions]
     rss = [_fold(executor.map(gate_partition, gate, memory=task_memory(largest, ROW_BYTES)), counts)]
     started = _timed(result, "gate", started)
-
-    bucket_tasks = [{"scratch": str(scratch), "bucket": b} for b in range(buckets)]
-    # Hash buckets of uniform hashes: a bucket holds kept / buckets rows, twice that bounds its spread.
-    bucket_memory = task_memory(2 * counts["kept"] / buckets, DEDUP_ROW_BYTES)
-    rss.append(_fold(executor.map(exact_bucket, bucket_tasks, memory=bucket_memory), counts))
-    if cfg.max_hamming is not None:
-        rss.append(_fold(executor.map(phash_bucket, bucket_tasks, memory=bucket_memory), counts))
-        part_bits = int(
-            math.log2(_power_of_two_at_least(33 * counts["distinct_phash"] / ENTRIES_PER_NEAR_TASK))
-        )
-        near = [
-            {"scratch": str(scratch), "max_hamming": cfg.max_hamming, **t}
-            for t in dedup.near_tasks(cfg.max_hamming, cfg.phash_splits, part_bits)
-        ]
-        # Every distinct value (8 bytes, ~4 arrays of it) + at most ENTRIES_PER_NEAR_TASK sorted entries
-        # (8 bytes packed, ~3 arrays: entries, pairs, their check).
-        near_memory = task_memory(counts["distinct_phash"], 32, extra=24 * ENTRIES_PER_NEAR_TASK)
-        rss.append(_fold(executor.map(near_band, near, memory=near_memory), counts))
+    rss += _hash_dedup(cfg, scratch, executor, buckets, counts)
     started = _timed(result, "dedup_phash", started)
-
     if cfg.semantic_threshold is not None and any(p.embeddings for q in partitions for p in q.parts):
-        clusters = semdedup.num_clusters(counts["kept"], cfg.semantic_cluster_size)
-        train = {"scratch": str(scratch), "partitions": partitions, "clusters": clusters,
-                 "sample_rows": clusters * semdedup.SAMPLE_PER_CLUSTER}  # fmt: skip
-        bound = EMBEDDING_BYTES_PER_VALUE * MAX_EMBEDDING_DIM
-        trained = executor.map(
-            semantic_train, [train], memory=task_memory(train["sample_rows"] + largest, bound)
-        )
-        rss.append(_fold(trained, counts))
-        per_row = EMBEDDING_BYTES_PER_VALUE * (trained[0]["semantic_dim"] or MAX_EMBEDDING_DIM)
-        groups = _power_of_two_at_least(counts["kept"] / SEMANTIC_ROWS_PER_GROUP)
-        assign = [{"scratch": str(scratch), "partition": p, "num_groups": groups} for p in partitions]
-        assigned = executor.map(semantic_assign, assign, memory=task_memory(largest, ROW_BYTES + per_row))
-        rss.append(_fold(assigned, counts))
-        group_rows = Counter()
-        for r in assigned:
-            group_rows.update(r["group_rows"])
-        pairs = [
-            {"scratch": str(scratch), "group": g, "threshold": cfg.semantic_threshold} for g in range(groups)
-        ]
-        # A group's embeddings + one similarity tile (semdedup.cluster_pairs), whatever its cluster sizes.
-        tile = 8 * semdedup.BLOCK_ROWS**2
-        group_memory = task_memory(max(group_rows.values(), default=0), per_row + 64, extra=tile)
-        rss.append(_fold(executor.map(semantic_group, pairs, memory=group_memory), counts))
+        rss += _semantic_dedup(partitions, cfg, scratch, executor, counts, result)
         started = _timed(result, "dedup_semantic", started)
 
     resolve = {"scratch": str(scratch), "max_hamming": cfg.max_hamming}
     matched = 2 * (
         counts["exact_edges"] + counts["same_phash_edges"] + counts["near_pairs"] + counts["semantic_pairs"]
     )
-    rss.append(
-        _fold(
-            executor.map(resolve_duplicates, [resolve], memory=task_memory(matched, RESOLVE_ROW_BYTES)),
-            counts,
-        )
-    )
+    resolved = executor.map(resolve_duplicates, [resolve], memory=task_memory(matched, RESOLVE_ROW_BYTES))
+    rss.append(_fold(resolved, counts))
     _timed(result, "dedup_resolve", started)
     result.worker_peak_rss_mib = max([result.worker_peak_rss_mib, *rss])
     return counts
+
+
+def _hash_dedup(
+    cfg: PostConfig, scratch: Path, executor: Executor, buckets: int, counts: Counter
+) -> list[float]:
+    """Exact (sha256) and pHash edges per hash bucket, then the near pHash search; returns peak RSS."""
+    bucket_tasks = [{"scratch": str(scratch), "bucket": b} for b in range(buckets)]
+    # Hash buckets of uniform hashes: a bucket holds kept / buckets rows, twice that bounds its spread.
+    bucket_memory = task_memory(2 * counts["kept"] / buckets, DEDUP_ROW_BYTES)
+    rss = [_fold(executor.map(exact_bucket, bucket_tasks, memory=bucket_memory), counts)]
+    if cfg.max_hamming is None:
+        return rss
+    rss.append(_fold(executor.map(phash_bucket, bucket_tasks, memory=bucket_memory), counts))
+    part_bits = int(math.log2(_power_of_two_at_least(33 * counts["distinct_phash"] / ENTRIES_PER_NEAR_TASK)))
+    near = [
+        {"scratch": str(scratch), "max_hamming": cfg.max_hamming, **t}
+        for t in dedup.near_tasks(cfg.max_hamming, cfg.phash_splits, part_bits)
+    ]
+    # Every distinct value (8 bytes, ~4 arrays of it) + at most ENTRIES_PER_NEAR_TASK sorted entries
+    # (8 bytes packed, ~3 arrays: entries, pairs, their check).
+    near_memory = task_memory(counts["distinct_phash"], 32, extra=24 * ENTRIES_PER_NEAR_TASK)
+    rss.append(_fold(executor.map(near_band, near, memory=near_memory), counts))
+    return rss
+
+
+def _semantic_dedup(
+    partitions: list[Partition],
+    cfg: PostConfig,
+    scratch: Path,
+    executor: Executor,
+    counts: Counter,
+    result: PostResult,
+) -> list[float]:
+    """SemDeDup in two levels (curation.semdedup): coarse k-means into groups, assignment per partition,
+    then per group its own k-means and the in-cluster pairs; returns peak RSS."""
+    groups = semdedup.num_clusters(counts["kept"], SEMANTIC_ROWS_PER_GROUP)
+    train = {"scratch": str(scratch), "partitions": partitions, "groups": groups,
+             "sample_rows": groups * semdedup.SAMPLE_PER_CLUSTER}  # fmt: skip
+    largest = max((p.num_rows for p in partitions), default=0)
+    bound = EMBEDDING_BYTES_PER_VALUE * MAX_EMBEDDING_DIM
+    trained = executor.map(semantic_train, [train], memory=task_memory(train["sample_rows"] + largest, bound))
+    rss = [_fold(trained, counts)]
+    result.semantic_dim = trained[0]["dim"] or None
+    per_row = EMBEDDING_BYTES_PER_VALUE * (result.semantic_dim or MAX_EMBEDDING_DIM)
+    assign = [{"scratch": str(scratch), "partition": p} for p in partitions]
+    assigned = executor.map(semantic_assign, assign, memory=task_memory(largest, ROW_BYTES + per_row))
+    rss.append(_fold(assigned, counts))
+    group_rows = Counter()
+    for r in assigned:
+        group_rows.update(r["group_rows"])
+    pairs = [
+        {"scratch": str(scratch), "group": g, "threshold": cfg.semantic_threshold,
+         "cluster_size": cfg.semantic_cluster_size}
+        for g in sorted(group_rows)
+    ]  # fmt: skip
+    # A group's embeddings (with its labels and order) + one similarity tile (semdedup.cluster_pairs),
+    # whatever its cluster sizes; coarse cells are unequal, so the largest group measured sets it.
+    tile = 8 * semdedup.BLOCK_ROWS**2
+    group_memory = task_memory(max(group_rows.values(), default=0), per_row + 64, extra=tile)
+    searched = executor.map(semantic_group, pairs, memory=group_memory)
+    rss.append(_fold(searched, counts))
+    _add_task_seconds(result, "semantic_train", trained)
+    _add_task_seconds(result, "semantic_assign", assigned)
+    _add_task_seconds(result, "semantic_kmeans", searched, "kmeans_seconds")
+    _add_task_seconds(result, "semantic_search", searched, "search_seconds")
+    return rss
 
 
 def plan_shards(

@@ -703,6 +703,7 @@ def job_summary(post: PostResult, *, removed_shards: int, clock: PhaseClock, sec
         "seconds": round(seconds, 2),
         "seconds_per_phase": {**clock.seconds, **post.seconds},
         "dedup": post.counts["dedup"],
+        "semantic_dim": post.semantic_dim,  # the embeddings' width (None: no semantic dedup)
         "driver_peak_rss_mib": round(peak_rss_mib(), 1),
         "worker_peak_rss_mib": round(post.worker_peak_rss_mib, 1),
         "executor": executor.name,

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -179,6 +180,11 @@ def remove_stale_temporaries(root: Path) -> int:
 # its own disk, where the readers' globs never look, and duplicates would pass silently.
 
 NONCE_FILE = ".curation_nonce"
+# A missing nonce is read again NONCE_READS times, NONCE_RETRY_SECONDS apart, before the task fails: an NFS
+# client caches "no such file" for a moment (its negative lookup cache), so a node can miss for a moment a
+# file the driver has just written; a node that lacks the mount still fails within seconds.
+NONCE_READS = 3
+NONCE_RETRY_SECONDS = 1.0
 
 
 class RunFolderNotShared(InputError):
@@ -200,11 +206,17 @@ class RunGuard:
     nonce: str
 
     def verify(self, *, node: str) -> None:
-        """Raise ``RunFolderNotShared`` (one line naming ``node`` and the folder) unless the nonce matches."""
-        try:
-            found = (Path(self.root) / NONCE_FILE).read_text()
-        except FileNotFoundError:
-            found = None
+        """Raise ``RunFolderNotShared`` (one line naming ``node`` and the folder) unless the nonce matches;
+        a missing nonce file is read ``NONCE_READS`` times before failing."""
+        found = None
+        for read in range(NONCE_READS):
+            if read:
+                time.sleep(NONCE_RETRY_SECONDS)
+            try:
+                found = (Path(self.root) / NONCE_FILE).read_text()
+                break
+            except FileNotFoundError:
+                continue
         if found != self.nonce:
             what = f"no {NONCE_FILE} there" if found is None else f"its {NONCE_FILE} is another run's"
             raise RunFolderNotShared(

@@ -4,10 +4,19 @@ pHash misses crops, borders, rescaled screenshots and heavy recompression; their
 stay close. As in SemDeDup (Abbas et al. 2023) and NeMo Curator's ``semantic_dedup``: spherical k-means
 over the L2-normalised embeddings (faiss), then, within each cluster, every pair whose cosine similarity
 is at least ``threshold`` is a match, kept with its cosine (the keep rule, ``curation.dedup.keepers``,
-rejects a row only for a direct match with a kept row, as SemDeDup does: never a chain). Cost: k-means is
-trained on a sample (``SAMPLE_PER_CLUSTER`` rows per centroid) and assignment is one matrix product per
-row; the in-cluster search is ``sum(cluster_size²)`` dot products, linear in N for a fixed mean cluster
-size, done in ``BLOCK_ROWS``² tiles so its memory is constant whatever a cluster's size.
+rejects a row only for a direct match with a kept row, as SemDeDup does: never a chain).
+
+Cost, in two levels so that no term grows faster than N × a constant at the sizes curation runs
+(docs/benchmarks.md, "Curation at scale"): a coarse k-means splits the rows into groups of
+~``phases.SEMANTIC_ROWS_PER_GROUP`` (trained on a sample, ``SAMPLE_PER_CLUSTER`` rows per centroid;
+assignment N × groups), then each group's own k-means (``cluster_labels``) cuts it into clusters of
+~``cluster_size`` (group rows × clusters per group). One flat k-means of N / cluster_size centroids would
+cost N × N / cluster_size to assign (measured single-threaded at 64-d: 1.0, 4.7, 7.6, 24.7 s for 0.5, 1, 2,
+4M embeddings), at 33M rows (23M kept, 2,300 clusters) about as much as the in-cluster search itself; two levels
+cost N × (N / 250k + 25). The in-cluster search is ``sum(cluster_size²)`` dot products, linear in N for a
+fixed mean cluster size (k-means clusters of the synthetic benchmark rows measure sum(size²) = 1.00 × N ×
+mean size at 0.5–4M embeddings: balanced), done in ``BLOCK_ROWS``² tiles so its memory is constant whatever a
+cluster's size.
 
 Approximate: a pair whose two images fall in different clusters is never compared (recall on planted
 pairs is measured in docs/benchmarks.md). Deterministic: the sample is the first rows in key order (keys
@@ -26,8 +35,13 @@ SAMPLE_PER_CLUSTER = 64  # k-means training rows per centroid (faiss warns below
 KMEANS_ITERATIONS = 20
 KMEANS_SEED = 1234
 _SCREEN_MARGIN = 1e-3  # float32 screen below the threshold; float64 decides
-CONFIRM_PAIRS = 8192  # candidate pairs confirmed in float64 at a time: 2 × 8192 × d × 8 bytes (96 MiB at 768-d)
-BLOCK_ROWS = 4096  # in-cluster similarity tiles of BLOCK_ROWS² float32 (64 MiB), whatever the cluster size
+# Candidate pairs confirmed in float64 at a time: 2 × 8192 × d × 8 bytes (96 MiB at 768-d).
+CONFIRM_PAIRS = 8192
+# In-cluster similarity tiles of BLOCK_ROWS² float32 (4 MiB), whatever the cluster size. 1024, not 4096: a
+# 4096² tile (64 MiB) is a fresh allocation that leaves the cache and, on ~10k-row clusters, computes the full
+# square instead of the triangle; one thread on a 10k-row cluster, 4096 → 1024: 1.5 → 0.5 s at 64-d,
+# 2.5 → 1.6 s at 768-d (measured here, 2 shared cores).
+BLOCK_ROWS = 1024
 
 
 def num_clusters(num_rows: int, cluster_size: int) -> int:
@@ -82,6 +96,16 @@ def assign(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return labels
 
 
+def cluster_labels(embeddings: np.ndarray, cluster_size: int) -> np.ndarray:
+    """k-means cluster of each row of one group (rows in key order), about ``cluster_size`` rows a cluster.
+
+    The sample is the group's first rows (keys are hashes: a uniform sample), so the labels depend on the
+    group's rows only, not on how the run was partitioned."""
+    clusters = num_clusters(len(embeddings), cluster_size)
+    centroids = train_centroids(embeddings[: clusters * SAMPLE_PER_CLUSTER], clusters)
+    return assign(embeddings, centroids)
+
+
 def _exact_cosines(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """float64 dot products of the candidate pairs ``(i, j)``, ``CONFIRM_PAIRS`` at a time: a tile of near
     copies (thousands of reposts of one picture) can hold millions of candidates, and two float64 copies of
@@ -102,7 +126,7 @@ def cluster_pairs(
     and the dot products done.
 
     The upper triangle in ``block_rows`` × ``block_rows`` tiles: a tile's products take 4·block_rows² bytes
-    (64 MiB at 4096) whatever the cluster size, so a task's memory is its input plus a constant.
+    (4 MiB at 1024) whatever the cluster size, so a task's memory is its input plus a constant.
     """
     firsts, seconds, sims_out = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float64)]
     for start in range(0, len(embeddings), block_rows):

@@ -18,9 +18,6 @@ import numpy as np
 
 from manifests.io import is_committed, mark_committed, publish, temp_path
 
-# Fixed tar metadata so a rerun writes byte-identical shards.
-_TAR_MTIME = 0.0
-
 FORMAT_EXTENSIONS = {
     "JPEG": "jpg",
     "MPO": "jpg",
@@ -41,15 +38,88 @@ def extension_for(image_format: str | None) -> str:
     return FORMAT_EXTENSIONS[image_format]
 
 
-def tar_bytes(samples: list[dict]) -> bytes:
-    """A tar of samples; each sample is ``{"__key__": key, "<ext>": bytes, ...}`` with bytes values."""
-    import webdataset as wds  # here, not at import: webdataset imports torch (~450 MB in every process)
+# What webdataset's ``TarWriter(mtime=0, user="pixsigma", group="pixsigma")`` writes (mode 0o444, tarfile's
+# default PAX format, stream mode "w|"): a 512-byte header per member, the member's bytes padded to 512, two
+# zero blocks, the whole padded to tarfile's 10240-byte record. Shards are written here directly because
+# TarWriter (via ``tarfile.addfile``, ~40 µs of header Python a member, ~85 µs with the float mtime this
+# module used to pass, which made every member carry a PAX ``mtime=0.0`` header) was half of a curation run
+# at 1M–8M rows (docs/benchmarks.md, "Curation at scale"); tests/manifests/test_tars.py checks the bytes
+# against TarWriter's.
+_TAR_MTIME = 0  # int: a float mtime makes tarfile add a PAX header to every member
+_TAR_OWNER = "pixsigma"
+_TAR_MODE = 0o444  # TarWriter's default
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
+_NAME = slice(0, 100)  # ustar header fields that change per member (POSIX.1-1988 ustar layout)
+_SIZE = slice(124, 136)
+_CHKSUM = slice(148, 156)
+_MAX_FAST_SIZE = 8**11  # 11 octal digits; larger members need tarfile's PAX size record
 
-    buffer = io.BytesIO()
-    with wds.TarWriter(buffer, mtime=_TAR_MTIME, user="pixsigma", group="pixsigma") as sink:
-        for sample in samples:
-            sink.write(sample)
-    return buffer.getvalue()
+
+def _header_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, _TAR_MTIME, _TAR_MODE
+    info.uname = info.gname = _TAR_OWNER
+    return info
+
+
+def _template() -> tuple[bytes, int]:
+    """A member header with an empty name and size 0, and its checksum without the name and size fields."""
+    header = _header_info("", 0).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    fixed = (
+        header[: _CHKSUM.start] + b" " * 8 + header[_CHKSUM.stop :]
+    )  # the checksum counts itself as spaces
+    return header, sum(fixed) - sum(header[_NAME]) - sum(header[_SIZE])
+
+
+_HEADER, _HEADER_SUM = _template()
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The tar header ``tarfile`` writes for a member of ``TarWriter``'s metadata; an ASCII name of ≤ 100
+    bytes and a size below 8 GiB (every shard member) patch a fixed template, anything else is tarfile's."""
+    encoded = name.encode("ascii", "surrogateescape") if name.isascii() else b""
+    if not encoded or len(encoded) > 100 or size >= _MAX_FAST_SIZE:
+        return _header_info(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    size_field = b"%011o\0" % size
+    checksum = _HEADER_SUM + sum(encoded) + sum(size_field)
+    return b"".join(
+        (
+            encoded,
+            bytes(100 - len(encoded)),
+            _HEADER[_NAME.stop : _SIZE.start],
+            size_field,
+            _HEADER[_SIZE.stop : _CHKSUM.start],
+            b"%06o\0 " % checksum,
+            _HEADER[_CHKSUM.stop :],
+        )
+    )
+
+
+def tar_bytes(samples: list[dict]) -> bytes:
+    """A tar of samples, byte for byte what webdataset's TarWriter writes; each sample is ``{"__key__": key,
+    "<ext>": bytes, ...}`` (str values as UTF-8), members ``<key>.<ext>`` in sorted ``ext`` order."""
+    chunks, offset = [], 0
+    for sample in samples:
+        if "__key__" not in sample:
+            raise ValueError(f"a sample needs a __key__, got fields {sorted(sample)}")
+        key = sample["__key__"]
+        for ext in sorted(sample):
+            if ext.startswith("_"):
+                continue
+            data = sample[ext]
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            if not isinstance(data, bytes):
+                raise ValueError(f"sample {key!r}: {ext!r} must be bytes or str, got {type(data).__name__}")
+            size = len(data)
+            header = member_header(f"{key}.{ext}", size)
+            padding = -size % _BLOCK
+            chunks += [header, data, bytes(padding)]
+            offset += len(header) + size + padding
+    end = offset + 2 * _BLOCK
+    chunks.append(bytes(2 * _BLOCK + (-end % _RECORD)))
+    return b"".join(chunks)
 
 
 def write_shard(path: str | os.PathLike, samples: list[dict], *, info: dict | None = None) -> bool:

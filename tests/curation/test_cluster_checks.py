@@ -132,6 +132,35 @@ def test_guard_accepts_its_own_nonce_and_names_the_node_and_folder_otherwise(tmp
     assert write_nonce(tmp_path) != guard.nonce  # a fresh one per run
 
 
+def test_guard_reads_a_missing_nonce_again_before_failing_but_not_a_wrong_one(tmp_path, monkeypatch):
+    """An NFS client can miss a just-written file for a moment: a missing nonce is read again, a bounded
+    number of times (NONCE_READS, NONCE_RETRY_SECONDS apart); another run's nonce fails at once."""
+    from curation import rundir
+
+    nonce = "this run's"
+    slept: list[float] = []
+
+    def appears_after_first_wait(seconds: float) -> None:
+        slept.append(seconds)
+        (tmp_path / NONCE_FILE).write_text(nonce)
+
+    monkeypatch.setattr(rundir.time, "sleep", appears_after_first_wait)
+    RunGuard(str(tmp_path), nonce).verify(node="node a")
+    assert slept == [rundir.NONCE_RETRY_SECONDS]
+
+    slept.clear()
+    monkeypatch.setattr(rundir.time, "sleep", slept.append)  # never appears
+    with pytest.raises(RunFolderNotShared, match=r"\(no \.curation_nonce there\)"):
+        RunGuard(str(tmp_path / "elsewhere"), nonce).verify(node="node b")
+    assert slept == [rundir.NONCE_RETRY_SECONDS] * (rundir.NONCE_READS - 1)
+    assert rundir.NONCE_READS * rundir.NONCE_RETRY_SECONDS <= 5  # bounded: a missing mount still fails fast
+
+    slept.clear()
+    with pytest.raises(RunFolderNotShared, match="is another run's"):
+        RunGuard(str(tmp_path), "another run's").verify(node="node a")
+    assert slept == []
+
+
 def test_a_ray_task_that_does_not_see_the_nonce_writes_nothing_and_fails_in_one_line(ray_cluster, tmp_path):
     write_nonce(tmp_path)
     wrong = RunGuard(str(tmp_path), "not this run's")

@@ -249,12 +249,19 @@ def plant_embeddings(
     return out, {keys[r]: vectors[r].astype(np.float16).astype(np.float64) for r in kept}
 
 
-@pytest.mark.parametrize("cluster_size", [100_000, 300])
-def test_semantic_dedup_through_the_phases_names_a_direct_match_for_every_duplicate(tmp_path, cluster_size):
+@pytest.mark.parametrize("cluster_size,rows_per_group", [(100_000, None), (300, None), (300, 500)])
+def test_semantic_dedup_through_the_phases_names_a_direct_match_for_every_duplicate(
+    tmp_path, monkeypatch, cluster_size, rows_per_group
+):
     """Planted embeddings (chains, stars, cliques) + pHash/byte copies, through every post-scoring phase.
     One k-means cluster: the manifest is exactly the brute-force greedy walk over all pairs. Several
-    clusters (pairs across clusters are never compared): every rejected row still matches the kept row its
-    ``dup_of`` names within the threshold."""
+    clusters (pairs across clusters are never compared), in one group or in several coarse groups with
+    their own k-means: every rejected row still matches the kept row its ``dup_of`` names within the
+    threshold."""
+    from curation import phases
+
+    if rows_per_group:
+        monkeypatch.setattr(phases, "SEMANTIC_ROWS_PER_GROUP", rows_per_group)
     rng = np.random.default_rng(5)
     table = scored_table(3_000, seed=5, exact_rate=0.02, near_rate=0.02)
     parts = write_chunks(table, tmp_path / "scored", chunk_rows=400)
@@ -301,6 +308,50 @@ def test_semantic_dedup_through_the_phases_names_a_direct_match_for_every_duplic
             assert r[1] == "kept", r[0]
         else:
             assert (r[1], r[3]) == ("rejected", first[0]), r[0]
+
+
+def _semantic_pairs(scratch: Path) -> set[tuple[str, str, float]]:
+    table = duckdb.sql(f"SELECT a, b, similarity FROM read_parquet('{scratch}/semantic_pairs/*.parquet')")
+    return {(a, b, round(s, 12)) for a, b, s in table.fetchall()}
+
+
+def test_two_level_semantic_pairs_are_true_pairs_found_alike_on_any_partitioning(tmp_path, monkeypatch):
+    """Coarse groups (each with its own k-means) instead of one flat k-means: every pair found is a pair
+    above the threshold by brute force (float64, all kept rows), most planted pairs are found, and the
+    pairs do not depend on how the rows were partitioned (each group's k-means sample is its first rows in
+    key order)."""
+    from curation import phases
+
+    monkeypatch.setattr(phases, "SEMANTIC_ROWS_PER_GROUP", 400)  # ~2,100 kept rows: 6 groups
+    table = scored_table(3_000, seed=7, exact_rate=0.0, near_rate=0.0)
+    parts = write_chunks(table, tmp_path / "scored", chunk_rows=200)
+    parts, vectors = plant_embeddings(table, parts, tmp_path / "embeddings", np.random.default_rng(7))
+    found, counts = {}, {}
+    for rows_per_partition in (1_000, 300):
+        cfg = PostConfig(
+            min_score={}, max_hamming=None, phash_splits=None, semantic_threshold=0.95, semantic_cluster_size=150,
+            samples_per_shard=1000, rows_per_partition=rows_per_partition, write_shards=False,
+        )  # fmt: skip
+        run = tmp_path / f"run-{rows_per_partition}"
+        result = post_scoring(parts, cfg, root=run, scratch=run / "scratch", executor=LocalExecutor())
+        found[rows_per_partition], counts[rows_per_partition] = (
+            _semantic_pairs(run / "scratch"),
+            result.counts,
+        )
+    assert found[1_000] == found[300]
+    dedup_counts = counts[300]["dedup"]
+    assert dedup_counts["semantic_groups"] == 6 and dedup_counts["semantic_clusters"] >= 12, dedup_counts
+    assert "semantic_dim" not in dedup_counts and "dim" not in dedup_counts  # a width, not a count
+    assert result.semantic_dim == 32  # plant_embeddings' width, beside the counts
+    keys = sorted(vectors)
+    matrix = np.stack([vectors[k] for k in keys])
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    cosine = matrix @ matrix.T  # float64, all pairs
+    truth = {(keys[a], keys[b]): cosine[a, b] for a, b in np.argwhere(np.triu(cosine >= 0.95, 1))}
+    pairs = {(a, b): s for a, b, s in found[300]}
+    assert pairs.keys() <= truth.keys()
+    assert all(abs(pairs[p] - truth[p]) < 1e-6 for p in pairs)  # float32-normalised rows, float64 dot
+    assert len(pairs) >= 0.8 * len(truth) and len(truth) >= 100, (len(pairs), len(truth))
 
 
 def test_in_cluster_search_is_tiled_exact_and_its_memory_does_not_grow_with_the_cluster():

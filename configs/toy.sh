@@ -41,9 +41,13 @@ python -m manifests.evalset --input "$RUN" --name eval --num-samples 8 --samples
 python -m manifests.selection --input "$RUN" --name toy --exclude eval --phash-max-distance 0 \
     --where "caption_orig IS NOT NULL"
 
-step "5/6 training shards with cached toy-T5 features and toy-VAE latents at 64 and 128 px"
+step "5/6 training shards with cached toy-T5 features and toy-VAE latents at the config's stage resolutions"
+VAE_RESOLUTIONS=()
+for res in $(python -c "from training.config import load_config; print(' '.join(sorted({str(s.resolution) for s in load_config('$CONFIG').stages})))"); do
+    VAE_RESOLUTIONS+=(--vae-resolution "$res")
+done
 python -m manifests.materialize --input "$RUN" --selection toy --samples-per-shard 32 \
-    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/toy_vae_sdxl" --vae-resolution 64 --vae-resolution 128
+    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/toy_vae_sdxl" "${VAE_RESOLUTIONS[@]}"
 
 step "6/6 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
 SCALING=$(python -c "import json; print(json.load(open('$TOY_VAE/toy_vae_sdxl/config.json'))['scaling_factor'])")

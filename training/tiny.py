@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import string
 import json
 import logging
+import string
 from pathlib import Path
 
 import numpy as np

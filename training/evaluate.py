@@ -855,7 +855,8 @@ def evaluate_during_training(
     ``section`` is the config's ``evaluation`` section; ``encode`` maps prompts to (T5 states, mask) and
     ``decode`` scaled latents to images in [-1, 1], as the trainer holds them. Images go to
     ``run_dir/eval/in_training/<step>/``, the scalars to ``eval/in_training.jsonl`` and, given a
-    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score``. On fewer than 2048 images (the usual
+    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score`` (and ``eval/adherence/<score>`` when every
+    prompt is a toy-world caption). On fewer than 2048 images (the usual
     in-training subset) FID is logged as ``eval/fid_trend_small_n`` and marked ``fid_small_n`` in the JSONL:
     a trend within the run, not a number to compare with papers.
     """
@@ -887,9 +888,12 @@ def evaluate_during_training(
     if writer is not None:
         writer.add_scalar(fid_tag, fid_value, global_step)
         writer.add_scalar("eval/clip_score", values["clip_score"], global_step)
+        for name, value in values.get("adherence", {}).items():  # toy-world prompts (training.adherence)
+            writer.add_scalar(f"eval/adherence/{name}", value, global_step)
     small = f" ({SMALL_FID_LABEL})" if values["fid_small_n"] else ""
-    log.info("step %d: FID %.3f%s, CLIP score %.3f on %d eval prompts", global_step, fid_value, small,
-             values["clip_score"], len(image_rows))  # fmt: skip
+    toy = "".join(f", adherence {k} {v:.3f}" for k, v in values.get("adherence", {}).items())
+    log.info("step %d: FID %.3f%s, CLIP score %.3f%s on %d eval prompts", global_step, fid_value, small,
+             values["clip_score"], toy, len(image_rows))  # fmt: skip
     return values
 
 

@@ -18,6 +18,7 @@ import io
 import itertools
 import json
 import logging
+import string
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from PIL import Image, ImageDraw
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
 from manifests.progress import quiet_library_bars
+from manifests.toy import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, caption, render, scene_for
 from training.config import SD_VAE_SCALING, SDXL_VAE_SCALING  # named once, in the trainer config
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ SDXL_VAE_SCALING_FACTOR = SDXL_VAE_SCALING
 VAE_DOWNSAMPLE = 8  # 4 encoder blocks, the last without downsampling: 2**3, as in SD / SDXL
 SPM_VOCAB_SIZE = 600  # a soft limit: the trainer stops earlier if the corpus runs out of pieces
 T5_DIR = "t5"
+TOY_T5_DIR = "toy_t5"
+TOY_MAX_TOKENS = 36  # the longest toy caption (3 objects, a gradient) is 34 toy-T5 tokens with </s>
 
 _SUBJECTS = (
     "cat",
@@ -154,6 +158,13 @@ def build_tiny_t5(out_dir: Path, *, seed: int = 0) -> Path:
     # from_pretrained (not the constructor) converts spiece.model into the fast tokenizer's vocabulary.
     tokenizer = T5Tokenizer.from_pretrained(str(t5_dir))
     tokenizer.save_pretrained(str(t5_dir))
+    _save_tiny_t5_encoder(t5_dir, tokenizer, seed=seed)
+    logger.info("tiny T5 (vocab %d) saved to %s", len(tokenizer), t5_dir)
+    return t5_dir
+
+
+def _save_tiny_t5_encoder(t5_dir: Path, tokenizer, *, seed: int) -> None:
+    """Save a random 2-layer, d_model 32 ``T5EncoderModel`` for ``tokenizer``'s vocabulary to ``t5_dir``."""
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=32,
@@ -172,7 +183,42 @@ def build_tiny_t5(out_dir: Path, *, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
     model.save_pretrained(str(t5_dir))
-    logger.info("tiny T5 (vocab %d) saved to %s", len(tokenizer), t5_dir)
+
+
+# The toy world's caption grammar (``manifests.toy.caption``) beside its names: every word a toy caption uses.
+TOY_GRAMMAR_WORDS = ("a", "at", "the", "in", "and", "on", "plain", "to", "gradient", "background")
+# Word pieces score 0 and characters far below, so a toy caption is one piece per word (and one per comma),
+# while any other text still tokenises (character by character) instead of collapsing to <unk>.
+CHARACTER_PIECE_SCORE = -10.0
+
+
+def toy_vocabulary() -> list[str]:
+    """Every word of a toy-world caption, sorted: the names in ``manifests.toy`` and its grammar words."""
+    names = (*COLOURS, *SHAPES, *POSITIONS, *BACKGROUNDS, *TOY_GRAMMAR_WORDS)
+    return sorted({word for name in names for word in name.split()})
+
+
+def build_toy_t5(out_dir: Path, *, seed: int = 0) -> Path:
+    """Save a word-level T5 tokenizer for the toy world and a random tiny ``T5EncoderModel`` to ``out_dir/toy_t5``.
+
+    The sentencepiece tiny T5 (``build_tiny_t5``) splits a toy caption into ~89 pieces, mostly characters;
+    this one is T5's own layout (a Unigram model, ``▁`` word prefix, pad 0, eos 1, unk 2, saved as
+    ``tokenizer.json``) with one piece per toy word, so a caption is 14–34 tokens with </s> (mean 22 over
+    2,000 scenes; ``TOY_MAX_TOKENS`` holds the longest). It loads with ``AutoTokenizer.from_pretrained`` like
+    the real T5-XXL tokenizer.
+    """
+    t5_dir = Path(out_dir) / TOY_T5_DIR
+    t5_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (t5_dir / stale).unlink(missing_ok=True)
+    characters = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]  # T5's special ids 0, 1, 2
+    vocab += [(f"▁{word}", 0.0) for word in toy_vocabulary()] + [(",", 0.0), ("▁", CHARACTER_PIECE_SCORE)]
+    vocab += [(c, CHARACTER_PIECE_SCORE) for c in characters if c != ","]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(str(t5_dir))
+    _save_tiny_t5_encoder(t5_dir, tokenizer, seed=seed)
+    logger.info("toy T5 (vocab %d) saved to %s", len(tokenizer), t5_dir)
     return t5_dir
 
 
@@ -275,8 +321,13 @@ def write_synthetic_shards(
     vae_resolutions: tuple[int, ...] = (),
     max_tokens: int = 300,
     prompt_case: str = "lower",
+    toy_seed: int | None = None,
 ) -> Path:
     """Training shards in the layout ``manifests.materialize`` writes, without Ray (tests, benchmarks).
+
+    With ``toy_seed`` the images are toy-world scenes ``0…num_images-1`` of that corpus (``manifests.toy``),
+    rendered at 4× their size (cropped to the bucket as materialize crops a large original), and both captions
+    are the scene's caption, the truth.
 
     Each sample: ``<key>.png``, ``<key>.json`` (key, size, both captions, buckets per resolution), and when
     the encoders are given ``t5_orig.npy``/``t5_vlm.npy`` and ``vae<res>.npy``; the folder gets
@@ -295,11 +346,17 @@ def write_synthetic_shards(
     samples = []
     for index in range(num_images):
         height, width = sizes[index % len(sizes)]
-        image = synthetic_image(index, (height, width))
+        if toy_seed is None:
+            image = synthetic_image(index, (height, width))
+            orig, vlm = synthetic_caption(index)
+        else:
+            scene = scene_for(toy_seed, index)
+            height, width = 4 * height, 4 * width
+            image, orig = render(scene, width, height), caption(scene)
+            vlm = orig
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         key = f"{index:06d}"
-        orig, vlm = synthetic_caption(index)
         buckets = {str(r): list(nearest_bucket(height, width, r)) for r in resolutions}
         meta = {"key": key, "width": width, "height": height, "caption_orig": orig, "caption_vlm": vlm}
         sample = {"__key__": key, "png": buffer.getvalue(), "json": json_bytes({**meta, "buckets": buckets})}
@@ -340,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_library_bars()  # no "Writing model shards" \r bar in a log file
     print(f"t5:     {build_tiny_t5(args.output)}")
+    print(f"toy_t5: {build_toy_t5(args.output)}")
     print(f"vae:    {build_tiny_vae(args.output, scaling_factor=SDXL_VAE_SCALING_FACTOR, name='vae')}")
     print(f"vae_sd: {build_tiny_vae(args.output, scaling_factor=SD_VAE_SCALING_FACTOR, name='vae_sd')}")
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The toy-world run through the real pipeline (issue 21): toy corpus → curation → eval set + selection →
+# training shards with cached toy-T5 and toy-VAE features → torchrun training/main.py --config configs/toy.toml.
+# The captions are the truth (manifests.toy): no captioning step, the trainer reads caption_orig only
+# (real_prompt_ratio = 1.0), and the eval set's prompts are the captions, so evaluation scores adherence.
+# Environment: TOY_OUT, TOY_N, TOY_SEED, TOY_CONFIG, NPROC, TOY_VAE (a folder holding toy_vae_sd/ and
+# toy_vae_sdxl/; built with `python -m training.toy_vae` when absent), extra --set overrides in TOY_SETS.
+set -euo pipefail
+OUT=${TOY_OUT:-toy_out}
+N=${TOY_N:-96}
+SEED=${TOY_SEED:-0}
+CONFIG=${TOY_CONFIG:-configs/toy.toml}
+NPROC=${NPROC:-1}
+RUN=$OUT/run
+MODELS=$OUT/models
+TOY_VAE=${TOY_VAE:-$MODELS}
+read -r -a EXTRA_SETS <<<"${TOY_SETS:-}"
+step() { printf '\n== %s\n' "$*"; }
+
+step "1/6 toy world ($N scenes, seed $SEED, ≥ 1K a side) → $OUT/corpus"
+# Generated at ≥ 1K so curation's real tier rule keeps them (PixArt-Σ §3.2); materialize resizes them to the
+# training buckets (aspect ratios every bucket table holds exactly: the crop never moves an object).
+[ -f "$OUT/corpus/truth.jsonl" ] || python -m curation.toy_world --output "$OUT/corpus" --num "$N" --seed "$SEED"
+
+step "2/6 models built offline → $MODELS (toy T5, tiny CLIP and Inception; toy VAEs in $TOY_VAE)"
+[ -f "$MODELS/toy_t5/config.json" ] || python -m training.tiny --output "$MODELS"
+[ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
+[ -f "$MODELS/inception/pt_inception-random.pth" ] || python -m training.tiny_inception --output "$MODELS"
+[ -f "$TOY_VAE/toy_vae_sdxl/config.json" ] || python -m training.toy_vae --output "$TOY_VAE" --vae sdxl
+
+step "3/6 curation → $RUN (random CLIP: no aesthetic threshold, no semantic dedup; pHash at 0 bits)"
+# Tiny random CLIP: its scores and embeddings mean nothing (no aesthetic threshold, SemDeDup off, as in the
+# demo). pHash: distinct toy scenes are flat grey fields with a few small shapes, so their 64-bit pHashes sit
+# close (at the default 4 bits pHash rejected 2 of 60 distinct scenes): only identical hashes are duplicates.
+python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard 32 \
+    --clip-model "local-dir:$MODELS/clip" --min-aesthetic none --no-semantic-dedup --max-hamming 0 --no-report
+
+step "4/6 eval set (prompts = captions = truth), then the training selection"
+python -m manifests.evalset --input "$RUN" --name eval --num-samples 8 --samples-per-shard 8 --prompt orig \
+    --phash-max-distance 0
+python -m manifests.selection --input "$RUN" --name toy --exclude eval --phash-max-distance 0 \
+    --where "caption_orig IS NOT NULL"
+
+step "5/6 training shards with cached toy-T5 features and toy-VAE latents at the config's stage resolutions"
+VAE_RESOLUTIONS=()
+for res in $(python -c "from training.config import load_config; print(' '.join(sorted({str(s.resolution) for s in load_config('$CONFIG').stages})))"); do
+    VAE_RESOLUTIONS+=(--vae-resolution "$res")
+done
+python -m manifests.materialize --input "$RUN" --selection toy --samples-per-shard 32 \
+    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/toy_vae_sdxl" "${VAE_RESOLUTIONS[@]}"
+
+step "6/6 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
+SCALING=$(python -c "import json; print(json.load(open('$TOY_VAE/toy_vae_sdxl/config.json'))['scaling_factor'])")
+VAE_SETS=()
+i=0
+for _ in $(python -c "from training.config import load_config; print(' '.join(s.name for s in load_config('$CONFIG').stages))"); do
+    VAE_SETS+=(--set "stages.$i.vae=$TOY_VAE/toy_vae_sdxl" --set "stages.$i.vae_scaling_factor=$SCALING")
+    i=$((i + 1))
+done
+torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONFIG" --output "$OUT/train" \
+    --set data.shards="$RUN/train_shards/toy" --set text.t5="$MODELS/toy_t5" \
+    --set evaluation.eval_set="$RUN/eval_shards/eval" \
+    --set evaluation.inception="$MODELS/inception/pt_inception-random.pth" \
+    --set evaluation.clip_model="local-dir:$MODELS/clip" "${VAE_SETS[@]}" "${EXTRA_SETS[@]/#/--set=}"

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,7 +78,7 @@ def load_held_out(
     states, mask = encode_captions([s.caption for s in decoded])  # (N, L, C), (N, L)
     out = []
     for i, s in enumerate(decoded):
-        pixels = torch.from_numpy(s.pixels).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)  # (1, 3, H, W)
+        pixels = torch.from_numpy(np.array(s.pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)  # (1, 3, H, W)
         latent = encode_pixels(pixels)[0].float().cpu()  # (C, h, w)
         out.append(HeldOutSample(s.key, latent, states[i][mask[i].bool()].float().cpu()))
     return out

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.data import SampleDecoder, fetch, scan_tar, shard_urls
+from training.data import SampleDecoder, scan_tar, shard_urls
 from training.diffusion import GaussianDiffusion
 from training.model import PixArtSigma
 

@@ -34,6 +34,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ TRAIN_SEED, HELD_OUT_SEED = 21, 22  # toy corpus seeds (the toy VAEs use 1_000_0
 LOW, HIGH = 64, 128  # px: 4×4 and 8×8 token grids
 MAX_TOKENS = 48
 PRESET = "ablation"
-LR = 1e-3  # CAME (PixArt-Σ's optimiser), constant; tiny models at batch 8
+LR = 3e-4  # CAME (PixArt-Σ's optimiser), constant after warm-up (1e-3 diverged from scratch at batch 2)
+WARMUP = 20  # steps, runs from scratch only: a fine-tune's first steps are what the arms measure
 KV_ARMS = {  # name → (layers, init); PixArt-Σ compresses the deep half (blocks 14–27 of 28)
     "none": ((), "conv_avg"),
     "deep": ((4, 5), "conv_avg"),
@@ -93,11 +95,12 @@ class Budget:
     swap: int  # after the VAE swap (c)
     every: int  # steps between held-out evaluations
     num_held_out: int
-    batch_size: int = 8
+    batch_size: int
 
 
-FULL = Budget(pre=400, high=160, kv=100, swap=160, every=10, num_held_out=16)
-QUICK = Budget(pre=160, high=60, kv=40, swap=60, every=10, num_held_out=12)
+# Sized for the shared 2-core machine (measured under load ~15): full ≈ 8 min per seed, quick ≈ 3 min.
+FULL = Budget(pre=300, high=100, kv=60, swap=100, every=10, num_held_out=16, batch_size=4)
+QUICK = Budget(pre=120, high=40, kv=30, swap=40, every=5, num_held_out=8, batch_size=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def run(
     stage = StageSection(
         name=name, resolution=resolution, vae=paths[vae], vae_scaling_factor=vae_scaling(paths[vae]),
         vae_on_the_fly=vae != "strong", pe_interpolation=pe_interpolation, kv_compress_layers=kv[0],
-        kv_compress_init=kv[1], steps=steps, batch_size=budget.batch_size, lr=LR,
+        kv_compress_init=kv[1], steps=steps, batch_size=budget.batch_size, lr=LR, warmup_steps=0 if init else WARMUP,
     )  # fmt: skip
     cfg = TrainConfig(
         run_dir=str(run_dir), stages=[stage], seed=seed, checkpoint_every=10**6, keep_checkpoints=1,
@@ -274,7 +277,8 @@ def rows_a(runs: list[dict]) -> list[list[str]]:
     for arm in ("pe-on", "pe-off"):
         rows.append([f"(a) 64→128 px, PE interpolation {arm[3:]}", stat([r[arm][0]["mean"] for r in runs]),
                      stat([end(r[arm]) for r in runs]),
-                     stat([steps_to(r[arm], t) for r, t in zip(runs, target, strict=True)])])  # fmt: skip
+                     "steps to the worse arm's end loss "
+                     + stat([steps_to(r[arm], t) for r, t in zip(runs, target, strict=True)])])  # fmt: skip
     return rows
 
 
@@ -355,9 +359,9 @@ def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     paper = [f"- ({k}) {v}" for k, v in PAPER.items()]
-    plots = [f"![{k}](ablation_{k}.png)" for k in "abcd"]
+    plots = [f"![{k}]({meta['plot']}{k}.png)" for k in "abcd"]
     return "\n".join([
-        "## Weak-to-strong ablations on the toy world (issue 21)", "",
+        f"## Weak-to-strong ablations on the toy world (issue 21){' — quick' if meta['quick'] else ''}", "",
         f"Command: `{meta['command']}`", "",
         f"Machine: {meta['machine']}; 1 torch thread; load average {meta['load']} at the start — shared with six "
         f"other engineers' jobs (timings are not the point here; losses are deterministic per seed). "
@@ -383,7 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--vae-dir", type=Path, help="toy_vae_sd/ + toy_vae_sdxl/; default assets/toy_vae if present")
     parser.add_argument("--num-train", type=int, default=512, help="toy scenes in the training shards")
-    parser.add_argument("--output", type=Path, default=REPO / "bench_out" / "ablations", help="work folder")
+    parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "pixsigma_bench_ablations",
+                        help="work folder (shards, runs; a rerun reuses finished runs)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true", help="do not write docs/ (smoke runs)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # the suite's smoke test
     return parser.parse_args(argv)
@@ -408,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": "python -m bench.bench_ablations " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{cpu_name()[0]} ({cpu_name()[1]} threads), {platform.system()}",
             "load": f"{load[0]:.1f}", "seeds": args.seeds, "minutes": (time.perf_counter() - started) / 60,
-            "vaes": paths["vaes"], "num_train": args.num_train}  # fmt: skip
+            "vaes": paths["vaes"], "num_train": args.num_train, "quick": args.quick,
+            "plot": "ablation_quick_" if args.quick else "ablation_"}  # fmt: skip
     text = markdown(runs, b, meta)
     print(text)
     (work / "ablations.md").write_text(text + "\n")
@@ -421,11 +427,11 @@ def main(argv: list[str] | None = None) -> None:
         for k, names in arms.items():
             if k == "d":  # one x axis for both: 128 px step equivalents of training FLOPs
                 pre = train_flops(LOW, b.pre, b.batch_size) / train_flops(HIGH, 1, b.batch_size)
-                plot(runs, names, titles[k], DOCS / f"ablation_{k}.png", offsets={"pe-on": pre},
+                plot(runs, names, titles[k], DOCS / f"{meta['plot']}{k}.png", offsets={"pe-on": pre},
                      xlabel="training FLOPs in 128 px steps (weak-to-strong: after its 64 px stage)")  # fmt: skip
             else:
-                plot(runs, names, titles[k], DOCS / f"ablation_{k}.png")
-        write_section("ablations", text)
+                plot(runs, names, titles[k], DOCS / f"{meta['plot']}{k}.png")
+        write_section("ablations-quick" if args.quick else "ablations", text)
 
 
 if __name__ == "__main__":

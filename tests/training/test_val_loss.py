@@ -102,7 +102,7 @@ def held_out_shards(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 def _run(tiny_models: Path, shards: Path, held: Path, run_dir: Path) -> list[dict]:
-    cfg = debug_config(tiny_models, shards, run_dir, "stages.1.steps=4", "stages.2.steps=2", "val_loss.every=2",
+    cfg = debug_config(tiny_models, shards, run_dir, "stages.1.steps=5", "stages.2.steps=3", "val_loss.every=2",
                        f"val_loss.shards={held}", "val_loss.num_samples=3", "log.tensorboard=false",
                        "export_stages=false")  # fmt: skip
     cfg.stages = cfg.stages[1:3]
@@ -117,10 +117,11 @@ def test_trainer_records_it_at_each_stage_start_every_n_steps_and_end(
 ) -> None:
     first = _run(tiny_models, shards, held_out_shards, tmp_path / "a")
     where = [(r["stage"], r["step"], r["global_step"]) for r in first]
-    assert where == [("32px-sdxl-vae", 0, 0), ("32px-sdxl-vae", 2, 2), ("32px-sdxl-vae", 4, 4),
-                     ("64px", 0, 4), ("64px", 2, 6)]  # fmt: skip
+    # every 2 steps, and each stage's end although 5 and 3 are not multiples of 2
+    assert where == [("32px-sdxl-vae", 0, 0), ("32px-sdxl-vae", 2, 2), ("32px-sdxl-vae", 4, 4), ("32px-sdxl-vae", 5, 5),
+                     ("64px", 0, 5), ("64px", 2, 7), ("64px", 3, 8)]  # fmt: skip
     assert all(set(r) >= {f"t{t}" for t in TIMESTEPS} | {"mean"} for r in first)
-    assert first[0]["mean"] != first[2]["mean"]  # training moved it
+    assert first[0]["mean"] != first[3]["mean"]  # training moved it
     second = _run(tiny_models, shards, held_out_shards, tmp_path / "b")
     assert second == first  # same seed, same weights, same numbers
 

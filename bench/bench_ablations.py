@@ -30,6 +30,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -72,6 +73,7 @@ DOCS = REPO / "docs"
 TRAIN_SEED, HELD_OUT_SEED = 21, 22  # toy corpus seeds (the toy VAEs use 1_000_003+, curation.toy_world 0)
 LOW, HIGH = 64, 128  # px: 4×4 and 8×8 token grids
 MAX_TOKENS = 48
+SECONDS_FILE = "bench_seconds.json"  # a run's wall-clock training time, beside its records
 PRESET = "ablation"
 LR = 3e-4  # CAME (PixArt-Σ's optimiser), constant after warm-up (1e-3 diverged from scratch at batch 2)
 WARMUP = 20  # steps, runs from scratch only: a fine-tune's first steps are what the arms measure
@@ -205,7 +207,9 @@ def run(
     )  # fmt: skip
     started = time.perf_counter()
     train(cfg)
-    log.info("seed %d %s: %d steps in %.0f s", seed, name, steps, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    (run_dir / SECONDS_FILE).write_text(json.dumps({"seconds": seconds}))
+    log.info("seed %d %s: %d steps in %.0f s", seed, name, steps, seconds)
     return [json.loads(line) for line in records.read_text().splitlines()]
 
 
@@ -231,7 +235,9 @@ def one_seed(seed: int, paths: dict, work: Path, b: Budget) -> dict[str, list[di
                         pe_interpolation=LOW / 512)  # fmt: skip
     high = final(work, seed, "pe-on")
     for arm, kv in KV_ARMS.items():
-        out[f"kv-{arm}"] = run(f"kv-{arm}", paths, work, b, seed=seed, steps=b.kv, resolution=HIGH, init=high, kv=kv)
+        out[f"kv-{arm}"] = run(
+            f"kv-{arm}", paths, work, b, seed=seed, steps=b.kv, resolution=HIGH, init=high, kv=kv
+        )
     out["swap"] = run("swap", paths, work, b, seed=seed, steps=b.swap, resolution=LOW,
                       init=final(work, seed, "pre64-weak"))  # fmt: skip
     w2s = train_flops(LOW, b.pre, b.batch_size) + train_flops(HIGH, b.high, b.batch_size)
@@ -267,7 +273,10 @@ def stat(values: list[float]) -> str:
 
 
 def end(records: list[dict]) -> float:
-    return records[-1]["mean"]
+    """The run's end level: mean over its last quarter of evaluations (at least 2), so one noisy step
+    (batch 4, constant lr) does not decide a comparison."""
+    tail = max(2, len(records) // 4)
+    return float(np.mean([r["mean"] for r in records[-tail:]]))
 
 
 def rows_a(runs: list[dict]) -> list[list[str]]:
@@ -297,12 +306,18 @@ def rows_c(runs: list[dict]) -> list[list[str]]:
     target = [end(r["pre64-weak"]) for r in runs]
     swap = [steps_to(r["swap"], t) for r, t in zip(runs, target, strict=True)]
     scratch = [steps_to(r["pre64"], t) for r, t in zip(runs, target, strict=True)]
+    # The strong VAE's latents may be harder to model than the weak one's (then the pre-swap level is out of
+    # reach for both): also the steps each strong-VAE run needs to reach the level the swap run ends at.
+    level = [end(r["swap"]) for r in runs]
+    swap_level = [steps_to(r["swap"], t) for r, t in zip(runs, level, strict=True)]
+    scratch_level = [steps_to(r["pre64"], t) for r, t in zip(runs, level, strict=True)]
     return [
         ["(c) weak VAE, before the swap", "", stat(target), ""],
-        ["(c) after the swap to the strong VAE", stat([r["swap"][0]["mean"] for r in runs]),
-         stat([end(r["swap"]) for r in runs]), f"steps to recover {stat(swap)}"],
-        ["(c) strong VAE from scratch", "", stat([end(r["pre64"]) for r in runs]),
-         f"steps to the same loss {stat(scratch)}"],
+        ["(c) after the swap to the strong VAE", stat([r["swap"][0]["mean"] for r in runs]), stat(level),
+         f"steps to the pre-swap loss {stat(swap)}; to its own end level {stat(swap_level)}"],
+        ["(c) strong VAE from scratch", stat([r["pre64"][0]["mean"] for r in runs]),
+         stat([end(r["pre64"]) for r in runs]),
+         f"steps to the pre-swap loss {stat(scratch)}; to the swap run's end level {stat(scratch_level)}"],
     ]  # fmt: skip
 
 
@@ -318,8 +333,45 @@ def rows_d(runs: list[dict], b: Budget) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def plot(runs: list[dict], arms: list[str], title: str, path: Path, *, offsets: dict[str, float] | None = None,
-         xlabel: str = "step in the run") -> Path:
+def _seeds(flags: list[bool]) -> str:
+    return f"{sum(flags)}/{len(flags)} seeds"
+
+
+def directions(runs: list[dict]) -> list[str]:
+    """Each arm's direction against the paper's, from the per-seed numbers (written, not judged by hand)."""
+    first = lambda arm: [r[arm][0]["mean"] for r in runs]  # noqa: E731
+    last = lambda arm: [end(r[arm]) for r in runs]  # noqa: E731
+    on0, off0, on1, off1 = first("pe-on"), first("pe-off"), last("pe-on"), last("pe-off")
+    order = lambda values: " < ".join(sorted(KV_ARMS, key=lambda a: np.mean(values(f"kv-{a}"))))  # noqa: E731
+    level = [end(r["swap"]) for r in runs]
+    swap_steps = [steps_to(r["swap"], t) for r, t in zip(runs, level, strict=True)]
+    scratch_steps = [steps_to(r["pre64"], t) for r, t in zip(runs, level, strict=True)]
+    recovered = [steps_to(r["swap"], end(r["pre64-weak"])) < math.inf for r in runs]
+    w2s, scratch = last("pe-on"), last("scratch128")
+    return [
+        f"- (a) PE interpolation on below off right after the switch in {_seeds([a < b for a, b in zip(on0, off0, strict=True)])} "
+        f"(mean Δ {np.mean(off0) - np.mean(on0):+.4f}); at the end in {_seeds([a < b for a, b in zip(on1, off1, strict=True)])} "
+        f"(mean Δ {np.mean(off1) - np.mean(on1):+.4f}).",
+        f"- (b) order at step 0 (the init's cost): {order(first)}; at the end: {order(last)}. Deep below "
+        f"deep-random at step 0 in {_seeds([a < b for a, b in zip(first('kv-deep'), first('kv-deep-random'), strict=True)])}, "
+        f"at the end in {_seeds([a < b for a, b in zip(last('kv-deep'), last('kv-deep-random'), strict=True)])}.",
+        f"- (c) the swap run got back to the weak VAE's pre-swap loss in {_seeds(recovered)}; it reached its own "
+        f"end level sooner than the strong VAE from scratch did in "
+        f"{_seeds([a < b for a, b in zip(swap_steps, scratch_steps, strict=True)])}.",
+        f"- (d) weak-to-strong below 128 px from scratch at equal FLOPs in "
+        f"{_seeds([a < b for a, b in zip(w2s, scratch, strict=True)])} (mean Δ {np.mean(scratch) - np.mean(w2s):+.4f}).",
+    ]  # fmt: skip
+
+
+def plot(
+    runs: list[dict],
+    arms: list[str],
+    title: str,
+    path: Path,
+    *,
+    offsets: dict[str, float] | None = None,
+    xlabel: str = "step in the run",
+) -> Path:
     """Held-out loss vs step (+ an offset per run kind), mean over seeds with the min–max band."""
     import matplotlib
 
@@ -354,7 +406,7 @@ PAPER = {  # PixArt-Σ (arXiv 2403.04692); the toy analogue of each claim
 
 
 def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
-    header = ["run", "held-out loss at step 0", "at the end", "comparison"]
+    header = ["run", "held-out loss at step 0", "at the end (last ¼ of evaluations)", "comparison"]
     rows = rows_a(runs) + rows_b(runs) + rows_c(runs) + rows_d(runs, b)
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
@@ -365,7 +417,8 @@ def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
         f"Command: `{meta['command']}`", "",
         f"Machine: {meta['machine']}; 1 torch thread; load average {meta['load']} at the start — shared with six "
         f"other engineers' jobs (timings are not the point here; losses are deterministic per seed). "
-        f"Seeds {meta['seeds']}; {meta['minutes']:.1f} min in all.", "",
+        f"Seeds {meta['seeds']}; {meta['minutes']:.1f} min in this invocation, {meta['train_minutes']} min of trainer "
+        "calls recorded for these runs.", "",
         f"Setup: preset `{PRESET}` (6 blocks, width 96), CAME lr {LR}, batch {b.batch_size}, {meta['num_train']} "
         f"toy scenes (square, 64 px = 4×4 tokens, 128 px = 8×8), {meta['vaes']}; tiny T5. Steps: pre {b.pre}, "
         f"after the resolution switch {b.high}, KV fine-tune {b.kv}, after the VAE swap {b.swap}. Metric: "
@@ -373,6 +426,7 @@ def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
         "250, 500, 750, 950, fixed noise; lower is better). Values: mean ± half the min–max range over seeds.", "",
         *table, "",
         "Paper's claims, and what the toy analogue should show:", "", *paper, "",
+        "Directions measured here (per seed):", "", *directions(runs), "",
         *plots,
     ])  # fmt: skip
 
@@ -380,17 +434,29 @@ def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def recorded_minutes(work: Path, seeds: list[int]) -> str:
+    """Sum of the recorded trainer-call times of these seeds' runs (runs made by an older bench have none)."""
+    files = [f for seed in seeds for f in (work / "runs" / f"seed{seed}").glob(f"*/{SECONDS_FILE}")]
+    total = sum(json.loads(f.read_text())["seconds"] for f in files) / 60
+    count = sum(1 for seed in seeds for d in (work / "runs" / f"seed{seed}").glob("*/final"))
+    return f"{total:.1f}" + ("" if len(files) == count else f" (recorded for {len(files)} of {count} runs)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--quick", action="store_true", help=f"shorter runs: {QUICK}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--vae-dir", type=Path, help="toy_vae_sd/ + toy_vae_sdxl/; default assets/toy_vae if present")
+    parser.add_argument(
+        "--vae-dir", type=Path, help="toy_vae_sd/ + toy_vae_sdxl/; default assets/toy_vae if present"
+    )
     parser.add_argument("--num-train", type=int, default=512, help="toy scenes in the training shards")
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "pixsigma_bench_ablations",
                         help="work folder (shards, runs; a rerun reuses finished runs)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true", help="do not write docs/ (smoke runs)")
-    parser.add_argument("--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # the suite's smoke test
+    parser.add_argument(
+        "--steps-scale", type=float, default=1.0, help=argparse.SUPPRESS
+    )  # the suite's smoke test
     return parser.parse_args(argv)
 
 
@@ -401,7 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     load = os.getloadavg()
-    vae_dir = args.vae_dir or (REPO / "assets" / "toy_vae" if (REPO / "assets" / "toy_vae" / "toy_vae_sdxl").exists() else None)
+    vae_dir = args.vae_dir or (
+        REPO / "assets" / "toy_vae" if (REPO / "assets" / "toy_vae" / "toy_vae_sdxl").exists() else None
+    )
     b = QUICK if args.quick else FULL
     if args.steps_scale != 1.0:
         s = args.steps_scale
@@ -414,6 +482,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": f"{cpu_name()[0]} ({cpu_name()[1]} threads), {platform.system()}",
             "load": f"{load[0]:.1f}", "seeds": args.seeds, "minutes": (time.perf_counter() - started) / 60,
             "vaes": paths["vaes"], "num_train": args.num_train, "quick": args.quick,
+            "train_minutes": recorded_minutes(work, args.seeds),
             "plot": "ablation_quick_" if args.quick else "ablation_"}  # fmt: skip
     text = markdown(runs, b, meta)
     print(text)

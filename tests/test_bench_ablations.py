@@ -30,7 +30,19 @@ def test_stat_is_mean_and_half_range_and_counts_seeds_that_never_got_there() -> 
 
 
 def test_smoke_run_through_the_trainer(tmp_path) -> None:
-    main(["--steps-scale", "0.02", "--seeds", "0", "--num-train", "8", "--no-record", "--output", str(tmp_path)])
+    main(
+        [
+            "--steps-scale",
+            "0.02",
+            "--seeds",
+            "0",
+            "--num-train",
+            "8",
+            "--no-record",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     work = tmp_path / "full"
     table = (work / "ablations.md").read_text()
     assert table.count("\n| (") == 2 + len(KV_ARMS) + 3 + 2  # every row of every arm

@@ -435,7 +435,9 @@ def apply_stage(model: PixArtSigma, stage: StageSection) -> list[str]:
     model.set_resolution(base_size, stage.pe_interpolation)
     before = set(model.state_dict())
     if set(stage.kv_compress_layers) - set(model.config.kv_compress_layers):
-        model.enable_kv_compression(stage.kv_compress_layers, stage.kv_compress_ratio, init=stage.kv_compress_init)
+        model.enable_kv_compression(
+            stage.kv_compress_layers, stage.kv_compress_ratio, init=stage.kv_compress_init
+        )
     return sorted(set(model.state_dict()) - before)
 
 
@@ -640,7 +642,9 @@ def train_stage(
     nonfinite, skip = restore_stage(resume, optimizer, generator, cfg, env) if resume else (0, 0)
     held_out = held_out_set(cfg, stage, latents, text, env) if cfg.val_loss.every and not resume else None
     if held_out is not None:  # the stage's starting point: what the transition cost
-        log_val_loss(model, diffusion, held_out, cfg, env, metrics, stage=stage, step=0, global_step=global_step)
+        log_val_loss(
+            model, diffusion, held_out, cfg, env, metrics, stage=stage, step=0, global_step=global_step
+        )
     model.train()
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)

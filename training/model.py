@@ -612,7 +612,9 @@ class PixArtSigma(nn.Module):
             self.blocks[i].attn.add_kv_compression(ratio)
             if init == "conv_avg":
                 conv_avg_init_(self.blocks[i].attn)
-        logger.info("KV compression R=%d now in layers %s (new: %s, %s init)", ratio, list(merged), new_layers, init)
+        logger.info(
+            "KV compression R=%d now in layers %s (new: %s, %s init)", ratio, list(merged), new_layers, init
+        )
 
     def set_null_caption(self, features: Tensor, mask: Tensor, *, mode: str | None = None) -> None:
         """Store T5("") features (L, C) and mask (L,) as the null caption, zero-padded to max_token_length.

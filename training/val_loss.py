@@ -74,11 +74,15 @@ def load_held_out(
         if len(decoded) == num_samples:
             break
     if len(decoded) < num_samples:
-        raise ValueError(f"val_loss.shards={shards} holds {len(decoded)} samples, num_samples asks {num_samples}")
+        raise ValueError(
+            f"val_loss.shards={shards} holds {len(decoded)} samples, num_samples asks {num_samples}"
+        )
     states, mask = encode_captions([s.caption for s in decoded])  # (N, L, C), (N, L)
     out = []
     for i, s in enumerate(decoded):
-        pixels = torch.from_numpy(np.array(s.pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)  # (1, 3, H, W)
+        pixels = (
+            torch.from_numpy(np.array(s.pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
+        )  # (1, 3, H, W)
         latent = encode_pixels(pixels)[0].float().cpu()  # (C, h, w)
         out.append(HeldOutSample(s.key, latent, states[i][mask[i].bool()].float().cpu()))
     return out

@@ -45,7 +45,9 @@ def _held_out(num: int = 7) -> list[HeldOutSample]:
 
 def _reference(model: PixArtSigma, samples: list[HeldOutSample], t: int, seed: int) -> float:
     """One sample at a time, noised by diffusers' DDPMScheduler (PixArt's linear 1e-4 → 0.02 betas)."""
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear"
+    )
     model.eval()
     losses = []
     with torch.no_grad():
@@ -75,7 +77,9 @@ def test_same_weights_same_number_whatever_the_batch_size_and_mode() -> None:
     for batch_size in (2, 5, 64):
         again = validation_loss(clone, GaussianDiffusion(), samples, batch_size=batch_size)
         assert again == pytest.approx(first, rel=1e-5)
-    assert validation_loss(model, GaussianDiffusion(), samples, batch_size=3) == pytest.approx(first, rel=1e-5)
+    assert validation_loss(model, GaussianDiffusion(), samples, batch_size=3) == pytest.approx(
+        first, rel=1e-5
+    )
 
 
 def test_moves_when_the_weights_change_and_with_the_noise_seed() -> None:
@@ -85,7 +89,9 @@ def test_moves_when_the_weights_change_and_with_the_noise_seed() -> None:
         model.blocks[0].mlp.fc1.weight.mul_(1.5)
     after = validation_loss(model, GaussianDiffusion(), samples)
     assert all(abs(after[k] - before[k]) > 1e-4 for k in before)
-    assert validation_loss(model, GaussianDiffusion(), samples, seed=1)["mean"] != pytest.approx(after["mean"])
+    assert validation_loss(model, GaussianDiffusion(), samples, seed=1)["mean"] != pytest.approx(
+        after["mean"]
+    )
 
 
 def test_rejects_timesteps_outside_the_schedule() -> None:
@@ -126,7 +132,9 @@ def test_trainer_records_it_at_each_stage_start_every_n_steps_and_end(
     assert second == first  # same seed, same weights, same numbers
 
 
-def test_preflight_refuses_the_training_shards_as_held_out(tiny_models: Path, shards: Path, tmp_path: Path) -> None:
+def test_preflight_refuses_the_training_shards_as_held_out(
+    tiny_models: Path, shards: Path, tmp_path: Path
+) -> None:
     cfg = debug_config(tiny_models, shards, tmp_path, "val_loss.every=2", f"val_loss.shards={shards}")
     with pytest.raises(trainer.PreflightError, match="held-out"):
         trainer.preflight(cfg)

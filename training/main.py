@@ -740,13 +740,13 @@ def log_val_loss(
 ) -> None:
     """Rank 0: the deterministic held-out loss per timestep and mean → RUN/val_loss.jsonl and TensorBoard."""
     if env.is_main and held_out is not None:
-        v = cfg.val_loss
-        values = validation_loss(model, diffusion, held_out, timesteps=v.timesteps, seed=v.seed,
-                                 batch_size=v.batch_size)  # fmt: skip
+        section = cfg.val_loss
+        values = validation_loss(model, diffusion, held_out, timesteps=section.timesteps, seed=section.seed,
+                                 batch_size=section.batch_size)  # fmt: skip
         record = {"stage": stage.name, "step": step, "global_step": global_step, **values}
         metrics.extra(VAL_LOSS_FILE, record, prefix="val_loss")
         log.info("stage %s step %d: val loss %.4f (%s)", stage.name, step, values["mean"],
-                 ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "mean"))  # fmt: skip
+                 ", ".join(f"{k} {x:.4f}" for k, x in values.items() if k != "mean"))  # fmt: skip
     if env.world_size > 1:
         dist.barrier()
 

@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = prepare(work, vae_dir, num_train=args.num_train)
     runs = [one_seed(seed, paths, work, b) for seed in args.seeds]
     meta = {"command": "python -m bench.bench_ablations " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{cpu_name()[0]} ({cpu_name()[1]} threads), {platform.system()}",
+            "machine": f"{cpu_name()[0]}, {os.cpu_count()} logical CPUs, {platform.system()}",
             "load": f"{load[0]:.1f}", "seeds": args.seeds, "minutes": (time.perf_counter() - started) / 60,
             "vaes": paths["vaes"], "num_train": args.num_train, "quick": args.quick,
             "train_minutes": recorded_minutes(work, args.seeds),

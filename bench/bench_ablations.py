@@ -190,7 +190,12 @@ def run(
     run_dir = work / "runs" / f"seed{seed}" / name
     records = run_dir / VAL_LOSS_FILE
     if (run_dir / "final" / "transformer").exists() and records.exists():  # done in an earlier invocation
-        return [json.loads(line) for line in records.read_text().splitlines()]
+        done = [json.loads(line) for line in records.read_text().splitlines()]
+        if done[-1]["step"] != steps:
+            raise ValueError(
+                f"{run_dir} holds a run of {done[-1]['step']} steps, not {steps}: use another --output"
+            )
+        return done
     stage = StageSection(
         name=name, resolution=resolution, vae=paths[vae], vae_scaling_factor=vae_scaling(paths[vae]),
         vae_on_the_fly=vae != "strong", pe_interpolation=pe_interpolation, kv_compress_layers=kv[0],

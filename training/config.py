@@ -173,6 +173,32 @@ class EvaluationSection:
 
 
 @dataclass
+class ValLossSection:
+    """Deterministic held-out validation loss (training/val_loss.py): fixed latents, timesteps and noise, rank 0.
+
+    Evaluated at each stage's start (before its first step), every ``every`` steps and at its end; records go
+    to RUN/val_loss.jsonl and TensorBoard ``val_loss/*``. The held-out set is re-encoded per stage, with
+    that stage's VAE at its resolution.
+    """
+
+    every: int = 0  # steps between evaluations inside a stage; 0: off
+    shards: str = ""  # a training-shard folder of held-out images (never the training shards themselves)
+    num_samples: int = 16
+    timesteps: tuple[int, ...] = (50, 250, 500, 750, 950)  # training.val_loss.VAL_TIMESTEPS
+    seed: int = 0  # seeds the noise of each (sample, timestep)
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _at_least("every", self.every, 0)
+        _at_least("num_samples", self.num_samples, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        if self.every and not self.shards:
+            raise ValueError("val_loss.every is set but val_loss.shards (a held-out shard folder) is not")
+        if not self.timesteps or any(not 0 <= t < 1000 for t in self.timesteps):
+            raise ValueError(f"timesteps must be a non-empty list in [0, 1000), got {list(self.timesteps)}")
+
+
+@dataclass
 class LogSection:
     every: int = 1  # steps between metric records
     progress_bar: bool = (
@@ -215,9 +241,16 @@ class StageSection:
     # True: encode with this stage's VAE on the fly although the shards cache latents of another VAE (the
     # weak stage of a VAE swap, whose VAE the shards were not made with). False: such a stage is refused.
     vae_on_the_fly: bool = False
-    pe_interpolation: float | None = None  # default resolution / 512
+    # Default resolution / 512: PE interpolation (PixArt-α §2.3 / PixArt-Σ §3, upstream `pe_interpolation`),
+    # every resolution's grid spans the same positions. The previous stage's value instead = no interpolation:
+    # the new grid's PE extends the old token spacing past the positions the model saw (the ablation's "off").
+    pe_interpolation: float | None = None
     kv_compress_layers: tuple[int, ...] = ()
     kv_compress_ratio: int = 2
+    # How layers this stage newly compresses start: conv_avg = Conv Avg Init (PixArt-Σ §3.2: the R×R conv
+    # starts as average pooling, so the model starts near the uncompressed one); random = the conv's own
+    # default (Kaiming-uniform) init, the paper's ablation baseline.
+    kv_compress_init: Literal["conv_avg", "random"] = "conv_avg"
     steps: int = 100
     batch_size: int = 2  # per rank
     lr: float | None = None  # default: optim.base_lr scaled by the global batch
@@ -254,6 +287,7 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)  # issue 12: in-training FID/CLIP
+    val_loss: ValLossSection = field(default_factory=ValLossSection)  # issue 21: held-out loss, fixed noise
     log: LogSection = field(default_factory=LogSection)
     faults: FaultSection = field(default_factory=FaultSection)
     seed: int = 0

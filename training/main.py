@@ -57,6 +57,7 @@ from training.evaluate import evaluate_in_training, training_eval_prompts
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.observe import MetricsSink, image_grid, peak_tflops, save_grid, train_flops
 from training.pipeline import export_weights, is_exported
+from training.val_loss import VAL_LOSS_FILE, HeldOutSample, load_held_out, validation_loss
 
 log = logging.getLogger("training")
 
@@ -215,14 +216,20 @@ def preflight(cfg: TrainConfig) -> ShardFeatures:
             raise PreflightError(
                 f"stages.{i}.kv_compress_layers {bad}: preset {cfg.model.preset} has {preset.depth} blocks"
             )
+    if cfg.val_loss.every:  # the held-out set is read from local tars and encoded by T5 and each stage's VAE
+        shards = Path(cfg.val_loss.shards)
+        if not shards.is_dir() or not any(shards.glob("train-*.tar")):
+            raise PreflightError(f"val_loss.shards = {shards}: not a folder of train-*.tar (held-out shards)")
+        if shards.resolve() == Path(cfg.data.shards).resolve():
+            raise PreflightError("val_loss.shards is data.shards: the validation loss needs held-out images")
     cached_text = cfg.data.use_cached_features and features.has_text(cfg.text.t5)
     check_cached_text_case(cfg, features, cached=cached_text)
-    if t5_needed(cfg, features, cached_text):
+    if t5_needed(cfg, features, cached_text) or cfg.val_loss.every:
         check_model_source(cfg.text.t5, "text.t5")
     for i, stage in enumerate(cfg.stages):
         check_cached_vae(i, stage, features, use_cached=cfg.data.use_cached_features)
         cached = latents_cached(cfg, stage, features)
-        if not cached or stage.validation_prompts:
+        if not cached or stage.validation_prompts or cfg.val_loss.every:
             check_model_source(stage.vae, f"stages.{i}.vae")
         check_vae_scaling(i, stage, features, cached=cached)
     return features
@@ -439,13 +446,16 @@ def apply_stage(model: PixArtSigma, stage: StageSection) -> list[str]:
 
     Every existing weight is kept. The PE is a function of the grid, base size and pe_interpolation, so a
     resolution change is a config change (PixArt-Σ: usable after ~100 steps). New KV-compression layers
-    start at Conv Avg Init (PixArt-Σ §3.2). A VAE swap changes no weight: the trainer swaps the encoder.
+    start at Conv Avg Init (PixArt-Σ §3.2), or the conv's default init for ``kv_compress_init = "random"``
+    (the paper's ablation). A VAE swap changes no weight: the trainer swaps the encoder.
     """
     base_size, _ = pe_params_for_resolution(stage.resolution, patch_size=model.config.patch_size)
     model.set_resolution(base_size, stage.pe_interpolation)
     before = set(model.state_dict())
     if set(stage.kv_compress_layers) - set(model.config.kv_compress_layers):
-        model.enable_kv_compression(stage.kv_compress_layers, stage.kv_compress_ratio)
+        model.enable_kv_compression(
+            stage.kv_compress_layers, stage.kv_compress_ratio, init=stage.kv_compress_init
+        )
     return sorted(set(model.state_dict()) - before)
 
 
@@ -475,7 +485,7 @@ def enter_stage(
         changes.append(f"VAE swap {previous.vae}→{stage.vae} (scaling {stage.vae_scaling_factor})")
     if new_params:
         changes.append(f"KV compression R={stage.kv_compress_ratio} on layers {list(stage.kv_compress_layers)} "
-                       f"({len(new_params)} new tensors at Conv Avg Init)")  # fmt: skip
+                       f"({len(new_params)} new tensors at {stage.kv_compress_init} init)")  # fmt: skip
     log.info("stage %s: %s", stage.name, "; ".join(changes) or "same model, same data")
 
 
@@ -649,6 +659,11 @@ def train_stage(
     optimizer = build_optimizer(model, cfg.optim, lr)
     generator = torch.Generator(device=env.device).manual_seed(cfg.seed * 104_729 + index * 1_009 + env.rank)
     nonfinite, skip = restore_stage(resume, optimizer, generator, cfg, env) if resume else (0, 0)
+    held_out = held_out_set(cfg, stage, latents, text, env) if cfg.val_loss.every and not resume else None
+    if held_out is not None:  # the stage's starting point: what the transition cost
+        log_val_loss(
+            model, diffusion, held_out, cfg, env, metrics, stage=stage, step=0, global_step=global_step
+        )
     model.train()
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
@@ -682,6 +697,11 @@ def train_stage(
             log.warning("SIGTERM: checkpoint at stage %s step %d saved; rerun the same command to resume",
                         stage.name, step + 1)  # fmt: skip
             raise Preempted()
+        if cfg.val_loss.every and ((step + 1) % cfg.val_loss.every == 0 or step + 1 == stage.steps):
+            if held_out is None:  # a resumed stage: built at its first evaluation
+                held_out = held_out_set(cfg, stage, latents, text, env)
+            log_val_loss(model, diffusion, held_out, cfg, env, metrics, stage=stage, step=step + 1,
+                         global_step=global_step)  # fmt: skip
         if last:  # the stage's end (validation, evaluation, export): finish_stage, also on resume
             break
         validating = bool(cfg.validation.every) and (step + 1) % cfg.validation.every == 0
@@ -705,6 +725,49 @@ def train_stage(
         log.warning("SIGTERM: stage %s done and checkpointed; rerun the same command to resume", stage.name)
         raise Preempted()
     return global_step
+
+
+def held_out_set(
+    cfg: TrainConfig, stage: StageSection, latents: LatentEncoder, text: CaptionEncoder, env: Dist
+) -> list[HeldOutSample] | None:
+    """Rank 0's held-out samples for ``stage``: its resolution, its VAE's posterior mean, T5 of the orig captions."""
+    if not env.is_main:
+        return None
+    vae = latents.vae  # loaded if the stage reads cached latents (the held-out set is always encoded)
+
+    def encode_pixels(pixels: torch.Tensor) -> torch.Tensor:
+        mean, _ = vae.posterior(pixels)  # (1, C, h, w)
+        return mean * latents.scaling_factor
+
+    return load_held_out(
+        cfg.val_loss.shards, num_samples=cfg.val_loss.num_samples, resolution=stage.resolution,
+        encode_pixels=encode_pixels, encode_captions=text.encode,
+    )  # fmt: skip
+
+
+def log_val_loss(
+    model: PixArtSigma,
+    diffusion: GaussianDiffusion,
+    held_out: list[HeldOutSample] | None,
+    cfg: TrainConfig,
+    env: Dist,
+    metrics: MetricsSink,
+    *,
+    stage: StageSection,
+    step: int,
+    global_step: int,
+) -> None:
+    """Rank 0: the deterministic held-out loss per timestep and mean → RUN/val_loss.jsonl and TensorBoard."""
+    if env.is_main and held_out is not None:
+        section = cfg.val_loss
+        values = validation_loss(model, diffusion, held_out, timesteps=section.timesteps, seed=section.seed,
+                                 batch_size=section.batch_size)  # fmt: skip
+        record = {"stage": stage.name, "step": step, "global_step": global_step, **values}
+        metrics.extra(VAL_LOSS_FILE, record, prefix="val_loss")
+        log.info("stage %s step %d: val loss %.4f (%s)", stage.name, step, values["mean"],
+                 ", ".join(f"{k} {x:.4f}" for k, x in values.items() if k != "mean"))  # fmt: skip
+    if env.world_size > 1:
+        dist.barrier()
 
 
 def restore_weights(model: PixArtSigma, ema: PixArtSigma | None, resume: dict) -> None:

@@ -32,6 +32,7 @@ NORM_EPS = 1e-6  # every non-affine LayerNorm of the backbone
 # 2048 / 2880 px; the budget keeps ~7 of the 2880 grids (~133 MiB each), and a miss is computed on the device.
 PE_CACHE_BYTES = 1 << 30
 NULL_CAPTION_MODES = ("upstream", "diffusers")
+KV_INITS = ("conv_avg", "random")  # how newly compressed layers start (enable_kv_compression)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +144,17 @@ PRESETS: dict[str, ModelConfig] = {
         base_size=16,
         pe_interpolation=1.0,
         kv_compress_layers=(1,),
+    ),
+    # CPU ablation bench (issue 21, bench/bench_ablations.py): 6 blocks, so that deep (4–5), middle (2–3),
+    # shallow (0–1) and all compressed layers differ (PixArt-Σ §3.2's ablation); width 96 (4 heads of 24).
+    "ablation": ModelConfig(
+        depth=6,
+        hidden_size=96,
+        num_heads=4,
+        caption_channels=32,
+        max_token_length=48,
+        base_size=4,
+        pe_interpolation=1.0,
     ),
 }
 
@@ -583,8 +595,14 @@ class PixArtSigma(nn.Module):
         """Turn per-block activation checkpointing on or off."""
         self.config = dataclasses.replace(self.config, grad_checkpointing=enabled)
 
-    def enable_kv_compression(self, layers: Iterable[int], ratio: int = 2) -> None:
-        """Add KV compression to `layers` with Conv Avg Init; every existing weight is kept."""
+    def enable_kv_compression(self, layers: Iterable[int], ratio: int = 2, *, init: str = "conv_avg") -> None:
+        """Add KV compression to `layers`, Conv Avg Init by default; every existing weight is kept.
+
+        ``init="random"`` leaves the new conv at PyTorch's default (Kaiming-uniform) init and the LayerNorm
+        at identity: PixArt-Σ §3.2's ablation baseline for Conv Avg Init.
+        """
+        if init not in KV_INITS:
+            raise ValueError(f"init must be one of {KV_INITS}, got {init!r}")
         layers = sorted(set(layers))
         cfg = self.config
         if cfg.kv_compress_layers and ratio != cfg.kv_compress_ratio:
@@ -598,8 +616,11 @@ class PixArtSigma(nn.Module):
         )  # validates
         for i in new_layers:
             self.blocks[i].attn.add_kv_compression(ratio)
-            conv_avg_init_(self.blocks[i].attn)
-        logger.info("KV compression R=%d now in layers %s", ratio, list(merged))
+            if init == "conv_avg":
+                conv_avg_init_(self.blocks[i].attn)
+        logger.info(
+            "KV compression R=%d now in layers %s (new: %s, %s init)", ratio, list(merged), new_layers, init
+        )
 
     def set_prompt_case(self, prompt_case: str) -> None:
         """Record how the captions this model trains (or was trained) on are cased (ModelConfig.prompt_case)."""

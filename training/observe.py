@@ -25,6 +25,7 @@ from training.model import ModelConfig
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EXTRA_FILES = ("val_loss.jsonl",)  # other per-evaluation records (training.val_loss), truncated on resume too
 SCALARS = (
     "loss",
     "mse",
@@ -78,6 +79,8 @@ class MetricsSink:
         if not enabled:
             return
         _truncate_after(self.path, resume_global_step)  # a resumed run rewrites what followed its checkpoint
+        for extra in EXTRA_FILES:
+            _truncate_after(run_dir / extra, resume_global_step)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -134,6 +137,17 @@ class MetricsSink:
                 value = record.get(name)
                 if value is not None and math.isfinite(value):
                     self.writer.add_scalar(f"train/{name}", value, record["global_step"])
+
+    def extra(self, name: str, record: dict, *, prefix: str) -> None:
+        """Append ``record`` (with its ``global_step``) to RUN/``name``; its numbers to TensorBoard as prefix/key."""
+        if not self.enabled:
+            return
+        with open(self.path.parent / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "global_step") and isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["global_step"])
 
     def image(self, tag: str, grid: np.ndarray, global_step: int) -> None:
         if self.writer is not None:

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -237,9 +238,9 @@ def render(results: list[dict], args: argparse.Namespace) -> str:
 
 Command: `python -m bench.bench_curation_scale --rows {" ".join(map(str, sizes))} --repeats {" ".join(str(len(by_size[n])) for n in sizes)} --num-cpus {args.num_cpus} --embedding-dim {dim}`
 
-Machine: {os.cpu_count()} cores visible, **shared with six other engineers' builds, tests and trainings** (1-minute
-load average {min(loads):.1f}–{max(loads):.1f} at the end of the runs, i.e. several times more runnable work than
-cores); a private Ray cluster of {args.num_cpus} CPUs, every phase as Ray tasks declaring `memory=`. Runs:
+Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, shared with other jobs (1-minute
+load average {min(loads):.1f}–{max(loads):.1f} at the end of the runs; above {os.cpu_count()} means more runnable
+work than cores); a private Ray cluster of {args.num_cpus} CPUs, every phase as Ray tasks declaring `memory=`. Runs:
 {repeats}, round-robin (every size once, then the second runs, …) so that the load hits all sizes alike.
 Input: synthetic scored chunks (4096 rows each; 70 % kept; among them 1 % byte copies, 1 % pHash copies ≤ 4
 bits away, 1 % semantic copies at cosine ~0.98), {dim}-d fp16 embeddings ({2 * dim:,} bytes a row),

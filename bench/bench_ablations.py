@@ -134,7 +134,7 @@ def write_toy_shards(out: Path, *, seed: int, num: int, t5: str, vae: str, per_s
         write_shard(out / f"train-{number // per_shard:06d}.tar", samples[number : number + per_shard])
     atomic_write_bytes(out / NULL_CAPTION_FILE, npy_bytes(text([""])[0]))
     info = {"num_samples": num, "num_shards": -(-num // per_shard),
-            "features": {"t5": t5, "vae": vae, "vae_resolutions": [LOW, HIGH],
+            "features": {"t5": t5, "prompt_case": text.prompt_case, "vae": vae, "vae_resolutions": [LOW, HIGH],
                          "vae_scaling_factor": latents.scaling_factor}}  # fmt: skip
     atomic_write_bytes(out / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
     return out

@@ -35,6 +35,10 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# bench/ is not an installed package (users get manifests, curation, captioning, training): tests of the bench
+# scripts import them from this checkout, as `python -m bench.<name>` run from its root does.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 # The original LAION head beside the repository on the team's machines only; tests compare the copy shipped in
 # curation/assets against it when it is there, and never need it.
 SHARED_LAION_HEAD = (

@@ -187,9 +187,8 @@ def plan_jobs(
 
 
 def check_file_names(jobs: list[ImageJob]) -> None:
-    """Refuse two images bound for one file (ids equal once unsafe characters become '_', an id ``x-0`` beside
-    id ``x`` with several images per prompt, an id ``000001`` beside an unnamed row): one would silently
-    overwrite the other, and its row would point at the wrong image."""
+    """Refuse two images bound for one file (ids equal once unsafe characters become '_', an id ``000001``
+    beside an unnamed row): one would silently overwrite the other, and its row would point at the wrong image."""
     first: dict[str, ImageJob] = {}
     for job in jobs:
         other = first.setdefault(job.file_name, job)

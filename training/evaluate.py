@@ -73,6 +73,7 @@ from training.reference_stats import (
 )
 from training.sample import (
     IMAGES_FILE,
+    RUN_FILE,
     ImageGenerator,
     ImageJob,
     SamplingSettings,
@@ -695,7 +696,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "inception": str(args.inception or default_inception_path()), "inception_sha256": fid.weights_sha256,
             "fid_resize": args.fid_resize, "resolution": generator.resolution, "binning": args.binning,
             "sampling": dataclasses.asdict(settings), "seed": args.seed, "world_size": env.world_size,
-            "seconds": time.perf_counter() - started,
+            **generator_record(generator.identity()), "seconds": time.perf_counter() - started,
         }  # fmt: skip
         if env.is_main:
             write_report(model_out, metrics, image_rows, real_dir="../real" if compare else "real")
@@ -762,6 +763,20 @@ def save_reference(args: argparse.Namespace) -> dict:
             "fid_resize": stats.fid_resize, "inception_sha256": stats.inception_sha256}  # fmt: skip
 
 
+def read_sampling_run(folder: Path) -> dict:
+    """pixsigma-sample's ``sampling_run.json`` (its plan digest and generator), or {} for a folder without it."""
+    path = folder / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def generator_record(identity: dict | None) -> dict:
+    """What metrics.json records of the generator: the prompt case its T5 saw (a model sampled with another
+    ``--prompt-case`` than it was trained with is another number) and its identity (weights sha256, T5/VAE…)."""
+    if identity is None:
+        return {"prompt_case": None, "generator": None}  # a folder sampled by something else
+    return {"prompt_case": identity["prompt_case"], "generator": identity}
+
+
 def read_sampled_rows(folder: Path) -> list[dict]:
     """pixsigma-sample's ``images.jsonl`` rows (file, prompt, seed, size, sampler…), every file present."""
     path = folder / IMAGES_FILE
@@ -802,7 +817,8 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         "fid_features": args.fid_features, "clip_model": clip.name, "inception": str(args.inception or default_inception_path()),
         "inception_sha256": fid.weights_sha256, "fid_resize": args.fid_resize, **describe(args.reference_stats, reference),
         "sampling": {k: first.get(k) for k in ("sampler", "steps", "cfg_scale", "negative_prompt")},
-        "world_size": env.world_size, "seconds": time.perf_counter() - started,
+        **generator_record(read_sampling_run(folder).get("generator")), "world_size": env.world_size,
+        "seconds": time.perf_counter() - started,
     }  # fmt: skip
     if env.is_main:
         write_report(out, metrics, image_rows, real_dir="", images_dir=os.path.relpath(folder, out))

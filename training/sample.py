@@ -18,8 +18,9 @@ Each image's starting noise (and IDDPM's per-step noise) comes from its own CPU 
 ``--seed`` + its index, so an image does not depend on the batch it lands in or on the device.
 Writes one PNG per image and ``images.jsonl`` (prompt, seed, size, sampler, steps, cfg, model). Under torchrun
 rank r makes the images i with i % world_size == r (the files do not depend on the world size); the folder's
-``sampling_run.json`` holds the plan's digest, and a rerun of the same plan keeps every complete PNG (written to a
-temporary name, then renamed) and makes the rest: a 30K run resumes after a kill. Prompt files:
+``sampling_run.json`` holds the plan's digest (the image rows and ``ImageGenerator.identity``: weights, prompt
+case, T5/VAE, dtype), and a rerun of the same plan keeps every complete PNG (written to a temporary name, then
+renamed) and makes the rest: a 30K run resumes after a kill. Prompt files:
 ``training.prompt_files`` (JSONL with id/seed/size, MJHQ's meta_data.json, plain text).
 """
 
@@ -687,7 +688,7 @@ class ImageGenerator:
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        config = dataclasses.asdict(self.model.config)
+        config = json.loads(json.dumps(dataclasses.asdict(self.model.config)))  # as sampling_run.json holds it
         return {"model_sha256": digest.hexdigest(), "model_config": config,
                 "prompt_case": getattr(self.text, "prompt_case", config["prompt_case"]),
                 "vae_tiling": self.vae_tiling, **self.setup}  # fmt: skip

@@ -152,6 +152,7 @@ def test_a_prompt_file_is_evaluated_against_reference_statistics(folders, eval_m
     assert metrics["name"] == "coco" and (tmp_path / "run" / "eval" / "coco" / "metrics.json").is_file()
     assert (metrics["num_real_images"], metrics["num_generated_images"]) == (32, 5)
     assert metrics["clip_score_real"] is None and np.isfinite(metrics["fid"])
+    assert metrics["prompt_case"] == "lower"  # as the export was trained (tiny_export's default)
     out = tmp_path / "run" / "eval" / "coco"
     fid = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
     fid.use_reference(load_reference_stats(stats), stats)
@@ -180,3 +181,29 @@ def test_torchrun_two_ranks_give_the_single_process_statistics_and_scores(folder
     assert (two["world_size"], two["num_generated_images"]) == (2, 32)
     assert two["fid"] == pytest.approx(single["fid"], rel=1e-4)
     assert two["clip_score"] == pytest.approx(single["clip_score"], abs=1e-4)
+
+
+def test_a_sampled_folders_metrics_record_the_case_and_weights_it_was_sampled_with(
+    folders, eval_models, tiny_models, tmp_path
+):
+    """pixsigma-sample with --prompt-case as_written, then --images: metrics.json says as_written and names the
+    sampled weights (their sha256 as sampling_run.json records them); a folder without the record says None."""
+    from training.sample import RUN_FILE
+    from training.sample import run as sample
+
+    _, fake, stats, _ = folders
+    model = tiny_export(tiny_models, tmp_path / "run" / "final", seed=4)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
+    sampled = tmp_path / "sampled"
+    sample(["--model", str(model), "--input", str(prompts), "--steps", "2", "--device", "cpu",
+            "--prompt-case", "as_written", "--output", str(sampled)])  # fmt: skip
+    metrics = run(["--images", str(sampled), "--reference-stats", str(stats), *_flags(eval_models)])
+    record = json.loads((sampled / RUN_FILE).read_text())["generator"]
+    assert metrics["prompt_case"] == "as_written" and metrics["generator"] == record
+    assert json.loads((sampled / "eval" / "metrics.json").read_text())["generator"]["model_sha256"] == (
+        record["model_sha256"]
+    )
+    other = run(["--images", str(fake), "--reference-stats", str(stats), "--output", str(tmp_path / "o"),
+                 *_flags(eval_models)])  # fmt: skip
+    assert (other["prompt_case"], other["generator"]) == (None, None)

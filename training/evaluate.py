@@ -743,6 +743,14 @@ def real_image_sources(folder: str | Path, env: Dist) -> tuple[int, list[tuple[s
     return len(files), [(str(p), p.read_bytes()) for p in files[env.rank :: env.world_size]]
 
 
+def fidelity_rgb(data: bytes) -> Image.Image:
+    """An image as torch-fidelity (``ImagesPathDataset``), pytorch-fid and clean-fid read a folder's files:
+    ``Image.open(…).convert("RGB")`` at full size, with no EXIF rotation (``manifests.imageio.decode_rgb`` applies
+    it: a JPEG tagged rotated would enter the statistics turned, another image than theirs)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 def save_reference(args: argparse.Namespace) -> dict:
     """``--save-reference-stats``: the Inception statistics of the real images in --input, with their record."""
     env, device = _device(args)
@@ -751,7 +759,7 @@ def save_reference(args: argparse.Namespace) -> dict:
     check_fid_counts(count, count, allow_small=args.allow_small_fid)
     batch = args.feature_batch_size
     for start in range(0, len(mine), batch):  # decoded a batch at a time: 30K images never sit in memory
-        images = [pil_to_uint8(decode_rgb(data)) for _, data in mine[start : start + batch]]  # at their own size
+        images = [pil_to_uint8(fidelity_rgb(data)) for _, data in mine[start : start + batch]]  # their own size
         fid.update_images(images, real=True, batch_size=batch)
     stats = fid.reference_stats()
     if env.is_main:

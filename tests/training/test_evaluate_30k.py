@@ -207,3 +207,27 @@ def test_a_sampled_folders_metrics_record_the_case_and_weights_it_was_sampled_wi
     other = run(["--images", str(fake), "--reference-stats", str(stats), "--output", str(tmp_path / "o"),
                  *_flags(eval_models)])  # fmt: skip
     assert (other["prompt_case"], other["generator"]) == (None, None)
+
+
+def test_saved_statistics_of_exif_rotated_jpegs_give_torch_fidelitys_fid(folders, eval_models, tmp_path):
+    """Real JPEGs, half tagged EXIF orientation 6 (rotate 90°): torch-fidelity, pytorch-fid and clean-fid read
+    them as stored (``Image.open(…).convert("RGB")``), so the statistics must too; FID against them equals
+    torch-fidelity's calculate_metrics on the two folders."""
+    _, fake, _, _ = folders
+    real = tmp_path / "real_jpeg"
+    real.mkdir()
+    for seed in range(32):
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (320, 448, 3)) // 2 + rng.integers(0, 256, (1, 1, 3)) // 2
+        exif = Image.Exif()
+        if seed % 2:
+            exif[0x0112] = 6  # Orientation: an EXIF-aware reader turns it to 448 × 320
+        Image.fromarray(pixels.astype(np.uint8)).save(real / f"{seed:05d}.jpg", quality=95, exif=exif)
+    stats = tmp_path / "jpeg_stats.npz"
+    run(["--save-reference-stats", str(stats), "--input", str(real), *_flags(eval_models)])
+    metric = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
+    metric.use_reference(load_reference_stats(stats), stats)
+    metric.update_images([pil_to_uint8(Image.open(p).convert("RGB")) for p in sorted(fake.glob("*.png"))],
+                         real=False, batch_size=8)  # fmt: skip
+    theirs = _torch_fidelity_fid(real, fake, eval_models["inception"])
+    assert abs(metric.compute() - theirs) <= 1e-3, (metric.compute(), theirs)

@@ -728,6 +728,10 @@ def real_image_sources(folder: str | Path, env: Dist) -> tuple[int, list[tuple[s
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of real images or of .tar shards")
     shards = sorted(folder.glob("*.tar"))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+    if shards and files:  # one kind is read: the other would be left out without a word
+        raise ValueError(f"{folder} holds both .tar shards ({len(shards)}) and image files ({len(files)}, e.g. "
+                         f"{files[0]}): give a folder of one kind")  # fmt: skip
     mine: list[tuple[str, bytes]] = []
     count = 0
     if shards:
@@ -739,7 +743,6 @@ def real_image_sources(folder: str | Path, env: Dist) -> tuple[int, list[tuple[s
                             mine.append((f"{shard.name}/{member.name}", tar.extractfile(member).read()))
                         count += 1
         return count, mine
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
     return len(files), [(str(p), p.read_bytes()) for p in files[env.rank :: env.world_size]]
 
 

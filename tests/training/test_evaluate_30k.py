@@ -231,3 +231,24 @@ def test_saved_statistics_of_exif_rotated_jpegs_give_torch_fidelitys_fid(folders
                          real=False, batch_size=8)  # fmt: skip
     theirs = _torch_fidelity_fid(real, fake, eval_models["inception"])
     assert abs(metric.compute() - theirs) <= 1e-3, (metric.compute(), theirs)
+
+
+def test_a_real_folder_of_shards_and_loose_images_is_refused(tmp_path):
+    """Shards and image files side by side: reading one kind would leave the other out of the statistics."""
+    import io
+    import tarfile
+
+    from training.evaluate import real_image_sources
+    from training.ranks import Dist
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, format="PNG")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        member = tarfile.TarInfo("k0.png")
+        member.size = len(image.getvalue())
+        tar.addfile(member, io.BytesIO(image.getvalue()))
+    assert real_image_sources(tmp_path, Dist())[0] == 1
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "k1.png").write_bytes(image.getvalue())
+    with pytest.raises(ValueError, match=r"both \.tar shards \(1\) and image files \(1"):
+        real_image_sources(tmp_path, Dist())

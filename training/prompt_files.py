@@ -123,9 +123,10 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()  # PROMPTS.JSONL is JSONL too, not one JSON text per prompt
+    if suffix == ".jsonl":
         rows = read_jsonl(path)
-    elif path.suffix == ".json":
+    elif suffix == ".json":
         rows = read_meta_data(path)
     else:
         rows = [

@@ -82,6 +82,13 @@ def test_mjhq_meta_data_json(tmp_path):
         read_prompt_file(path)
 
 
+def test_the_format_is_read_from_the_suffix_in_any_case(tmp_path):
+    (tmp_path / "P.JSONL").write_text('{"prompt": "a cat", "id": "c"}\n')
+    assert read_prompt_file(tmp_path / "P.JSONL") == [{"prompt": "a cat", "key": "c"}]  # not the JSON text
+    (tmp_path / "META_DATA.JSON").write_text('{"c": {"prompt": "a cat"}}')
+    assert read_prompt_file(tmp_path / "META_DATA.JSON") == [{"prompt": "a cat", "key": "c"}]
+
+
 def test_plain_text_and_empty_files(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert read_prompt_file(tmp_path / "p.txt") == [{"prompt": "a cat"}, {"prompt": "a dog"}]

@@ -993,6 +993,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"{modes[0]} needs --input")
     if args.images and args.input:
         parser.error("--images scores the sampled folder's own prompts: --input is not used")
+    if (args.images or args.save_reference_stats) and args.prompt_case is not None:
+        parser.error(f"{modes[0]} samples nothing: --prompt-case applies where images are sampled "
+                     "(pixsigma-sample, or --model here); metrics.json records the case the images were sampled with")  # fmt: skip
     if args.images and not args.reference_stats:
         parser.error("--images needs --reference-stats (the real side of FID)")
     if args.save_reference_stats and args.reference_stats:

@@ -252,3 +252,14 @@ def test_a_real_folder_of_shards_and_loose_images_is_refused(tmp_path):
     (tmp_path / "extra" / "k1.png").write_bytes(image.getvalue())
     with pytest.raises(ValueError, match=r"both \.tar shards \(1\) and image files \(1"):
         real_image_sources(tmp_path, Dist())
+
+
+def test_prompt_case_is_refused_where_nothing_is_sampled(capsys):
+    """--images and --save-reference-stats sample nothing: a --prompt-case there would be ignored silently."""
+    from training.evaluate import parse_args
+
+    for mode in (["--images", "S", "--reference-stats", "r.npz"], ["--save-reference-stats", "r.npz", "--input", "R"]):
+        parse_args(mode)  # fine without it
+        with pytest.raises(SystemExit):
+            parse_args([*mode, "--prompt-case", "as_written"])
+        assert "samples nothing: --prompt-case applies where images are sampled" in capsys.readouterr().err

@@ -853,9 +853,12 @@ def check_sampling_run(out: Path, run_record: dict, planned: list[dict], *, over
         theirs = json.loads(record.read_text())
         if theirs.get("plan_sha256") == run_record["plan_sha256"]:
             return
+        ours, old = run_record["generator"], theirs.get("generator") or {}
+        changed = sorted(k for k in ours.keys() | old.keys() if ours.get(k) != old.get(k))
+        why = f"the generator's {', '.join(changed)} differ" if changed else "other images, seeds or settings"
         raise SystemExit(
             f"{out} already holds a sampling run ({RUN_FILE}: {theirs.get('num_images')} images of "
-            f"{theirs.get('model')}, another plan); pass --overwrite to replace it, or another --output"
+            f"{theirs.get('model')}, another plan: {why}); pass --overwrite to replace it, or another --output"
         )
     if (out / IMAGES_FILE).exists() or any((out / r["file"]).exists() for r in planned):
         raise SystemExit(

@@ -113,10 +113,10 @@ def test_a_rerun_with_another_prompt_case_or_other_weights_at_the_same_path_is_r
     root, common = small_run
     out = str(root / "out")
     run([*common, "--output", out])  # the same run: resumed (nothing to do)
-    with pytest.raises(SystemExit, match="already holds a sampling run.*another plan"):
+    with pytest.raises(SystemExit, match="already holds a sampling run.*another plan: the generator's prompt_case"):
         run([*common, "--output", out, "--prompt-case", "as_written"])  # the export was trained lower
     tiny_export(tiny_models, root / "run" / "final", seed=6)  # retrained: same path, other weights
-    with pytest.raises(SystemExit, match="already holds a sampling run.*another plan"):
+    with pytest.raises(SystemExit, match="another plan: the generator's model_sha256 differ"):
         run([*common, "--output", out])
 
 

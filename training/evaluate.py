@@ -73,6 +73,7 @@ from training.reference_stats import (
 )
 from training.sample import (
     IMAGES_FILE,
+    RUN_FILE,
     ImageGenerator,
     ImageJob,
     SamplingSettings,
@@ -695,7 +696,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             "inception": str(args.inception or default_inception_path()), "inception_sha256": fid.weights_sha256,
             "fid_resize": args.fid_resize, "resolution": generator.resolution, "binning": args.binning,
             "sampling": dataclasses.asdict(settings), "seed": args.seed, "world_size": env.world_size,
-            "seconds": time.perf_counter() - started,
+            **generator_record(generator.identity()), "seconds": time.perf_counter() - started,
         }  # fmt: skip
         if env.is_main:
             write_report(model_out, metrics, image_rows, real_dir="../real" if compare else "real")
@@ -727,6 +728,10 @@ def real_image_sources(folder: str | Path, env: Dist) -> tuple[int, list[tuple[s
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of real images or of .tar shards")
     shards = sorted(folder.glob("*.tar"))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+    if shards and files:  # one kind is read: the other would be left out without a word
+        raise ValueError(f"{folder} holds both .tar shards ({len(shards)}) and image files ({len(files)}, e.g. "
+                         f"{files[0]}): give a folder of one kind")  # fmt: skip
     mine: list[tuple[str, bytes]] = []
     count = 0
     if shards:
@@ -738,8 +743,15 @@ def real_image_sources(folder: str | Path, env: Dist) -> tuple[int, list[tuple[s
                             mine.append((f"{shard.name}/{member.name}", tar.extractfile(member).read()))
                         count += 1
         return count, mine
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
     return len(files), [(str(p), p.read_bytes()) for p in files[env.rank :: env.world_size]]
+
+
+def fidelity_rgb(data: bytes) -> Image.Image:
+    """An image as torch-fidelity (``ImagesPathDataset``), pytorch-fid and clean-fid read a folder's files:
+    ``Image.open(…).convert("RGB")`` at full size, with no EXIF rotation (``manifests.imageio.decode_rgb`` applies
+    it: a JPEG tagged rotated would enter the statistics turned, another image than theirs)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
 
 
 def save_reference(args: argparse.Namespace) -> dict:
@@ -750,7 +762,7 @@ def save_reference(args: argparse.Namespace) -> dict:
     check_fid_counts(count, count, allow_small=args.allow_small_fid)
     batch = args.feature_batch_size
     for start in range(0, len(mine), batch):  # decoded a batch at a time: 30K images never sit in memory
-        images = [pil_to_uint8(decode_rgb(data)) for _, data in mine[start : start + batch]]  # at their own size
+        images = [pil_to_uint8(fidelity_rgb(data)) for _, data in mine[start : start + batch]]  # their own size
         fid.update_images(images, real=True, batch_size=batch)
     stats = fid.reference_stats()
     if env.is_main:
@@ -760,6 +772,20 @@ def save_reference(args: argparse.Namespace) -> dict:
     close_distributed()
     return {"reference_stats": str(args.save_reference_stats), "num_images": stats.num_images,
             "fid_resize": stats.fid_resize, "inception_sha256": stats.inception_sha256}  # fmt: skip
+
+
+def read_sampling_run(folder: Path) -> dict:
+    """pixsigma-sample's ``sampling_run.json`` (its plan digest and generator), or {} for a folder without it."""
+    path = folder / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def generator_record(identity: dict | None) -> dict:
+    """What metrics.json records of the generator: the prompt case its T5 saw (a model sampled with another
+    ``--prompt-case`` than it was trained with is another number) and its identity (weights sha256, T5/VAE…)."""
+    if identity is None:
+        return {"prompt_case": None, "generator": None}  # a folder sampled by something else
+    return {"prompt_case": identity["prompt_case"], "generator": identity}
 
 
 def read_sampled_rows(folder: Path) -> list[dict]:
@@ -802,7 +828,8 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         "fid_features": args.fid_features, "clip_model": clip.name, "inception": str(args.inception or default_inception_path()),
         "inception_sha256": fid.weights_sha256, "fid_resize": args.fid_resize, **describe(args.reference_stats, reference),
         "sampling": {k: first.get(k) for k in ("sampler", "steps", "cfg_scale", "negative_prompt")},
-        "world_size": env.world_size, "seconds": time.perf_counter() - started,
+        **generator_record(read_sampling_run(folder).get("generator")), "world_size": env.world_size,
+        "seconds": time.perf_counter() - started,
     }  # fmt: skip
     if env.is_main:
         write_report(out, metrics, image_rows, real_dir="", images_dir=os.path.relpath(folder, out))
@@ -966,6 +993,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"{modes[0]} needs --input")
     if args.images and args.input:
         parser.error("--images scores the sampled folder's own prompts: --input is not used")
+    if (args.images or args.save_reference_stats) and args.prompt_case is not None:
+        parser.error(f"{modes[0]} samples nothing: --prompt-case applies where images are sampled "
+                     "(pixsigma-sample, or --model here); metrics.json records the case the images were sampled with")  # fmt: skip
     if args.images and not args.reference_stats:
         parser.error("--images needs --reference-stats (the real side of FID)")
     if args.save_reference_stats and args.reference_stats:

@@ -69,13 +69,23 @@ def _check_unique(rows: list[dict], where: list[str], path: Path) -> None:
             first[key] = place
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is refused (``json`` would keep the last one only)."""
+    data: dict = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"{key!r} appears twice in one object (JSON keeps only the last: a value would be lost)")
+        data[key] = value
+    return data
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows, where = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(check_row(json.loads(line)))
+            rows.append(check_row(json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as error:
             raise ValueError(
                 f"{path}: line {number}: not JSON ({error.msg} at column {error.colno})"
@@ -90,9 +100,11 @@ def read_jsonl(path: Path) -> list[dict]:
 def read_meta_data(path: Path) -> list[dict]:
     """MJHQ-30K's ``meta_data.json``: one entry per image id, in file order."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    except ValueError as error:  # a repeated key (_unique_keys)
+        raise ValueError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{path}: expected MJHQ's {{id: {{'prompt': …}}}} object, got a {type(data).__name__}"
@@ -111,9 +123,10 @@ def read_prompt_file(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()  # PROMPTS.JSONL is JSONL too, not one JSON text per prompt
+    if suffix == ".jsonl":
         rows = read_jsonl(path)
-    elif path.suffix == ".json":
+    elif suffix == ".json":
         rows = read_meta_data(path)
     else:
         rows = [

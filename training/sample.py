@@ -18,8 +18,9 @@ Each image's starting noise (and IDDPM's per-step noise) comes from its own CPU 
 ``--seed`` + its index, so an image does not depend on the batch it lands in or on the device.
 Writes one PNG per image and ``images.jsonl`` (prompt, seed, size, sampler, steps, cfg, model). Under torchrun
 rank r makes the images i with i % world_size == r (the files do not depend on the world size); the folder's
-``sampling_run.json`` holds the plan's digest, and a rerun of the same plan keeps every complete PNG (written to a
-temporary name, then renamed) and makes the rest: a 30K run resumes after a kill. Prompt files:
+``sampling_run.json`` holds the plan's digest (the image rows and ``ImageGenerator.identity``: weights, prompt
+case, T5/VAE, dtype), and a rerun of the same plan keeps every complete PNG (written to a temporary name, then
+renamed) and makes the rest: a 30K run resumes after a kill. Prompt files:
 ``training.prompt_files`` (JSONL with id/seed/size, MJHQ's meta_data.json, plain text).
 """
 
@@ -182,7 +183,22 @@ def plan_jobs(
             # a row's own seed (prompt files) wins: its images are the same whatever precedes it in the file
             image_seed = row["seed"] + j if "seed" in row else seed + index
             jobs.append(ImageJob(index, row["prompt"], image_seed, height, width, key, output_size))
+    check_file_names(jobs)
     return jobs
+
+
+def check_file_names(jobs: list[ImageJob]) -> None:
+    """Refuse two images bound for one file (ids equal once unsafe characters become '_', an id ``000001``
+    beside an unnamed row): one would silently overwrite the other, and its row would point at the wrong image."""
+    first: dict[str, ImageJob] = {}
+    for job in jobs:
+        other = first.setdefault(job.file_name, job)
+        if other is not job:
+            raise ValueError(
+                f"images {other.index} (id {other.key!r}) and {job.index} (id {job.key!r}) would both be written "
+                f"to {job.file_name}: give the prompts ids that differ once characters outside [A-Za-z0-9._-] "
+                "become '_'"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -653,11 +669,29 @@ class ImageGenerator:
         resolution: int,
         device: torch.device,
         vae_tiling: str = "auto",
+        setup: dict | None = None,
     ) -> None:
         if vae_tiling not in ("auto", "on", "off"):
             raise ValueError(f"vae_tiling must be auto, on or off, got {vae_tiling!r}")
         self.model, self.text, self.decoder = model, text, decoder
         self.name, self.resolution, self.device, self.vae_tiling = name, resolution, device, vae_tiling
+        self.setup = setup or {}  # how the frozen parts were loaded (T5/VAE sources, dtype): see identity()
+
+    def identity(self) -> dict:
+        """What, besides the image plan, decides the pixels: the weights (sha256 over every tensor of the state
+        dict, in the dtype they sample in), the model config (null caption, trained prompt case…), the prompt
+        case actually applied, the T5/VAE sources and the VAE tiling. A sampling run's digest includes it, so a
+        rerun with another ``--prompt-case``, ``--weights``, ``--dtype``, ``--t5``/``--vae`` or retrained weights
+        at the same path refuses the folder instead of mixing its images with the old ones."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        config = json.loads(json.dumps(dataclasses.asdict(self.model.config)))  # as sampling_run.json holds it
+        return {"model_sha256": digest.hexdigest(), "model_config": config,
+                "prompt_case": getattr(self.text, "prompt_case", config["prompt_case"]),
+                "vae_tiling": self.vae_tiling, **self.setup}  # fmt: skip
 
     @classmethod
     def load(
@@ -688,8 +722,11 @@ class ImageGenerator:
                              device=device, dtype=dtype, prompt_case=prompt_case or trained)  # fmt: skip
         decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=device, dtype=dtype,
                                 slicing=vae_slicing)  # fmt: skip
+        setup = {"dtype": str(dtype).removeprefix("torch."), "text_encoder": c.text_encoder.to_dict(),
+                 "tokenizer": c.tokenizer.to_dict(), "vae": c.vae.to_dict(),
+                 "vae_scaling_factor": c.vae_scaling_factor}  # fmt: skip
         return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution, device=device,
-                   vae_tiling=vae_tiling)  # fmt: skip
+                   vae_tiling=vae_tiling, setup=setup)  # fmt: skip
 
     @torch.no_grad()
     def latents(self, jobs: list[ImageJob], settings: SamplingSettings) -> Tensor:
@@ -786,9 +823,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def plan_digest(rows: list[dict]) -> str:
-    """sha256 of the planned image rows (file, prompt, seed, size, sampler, steps, cfg, model): a run's identity."""
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+def plan_digest(rows: list[dict], generator: dict) -> str:
+    """sha256 of the planned image rows (file, prompt, seed, size, sampler, steps, cfg, model) and of the
+    generator's identity (``ImageGenerator.identity``: weights, prompt case, T5/VAE, dtype): a run's identity."""
+    plan = {"rows": rows, "generator": generator}
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def is_complete_png(path: Path, size: tuple[int, int]) -> bool:
@@ -814,15 +853,27 @@ def check_sampling_run(out: Path, run_record: dict, planned: list[dict], *, over
         theirs = json.loads(record.read_text())
         if theirs.get("plan_sha256") == run_record["plan_sha256"]:
             return
+        ours, old = run_record["generator"], theirs.get("generator") or {}
+        changed = sorted(k for k in ours.keys() | old.keys() if ours.get(k) != old.get(k))
+        why = f"the generator's {', '.join(changed)} differ" if changed else "other images, seeds or settings"
         raise SystemExit(
             f"{out} already holds a sampling run ({RUN_FILE}: {theirs.get('num_images')} images of "
-            f"{theirs.get('model')}, another plan); pass --overwrite to replace it, or another --output"
+            f"{theirs.get('model')}, another plan: {why}); pass --overwrite to replace it, or another --output"
         )
     if (out / IMAGES_FILE).exists() or any((out / r["file"]).exists() for r in planned):
         raise SystemExit(
             f"{out} already holds a sampling run ({IMAGES_FILE} or images without {RUN_FILE}); pass "
             "--overwrite to replace it"
         )
+
+
+def clear_sampling_run(out: Path, planned: list[dict]) -> None:
+    """``--overwrite``: remove the previous run's record, then every planned file, before the new record is
+    written; else a kill before this run overwrote them would leave the old run's PNGs (same names, same sizes)
+    to be kept as complete by the resume."""
+    (out / RUN_FILE).unlink(missing_ok=True)  # first: a kill below leaves images without a record (refused)
+    for row in planned:
+        (out / row["file"]).unlink(missing_ok=True)
 
 
 def sample_sharded(
@@ -841,13 +892,17 @@ def sample_sharded(
     number of ranks and any batch they land in.
     """
     planned = [image_row(job, settings, generator.name) for job in jobs]
+    identity = generator.identity()
     run_record = {"model": generator.name, "num_images": len(jobs), "sampling": dataclasses.asdict(settings),
-                  "plan_sha256": plan_digest(planned)}  # fmt: skip
+                  "generator": identity, "plan_sha256": plan_digest(planned, identity)}  # fmt: skip
     check_sampling_run(out, run_record, planned, overwrite=overwrite)  # every rank, before anyone writes
     env.barrier()
     if env.is_main:
+        if overwrite:
+            clear_sampling_run(out, planned)
         atomic_write_bytes(out / RUN_FILE, json.dumps(run_record, indent=2).encode())
         (out / IMAGES_FILE).unlink(missing_ok=True)  # written again once every image is there
+    env.barrier()  # no rank writes an image before rank 0 has cleared the folder
     mine = [job for job in jobs if job.index % env.world_size == env.rank]
     todo = [job for job in mine if overwrite or not is_complete_png(out / job.file_name, _saved_size(job))]
     log.info("rank %d: %d of %d images to generate (%d already complete)", env.rank, len(todo), len(mine),

@@ -152,6 +152,7 @@ def test_a_prompt_file_is_evaluated_against_reference_statistics(folders, eval_m
     assert metrics["name"] == "coco" and (tmp_path / "run" / "eval" / "coco" / "metrics.json").is_file()
     assert (metrics["num_real_images"], metrics["num_generated_images"]) == (32, 5)
     assert metrics["clip_score_real"] is None and np.isfinite(metrics["fid"])
+    assert metrics["prompt_case"] == "lower"  # as the export was trained (tiny_export's default)
     out = tmp_path / "run" / "eval" / "coco"
     fid = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
     fid.use_reference(load_reference_stats(stats), stats)
@@ -180,3 +181,85 @@ def test_torchrun_two_ranks_give_the_single_process_statistics_and_scores(folder
     assert (two["world_size"], two["num_generated_images"]) == (2, 32)
     assert two["fid"] == pytest.approx(single["fid"], rel=1e-4)
     assert two["clip_score"] == pytest.approx(single["clip_score"], abs=1e-4)
+
+
+def test_a_sampled_folders_metrics_record_the_case_and_weights_it_was_sampled_with(
+    folders, eval_models, tiny_models, tmp_path
+):
+    """pixsigma-sample with --prompt-case as_written, then --images: metrics.json says as_written and names the
+    sampled weights (their sha256 as sampling_run.json records them); a folder without the record says None."""
+    from training.sample import RUN_FILE
+    from training.sample import run as sample
+
+    _, fake, stats, _ = folders
+    model = tiny_export(tiny_models, tmp_path / "run" / "final", seed=4)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:3]) + "\n")
+    sampled = tmp_path / "sampled"
+    sample(["--model", str(model), "--input", str(prompts), "--steps", "2", "--device", "cpu",
+            "--prompt-case", "as_written", "--output", str(sampled)])  # fmt: skip
+    metrics = run(["--images", str(sampled), "--reference-stats", str(stats), *_flags(eval_models)])
+    record = json.loads((sampled / RUN_FILE).read_text())["generator"]
+    assert metrics["prompt_case"] == "as_written" and metrics["generator"] == record
+    assert json.loads((sampled / "eval" / "metrics.json").read_text())["generator"]["model_sha256"] == (
+        record["model_sha256"]
+    )
+    other = run(["--images", str(fake), "--reference-stats", str(stats), "--output", str(tmp_path / "o"),
+                 *_flags(eval_models)])  # fmt: skip
+    assert (other["prompt_case"], other["generator"]) == (None, None)
+
+
+def test_saved_statistics_of_exif_rotated_jpegs_give_torch_fidelitys_fid(folders, eval_models, tmp_path):
+    """Real JPEGs, half tagged EXIF orientation 6 (rotate 90°): torch-fidelity, pytorch-fid and clean-fid read
+    them as stored (``Image.open(…).convert("RGB")``), so the statistics must too; FID against them equals
+    torch-fidelity's calculate_metrics on the two folders."""
+    _, fake, _, _ = folders
+    real = tmp_path / "real_jpeg"
+    real.mkdir()
+    for seed in range(32):
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (320, 448, 3)) // 2 + rng.integers(0, 256, (1, 1, 3)) // 2
+        exif = Image.Exif()
+        if seed % 2:
+            exif[0x0112] = 6  # Orientation: an EXIF-aware reader turns it to 448 × 320
+        Image.fromarray(pixels.astype(np.uint8)).save(real / f"{seed:05d}.jpg", quality=95, exif=exif)
+    stats = tmp_path / "jpeg_stats.npz"
+    run(["--save-reference-stats", str(stats), "--input", str(real), *_flags(eval_models)])
+    metric = FidMetric(device=CPU, inception=eval_models["inception"], features=64)
+    metric.use_reference(load_reference_stats(stats), stats)
+    metric.update_images([pil_to_uint8(Image.open(p).convert("RGB")) for p in sorted(fake.glob("*.png"))],
+                         real=False, batch_size=8)  # fmt: skip
+    theirs = _torch_fidelity_fid(real, fake, eval_models["inception"])
+    assert abs(metric.compute() - theirs) <= 1e-3, (metric.compute(), theirs)
+
+
+def test_a_real_folder_of_shards_and_loose_images_is_refused(tmp_path):
+    """Shards and image files side by side: reading one kind would leave the other out of the statistics."""
+    import io
+    import tarfile
+
+    from training.evaluate import real_image_sources
+    from training.ranks import Dist
+
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(image, format="PNG")
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        member = tarfile.TarInfo("k0.png")
+        member.size = len(image.getvalue())
+        tar.addfile(member, io.BytesIO(image.getvalue()))
+    assert real_image_sources(tmp_path, Dist())[0] == 1
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "k1.png").write_bytes(image.getvalue())
+    with pytest.raises(ValueError, match=r"both \.tar shards \(1\) and image files \(1"):
+        real_image_sources(tmp_path, Dist())
+
+
+def test_prompt_case_is_refused_where_nothing_is_sampled(capsys):
+    """--images and --save-reference-stats sample nothing: a --prompt-case there would be ignored silently."""
+    from training.evaluate import parse_args
+
+    for mode in (["--images", "S", "--reference-stats", "r.npz"], ["--save-reference-stats", "r.npz", "--input", "R"]):
+        parse_args(mode)  # fine without it
+        with pytest.raises(SystemExit):
+            parse_args([*mode, "--prompt-case", "as_written"])
+        assert "samples nothing: --prompt-case applies where images are sampled" in capsys.readouterr().err

@@ -56,6 +56,7 @@ def test_jsonl_rows_with_ids_seeds_and_sizes(tmp_path):
         ('{"prompt": "a", "aspect": "1:1", "width": 4, "height": 4}', "line 2: give 'aspect' or"),
         ('{"prompt": "a", "id": true}', "line 2: 'id' must be a non-empty string or an integer"),
         ('{"prompt": "a", "id": "k0"}', "line 2: id 'k0' already on line 1"),
+        ('{"prompt": "a", "prompt": "b"}', "line 2: 'prompt' appears twice in one object"),
     ],
 )
 def test_a_bad_line_is_refused_with_its_number_and_reason(tmp_path, line, reason):
@@ -75,6 +76,17 @@ def test_mjhq_meta_data_json(tmp_path):
     path.write_text(json.dumps({"f3a1": {"category": "animals"}}))
     with pytest.raises(ValueError, match="meta_data.json: entry 'f3a1': no string 'prompt'"):
         read_prompt_file(path)
+    # an id twice: json.loads would keep the last entry and lose a prompt without a word
+    path.write_text('{"f3a1": {"prompt": "a cat"}, "09bc": {"prompt": "a city"}, "f3a1": {"prompt": "a dog"}}')
+    with pytest.raises(ValueError, match="meta_data.json: 'f3a1' appears twice"):
+        read_prompt_file(path)
+
+
+def test_the_format_is_read_from_the_suffix_in_any_case(tmp_path):
+    (tmp_path / "P.JSONL").write_text('{"prompt": "a cat", "id": "c"}\n')
+    assert read_prompt_file(tmp_path / "P.JSONL") == [{"prompt": "a cat", "key": "c"}]  # not the JSON text
+    (tmp_path / "META_DATA.JSON").write_text('{"c": {"prompt": "a cat"}}')
+    assert read_prompt_file(tmp_path / "META_DATA.JSON") == [{"prompt": "a cat", "key": "c"}]
 
 
 def test_plain_text_and_empty_files(tmp_path):
@@ -83,3 +95,21 @@ def test_plain_text_and_empty_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompt_file(tmp_path / "e.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("rows", "per_prompt"),
+    [
+        ([{"prompt": "a", "key": "a/b"}, {"prompt": "b", "key": "a_b"}], 1),  # equal once sanitised
+        ([{"prompt": "a", "key": "café"}, {"prompt": "b", "key": "caf_"}], 2),  # non-ASCII sanitised too
+        ([{"prompt": "a"}, {"prompt": "b", "key": "000000"}], 1),  # an unnamed row's index name
+    ],
+)
+def test_two_images_never_share_a_file(rows, per_prompt):
+    """Every planned image has its own file, or the plan is refused (else one PNG silently replaces another
+    and two rows point at it)."""
+    with pytest.raises(ValueError, match=r"would both be written to .*\.png"):
+        plan_jobs(rows, resolution=256, seed=0, num_images_per_prompt=per_prompt)
+    distinct = [{**row, "key": f"{row.get('key', 'r')}{i}"} for i, row in enumerate(rows)]
+    jobs = plan_jobs(distinct, resolution=256, seed=0, num_images_per_prompt=per_prompt)
+    assert len({j.file_name for j in jobs}) == len(jobs) == len(rows) * per_prompt

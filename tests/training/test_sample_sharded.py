@@ -11,7 +11,7 @@ import pytest
 
 from tests.training.conftest import REPO
 from tests.training.eval_factories import tiny_export
-from training.sample import IMAGES_FILE, RUN_FILE, run
+from training.sample import IMAGES_FILE, RUN_FILE, ImageGenerator, run
 
 PROMPTS = [
     {"prompt": "a photo of a cat at sunset", "id": "cat", "aspect": "1:2"},
@@ -89,3 +89,58 @@ def test_another_run_in_the_folder_is_refused(sharded, tmp_path):
     (tmp_path / "x" / "cat-0.png").write_bytes(b"")
     with pytest.raises(SystemExit, match=f"images without {RUN_FILE}"):
         run([*common, "--output", str(tmp_path / "x")])
+
+
+# --------------------------------------------------------------------------------------------------
+# What the plan digest covers (review of issue 19): a folder holds the images of one generator
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_run(tiny_models, tmp_path):
+    """A tiny export and a three-prompt file, sampled once (in-process, 2 steps) into ``out``."""
+    model = tiny_export(tiny_models, tmp_path / "run" / "final", seed=5)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:3]))
+    common = ["--model", str(model), "--input", str(prompts), "--steps", "2", "--seed", "3", "--device", "cpu"]
+    run([*common, "--output", str(tmp_path / "out")])
+    return tmp_path, common
+
+
+def test_a_rerun_with_another_prompt_case_or_other_weights_at_the_same_path_is_refused(small_run, tiny_models):
+    """Same prompts, seeds and flags, but another --prompt-case, or the model re-exported at the same path with
+    other weights: other images, so the folder is refused instead of resumed (resuming would keep the old PNGs)."""
+    root, common = small_run
+    out = str(root / "out")
+    run([*common, "--output", out])  # the same run: resumed (nothing to do)
+    with pytest.raises(SystemExit, match="already holds a sampling run.*another plan: the generator's prompt_case"):
+        run([*common, "--output", out, "--prompt-case", "as_written"])  # the export was trained lower
+    tiny_export(tiny_models, root / "run" / "final", seed=6)  # retrained: same path, other weights
+    with pytest.raises(SystemExit, match="another plan: the generator's model_sha256 differ"):
+        run([*common, "--output", out])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_overwrite_killed_midway_then_resumed_leaves_only_the_new_runs_images(small_run, monkeypatch):
+    """--overwrite with a new seed, killed after its first image, then the same command without --overwrite:
+    the folder ends as a fresh run of the new plan (none of the old run's same-sized PNGs kept as complete)."""
+    root, common = small_run
+    new = [*common, "--seed", "40"]
+    run([*new, "--output", str(root / "fresh")])
+    generate = ImageGenerator.generate
+
+    def killed_after_one(self, jobs, settings):
+        for number, item in enumerate(generate(self, jobs, settings)):
+            if number == 1:
+                raise _Killed
+            yield item
+
+    monkeypatch.setattr(ImageGenerator, "generate", killed_after_one)
+    with pytest.raises(_Killed):
+        run([*new, "--output", str(root / "out"), "--overwrite"])
+    monkeypatch.undo()
+    run([*new, "--output", str(root / "out")])
+    assert _files(root / "out") == _files(root / "fresh")

@@ -97,6 +97,11 @@ SCAN_WORKER_BYTES = 256 * 1024**2
 # The local executor's scanned batches waiting for the scorer: at most this many bytes of thumbnails (the scan
 # processes run ahead while the scorer loads its model, ~6 s of imports on one core).
 LOCAL_SCAN_AHEAD_BYTES = 512 * 1024**2
+# The local scan processes' niceness: on a small job every batch waits for the scorer's model (open_clip's
+# imports, seconds of one core), so its load, in this process, is the critical path; the scan yields it a core
+# and takes every other cycle (after the load it is alone). Linux weighs nice within one session (autogroup), so
+# this shares the job's CPU differently, it does not hand it to other users' jobs.
+LOCAL_SCAN_NICE = 10
 
 
 def init_ray() -> None:
@@ -524,7 +529,9 @@ def _scan_local(
     # forkserver: fresh workers that import what the scan needs; never a fork of a process whose DuckDB,
     # Arrow or torch threads may hold a lock. Started before this thread touches torch: the scan is not delayed
     # by torch's import.
-    pool = ProcessPoolExecutor(num_processes, mp_context=get_context("forkserver"))
+    pool = ProcessPoolExecutor(
+        num_processes, mp_context=get_context("forkserver"), initializer=os.nice, initargs=(LOCAL_SCAN_NICE,)
+    )
     try:
         todo, pending = iter(items), deque[Future]()
 

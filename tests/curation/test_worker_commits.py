@@ -278,6 +278,40 @@ def test_the_local_scorer_loads_beside_the_listing_and_scores_in_the_scoring_thr
     assert threads["score"] == {threading.main_thread()}
 
 
+def forkserver_children_niceness() -> list[int]:
+    """The niceness of every child of this process's multiprocessing forkserver (the local scan pool's processes),
+    from /proc: ``stat`` field 4 is the parent pid, field 19 the niceness."""
+    stats = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(proc.name)] = (int(fields[1]), int(fields[16]), (proc / "cmdline").read_bytes())
+        except (OSError, IndexError):  # a process that ended meanwhile
+            continue
+    servers = {pid for pid, (ppid, _, cmd) in stats.items() if ppid == os.getpid() and b"forkserver" in cmd}
+    return [nice for ppid, nice, _ in stats.values() if ppid in servers]
+
+
+def test_the_local_scan_processes_yield_the_cores_to_the_scorers_load(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 8: every batch waits for the scorer's model, which loads in this process: the scan processes
+    run LOCAL_SCAN_NICE steps nicer than it (as the OS reports them while the batches are scored)."""
+    seen: list[int] = []
+    score = pipeline.ScoreAndCommit.__call__
+
+    def noting(self, packed: pa.Table) -> pa.Table:
+        seen.extend(forkserver_children_niceness())
+        return score(self, packed)
+
+    monkeypatch.setattr(pipeline.ScoreAndCommit, "__call__", noting)
+    cfg = demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local", local_scan_processes=2)
+    run(cfg)
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + pipeline.LOCAL_SCAN_NICE)
+    assert seen and set(seen) == {expected}
+
+
 def test_the_local_scorer_runs_on_its_actors_cpus_and_gives_the_threads_back():
     """Ray starts an actor with OMP_NUM_THREADS = its num_cpus; the local scorer does the same, then restores."""
     import torch

@@ -208,9 +208,9 @@ def threshold_text(auto: dict, ray: dict, n: int, cores: int) -> str:
     )
     if here == float("inf"):
         verdict = (
-            f"So on this machine Ray never pays off: it is not faster per image either (its scan tasks, "
-            f"object-store hand-offs and per-phase task launches cost more than they spread over {cores} cores), "
-            f"so its extra start-up is never won back, at any size. `auto_local_max_inputs = {limit:,}` input "
+            f"So on this machine Ray never pays off: it is not faster per image either (both scan on all {cores} "
+            "cores; Ray adds object-store hand-offs and a task launch per phase item), so its extra start-up is "
+            f"never won back, at any size. `auto_local_max_inputs = {limit:,}` input "
             "files is therefore not a break-even here but the size above which a job runs as it will at scale: "
             "on Ray, whose per-image time divides across a cluster's nodes, whose lost tasks are retried and whose "
             f"tasks are scheduled by their declared memory. At {limit:,} files the in-process run is "
@@ -235,8 +235,10 @@ def render(r: dict, args: argparse.Namespace) -> str:
         ratios = [theirs / ours for theirs, ours in zip(i2d["times"], run["times"], strict=True)]
         return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
-    def phases(summary: dict) -> str:
-        return ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds_per_phase"].items())
+    def phases(run: dict, summary: str = "summary", seconds: str = "seconds") -> str:
+        outside = run[seconds] - run[summary]["seconds"]  # interpreter, imports before the job, exit
+        inside = ", ".join(f"{k} {v:.1f}" for k, v in run[summary]["seconds_per_phase"].items())
+        return f"{inside}; outside the job (interpreter, imports, exit) {outside:.1f}"
 
     rows = "\n".join(
         f"| {name} | {run['seconds']:.1f} ({spread(run['spread'])}) | **{i2d['seconds'] / run['seconds']:.2f}×** "
@@ -272,14 +274,15 @@ the rounds (each round's img2dataset run against the same round's run of ours).
 {rows}
 | img2dataset | {i2d["seconds"]:.1f} ({spread(i2d["spread"])}) | 1.00× | {i2d["fixed"]:.1f} ({spread(i2d["fixed_spread"])}) | {net(i2d):.1f} |
 
-Phases (seconds, from the median runs' summaries), auto: {phases(auto["summary"])}; ray: {phases(ray["summary"])}.
-Ray's one-image run: {phases(ray["one_summary"])}. Kept {auto["summary"]["kept"]} (in-process) and
+Phases (seconds, from the median runs' summaries), auto: {phases(auto)}; ray: {phases(ray)}.
+One-image runs, auto: {phases(auto, "one_summary", "fixed")}; ray: {phases(ray, "one_summary", "fixed")}. Kept {auto["summary"]["kept"]} (in-process) and
 {ray["summary"]["kept"]} (Ray) of {auto["summary"]["inputs"]} (the rest below 1K or duplicates).
 
 In-process (issue 18, item 8): no Ray import; the scorer's model (open_clip's imports: torch, torchvision,
 transformers and timm) loads in a thread from the job's start, beside the listing; the scan runs in a pool of
-one process per core, started before anything imports torch, so scan and model load overlap; the scorer runs on
-its actor's `num_cpus` torch threads (as on Ray).
+one process per core at nice +10, started before anything imports torch, so scan and model load overlap and the
+load (every batch waits for it) gets a core; the scorer runs on its actor's `num_cpus` torch threads (as on
+Ray); the CLI freezes the GC before it exits (no final collections over the import-time objects).
 
 **The `--executor auto` threshold.** {threshold_text(auto, ray, n, cores)}
 """

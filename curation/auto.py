@@ -1,9 +1,9 @@
 """Which executor ``--executor auto`` picks: Ray for a cluster or a big job, this process for a small one.
 
 On one machine Ray's fixed cost (runtime start, worker processes, the scorer actor loading its model, the
-first tasks' imports: ~28 s more than in-process, docs/benchmarks.md "Curation: small jobs") buys nothing
-for a few thousand images, which one process scans, scores and dedups in seconds with the same functions
-(``executor.LocalExecutor``). So, in order:
+first tasks' imports: ~10 s more than in-process on 2 cores, docs/benchmarks.md "Curation: small jobs") buys
+nothing for a few thousand images, which this process scans (a process pool, one per core), scores and dedups
+in seconds with the same functions (``executor.LocalExecutor``). So, in order:
 
 1. a cluster is named (``RAY_ADDRESS``, which ``ray job submit`` sets for its entrypoint, or Ray is already
    initialised in this process): the user asked for the cluster → Ray;

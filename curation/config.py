@@ -158,10 +158,11 @@ class CurationConfig:
     # auto: Ray when a cluster is named (RAY_ADDRESS, as under `ray job submit`) or the inputs hold more than
     # auto_local_max_inputs files; else every phase in this process (curation.auto). local: never Ray.
     executor: Literal["auto", "ray", "local"] = "auto"
-    # Up to this many input files (sidecars count), on one machine, Ray's fixed cost (13 s more than in-process,
-    # whose scan also uses every core: start, workers, scorer actor, task warm-up) outweighs its faster per-image
-    # rate: measured break-even ≈ 2,350 images on 2 cores (docs/benchmarks.md "Curation: small jobs"); 2,000
-    # files is a 1k-image job with caption sidecars.
+    # Up to this many input files (sidecars count; 2,000 files is a 1k-image job with caption sidecars) a job
+    # runs in-process. On one 2-core machine Ray hardly pays off: its fixed cost is 8–15 s more (start, workers,
+    # scorer actor, task warm-up) and its per-image time is no better than in-process (equal within noise, or
+    # slower: docs/benchmarks.md "Curation: small jobs"), so this is not a break-even: above it a job runs as it
+    # will at scale, on Ray (per-image time divided across nodes, lost tasks retried, tasks scheduled by memory).
     auto_local_max_inputs: int = 2000
     # The local executor's scan (pass 1 + 2) runs in this many worker processes, started before the scorer loads
     # its model so that the two overlap (issue 18, item 8); 0: one per core this process may use; 1: no pool.

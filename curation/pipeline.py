@@ -25,7 +25,7 @@ import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -97,6 +97,11 @@ SCAN_WORKER_BYTES = 256 * 1024**2
 # The local executor's scanned batches waiting for the scorer: at most this many bytes of thumbnails (the scan
 # processes run ahead while the scorer loads its model, ~6 s of imports on one core).
 LOCAL_SCAN_AHEAD_BYTES = 512 * 1024**2
+# The local scan processes' niceness: on a small job every batch waits for the scorer's model (open_clip's
+# imports, seconds of one core), so its load, in this process, is the critical path; the scan yields it a core
+# and takes every other cycle (after the load it is alone). Linux weighs nice within one session (autogroup), so
+# this shares the job's CPU differently, it does not hand it to other users' jobs.
+LOCAL_SCAN_NICE = 10
 
 
 def init_ray() -> None:
@@ -366,8 +371,16 @@ class ScoreAndCommit:
     the batches a clean run saw: the scan packs each batch into one value, and its size is checked here.
     """
 
-    def __init__(self, cfg: AestheticConfig, plan: ChunkPlan, guard: rundir.RunGuard | None = None) -> None:
-        self.scorer = AestheticScorer(cfg)
+    def __init__(
+        self,
+        cfg: AestheticConfig,
+        plan: ChunkPlan,
+        guard: rundir.RunGuard | None = None,
+        *,
+        scorer: AestheticScorer | None = None,
+    ) -> None:
+        # The local executor hands in its scorer, loading since the job's start; an actor loads its own.
+        self.scorer = scorer if scorer is not None else AestheticScorer(cfg)
         self.plan = plan
         self.guard = guard  # this actor writes scored batches and commits chunks into the run folder
 
@@ -484,47 +497,74 @@ def local_scan_processes(cfg: CurationConfig) -> int:
     return cfg.local_scan_processes or len(os.sched_getaffinity(0))
 
 
-def _scan_local(plan: ChunkPlan, cfg: CurationConfig, clip_size: int) -> Iterator[pa.Table]:
+def load_scorer_in_background(cfg: AestheticConfig) -> Future[AestheticScorer]:
+    """The local executor's scorer, loaded by a thread from the job's start (issue 18, item 8): open_clip's
+    imports (torch, torchvision, transformers, timm: seconds of one core, the longest step of a small job) overlap
+    the listing, the chunk plan and the scan pool's start, whose DuckDB, file and forkserver waits release the
+    GIL. Only the load runs there; every forward runs in the thread that scores (``_scan_local``)."""
+    loader = ThreadPoolExecutor(1, thread_name_prefix="scorer-load")
+    try:
+        return loader.submit(AestheticScorer, cfg)
+    finally:
+        loader.shutdown(wait=False)  # the thread ends with its one load
+
+
+def _scan_local(
+    plan: ChunkPlan, cfg: CurationConfig, clip_size: int, scorer: Future[AestheticScorer]
+) -> Iterator[pa.Table]:
     """The same stages as on Ray, without it: batches scanned by a pool of processes (one per core) that starts
-    before the scorer loads its model here, so model load and scan overlap; scored and committed in order.
-    With one process (``local_scan_processes=1``) every batch is scanned in this process instead."""
+    while ``scorer`` loads, so model load and scan overlap; scored and committed in order, here. With one process
+    (``local_scan_processes=1``) every batch is scanned in this process instead."""
     scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
     items = [(i, b) for i, work in enumerate(plan.works) for b in range(plan.target.num_batches(work))]
     num_processes = min(local_scan_processes(cfg), len(items))
-    with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
-        if num_processes <= 1:
-            score = ScoreAndCommit(cfg.aesthetic, plan)
+    if num_processes <= 1:
+        loaded = scorer.result()
+        with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
+            score = ScoreAndCommit(cfg.aesthetic, plan, scorer=loaded)
             yield from (score(scan.packed_batch(i, b)) for i, b in items)
-            return
-        batch_bytes = clip_size * clip_size * 3 * cfg.aesthetic.batch_size
-        ahead = max(2 * num_processes, LOCAL_SCAN_AHEAD_BYTES // batch_bytes)
-        # forkserver: fresh workers that import what the scan needs; never a fork of a process whose DuckDB,
-        # Arrow or torch threads may hold a lock.
-        pool = ProcessPoolExecutor(num_processes, mp_context=get_context("forkserver"))
-        try:
-            todo, pending = iter(items), deque[Future]()
+        return
+    batch_bytes = clip_size * clip_size * 3 * cfg.aesthetic.batch_size
+    ahead = max(2 * num_processes, LOCAL_SCAN_AHEAD_BYTES // batch_bytes)
+    # forkserver: fresh workers that import what the scan needs; never a fork of a process whose DuckDB,
+    # Arrow or torch threads may hold a lock. Started before this thread touches torch: the scan is not delayed
+    # by torch's import.
+    pool = ProcessPoolExecutor(
+        num_processes, mp_context=get_context("forkserver"), initializer=os.nice, initargs=(LOCAL_SCAN_NICE,)
+    )
+    try:
+        todo, pending = iter(items), deque[Future]()
 
-            def submit() -> None:
-                for i, b in todo:
-                    pending.append(pool.submit(scan.packed_batch, i, b))
-                    if len(pending) >= ahead:
-                        return
+        def submit() -> None:
+            for i, b in todo:
+                pending.append(pool.submit(scan.packed_batch, i, b))
+                if len(pending) >= ahead:
+                    return
 
-            submit()
-            score = ScoreAndCommit(cfg.aesthetic, plan)  # the model loads while the pool scans
+        submit()
+        loaded = scorer.result()  # loading while the pool scans
+        with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
+            score = ScoreAndCommit(cfg.aesthetic, plan, scorer=loaded)
             while pending:
                 packed = pending.popleft().result()
                 submit()
                 yield score(packed)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def scan_and_score(
-    chunks: list[chunking.Chunk], cfg: CurationConfig, root: Path, scratch: Path, executor: Executor
+    chunks: list[chunking.Chunk],
+    cfg: CurationConfig,
+    root: Path,
+    scratch: Path,
+    executor: Executor,
+    *,
+    scorer: Future[AestheticScorer] | None = None,
 ) -> int:
     """Pass 1 + 2 and the aesthetic score of every pending chunk, each committed by the worker that completes
-    it; the driver sees counts only."""
+    it; the driver sees counts only. ``scorer``: the local executor's model, already loading
+    (``load_scorer_in_background``); the Ray executor's actors load their own."""
     pending = [c for c in chunks if c.pending]
     log.info("scan + score: %d chunks committed, %d to do", len(chunks) - len(pending), len(pending))
     if not pending:
@@ -541,7 +581,7 @@ def scan_and_score(
     for work in plan.works:  # a pending chunk's old markers: only this run's commit may count
         plan.target.unmark(work)
     if executor.name == "local":
-        stream = _scan_local(plan, cfg, clip_size)
+        stream = _scan_local(plan, cfg, clip_size, scorer or load_scorer_in_background(cfg.aesthetic))
     else:
         guard = getattr(executor, "guard", None)
         stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
@@ -722,11 +762,14 @@ def run(cfg: CurationConfig) -> dict:
         inputs, config, scratch = prepare_run_folder(cfg, root)
         clock = PhaseClock()
         executor = make_executor(cfg, rundir.RunGuard(str(root), rundir.write_nonce(root)))
+        # In-process, the scorer's imports and model load are the small job's longest step: started now, beside
+        # the listing (when nothing is left to score the load is wasted: the process waits for it at exit).
+        scorer = load_scorer_in_background(cfg.aesthetic) if executor.name == "local" else None
         clock.lap("start")
         records, num_records = list_inputs(cfg, root, scratch, executor)
         chunks = plan_work(cfg, records, num_records, work_dir(root, cfg), scratch, executor)
         clock.lap("listing")
-        scan_and_score(chunks, cfg, root, scratch, executor)
+        scan_and_score(chunks, cfg, root, scratch, executor, scorer=scorer)
         clock.lap("scan_score")
         parts = scored_parts(chunks, cfg, root)
         post = post_scoring(parts, post_config(cfg), root=root, scratch=scratch / "post", executor=executor)

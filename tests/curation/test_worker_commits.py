@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ import ray.data
 from PIL import Image
 
 import manifests
+from curation import chunks as chunking
 from curation import pipeline
+from curation.aesthetic import AestheticScorer
 from curation.config import DecodeConfig, DownloadConfig, TierConfig
 from curation.executor import TASK_BASE_BYTES, _drain
 from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
@@ -241,6 +244,74 @@ def test_the_local_scan_pool_gives_the_ray_runs_manifest_and_scans_outside_this_
     ]
 
 
+def test_the_local_scorer_loads_beside_the_listing_and_scores_in_the_scoring_thread(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 8: in-process, the scorer's imports and model load (a small job's longest step) overlap the
+    listing: the model starts loading before the listing ends, in another thread, while every forward runs in the
+    thread that scores (where the actor's torch threads are set); the manifest holds every input."""
+    loading = threading.Event()
+    threads: dict[str, set[threading.Thread]] = {"load": set(), "score": set()}
+
+    class Recording(AestheticScorer):
+        def __init__(self, cfg) -> None:
+            threads["load"].add(threading.current_thread())
+            loading.set()
+            super().__init__(cfg)
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            threads["score"].add(threading.current_thread())
+            return super().__call__(batch)
+
+    list_unit = chunking.write_listing_unit
+
+    def waits_for_the_load(task: dict) -> int:
+        assert loading.wait(timeout=30), "the listing ended before the scorer started loading"
+        return list_unit(task)
+
+    monkeypatch.setattr(pipeline, "AestheticScorer", Recording)
+    monkeypatch.setattr(chunking, "write_listing_unit", waits_for_the_load)
+    summary = run(demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local"))
+    assert summary["executor"] == "local"
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+    assert len(threads["load"]) == 1 and threading.main_thread() not in threads["load"]
+    assert threads["score"] == {threading.main_thread()}
+
+
+def forkserver_children_niceness() -> list[int]:
+    """The niceness of every child of this process's multiprocessing forkserver (the local scan pool's processes),
+    from /proc: ``stat`` field 4 is the parent pid, field 19 the niceness."""
+    stats = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(proc.name)] = (int(fields[1]), int(fields[16]), (proc / "cmdline").read_bytes())
+        except (OSError, IndexError):  # a process that ended meanwhile
+            continue
+    servers = {pid for pid, (ppid, _, cmd) in stats.items() if ppid == os.getpid() and b"forkserver" in cmd}
+    return [nice for ppid, nice, _ in stats.values() if ppid in servers]
+
+
+def test_the_local_scan_processes_yield_the_cores_to_the_scorers_load(
+    demo_corpus, tmp_path, aesthetic_cfg, monkeypatch
+):
+    """Issue 18 item 8: every batch waits for the scorer's model, which loads in this process: the scan processes
+    run LOCAL_SCAN_NICE steps nicer than it (as the OS reports them while the batches are scored)."""
+    seen: list[int] = []
+    score = pipeline.ScoreAndCommit.__call__
+
+    def noting(self, packed: pa.Table) -> pa.Table:
+        seen.extend(forkserver_children_niceness())
+        return score(self, packed)
+
+    monkeypatch.setattr(pipeline.ScoreAndCommit, "__call__", noting)
+    cfg = demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local", local_scan_processes=2)
+    run(cfg)
+    assert manifest_keys(tmp_path) == reference_keys(demo_corpus)
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + pipeline.LOCAL_SCAN_NICE)
+    assert seen and set(seen) == {expected}
+
+
 def test_the_local_scorer_runs_on_its_actors_cpus_and_gives_the_threads_back():
     """Ray starts an actor with OMP_NUM_THREADS = its num_cpus; the local scorer does the same, then restores."""
     import torch
@@ -298,8 +369,11 @@ print("after:", sorted(m for m in ("ray", "matplotlib") if m in sys.modules))
 """
 
 
-def test_a_local_run_never_imports_ray_and_loads_no_model_before_its_scan(demo_corpus, tmp_path, aesthetic_cfg):
-    """Issue 18 item 8: the small job's start-up is not Ray's nor torch's (both cost seconds to import)."""
+def test_a_local_run_never_imports_ray_and_loads_no_model_before_it_starts(
+    demo_corpus, tmp_path, aesthetic_cfg
+):
+    """Issue 18 item 8: the small job's start-up is not Ray's, and torch (seconds to import) loads only inside the
+    run, beside its listing, never on the way to it (config, pipeline, checks)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-c", LOCAL_IMPORTS, str(demo_corpus), str(tmp_path / "run"), aesthetic_cfg.clip_model]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -25,15 +25,19 @@ uses), from a pool of ``pool_size`` scenes per resolution; each step one bucket 
 and edges ×4, + a tiny KL; Adam with warm-up and cosine decay; 1 torch thread. The posterior's log-variance
 starts at ``INIT_LOGVAR``.
 
-**Not good enough yet** (docs/benchmarks.md "Toy world"): the round trip keeps position and count but not
-colour (≈ 0.35 against a chance of 0.21) nor, at 128 px, shape, so overall adherence is ~0.1, far from the
-0.9 / 0.7 the toy run needs. Measured on the way (checkpoints every 500 steps, 40 held-out scenes): uniform
-48 px crops of 128/256 px images hold an object in only 17 % of crops (2 % of pixels); object-centred crops
-fixed that but the crops' GroupNorm statistics differ from a whole image's and decoded backgrounds came out
-tinted; whole images, 1–8 GroupNorm groups, with or without edge weights, with 64 px images added: colour
-stayed at 0.23–0.42 up to 1,500–1,800 steps, and 900–3,000-step runs are what the session's shared CPUs
-allowed. The previous build (64 px images, 2,500 steps × 8 fresh scenes) did keep colour (0.98 at 64 px,
-0.8 at 128 px): it had seen ~5× more objects; colour seems to need that many, not more pixels per object.
+**Not good enough yet** (docs/benchmarks.md "Toy world", 200 scenes): the round trip keeps position and count
+but not colour (0.27–0.30 against a chance of 0.21) nor, at 128 px, shape, so overall adherence is
+0.02–0.11, far from the 0.9 / 0.7 the toy run needs. Measured this session (checkpoints every 250–500 steps,
+``round_trip_adherence`` on 40 held-out scenes; runs of 900–3,000 steps were what the shared CPUs allowed):
+uniform 48 px crops of 128/256 px images hold an object in only 17 % of crops (2 % of pixels);
+object-centred crops fixed that, but a crop's GroupNorm statistics differ from a whole image's and decoded
+backgrounds came out tinted; with whole images, 1, 2, 4 or 8 GroupNorm groups, edge weight 4 or 1, colour
+stayed at 0.23–0.42 up to step 1,000–1,800; adding 64 px images to the pool left objects grey by step 800.
+A 3-block (4×) VAE of the same recipe at 64/128 px (scratch run, 16/32/32 channels) reached, at 128 px,
+overall 0.35 / 0.75 / 0.83 and colour 0.70 / 0.93 / 0.95 after 500 / 750 / 1,000 steps: at the same
+latent cells per object (4× at 128 px = 8× at 256 px) it sees 4× more objects per step, and the previous
+build (64 px images, 8 fresh scenes a step, 2,500 steps) also kept colour (0.98 at 64 px). Colour seems to
+need many object examples; option B (4× toy VAEs at 64/128 px) is the measured way to the issue's bars.
 No attention in the mid blocks (``mid_block_add_attention=False``): on the shared 2-core machine it made a
 step ~20× slower, and the metric needs local shapes, not global context.
 """

@@ -117,7 +117,7 @@ def markdown(vaes: list[dict], metrics: list[tuple[str, dict]], command: str, nu
     lines += [
         "",
         "Reading: the metric passes its validation on the generator's images (≥ 0.95 overall at every size) and "
-        "sits at chance on shuffled pairs. The shipped 8× toy VAEs (`stop_at` 500 / 1,000 steps, ~4 / ~9 min on "
+        "sits at chance on shuffled pairs. The shipped 8× toy VAEs (`stop_at` 500 / 1,000 steps, 268 / 291 s on "
         "one shared core) keep position and count through a round trip but not colour (0.27–0.30 against a "
         "chance of 0.21: hues drift to a red–cyan axis) nor, at 128 px, shape, so `overall` is 0.02–0.11, far "
         "below the 0.9 (strong) / 0.7 (weak) issue 21 item 2 asks for. What was measured on the way is in "

@@ -1,6 +1,7 @@
 """training.toy_vae: the toy VAEs are SD-layout AutoencoderKLs, saved and loaded like real weights, with the
 scaling factor the SD rule gives (1 / std of the latents), trained reproducibly from a seed; the shipped pair
-(assets/toy_vae/{sd,sdxl}) keeps the toy world through a round trip, measured by the adherence metric.
+(assets/toy_vae/{sd,sdxl}) keeps position, count and (at 256 px) shape through a round trip, not yet colour,
+measured by the adherence metric.
 
 The build's mechanics are asserted with a few steps; the shipped weights are checked on fresh scenes through
 the trainer's own encode/decode path (``training.encoders.LatentEncoder``) and through plain diffusers calls."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from diffusers import AutoencoderKL
 
 from curation.toy_world import CORPUS_SIZES as CURATION_CORPUS_SIZES
 from manifests.toy import caption, scene_for
+from tests.conftest import REPO
 from training.adherence import mean_scores, score_image
 from training.encoders import LatentEncoder
 from training.toy_vae import (
@@ -71,7 +74,7 @@ def test_saved_vae_loads_as_sd_layout_with_the_sd_scaling_rule(built, key: str) 
     assert abs(vae.config.scaling_factor * latents.std().item() - 1) < 0.25
     record = json.loads((built[key] / TRAINING_FILE).read_text())
     assert record["scaling_factor"] == vae.config.scaling_factor and record["seed"] == 0
-    assert f"--vae {key}" in record["command"]
+    assert record["command"].split()[-1] == key
     weights = built[key] / "diffusion_pytorch_model.safetensors"
     assert record["sha256"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
 
@@ -176,19 +179,27 @@ def test_lr_warms_up_then_follows_torchs_cosine_decay() -> None:
 # -- the shipped weights ------------------------------------------------------------------------------------
 
 NUM_FRESH = 30
-# Bars: what the shipped pair measured on these NUM_FRESH fresh scenes with trainer_round_trip, less 0.25
-# (three standard errors of a mean of 30 scores in [0, 1] at p ≈ 0.8: 3 · 0.073 = 0.22). Measured:
-#   sd   128: count 0.767, position 0.886, shape 0.456 | 256: count 0.767, position 0.900, shape 0.650
-#   sdxl 128: count 0.500, position 0.735, shape 0.390 | 256: count 0.600, position 0.787, shape 0.749
-# Colour (0.27–0.31, chance 0.21) and overall (0.07–0.17) are too near chance to bar (docs/benchmarks.md
-# "Toy world"): these VAEs do not keep colour yet (training/toy_vae.py's docstring says why).
+# Bars: what the shipped pair measured on these NUM_FRESH fresh scenes with trainer_round_trip, less 0.1. The
+# computation is deterministic (fixed scenes, seeded noise, weights pinned by sha256): the margin covers library
+# and CPU float differences, not sampling. Measured (256 px decoded whole: sample_size 512, no tiling):
+#   sd   128: count 0.767, position 0.886, shape 0.456 | 256: count 0.800, position 0.917, shape 0.667
+#   sdxl 128: count 0.500, position 0.735, shape 0.390 | 256: count 0.500, position 0.753, shape 0.721
+# A score is barred only where its bar clears chance (a perfect detector on shuffled truths, docs/benchmarks.md
+# "Toy world": count 0.324, shape 0.364, position 0.173) by 0.05, so that a VAE that lost it fails: shape at
+# 128 px is not. Colour (0.27–0.32, chance 0.21) and overall (0.07–0.17) are too near chance to bar: these VAEs
+# do not keep colour yet (training/toy_vae.py's docstring says why).
 MEASURED: dict[tuple[str, int], dict[str, float]] = {
-    ("sd", 128): {"count": 0.767, "position": 0.886, "shape": 0.456},
-    ("sd", 256): {"count": 0.767, "position": 0.900, "shape": 0.650},
-    ("sdxl", 128): {"count": 0.500, "position": 0.735, "shape": 0.390},
-    ("sdxl", 256): {"count": 0.600, "position": 0.787, "shape": 0.749},
+    ("sd", 128): {"count": 0.767, "position": 0.886},
+    ("sd", 256): {"count": 0.800, "position": 0.917, "shape": 0.667},
+    ("sdxl", 128): {"count": 0.500, "position": 0.735},
+    ("sdxl", 256): {"count": 0.500, "position": 0.753, "shape": 0.721},
 }
-MIN_SCORES = {key: {score: value - 0.25 for score, value in scores.items()} for key, scores in MEASURED.items()}
+CHANCE = {"count": 0.324, "shape": 0.364, "position": 0.173}
+MIN_SCORES = {key: {score: value - 0.1 for score, value in scores.items()} for key, scores in MEASURED.items()}
+
+
+def test_every_bar_clears_chance() -> None:
+    assert all(bar >= CHANCE[score] + 0.05 for bars in MIN_SCORES.values() for score, bar in bars.items())
 
 
 @functools.cache
@@ -210,6 +221,21 @@ def test_shipped_weights_are_the_recorded_ones(name: str) -> None:
     vae = AutoencoderKL.from_pretrained(str(path))
     assert record["scaling_factor"] == vae.config.scaling_factor
     assert tuple(vae.config.block_out_channels) == tuple(record["spec"]["block_out_channels"])
+    assert vae.config.sample_size >= 2 * 256  # a 256 px bucket (up to 352 px a side) decodes untiled
+
+
+def test_shipped_weak_and_strong_latents_differ_as_sd_and_sdxl_do() -> None:
+    """Different latent statistics, so different scaling factors (SD 0.18215 vs SDXL 0.13025 for the real pair)."""
+    sd, sdxl = (AutoencoderKL.load_config(str(toy_vae_path(n)))["scaling_factor"] for n in ("sd", "sdxl"))
+    assert max(sd, sdxl) / min(sd, sdxl) > 1.2
+
+
+def test_toy_config_stages_carry_their_vaes_scaling_factor() -> None:
+    """configs/toy.toml run as written (torchrun … --config configs/toy.toml) passes the trainer's check."""
+    config = tomllib.loads((REPO / "configs" / "toy.toml").read_text())
+    for stage in config["stages"]:
+        vae_config = AutoencoderKL.load_config(str(REPO / stage["vae"]))
+        assert stage["vae_scaling_factor"] == vae_config["scaling_factor"], stage["vae"]
 
 
 @pytest.mark.parametrize("name", ["sd", "sdxl"])

@@ -18,9 +18,9 @@ noise) every ``--every`` steps. Per seed:
 
 Each arm's mean ± spread (half the min–max range) over the seeds goes into docs/benchmarks.md (section
 ``ablations``) beside the paper's number or claim, and one PNG per arm (held-out loss vs step) into docs/.
-The VAEs: ``--vae-dir`` (``toy_vae_sd/`` weak + ``toy_vae_sdxl/`` strong, as ``python -m training.toy_vae``
-writes them), default ``assets/toy_vae`` when it exists, else the tiny calibrated random VAEs of
-``training.tiny`` (SD-like and SDXL-like scaling factors; their decode is not a picture, the DiT's latent
+The VAEs: ``--vae-dir`` (``sd/`` weak + ``sdxl/`` strong, as ``python -m training.toy_vae``
+writes them, e.g. ``assets/toy_vae``); by default the tiny calibrated random VAEs of ``training.tiny``
+(the shipped toy VAEs are trained at 128/256 px and keep no colour yet; the arms run at 64/128 px) (SD-like and SDXL-like scaling factors; their decode is not a picture, the DiT's latent
 task is still fixed and learnable) — the table says which.
 """
 
@@ -145,7 +145,7 @@ def prepare(work: Path, vae_dir: Path | None, *, num_train: int) -> dict[str, st
     models = work / "models"
     paths = {"t5": str(models / "t5")}
     if vae_dir is not None:
-        paths |= {"weak": str(vae_dir / "toy_vae_sd"), "strong": str(vae_dir / "toy_vae_sdxl"),
+        paths |= {"weak": str(vae_dir / "sd"), "strong": str(vae_dir / "sdxl"),
                   "vaes": f"toy VAEs from {vae_dir}"}  # fmt: skip
     else:
         paths |= {"weak": str(models / "vae_sd"), "strong": str(models / "vae"),
@@ -453,7 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"shorter runs: {QUICK}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--vae-dir", type=Path, help="toy_vae_sd/ + toy_vae_sdxl/; default assets/toy_vae if present"
+        "--vae-dir", type=Path, help="sd/ + sdxl/ (e.g. assets/toy_vae); default: tiny random VAEs"
     )
     parser.add_argument("--num-train", type=int, default=512, help="toy scenes in the training shards")
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "pixsigma_bench_ablations",
@@ -472,9 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     started = time.perf_counter()
     load = os.getloadavg()
-    vae_dir = args.vae_dir or (
-        REPO / "assets" / "toy_vae" if (REPO / "assets" / "toy_vae" / "toy_vae_sdxl").exists() else None
-    )
+    vae_dir = args.vae_dir  # None: training.tiny's random VAEs (the module docstring says why)
     b = QUICK if args.quick else FULL
     if args.steps_scale != 1.0:
         s = args.steps_scale

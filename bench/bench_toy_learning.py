@@ -22,7 +22,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from bench.record import write_section
-from manifests.toy import caption, scene_for
+from manifests.buckets import resize_to_cover_and_crop
+from manifests.toy import caption, render, scene_for
 from training.adherence import SCORES, chance_levels, mean_scores, score_image
 from training.config import load_config
 from training.convert import load_diffusers
@@ -30,7 +31,7 @@ from training.diffusion import sample
 from training.encoders import CaptionEncoder, LatentEncoder
 from training.main import main as train
 from training.tiny import TOY_MAX_TOKENS, build_toy_t5, write_synthetic_shards
-from training.toy_vae import round_trip, toy_batch
+from training.toy_vae import round_trip, to_pixels
 
 HELD_OUT_START = 10_000  # held-out prompts: scenes of the same corpus seed never written to the shards
 NUM_PROMPTS = 32
@@ -155,7 +156,10 @@ def main() -> None:
     rows = [run_seed(seed, args, root, t5, shards, scaling) for seed in args.seeds]
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     num = min(NUM_PROMPTS, args.num_images)
-    reconstructions = to_uint8(round_trip(vae, toy_batch(0, 0, num, (args.resolution, args.resolution))))
+    # the shards' images (write_synthetic_shards: rendered at 4× and cropped to the square bucket), there and back
+    side = args.resolution
+    images = [resize_to_cover_and_crop(render(scene_for(0, i), 4 * side, 4 * side), (side, side)) for i in range(num)]
+    reconstructions = to_uint8(round_trip(vae, torch.stack([to_pixels(image) for image in images])))
     ceiling = scores_of(reconstructions, [caption(scene_for(0, i)) for i in range(num)])
     command = (f"python -m bench.bench_toy_learning --vae {args.vae} --seeds {' '.join(map(str, args.seeds))} "
                f"--steps {args.steps} --num-images {args.num_images} --resolution {args.resolution} "

@@ -3,8 +3,8 @@
 # training shards with cached toy-T5 and toy-VAE features → torchrun training/main.py --config configs/toy.toml.
 # The captions are the truth (manifests.toy): no captioning step, the trainer reads caption_orig only
 # (real_prompt_ratio = 1.0), and the eval set's prompts are the captions, so evaluation scores adherence.
-# Environment: TOY_OUT, TOY_N, TOY_SEED, TOY_CONFIG, NPROC, TOY_VAE (a folder holding toy_vae_sd/ and
-# toy_vae_sdxl/; built with `python -m training.toy_vae` when absent), extra --set overrides in TOY_SETS.
+# Environment: TOY_OUT, TOY_N, TOY_SEED, TOY_CONFIG, NPROC, TOY_VAE (a folder holding sd/ and sdxl/;
+# default the toy VAEs shipped in assets/toy_vae, built with `python -m training.toy_vae` when absent), extra --set overrides in TOY_SETS.
 set -euo pipefail
 OUT=${TOY_OUT:-toy_out}
 N=${TOY_N:-96}
@@ -13,7 +13,7 @@ CONFIG=${TOY_CONFIG:-configs/toy.toml}
 NPROC=${NPROC:-1}
 RUN=$OUT/run
 MODELS=$OUT/models
-TOY_VAE=${TOY_VAE:-$MODELS}
+TOY_VAE=${TOY_VAE:-assets/toy_vae}
 read -r -a EXTRA_SETS <<<"${TOY_SETS:-}"
 step() { printf '\n== %s\n' "$*"; }
 
@@ -26,7 +26,7 @@ step "2/6 models built offline → $MODELS (toy T5, tiny CLIP and Inception; toy
 [ -f "$MODELS/toy_t5/config.json" ] || python -m training.tiny --output "$MODELS"
 [ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
 [ -f "$MODELS/inception/pt_inception-random.pth" ] || python -m training.tiny_inception --output "$MODELS"
-[ -f "$TOY_VAE/toy_vae_sdxl/config.json" ] || python -m training.toy_vae --output "$TOY_VAE" --vae sdxl
+[ -f "$TOY_VAE/sdxl/config.json" ] || python -m training.toy_vae --output "$TOY_VAE" --vae sdxl
 
 step "3/6 curation → $RUN (random CLIP: no aesthetic threshold, no semantic dedup; pHash at 0 bits)"
 # Tiny random CLIP: its scores and embeddings mean nothing (no aesthetic threshold, SemDeDup off, as in the
@@ -47,14 +47,14 @@ for res in $(python -c "from training.config import load_config; print(' '.join(
     VAE_RESOLUTIONS+=(--vae-resolution "$res")
 done
 python -m manifests.materialize --input "$RUN" --selection toy --samples-per-shard 32 \
-    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/toy_vae_sdxl" "${VAE_RESOLUTIONS[@]}"
+    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/sdxl" "${VAE_RESOLUTIONS[@]}"
 
 step "6/6 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
-SCALING=$(python -c "import json; print(json.load(open('$TOY_VAE/toy_vae_sdxl/config.json'))['scaling_factor'])")
+SCALING=$(python -c "import json; print(json.load(open('$TOY_VAE/sdxl/config.json'))['scaling_factor'])")
 VAE_SETS=()
 i=0
 for _ in $(python -c "from training.config import load_config; print(' '.join(s.name for s in load_config('$CONFIG').stages))"); do
-    VAE_SETS+=(--set "stages.$i.vae=$TOY_VAE/toy_vae_sdxl" --set "stages.$i.vae_scaling_factor=$SCALING")
+    VAE_SETS+=(--set "stages.$i.vae=$TOY_VAE/sdxl" --set "stages.$i.vae_scaling_factor=$SCALING")
     i=$((i + 1))
 done
 torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONFIG" --output "$OUT/train" \

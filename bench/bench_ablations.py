@@ -27,7 +27,6 @@ task is still fixed and learnable) — the table says which.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -45,11 +44,6 @@ import torch
 
 from bench.bench_model import cpu_name
 from bench.record import write_section
-from manifests.buckets import resize_to_cover_and_crop
-from manifests.features import NULL_CAPTION_FILE, T5Features, VaeFeatures
-from manifests.io import atomic_write_bytes
-from manifests.tars import json_bytes, npy_bytes, write_shard
-from manifests.toy import caption, render, scene_for
 from training.config import (
     DataSection,
     LogSection,
@@ -63,7 +57,13 @@ from training.config import (
 from training.flops import image_forward_flops
 from training.main import main as train
 from training.model import PRESETS
-from training.tiny import SD_VAE_SCALING_FACTOR, SDXL_VAE_SCALING_FACTOR, build_tiny_t5, build_tiny_vae
+from training.tiny import (
+    SD_VAE_SCALING_FACTOR,
+    SDXL_VAE_SCALING_FACTOR,
+    build_tiny_t5,
+    build_tiny_vae,
+    write_synthetic_shards,
+)
 from training.val_loss import VAL_LOSS_FILE
 
 log = logging.getLogger("bench.ablations")
@@ -110,36 +110,6 @@ QUICK = Budget(pre=120, high=40, kv=30, swap=40, every=5, num_held_out=8, batch_
 # --------------------------------------------------------------------------------------------------
 
 
-def write_toy_shards(out: Path, *, seed: int, num: int, t5: str, vae: str, per_shard: int = 64) -> Path:
-    """Square toy scenes as materialize writes them: PNG (256 px), JSON, cached T5 and latents at 64/128 px."""
-    out.mkdir(parents=True, exist_ok=True)
-    text, latents = T5Features(t5, max_tokens=MAX_TOKENS), VaeFeatures(vae)
-    samples = []
-    for index in range(num):
-        scene = scene_for(seed, index)
-        image = render(scene, 256, 256)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        words = caption(scene)
-        key = f"{seed:03d}{index:06d}"
-        meta = {"key": key, "width": 256, "height": 256, "caption_orig": words, "caption_vlm": words,
-                "buckets": {str(r): [r, r] for r in (LOW, HIGH)}}  # fmt: skip
-        features = text([words])[0]
-        sample = {"__key__": key, "png": buffer.getvalue(), "json": json_bytes(meta),
-                  "t5_orig.npy": npy_bytes(features), "t5_vlm.npy": npy_bytes(features)}  # fmt: skip
-        for res in (LOW, HIGH):
-            sample[f"vae{res}.npy"] = npy_bytes(latents([resize_to_cover_and_crop(image, (res, res))])[0])
-        samples.append(sample)
-    for number in range(0, num, per_shard):
-        write_shard(out / f"train-{number // per_shard:06d}.tar", samples[number : number + per_shard])
-    atomic_write_bytes(out / NULL_CAPTION_FILE, npy_bytes(text([""])[0]))
-    info = {"num_samples": num, "num_shards": -(-num // per_shard),
-            "features": {"t5": t5, "prompt_case": text.prompt_case, "vae": vae, "vae_resolutions": [LOW, HIGH],
-                         "vae_scaling_factor": latents.scaling_factor}}  # fmt: skip
-    atomic_write_bytes(out / "shards.json", json.dumps(info, indent=2, sort_keys=True).encode())
-    return out
-
-
 def prepare(work: Path, vae_dir: Path | None, *, num_train: int) -> dict[str, str]:
     """T5, weak/strong VAEs and both shard folders under ``work`` (reused when already there)."""
     models = work / "models"
@@ -149,7 +119,7 @@ def prepare(work: Path, vae_dir: Path | None, *, num_train: int) -> dict[str, st
                   "vaes": f"toy VAEs from {vae_dir}"}  # fmt: skip
     else:
         paths |= {"weak": str(models / "vae_sd"), "strong": str(models / "vae"),
-                  "vaes": "tiny calibrated random VAEs (training.tiny; toy VAEs not found)"}  # fmt: skip
+                  "vaes": "tiny calibrated random VAEs (training.tiny; no --vae-dir)"}  # fmt: skip
     if not (models / "t5").exists():
         build_tiny_t5(models)
     if vae_dir is None and not (models / "vae").exists():
@@ -158,7 +128,10 @@ def prepare(work: Path, vae_dir: Path | None, *, num_train: int) -> dict[str, st
     for name, seed, num in (("train", TRAIN_SEED, num_train), ("held_out", HELD_OUT_SEED, 32)):
         folder = work / f"shards_{name}_{num}"
         if not (folder / "shards.json").exists():
-            write_toy_shards(folder, seed=seed, num=num, t5=paths["t5"], vae=paths["strong"])
+            # square toy scenes rendered at 256 px, cropped to the 64/128 px buckets, T5 + latents cached
+            write_synthetic_shards(folder, num_images=num, samples_per_shard=64, resolutions=(LOW, HIGH),
+                                   sizes=((64, 64),), t5=paths["t5"], vae=paths["strong"],
+                                   vae_resolutions=(LOW, HIGH), max_tokens=MAX_TOKENS, toy_seed=seed)  # fmt: skip
         paths[name] = str(folder)
     return paths
 

@@ -121,7 +121,7 @@ def markdown(vaes: list[dict], metrics: list[tuple[str, dict]], command: str, nu
         "one shared core) keep position and count through a round trip but not colour (0.27–0.30 against a "
         "chance of 0.21: hues drift to a red–cyan axis) nor, at 128 px, shape, so `overall` is 0.02–0.11, far "
         "below the 0.9 (strong) / 0.7 (weak) issue 21 item 2 asks for. What was measured on the way is in "
-        "`training/toy_vae.py`'s docstring; a 4× (3-block) VAE trained the same way at 64/128 px reached 0.83 "
+        "`training/toy_vae.py`'s docstring; a 4× (3-block) VAE trained the same way at 64/128 px (a scratch run; its script is not in the repository) reached 0.83 "
         "overall at 128 px after 1,000 steps (40 held-out scenes), which points to option B. The \"weak\" VAE "
         "scores at least as well as the \"strong\" one on count, position and overall; only PSNR favours the "
         "strong one (19–20 dB vs 11), so this pair does not yet stand for SD → SDXL in the VAE-swap ablation "

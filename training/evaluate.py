@@ -63,7 +63,7 @@ from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars, quiet_root_info
 from training.adherence import adherence_metrics, is_toy_prompt, score_image
-from training.ranks import Dist, close_distributed, init_distributed
+from training.ranks import Dist, close_distributed, exit_torchrun_worker, init_distributed
 from training.reference_stats import (
     ReferenceStats,
     check_reference_stats,
@@ -1020,6 +1020,7 @@ def run(argv: list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Console script ``pixsigma-evaluate`` (returns None: a console script's return value is its exit status)."""
     run(argv)
+    exit_torchrun_worker()  # finished on every rank: no interpreter shutdown racing gloo's threads
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ from training.evaluate import evaluate_in_training, training_eval_prompts
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.observe import MetricsSink, image_grid, peak_tflops, save_grid, train_flops
 from training.pipeline import export_weights, is_exported
+from training.ranks import exit_torchrun_worker
 from training.val_loss import VAL_LOSS_FILE, HeldOutSample, load_held_out, validation_loss
 
 log = logging.getLogger("training")
@@ -576,6 +578,7 @@ def main(cfg: TrainConfig) -> Path:
         stop.uninstall()
         if dist.is_initialized():
             dist.destroy_process_group()
+            gc.collect()  # DDP's hook cycles, which hold the group, go now rather than at interpreter exit
 
 
 def run(cfg: TrainConfig, env: Dist, features: ShardFeatures, stop: StopRequest) -> Path:
@@ -1152,6 +1155,7 @@ def cli(argv: list[str] | None = None) -> None:
         if "RANK" in os.environ and os.environ["RANK"] != "0":
             raise SystemExit(2) from None
         raise SystemExit(f"error: {err}") from None
+    exit_torchrun_worker()  # finished on every rank: no interpreter shutdown racing gloo's threads
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
 from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
 from training.prompt_files import parse_aspect, read_prompt_file
-from training.ranks import Dist, close_distributed, default_device, init_distributed
+from training.ranks import Dist, close_distributed, default_device, exit_torchrun_worker, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -1068,6 +1068,7 @@ def run(argv: list[str] | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     """Console script ``pixsigma-sample`` (returns None: a console script's return value is its exit status)."""
     run(argv)
+    exit_torchrun_worker()  # finished on every rank: no interpreter shutdown racing gloo's threads
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The captioning job's wiring: ``images`` (DuckDB WHERE) → shard reads → captioner actors → manifest parts.
 
 The model-holding stages live in ``captioning.captioner`` and the guards in ``captioning.guards``; this
-module is the only one here that knows about Ray. Every selected row ends in the ``captions`` manifest,
+module is the only one here that knows about Ray. The transformers captioner runs on plain Ray actors fed by
+read tasks (``manifests.actors``); the vLLM backend stays on Ray Data LLM's processor. Every selected row ends in the ``captions`` manifest,
 kept or rejected with a reason. Resume: keys already captioned by the same captioner and prompt are
 skipped, and a part is visible only once committed, so a killed run loses at most its uncommitted parts
 and a rerun writes exactly those rows again. Rows rejected for a reason outside the image (``shard_error``,
@@ -18,6 +19,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -40,6 +42,7 @@ from captioning.captioner import (
 from captioning.config import CaptioningConfig
 from captioning.reader import MISSING_IN_SHARD, SHARD_ERROR, ReadImages, available_keys
 from manifests import CAPTIONS, ManifestWriter, atomic_write_bytes
+from manifests.actors import ActorSpec, run_on_actors
 from manifests.checks import InputError, one_line, squeeze
 from manifests.db import filter_sql, require_run
 from manifests.io import committed_parts, is_committed, read_committed_table
@@ -196,34 +199,49 @@ def resolve_min_side(cfg: CaptioningConfig) -> int:
     return min_side
 
 
-def caption_dataset(
-    plans: list[dict], cfg: CaptioningConfig, *, captioner: str, min_side: int
-) -> ray.data.Dataset:
-    """Read tasks → captioner actor pool (or the vLLM processor + guard actors) → ``captions`` rows."""
+# What a read task hands a captioner actor: one batch of reader rows (``captioning.reader.pixels_row``).
+READ_ROWS = pa.schema(
+    [("key", pa.string()), ("pixels", pa.binary()), ("width", pa.int64()), ("height", pa.int64()),
+     ("reason", pa.string())]
+)  # fmt: skip
+
+
+def read_batches(plan: dict, min_side: int, batch_size: int) -> Iterator[pa.Table]:
+    """Read task over one plan (a shard's keys): its rows, pixels or a reason, in the captioner's batches."""
+    rows = ReadImages(min_side=min_side)(plan)
+    for start in range(0, len(rows), batch_size):
+        yield pa.Table.from_pylist(rows[start : start + batch_size], schema=READ_ROWS)
+
+
+def captioners(cfg: CaptioningConfig, *, captioner: str) -> ActorSpec:
+    """The ``Captioner`` actors (one model replica each): configs are their only constructor arguments."""
     res = cfg.resources
-    ds = ray.data.from_items(plans, override_num_blocks=len(plans))
-    # Stateless, so plain Ray tasks (an instance, not the class).
-    ds = ds.flat_map(ReadImages(min_side=min_side))
+    kwargs = {"model": cfg.model, "prompt": cfg.prompt.text, "generation": cfg.generation, "guards": cfg.guards,
+              "captioner": captioner}  # fmt: skip
+    return ActorSpec(Captioner, kwargs, num_actors=res.num_actors, num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+
+
+def caption_batches(
+    plans: list[dict], cfg: CaptioningConfig, *, captioner: str, min_side: int
+) -> Iterator[pa.Table]:
+    """Read tasks → captioner actors (or the vLLM processor + guard actors) → batches of ``captions`` rows."""
+    res = cfg.resources
     if cfg.model.backend == "transformers":
-        return ds.map_batches(
-            Captioner,
-            fn_constructor_kwargs={
-                "model": cfg.model,
-                "prompt": cfg.prompt.text,
-                "generation": cfg.generation,
-                "guards": cfg.guards,
-                "captioner": captioner,
-            },
-            batch_size=res.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=res.num_actors),
-            num_gpus=res.num_gpus,
-            num_cpus=res.num_cpus,
-        )
+        # Plain actors (manifests.actors), no Ray Data pool: no `E … constructor arguments` line (issue 18).
+        read = ray.remote(num_returns="streaming")(read_batches)
+        yield from run_on_actors(
+            captioners(cfg, captioner=captioner), plans, read=read, read_args=(min_side, res.batch_size),
+            reads_ahead=2 * res.num_actors,
+        )  # fmt: skip
+        return
+    # vLLM: Ray Data LLM's processor owns the engine replicas and their batching; its guard pool stays on
+    # Ray Data with it (and so prints Ray's constructor-argument line once, README).
+    ds = ray.data.from_items(plans, override_num_blocks=len(plans))
+    ds = ds.flat_map(ReadImages(min_side=min_side))  # stateless, so plain Ray tasks (an instance, not the class)
     if res.num_gpus == 0:
         log.warning("resources.num_gpus is ignored by the vllm backend: each engine replica takes one GPU")
     ds = vllm_engine.build_processor(cfg, prompt=cfg.prompt.text)(ds)
-    return ds.map_batches(
+    yield from ds.map_batches(
         CaptionGuard,
         fn_constructor_kwargs={
             "guards": cfg.guards,
@@ -235,11 +253,11 @@ def caption_dataset(
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
-    )
+    ).iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def write_parts(
-    ds: ray.data.Dataset,
+    batches: Iterable[pa.Table],
     writer: ManifestWriter,
     *,
     captioner: str,
@@ -249,7 +267,7 @@ def write_parts(
     held: list[pa.Table] | None = None,
     total: int | None = None,
 ) -> pa.Table | None:
-    """Stream the dataset into committed parts of ``rows_per_part`` rows; returns the small columns.
+    """Stream caption batches into committed parts of ``rows_per_part`` rows; returns the small columns.
 
     Rows whose key is in ``hold`` (retried keys, whose old row lives in an existing part) are not written
     as new parts but appended to ``held``, for ``replace_rows``.
@@ -265,7 +283,7 @@ def write_parts(
         written.append(table.select(SUMMARY_COLUMNS))
         log.info("captions: %d rows committed", sum(t.num_rows for t in written))
 
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in batches:
         progress.update(batch.num_rows)
         if hold:
             mask = pa.array([key in hold for key in batch.column("key").to_pylist()])
@@ -348,9 +366,9 @@ def run(cfg: CaptioningConfig) -> dict:
         init_ray()
         plans = plan_reads(todo, root, cfg.resources.read_chunk_size)
         caption_started = time.time()
-        ds = caption_dataset(plans, cfg, captioner=captioner, min_side=min_side)
+        batches = caption_batches(plans, cfg, captioner=captioner, min_side=min_side)
         table = write_parts(
-            ds, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part,
+            batches, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part,
             hold=retry, held=retried, total=len(todo),
         )  # fmt: skip
         if retry:

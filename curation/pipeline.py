@@ -29,7 +29,6 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,13 +65,11 @@ from curation.phases import (
 )
 from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
+from manifests.actors import ActorSpec, run_on_actors
 from manifests.cards import write_curated_card
 from manifests.io import commit_parquet, migrate_markers, publish, temp_path, unmark_committed
-from manifests.progress import ProgressLog, quiet_ray_data
+from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
-
-if TYPE_CHECKING:  # Ray is imported where a Ray path starts: the local executor never loads it (issue 18, item 8)
-    import ray.data
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +80,6 @@ SCRATCH_DIR = "work/run"  # this run's listing, records and phase files; removed
 WORK_LAYOUT = 2  # chunks are key ranges (curation.keyspace); part of the work-folder name
 # What the scan tasks hand to the scorer actors: manifest columns + the CLIP thumbnail (≤ 150 KB).
 SCANNED = pa.schema([*IMAGES, pa.field(CLIP_INPUT, pa.binary())])
-# What a scan task yields per scoring batch (one row: ``scanned`` is the batch as Arrow IPC, see ``_pack``),
-# and what a scorer actor returns per batch: counts, never rows.
-PACKED = pa.schema([("chunk", pa.int32()), ("batch", pa.int32()), ("scanned", pa.large_binary())])
-COUNTS = pa.schema(
-    [("chunk", pa.int32()), ("batch", pa.int32()), ("num_rows", pa.int64()), ("committed", pa.bool_())]
-)  # one row per scored batch: a re-executed task may send a batch's row again (counted once)
 # A scoring batch's thumbnails: a ViT-L/14 thumbnail is 150 KB, so 256 images are 38 MiB.
 MAX_BATCH_BYTES = 64 * 1024**2
 # A scan worker before it decodes anything (Python, pyarrow, PIL, the batch): ~170 MiB measured by Ray
@@ -108,7 +99,6 @@ def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start Ray in-process."""
     import ray
 
-    quiet_ray_data()  # our ProgressLog line says what Ray Data's INFO blocks would
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
 
@@ -307,54 +297,46 @@ def chunk_plan(pending: list[chunking.Chunk], cfg: CurationConfig, root: Path, s
     )
 
 
-def _pack(table: pa.Table) -> bytes:
-    """A scanned batch as one Arrow IPC value: one row of the scan's output, which Ray Data may put in a block
-    with other batches but can never slice (a CLIP forward must see the batch a clean run saw)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+@dataclass(frozen=True)
+class ScannedBatch:
+    """What a scan task yields per scoring batch: the batch as a whole (one object, never sliced: a CLIP forward
+    must see the batch a clean run saw), its chunk and its place in it."""
+
+    work: ChunkWork
+    batch: int
+    scanned: pa.Table  # SCANNED + HOW_TO_READ (how to read each row's bytes again, for the shard writer)
 
 
-def _unpack(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
+@dataclass(frozen=True)
+class BatchCount:
+    """What a scorer returns per scored batch: counts, never rows (a retried call may send one twice)."""
+
+    chunk: str
+    batch: int
+    num_rows: int
+    committed: bool
 
 
 class ScanChunk:
-    """Scan tasks, one per chunk (``chunk_size`` inputs): each of its scoring batches through
-    ``ScanAndDecode``, yielded as one packed row ``(chunk, batch, scanned)``, keeping how to read each row's bytes
-    again (for the shard writer)."""
+    """Scan tasks, one per chunk (``chunk_size`` inputs): each of its scoring batches (a row group of its records
+    file) through ``ScanAndDecode``, yielded as one ``ScannedBatch``."""
 
     def __init__(
-        self,
-        tiers: TierConfig,
-        decode: DecodeConfig,
-        *,
-        clip_size: int,
-        plan: ChunkPlan,
-        guard: rundir.RunGuard | None = None,
+        self, tiers: TierConfig, decode: DecodeConfig, *, clip_size: int, guard: rundir.RunGuard | None = None
     ) -> None:
         self.scan = ScanAndDecode(tiers, decode, clip_size=clip_size)
-        self.plan = plan
         self.guard = guard  # checked on the worker: this node sees the run folder
 
-    def __call__(self, indices: pa.Table) -> Iterator[pa.Table]:
-        """``indices``: a block of ``ray.data.range`` (column ``id``), one pending chunk index per row."""
+    def __call__(self, work: ChunkWork) -> Iterator[ScannedBatch]:
         if self.guard is not None:
             self.guard.verify(node=this_node())
-        for index in indices["id"].to_pylist():
-            records = pq.ParquetFile(self.plan.works[index].records)
-            for batch in range(records.num_row_groups):
-                yield self.packed(index, batch, records.read_row_group(batch))
+        records = pq.ParquetFile(work.records)
+        for batch in range(records.num_row_groups):
+            yield ScannedBatch(work, batch, self.scan_batch(records.read_row_group(batch)))
 
-    def packed_batch(self, index: int, batch: int) -> pa.Table:
-        """Scoring batch ``batch`` of chunk ``index`` alone (the local executor's scan processes)."""
-        records = pq.ParquetFile(self.plan.works[index].records).read_row_group(batch)
-        return self.packed(index, batch, records)
-
-    def packed(self, index: int, batch: int, records: pa.Table) -> pa.Table:
-        scanned = self.scan_batch(records)
-        return pa.table({"chunk": [index], "batch": [batch], "scanned": [_pack(scanned)]}, schema=PACKED)
+    def one_batch(self, work: ChunkWork, batch: int) -> ScannedBatch:
+        """Scoring batch ``batch`` of ``work`` alone (the local executor's scan processes)."""
+        return ScannedBatch(work, batch, self.scan_batch(pq.ParquetFile(work.records).read_row_group(batch)))
 
     def scan_batch(self, records: pa.Table) -> pa.Table:
         scanned = self.scan(records)
@@ -365,43 +347,37 @@ class ScanChunk:
 
 class ScoreAndCommit:
     """Scorer actors: one forward per scoring batch; each scored batch is written to the scratch folder, and the
-    worker that completes a chunk commits it. Returns counts only: ``(chunk, num_rows, committed)``.
+    worker that completes a chunk commits it. Returns counts only (``BatchCount``).
 
     A CLIP forward's floats depend on the batch it runs in, so a chunk rescored after a kill must see exactly
-    the batches a clean run saw: the scan packs each batch into one value, and its size is checked here.
+    the batches a clean run saw: a scan task yields each batch whole, and its size is checked here. A call is
+    idempotent (atomic writes of the same rows; the commit is claimed once), so a lost actor's calls are retried.
     """
 
     def __init__(
         self,
         cfg: AestheticConfig,
-        plan: ChunkPlan,
+        target: CommitTarget,
         guard: rundir.RunGuard | None = None,
         *,
         scorer: AestheticScorer | None = None,
     ) -> None:
         # The local executor hands in its scorer, loading since the job's start; an actor loads its own.
         self.scorer = scorer if scorer is not None else AestheticScorer(cfg)
-        self.plan = plan
+        self.target = target
         self.guard = guard  # this actor writes scored batches and commits chunks into the run folder
 
-    def __call__(self, packed: pa.Table) -> pa.Table:
+    def __call__(self, item: ScannedBatch) -> BatchCount:
         if self.guard is not None:
             self.guard.verify(node=this_node())
-        counts = []
-        for index, batch, data in zip(*(packed[c].to_pylist() for c in PACKED.names), strict=True):
-            work, target = self.plan.works[index], self.plan.target
-            scanned = _unpack(data)
-            expected = min(target.batch_size, work.num_rows - batch * target.batch_size)
-            if scanned.num_rows != expected:
-                raise RuntimeError(f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}")
-            scored = self.scorer(scanned)
-            columns = SCORED.names + ([EMBEDDING] if EMBEDDING in scored.column_names else [])
-            write_scored_batch(scored.select(columns), work, batch, target)
-            committed = commit_if_whole(work, target)
-            counts.append(
-                {"chunk": index, "batch": batch, "num_rows": scanned.num_rows, "committed": committed}
-            )
-        return pa.Table.from_pylist(counts, schema=COUNTS)
+        work, batch, scanned, target = item.work, item.batch, item.scanned, self.target
+        expected = min(target.batch_size, work.num_rows - batch * target.batch_size)
+        if scanned.num_rows != expected:
+            raise RuntimeError(f"{work.name} batch {batch}: {scanned.num_rows} rows, not {expected}")
+        scored = self.scorer(scanned)
+        columns = SCORED.names + ([EMBEDDING] if EMBEDDING in scored.column_names else [])
+        write_scored_batch(scored.select(columns), work, batch, target)
+        return BatchCount(work.name, batch, scanned.num_rows, commit_if_whole(work, target))
 
 
 def _batch_folder(work: ChunkWork, target: CommitTarget) -> Path:
@@ -462,34 +438,39 @@ def commit_chunk(table: pa.Table, work: ChunkWork, target: CommitTarget) -> None
     commit_parquet(table, target.scored, work.name, {"records_digest": work.digest})
 
 
-def _scan_dataset(
-    plan: ChunkPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
-) -> ray.data.Dataset:
-    """The Ray Data pipeline: one scan task per chunk, then the scorer actor pool, which commits (lazy)."""
-    import ray.data
+def scan_chunk(work: ChunkWork, scan: ScanChunk) -> Iterator[ScannedBatch]:
+    """Ray task (a streaming generator): one chunk's scoring batches, scanned."""
+    yield from scan(work)
 
-    num_chunks = len(plan.works)
-    # Retries are Ray Data's defaults (a task whose worker died is retried). The declared memory, a scan
-    # worker's own footprint, the worst-case decode (RGB at tiers.max_pixels) and the output buffer that Ray
-    # Data fills up to 1.5 blocks, also keeps the scan in its own task pool: Ray fuses a task stage into the
-    # next actor pool when their settings match.
-    ds = ray.data.range(num_chunks, override_num_blocks=num_chunks).map_batches(
-        # stateless: plain tasks
-        ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan, guard=guard),
-        batch_size=1,
-        batch_format="pyarrow",
-        memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES,
-    )
+
+def scorers(target: CommitTarget, cfg: CurationConfig, guard: rundir.RunGuard | None = None) -> ActorSpec:
+    """The scorer actors: configs, the commit target and the guard are their only constructor arguments (never
+    the chunk plan: it grows with the run, and Ray would put it in the object store, see manifests.actors)."""
     score = cfg.aesthetic
-    return ds.map_batches(
-        ScoreAndCommit,
-        fn_constructor_kwargs={"cfg": score, "plan": plan, "guard": guard},
-        compute=ray.data.ActorPoolStrategy(size=score.num_actors),
-        num_gpus=score.num_gpus,
-        num_cpus=score.num_cpus,
-        batch_size=None,
-        batch_format="pyarrow",
-    )  # a crashed actor is replaced and its batch retried: Ray Data's defaults
+    return ActorSpec(
+        ScoreAndCommit, {"cfg": score, "target": target, "guard": guard},
+        num_actors=score.num_actors, num_cpus=score.num_cpus, num_gpus=score.num_gpus,
+    )  # fmt: skip
+
+
+def _scan_on_ray(
+    plan: ChunkPlan, cfg: CurationConfig, clip_size: int, guard: rundir.RunGuard | None = None
+) -> Iterator[BatchCount]:
+    """One scan task per chunk feeding the scorer actors, which commit (``manifests.actors.run_on_actors``)."""
+    import ray
+
+    # The declared memory: a scan worker's own footprint, the worst-case decode (RGB at tiers.max_pixels) and the
+    # batches it holds (the one it scans, READ_BACKPRESSURE ones waiting for the driver). A task whose worker
+    # died is retried (Ray's default for tasks; a streaming task resends only what the driver has not taken).
+    read = ray.remote(scan_chunk).options(
+        num_returns="streaming", memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES
+    )
+    # As many scan tasks as the cluster has CPUs (what Ray Data ran), each holding a few batches at most.
+    reads_ahead = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, guard=guard)
+    yield from run_on_actors(
+        scorers(plan.target, cfg, guard), plan.works, read=read, read_args=(scan,), reads_ahead=reads_ahead
+    )
 
 
 def local_scan_processes(cfg: CurationConfig) -> int:
@@ -511,18 +492,18 @@ def load_scorer_in_background(cfg: AestheticConfig) -> Future[AestheticScorer]:
 
 def _scan_local(
     plan: ChunkPlan, cfg: CurationConfig, clip_size: int, scorer: Future[AestheticScorer]
-) -> Iterator[pa.Table]:
+) -> Iterator[BatchCount]:
     """The same stages as on Ray, without it: batches scanned by a pool of processes (one per core) that starts
     while ``scorer`` loads, so model load and scan overlap; scored and committed in order, here. With one process
     (``local_scan_processes=1``) every batch is scanned in this process instead."""
-    scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, plan=plan)
-    items = [(i, b) for i, work in enumerate(plan.works) for b in range(plan.target.num_batches(work))]
+    scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size)
+    items = [(work, b) for work in plan.works for b in range(plan.target.num_batches(work))]
     num_processes = min(local_scan_processes(cfg), len(items))
     if num_processes <= 1:
         loaded = scorer.result()
         with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
-            score = ScoreAndCommit(cfg.aesthetic, plan, scorer=loaded)
-            yield from (score(scan.packed_batch(i, b)) for i, b in items)
+            score = ScoreAndCommit(cfg.aesthetic, plan.target, scorer=loaded)
+            yield from (score(scan.one_batch(work, b)) for work, b in items)
         return
     batch_bytes = clip_size * clip_size * 3 * cfg.aesthetic.batch_size
     ahead = max(2 * num_processes, LOCAL_SCAN_AHEAD_BYTES // batch_bytes)
@@ -536,19 +517,19 @@ def _scan_local(
         todo, pending = iter(items), deque[Future]()
 
         def submit() -> None:
-            for i, b in todo:
-                pending.append(pool.submit(scan.packed_batch, i, b))
+            for work, b in todo:
+                pending.append(pool.submit(scan.one_batch, work, b))
                 if len(pending) >= ahead:
                     return
 
         submit()
         loaded = scorer.result()  # loading while the pool scans
         with torch_threads(int(cfg.aesthetic.num_cpus)):  # as in a Ray actor with that many CPUs
-            score = ScoreAndCommit(cfg.aesthetic, plan, scorer=loaded)
+            score = ScoreAndCommit(cfg.aesthetic, plan.target, scorer=loaded)
             while pending:
-                packed = pending.popleft().result()
+                scanned = pending.popleft().result()
                 submit()
-                yield score(packed)
+                yield score(scanned)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -583,25 +564,19 @@ def scan_and_score(
     if executor.name == "local":
         stream = _scan_local(plan, cfg, clip_size, scorer or load_scorer_in_background(cfg.aesthetic))
     else:
-        guard = getattr(executor, "guard", None)
-        stream = _scan_dataset(plan, cfg, clip_size, guard).iter_batches(
-            batch_format="pyarrow", batch_size=None
-        )
-    rows: dict[tuple[int, int], int] = {}  # (chunk, batch) → rows: a batch sent twice counts once
+        stream = _scan_on_ray(plan, cfg, clip_size, getattr(executor, "guard", None))
+    rows: dict[tuple[str, int], int] = {}  # (chunk, batch) → rows: a batch sent twice counts once
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
-    for counts in stream:
-        if not counts.schema.equals(COUNTS):  # the scored stream carries counts, never rows
-            raise RuntimeError(f"scan + score: the stream sent {counts.schema}, not counts")
-        for index, batch, num_rows in zip(
-            *(counts[c].to_pylist() for c in ("chunk", "batch", "num_rows")), strict=True
-        ):
-            if (index, batch) not in rows:
-                progress.update(num_rows)
-            rows[index, batch] = num_rows
+    for count in stream:
+        if not isinstance(count, BatchCount):  # the scored stream carries counts, never rows
+            raise RuntimeError(f"scan + score: the stream sent {type(count).__name__}, not counts")
+        if (count.chunk, count.batch) not in rows:
+            progress.update(count.num_rows)
+        rows[count.chunk, count.batch] = count.num_rows
     per_chunk: Counter = Counter()
-    for (index, _), num_rows in rows.items():
-        per_chunk[index] += num_rows
-    if short := [w.name for i, w in enumerate(plan.works) if per_chunk[i] != w.num_rows]:
+    for (name, _), num_rows in rows.items():
+        per_chunk[name] += num_rows
+    if short := [w.name for w in plan.works if per_chunk[w.name] != w.num_rows]:
         raise RuntimeError(
             f"scan + score: {len(short)} chunks did not come back whole: {', '.join(short[:10])}"
             f"{' …' if len(short) > 10 else ''}"

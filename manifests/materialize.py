@@ -28,6 +28,7 @@ import ray
 from PIL import Image
 
 from manifests import preflight
+from manifests.actors import ActorSpec, run_on_actors
 from manifests.buckets import BUCKET_RULES, BucketRule, nearest_bucket, resize_to_cover_and_crop
 from manifests.cards import write_shards_card
 from manifests.checks import InputError, check_name, cli, squeeze
@@ -50,7 +51,7 @@ from manifests.io import (
     temp_path,
     unmark_committed,
 )
-from manifests.progress import quiet_library_bars, quiet_ray_data
+from manifests.progress import quiet_library_bars
 from manifests.selection import RECORD_FILE, ROWS_FILE, require_selection
 from manifests.tars import extension_for, json_bytes, npy_bytes, read_members, write_shard
 
@@ -250,6 +251,16 @@ class ShardWriter:
                         samples[i][member] = npy_bytes(posterior)
 
 
+def shard_writers(cfg: MaterializeConfig, num_plans: int) -> ActorSpec:
+    """The ``ShardWriter`` actors: the config is their only constructor argument, whatever the plan's size."""
+    return ActorSpec(
+        ShardWriter,
+        {"cfg": cfg},
+        num_actors=max(1, min(cfg.num_workers, num_plans)),
+        num_gpus=cfg.num_gpus,
+    )
+
+
 def remove_stale_shards(out: Path, plans: list[dict], prefix: str) -> int:
     """Delete ``<prefix>-*.tar`` shards (and markers) the plan does not have: an earlier, larger selection's."""
     planned = {p["shard"] for p in plans}
@@ -309,16 +320,10 @@ def materialize(cfg: MaterializeConfig) -> Path:
         log.info("removed %d shards the selection no longer fills", removed)
     results = []
     if plans:
-        quiet_ray_data()  # no INFO progress blocks (evalset calls this too)
         if not ray.is_initialized():
             ray.init(log_to_driver=False, configure_logging=False)
-        ds = ray.data.from_items(plans, override_num_blocks=len(plans)).map(
-            ShardWriter,
-            fn_constructor_args=(cfg,),
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.num_workers, len(plans)))),
-            num_gpus=cfg.num_gpus or None,
-        )
-        results = sorted(ds.take_all(), key=lambda r: r["shard"])
+        # Plain actors (manifests.actors): each loads the encoders once; a shard plan is a method argument.
+        results = sorted(run_on_actors(shard_writers(cfg, len(plans)), plans), key=lambda r: r["shard"])
     index = pa.table(
         {
             "shard": [r["shard"] for r in results],

@@ -203,20 +203,18 @@ def test_scan_and_score_workers_check_the_nonce_before_reading_or_writing(tmp_pa
     import pyarrow as pa
 
     from curation.config import DecodeConfig, TierConfig
-    from curation.pipeline import PACKED, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, ScoreAndCommit
+    from curation.pipeline import ChunkWork, CommitTarget, ScanChunk, ScannedBatch, ScoreAndCommit
 
     write_nonce(tmp_path)
-    plan = ChunkPlan(
-        works=(ChunkWork("chunk-r00", str(tmp_path / "absent.parquet"), 1, "digest"),),
-        target=CommitTarget(
-            scored=str(tmp_path / "scored"), embeddings=None, batches=str(tmp_path / "batches"), batch_size=1
-        ),
+    work = ChunkWork("chunk-r00", str(tmp_path / "absent.parquet"), 1, "digest")
+    target = CommitTarget(
+        scored=str(tmp_path / "scored"), embeddings=None, batches=str(tmp_path / "batches"), batch_size=1
     )
     stranger = RunGuard(str(tmp_path), "another run's")
-    scan = ScanChunk(TierConfig(), DecodeConfig(), clip_size=64, plan=plan, guard=stranger)
+    scan = ScanChunk(TierConfig(), DecodeConfig(), clip_size=64, guard=stranger)
     with pytest.raises(RunFolderNotShared, match=f"does not see the run folder {tmp_path} "):
-        next(iter(scan(pa.table({"id": [0]}))))
-    score = ScoreAndCommit(aesthetic_cfg, plan, guard=stranger)
+        next(iter(scan(work)))
+    score = ScoreAndCommit(aesthetic_cfg, target, guard=stranger)
     with pytest.raises(RunFolderNotShared, match=f"does not see the run folder {tmp_path} "):
-        score(PACKED.empty_table())
+        score(ScannedBatch(work, 0, pa.table({"key": ["k"]})))
     assert not (tmp_path / "batches").exists() and not (tmp_path / "scored").exists()

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray.data
+import ray
 from PIL import Image
 
 import manifests
@@ -26,7 +26,7 @@ from curation import pipeline
 from curation.aesthetic import AestheticScorer
 from curation.config import DecodeConfig, DownloadConfig, TierConfig
 from curation.executor import TASK_BASE_BYTES, _drain
-from curation.pipeline import COUNTS, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, _unpack, run
+from curation.pipeline import BatchCount, ChunkPlan, ChunkWork, CommitTarget, ScanChunk, run
 from curation.sources import list_sources
 from manifests.io import committed_parts
 from tests.conftest import REPO
@@ -52,18 +52,18 @@ def scored_chunks(out: Path) -> list[Path]:
 def test_workers_commit_and_the_driver_sees_counts_only(
     demo_corpus, tmp_path, ray_cluster, aesthetic_cfg, monkeypatch
 ):
-    seen: list[pa.Schema] = []
-    iter_batches = ray.data.Dataset.iter_batches
+    seen: list[type] = []
+    run_on_actors = pipeline.run_on_actors
 
-    def counting(self, *args, **kwargs):  # every batch the driver takes from a dataset
-        for batch in iter_batches(self, *args, **kwargs):
-            seen.append(batch.schema)
-            yield batch
+    def counting(*args, **kwargs):  # every result the driver takes from the actors
+        for result in run_on_actors(*args, **kwargs):
+            seen.append(type(result))
+            yield result
 
     def not_on_the_driver(*args, **kwargs):
         raise AssertionError("the driver committed a chunk")
 
-    monkeypatch.setattr(ray.data.Dataset, "iter_batches", counting)
+    monkeypatch.setattr(pipeline, "run_on_actors", counting)
     # Patched in this (driver) process only: the scorer actors and tasks import the module afresh.
     monkeypatch.setattr(pipeline, "commit_chunk", not_on_the_driver)
     monkeypatch.setattr(pipeline, "commit_batches", not_on_the_driver)
@@ -71,7 +71,7 @@ def test_workers_commit_and_the_driver_sees_counts_only(
     cfg.aesthetic = type(aesthetic_cfg)(**{**aesthetic_cfg.__dict__, "save_embeddings": True})
     summary = run(cfg)
 
-    assert seen and all(schema.equals(COUNTS) for schema in seen)  # counts, never a row
+    assert seen and set(seen) == {BatchCount}  # counts, never a row
     assert manifest_keys(tmp_path) == reference_keys(demo_corpus)  # every input row lands
     chunks = scored_chunks(tmp_path)
     sizes = [pq.read_metadata(p).num_rows for p in chunks]
@@ -116,9 +116,9 @@ def plan_of(tmp_path: Path, num_rows: int, batch_size: int) -> tuple[ChunkPlan, 
 
 def test_a_scan_task_takes_a_whole_chunk_and_packs_each_scoring_batch(tmp_path):
     plan, records = plan_of(tmp_path, num_rows=1100, batch_size=64)  # ≥ 1k images per read task
-    packed = list(ScanChunk(TierConfig(), DecodeConfig(), clip_size=32, plan=plan)(pa.table({"id": [0]})))
-    assert [p.num_rows for p in packed] == [1] * 18  # one row per scoring batch: never sliced apart
-    batches = [_unpack(p["scanned"][0].as_py()) for p in packed]
+    scanned = list(ScanChunk(TierConfig(), DecodeConfig(), clip_size=32)(plan.works[0]))
+    assert [s.batch for s in scanned] == list(range(18))  # one item per scoring batch: never sliced apart
+    batches = [s.scanned for s in scanned]
     assert [b.num_rows for b in batches] == [64] * 17 + [1100 - 17 * 64]
     assert pa.concat_tables([b.select(["key"]) for b in batches])["key"] == records["key"]
 
@@ -201,10 +201,10 @@ def test_a_batch_that_never_comes_back_fails_the_run_naming_its_chunk(
 
 def test_a_scored_batch_of_the_wrong_size_is_an_error(tmp_path, aesthetic_cfg):
     plan, _ = plan_of(tmp_path, num_rows=5, batch_size=2)
-    packed = list(ScanChunk(TierConfig(), DecodeConfig(), clip_size=32, plan=plan)(pa.table({"id": [0]})))
-    wrong = packed[0].set_column(1, "batch", pa.array([2], pa.int32()))  # 2 rows as the last batch (1 row)
+    scanned = list(ScanChunk(TierConfig(), DecodeConfig(), clip_size=32)(plan.works[0]))
+    wrong = dataclasses.replace(scanned[0], batch=2)  # 2 rows as the last batch (1 row)
     with pytest.raises(RuntimeError, match="chunk-r0 batch 2: 2 rows, not 1"):
-        pipeline.ScoreAndCommit(aesthetic_cfg, plan)(wrong)
+        pipeline.ScoreAndCommit(aesthetic_cfg, plan.target)(wrong)
 
 
 def test_errors_of_tasks_drained_after_a_failure_are_logged_at_debug(ray_cluster, caplog):
@@ -300,9 +300,9 @@ def test_the_local_scan_processes_yield_the_cores_to_the_scorers_load(
     seen: list[int] = []
     score = pipeline.ScoreAndCommit.__call__
 
-    def noting(self, packed: pa.Table) -> pa.Table:
+    def noting(self, scanned: pipeline.ScannedBatch) -> BatchCount:
         seen.extend(forkserver_children_niceness())
-        return score(self, packed)
+        return score(self, scanned)
 
     monkeypatch.setattr(pipeline.ScoreAndCommit, "__call__", noting)
     cfg = demo_config(demo_corpus, tmp_path, aesthetic_cfg, report=False, executor="local", local_scan_processes=2)

@@ -1,0 +1,156 @@
+"""Model-holding stages on plain Ray actors: the curation scorer, the captioner, the shard writer.
+
+Why not Ray Data's ``ActorPoolStrategy``: Ray Data passes ObjectRefs of its own (its DataContext, the map
+transformer) to every pool actor's constructor and creates it with ``max_restarts=-1``, so Ray 2.60 prints
+``E … core_worker.cc … has constructor arguments in the object store and max_restarts > 0`` once per pool
+(ray-project/ray#57733, #53727), whatever our arguments; the only knob, ``max_restarts=0``, is deprecated
+and gives up restarts. Here an actor's constructor receives its stage's config only, checked to stay under
+Ray's inlining limit (so nothing of it lives in the object store), and the actors keep restarts on: an actor
+that dies is restarted and its in-flight calls are retried (the stages' calls are idempotent: atomic writes,
+the same bytes again). Large inputs travel as *method* arguments.
+
+``run_on_actors`` is the one driver loop: optional read tasks (streaming generators, one per plan item, e.g.
+a chunk's scan or a shard's read) feed the actor calls; at most ``calls_per_actor`` calls wait per actor and
+at most ``reads_ahead`` read tasks run ahead of the actors (each holds ``READ_BACKPRESSURE`` outputs at most
+until the driver takes them), so memory stays bounded whatever the plan's size. Results (counts, small rows)
+come back in completion order; an exception in a stage fails the loop with its traceback, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # Ray is imported where a Ray path starts (the local curation executor never loads it)
+    import ray
+
+log = logging.getLogger(__name__)
+
+# Ray inlines a task or actor argument smaller than `max_direct_call_object_size` (100 KiB by default) into
+# the task spec; a larger one is put in the object store, and a constructor argument there is what makes Ray
+# print the E line (core_worker.cc, ray-project/ray#53727). Constructor arguments must stay below it.
+INLINE_BYTES = 100 * 1024
+# Restarts and retries as Ray Data gave its pool actors (it uses -1, unbounded), bounded here so an actor the
+# OOM killer takes on every try fails the run after a few restarts instead of looping.
+MAX_RESTARTS = 4
+MAX_TASK_RETRIES = 4
+# Outputs a read task may hold that the driver has not taken yet (Ray's streaming-generator backpressure).
+READ_BACKPRESSURE = 2
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """A pool of actors, each ``cls(**kwargs)``, with the resources the wiring declares (from config)."""
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: int | None = None  # bytes per actor, when the caller's plan declares it
+    calls_per_actor: int = 2  # one running, one waiting: the actor never idles between calls
+
+    def __post_init__(self) -> None:
+        if self.num_actors < 1 or self.calls_per_actor < 1:
+            raise ValueError(
+                f"num_actors and calls_per_actor must be ≥ 1, got {self.num_actors} and {self.calls_per_actor}"
+            )
+        size = len(pickle.dumps(self.kwargs, protocol=5))
+        if size >= INLINE_BYTES:
+            raise ValueError(
+                f"{self.cls.__name__}'s constructor arguments are {size} bytes, over Ray's {INLINE_BYTES}-byte "
+                "inlining limit: pass paths or configs, and send large inputs as method arguments"
+            )
+
+
+class _StageActor:
+    """The actor around one stage instance: loads it once, then calls it (``stage(*args)``) per call."""
+
+    def __init__(self, cls: type, kwargs: dict[str, Any]) -> None:
+        self.stage = cls(**kwargs)
+
+    def call(self, *args: Any) -> Any:
+        return self.stage(*args)
+
+
+def start_actors(spec: ActorSpec) -> list[ray.actor.ActorHandle]:
+    """``spec.num_actors`` actors with restarts on and idempotent calls retried."""
+    import ray
+
+    options: dict[str, Any] = {
+        "num_cpus": spec.num_cpus,
+        "num_gpus": spec.num_gpus,
+        "max_restarts": MAX_RESTARTS,
+        "max_task_retries": MAX_TASK_RETRIES,
+    }
+    if spec.memory is not None:
+        options["memory"] = spec.memory
+    actor = ray.remote(_StageActor).options(**options)
+    return [actor.remote(spec.cls, spec.kwargs) for _ in range(spec.num_actors)]
+
+
+def run_on_actors(
+    spec: ActorSpec,
+    items: Iterable[Any],
+    *,
+    read: Callable[..., Any] | None = None,
+    read_args: tuple[Any, ...] = (),
+    reads_ahead: int = 1,
+) -> Iterator[Any]:
+    """Each item through the actors: ``stage(item)``, or with ``read`` (a ``@ray.remote`` generator function,
+    its resources already set) ``stage(output)`` for every output of ``read.remote(item, *read_args)``. Yields each call's
+    result as it finishes; the actors are released when the loop ends, however it ends."""
+    import ray
+
+    if reads_ahead < 1:
+        raise ValueError(f"reads_ahead must be ≥ 1, got {reads_ahead}")
+    if read is not None:
+        read = read.options(_generator_backpressure_num_objects=READ_BACKPRESSURE)
+    actors = start_actors(spec)
+    free = deque(actor for _ in range(spec.calls_per_actor) for actor in actors)  # call slots, round robin
+    calls: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
+    reads: set[ray.ObjectRefGenerator] = set()  # running read tasks
+    ready: deque[tuple[Any, ...]] = deque()  # the arguments of calls whose input is there
+    todo, drawn_all = iter(items), False
+    try:
+        while True:
+            while read is not None and not drawn_all and len(reads) < reads_ahead:
+                if (item := next(todo, _END)) is _END:
+                    drawn_all = True
+                else:
+                    reads.add(read.remote(item, *read_args))
+            while free:  # every free slot gets a call, if there is one to make
+                if ready:
+                    args = ready.popleft()
+                elif read is None and not drawn_all and (item := next(todo, _END)) is not _END:
+                    args = (item,)
+                else:
+                    drawn_all = drawn_all or read is None
+                    break
+                actor = free.popleft()
+                calls[actor.call.remote(*args)] = actor
+            # A read's next output is taken only when no taken one waits: the rest wait in their tasks.
+            waitables = [*calls, *(reads if not ready else ())]
+            if not waitables:
+                return
+            (done,), _ = ray.wait(waitables, num_returns=1)
+            if isinstance(done, ray.ObjectRefGenerator):
+                try:
+                    ready.append((next(done),))
+                except StopIteration:
+                    reads.remove(done)
+            else:
+                free.append(calls.pop(done))
+                yield ray.get(done)  # a stage's exception is raised here, with its traceback
+    finally:
+        for generator in reads:
+            ray.cancel(generator, force=True)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+
+
+_END = object()

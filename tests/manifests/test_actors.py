@@ -1,0 +1,160 @@
+"""Plain Ray actors for the jobs' model-holding stages (issue 18, item 9): every item once, the results a plain loop
+gives, bounded in-flight work, a killed actor replaced and its call retried, and no `E … constructor arguments in the
+object store` line from Ray while restarts stay on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import ray
+
+from manifests.actors import INLINE_BYTES, MAX_RESTARTS, ActorSpec, run_on_actors
+from tests.conftest import REPO
+
+E_LINE = "constructor arguments in the object store"
+# The stages below live in this test module, which Ray's workers cannot import by name: they travel by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class Square:
+    """A stage: loads nothing, returns (item, item²)."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+
+    def __call__(self, item: int) -> tuple[int, int]:
+        return item, item * item + self.offset
+
+
+def split(item: int, parts: int):
+    """A read task: ``parts`` outputs per item."""
+    for part in range(parts):
+        yield item * 100 + part
+
+
+def test_results_are_a_plain_loops_whatever_the_order(ray_cluster):
+    items = list(range(23))
+    expected = sorted(Square(offset=1)(i) for i in items)  # the reference: the stage called in a loop
+    spec = ActorSpec(Square, {"offset": 1}, num_actors=2, num_cpus=0.5)
+    assert sorted(run_on_actors(spec, items)) == expected
+
+
+def test_read_tasks_feed_every_output_to_the_actors(ray_cluster):
+    items = list(range(7))
+    read = ray.remote(num_returns="streaming", num_cpus=0.25)(split)
+    expected = sorted(Square()(out) for i in items for out in split(i, 3))
+    spec = ActorSpec(Square, num_actors=1, num_cpus=0.5)
+    assert sorted(run_on_actors(spec, items, read=read, read_args=(3,), reads_ahead=2)) == expected
+
+
+@pytest.mark.parametrize("with_read", [False, True])
+def test_in_flight_work_is_bounded(ray_cluster, with_read):
+    """Items drawn but not yet returned never exceed the call slots (+ the read tasks ahead and the one output
+    taken from them), however many items there are: the driver holds plans and counts, not the whole plan's work."""
+    drawn = []
+
+    def items():
+        for i in range(40):
+            drawn.append(i)
+            yield i
+
+    spec = ActorSpec(Square, num_actors=2, num_cpus=0.5, calls_per_actor=2)
+    reads_ahead = 2
+    read = ray.remote(num_returns="streaming", num_cpus=0.25)(split) if with_read else None
+    bound = spec.num_actors * spec.calls_per_actor + (reads_ahead + 1 if with_read else 0)
+    results = run_on_actors(spec, items(), read=read, read_args=(1,), reads_ahead=reads_ahead)
+    ahead = []
+    for returned, _ in enumerate(results, start=1):
+        ahead.append(len(drawn) - returned)
+    assert len(ahead) == 40 and max(ahead) <= bound, ahead
+
+
+class DiesOnce(Square):
+    """Kills its own process (SIGKILL, as the OOM killer would) on its first call of the run, once."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def __call__(self, item: int) -> tuple[int, int]:
+        try:
+            os.close(os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return super().__call__(item)
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+
+def test_a_killed_actor_is_replaced_and_its_call_retried(ray_cluster, tmp_path):
+    flag = tmp_path / "died"
+    items = list(range(9))
+    spec = ActorSpec(DiesOnce, {"flag": str(flag)}, num_actors=1, num_cpus=0.5)
+    assert sorted(run_on_actors(spec, items)) == sorted(Square()(i) for i in items)
+    assert flag.exists()  # not vacuous: the actor did die
+
+
+class Fails(Square):
+    def __call__(self, item: int) -> tuple[int, int]:
+        if item == 3:
+            raise ValueError(f"a planted stage error on item {item}")
+        return super().__call__(item)
+
+
+def test_a_stage_error_fails_the_loop_with_its_traceback(ray_cluster):
+    spec = ActorSpec(Fails, num_actors=2, num_cpus=0.5)
+    with pytest.raises(ray.exceptions.RayTaskError, match="a planted stage error on item 3") as caught:
+        list(run_on_actors(spec, range(8)))
+    assert "in __call__" in str(caught.value)  # the stage's own frame
+
+
+def test_constructor_arguments_over_the_inlining_limit_are_refused():
+    with pytest.raises(ValueError, match=r"Square's constructor arguments are \d+ bytes, over Ray's 102400"):
+        ActorSpec(Square, {"offset": b"x" * INLINE_BYTES})
+    ActorSpec(Square, {"offset": b"x" * (INLINE_BYTES // 2)})  # half of it is fine
+
+
+QUIET = """
+import sys, ray
+from manifests.actors import ActorSpec, run_on_actors
+
+class Square:  # in __main__: travels to the workers by value
+    def __init__(self, offset):
+        self.offset = offset
+    def __call__(self, item):
+        return item, item * item + self.offset
+
+ray.init(log_to_driver=True)
+spec = ActorSpec(Square, {"offset": 1}, num_actors=2, num_cpus=0.5)
+print("results", sorted(run_on_actors(spec, range(5))), flush=True)
+print("-- control --", flush=True)
+
+@ray.remote(max_restarts=1, num_cpus=0.5)
+class Big:  # the control: a constructor argument Ray puts in the object store
+    def __init__(self, data):
+        self.size = len(data)
+    def size_of(self):
+        return self.size
+
+print("control", ray.get(Big.remote(b"x" * (2 * INLINE)).size_of.remote()), flush=True)
+"""
+
+
+def test_our_actors_make_ray_print_no_constructor_argument_line(ray_cluster):
+    """A driver joined to the session cluster runs a pool with restarts on (MAX_RESTARTS > 0): Ray prints no `E …
+    constructor arguments in the object store` line for it; the control (an actor whose constructor argument is over
+    the limit, restarts on) shows the same driver does print the line when it applies."""
+    assert MAX_RESTARTS > 0
+    code = QUIET.replace("INLINE", str(INLINE_BYTES))
+    result = subprocess.run(  # one stream, in the order things happened (Ray's line goes to stderr)
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    ours, _, control = result.stdout.partition("-- control --")
+    assert "results [(0, 1), (1, 2), (2, 5), (3, 10), (4, 17)]" in ours, ours[-3000:]
+    assert E_LINE not in ours, ours[-3000:]
+    assert E_LINE in control and "'Big'" in control, control[-3000:]

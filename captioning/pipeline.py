@@ -228,9 +228,8 @@ def caption_batches(
     res = cfg.resources
     if cfg.model.backend == "transformers":
         # Plain actors (manifests.actors), no Ray Data pool: no `E … constructor arguments` line (issue 18).
-        read = ray.remote(num_returns="streaming")(read_batches)
         yield from run_on_actors(
-            captioners(cfg, captioner=captioner), plans, read=read, read_args=(min_side, res.batch_size),
+            captioners(cfg, captioner=captioner), plans, read=read_batches, read_args=(min_side, res.batch_size),
             reads_ahead=2 * res.num_actors,
         )  # fmt: skip
         return

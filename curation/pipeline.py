@@ -462,15 +462,14 @@ def _scan_on_ray(
     # The declared memory: a scan worker's own footprint, the worst-case decode (RGB at tiers.max_pixels) and the
     # batches it holds (the one it scans, READ_BACKPRESSURE ones waiting for the driver). A task whose worker
     # died is retried (Ray's default for tasks; a streaming task resends only what the driver has not taken).
-    read = ray.remote(scan_chunk).options(
-        num_returns="streaming", memory=SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES
-    )
+    memory = SCAN_WORKER_BYTES + 3 * cfg.tiers.max_pixels + 3 * MAX_BATCH_BYTES
     # As many scan tasks as the cluster has CPUs (what Ray Data ran), each holding a few batches at most.
     reads_ahead = max(1, int(ray.cluster_resources().get("CPU", 1)))
     scan = ScanChunk(cfg.tiers, cfg.decode, clip_size=clip_size, guard=guard)
     yield from run_on_actors(
-        scorers(plan.target, cfg, guard), plan.works, read=read, read_args=(scan,), reads_ahead=reads_ahead
-    )
+        scorers(plan.target, cfg, guard), plan.works,
+        read=scan_chunk, read_args=(scan,), read_resources={"memory": memory}, reads_ahead=reads_ahead,
+    )  # fmt: skip
 
 
 def local_scan_processes(cfg: CurationConfig) -> int:

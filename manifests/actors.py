@@ -97,19 +97,23 @@ def run_on_actors(
     spec: ActorSpec,
     items: Iterable[Any],
     *,
-    read: Callable[..., Any] | None = None,
+    read: Callable[..., Iterator[Any]] | None = None,
     read_args: tuple[Any, ...] = (),
+    read_resources: dict[str, Any] | None = None,
     reads_ahead: int = 1,
 ) -> Iterator[Any]:
-    """Each item through the actors: ``stage(item)``, or with ``read`` (a ``@ray.remote`` generator function,
-    its resources already set) ``stage(output)`` for every output of ``read.remote(item, *read_args)``. Yields each call's
-    result as it finishes; the actors are released when the loop ends, however it ends."""
+    """Each item through the actors: ``stage(item)``, or with ``read`` (a generator function, run as a Ray task
+    per item with ``read_resources``: ``num_cpus``, ``memory``) ``stage(output)`` for every output of
+    ``read(item, *read_args)``. Yields each call's result as it finishes; the actors are released when the loop
+    ends, however it ends."""
     import ray
 
     if reads_ahead < 1:
         raise ValueError(f"reads_ahead must be ≥ 1, got {reads_ahead}")
     if read is not None:
-        read = read.options(_generator_backpressure_num_objects=READ_BACKPRESSURE)
+        read = ray.remote(read).options(
+            num_returns="streaming", _generator_backpressure_num_objects=READ_BACKPRESSURE, **(read_resources or {})
+        )
     actors = start_actors(spec)
     free = deque(actor for _ in range(spec.calls_per_actor) for actor in actors)  # call slots, round robin
     calls: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}

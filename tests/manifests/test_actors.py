@@ -45,10 +45,10 @@ def test_results_are_a_plain_loops_whatever_the_order(ray_cluster):
 
 def test_read_tasks_feed_every_output_to_the_actors(ray_cluster):
     items = list(range(7))
-    read = ray.remote(num_returns="streaming", num_cpus=0.25)(split)
     expected = sorted(Square()(out) for i in items for out in split(i, 3))
     spec = ActorSpec(Square, num_actors=1, num_cpus=0.5)
-    assert sorted(run_on_actors(spec, items, read=read, read_args=(3,), reads_ahead=2)) == expected
+    results = run_on_actors(spec, items, read=split, read_args=(3,), read_resources={"num_cpus": 0.25}, reads_ahead=2)
+    assert sorted(results) == expected
 
 
 @pytest.mark.parametrize("with_read", [False, True])
@@ -64,9 +64,11 @@ def test_in_flight_work_is_bounded(ray_cluster, with_read):
 
     spec = ActorSpec(Square, num_actors=2, num_cpus=0.5, calls_per_actor=2)
     reads_ahead = 2
-    read = ray.remote(num_returns="streaming", num_cpus=0.25)(split) if with_read else None
     bound = spec.num_actors * spec.calls_per_actor + (reads_ahead + 1 if with_read else 0)
-    results = run_on_actors(spec, items(), read=read, read_args=(1,), reads_ahead=reads_ahead)
+    results = run_on_actors(
+        spec, items(), read=split if with_read else None, read_args=(1,), read_resources={"num_cpus": 0.25},
+        reads_ahead=reads_ahead,
+    )  # fmt: skip
     ahead = []
     for returned, _ in enumerate(results, start=1):
         ahead.append(len(drawn) - returned)

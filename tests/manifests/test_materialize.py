@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,12 +16,15 @@ import pytest
 import webdataset as wds
 
 import manifests
+from manifests import materialize as materialize_module
 from manifests.buckets import nearest_bucket, resize_to_cover_and_crop
+from manifests.db import INDEX_FILE
 from manifests.features import T5Features, VaeFeatures
 from manifests.imageio import decode_rgb
 from manifests.io import unmark_committed
 from manifests.materialize import MaterializeConfig, materialize, plan
 from manifests.selection import SelectionSpec, select
+from tests.conftest import REPO
 from tests.manifests.factories import make_run
 from training.tiny import build_tiny_t5, build_tiny_vae
 
@@ -134,3 +142,46 @@ def test_resume_skips_committed_shards_and_rerun_gives_identical_bytes(ray_clust
 def test_config_rejects_vae_resolutions_without_vae():
     with pytest.raises(ValueError, match="vae_resolutions"):
         MaterializeConfig(root="r", selection="s", vae_resolutions=(256,))
+
+
+def test_a_shard_writer_killed_mid_run_is_replaced_and_writes_a_clean_runs_shards(
+    ray_cluster, run, tmp_path, monkeypatch
+):
+    """Issue 18 item 9: the first shard call SIGKILLs its actor (as the OOM killer would) before writing; Ray
+    restarts the actor and retries the call, and every shard and the index equal an uninterrupted run's."""
+    root, _ = run
+    flag = str(tmp_path / "writer-died")
+
+    def config(name: str) -> MaterializeConfig:
+        return MaterializeConfig(root=str(root), selection="all", name=name, samples_per_shard=4, resolutions=(512,))
+
+    clean = materialize(config("clean"))
+
+    class DiesOnce(materialize_module.ShardWriter):  # defined here: travels to the actor by value
+        def __call__(self, item: dict) -> dict:
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return super().__call__(item)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(materialize_module, "ShardWriter", DiesOnce)
+    killed = materialize(config("killed"))
+    assert Path(flag).exists()  # not vacuous: a writer did die
+    shards = sorted(p.name for p in clean.glob("train-*.tar"))
+    assert len(shards) == 3 and shards == sorted(p.name for p in killed.glob("train-*.tar"))
+    assert [(clean / s).read_bytes() for s in shards] == [(killed / s).read_bytes() for s in shards]
+    assert pq.read_table(clean / INDEX_FILE).equals(pq.read_table(killed / INDEX_FILE))
+
+
+def test_the_cli_on_ray_prints_no_constructor_argument_line(ray_cluster, run):
+    """Issue 18 item 9: `python -m manifests.materialize` joined to the session cluster writes its shards, and Ray
+    prints no `E … constructor arguments in the object store` line for the writer actors (restarts on)."""
+    root, _ = run
+    command = [sys.executable, "-m", "manifests.materialize", "--input", str(root), "--selection", "all",
+               "--name", "cli", "--samples-per-shard", "5", "--num-workers", "2"]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300, env=dict(os.environ))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "constructor arguments in the object store" not in result.stdout, result.stdout[-3000:]
+    assert len(list((root / "train_shards" / "cli").glob("train-*.tar"))) == 3

@@ -93,6 +93,19 @@ def start_actors(spec: ActorSpec) -> list[ray.actor.ActorHandle]:
     return [actor.remote(spec.cls, spec.kwargs) for _ in range(spec.num_actors)]
 
 
+def warn_if_reads_cannot_run(spec: ActorSpec, read_cpus: float) -> None:
+    """Warn when the actors take every CPU the cluster has now: the read tasks would wait until it grows."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if read_cpus and cpus - spec.num_actors * spec.num_cpus < read_cpus:
+        log.warning(
+            "%d %s actors × %g CPUs leave less than %g of the cluster's %g CPUs to the read tasks: they wait "
+            "until the cluster grows (fewer actors or fewer CPUs per actor)",
+            spec.num_actors, spec.cls.__name__, spec.num_cpus, read_cpus, cpus,
+        )  # fmt: skip
+
+
 def run_on_actors(
     spec: ActorSpec,
     items: Iterable[Any],
@@ -114,6 +127,8 @@ def run_on_actors(
         read = ray.remote(read).options(
             num_returns="streaming", _generator_backpressure_num_objects=READ_BACKPRESSURE, **(read_resources or {})
         )
+    if read is not None:
+        warn_if_reads_cannot_run(spec, (read_resources or {}).get("num_cpus", 1))
     actors = start_actors(spec)
     free = deque(actor for _ in range(spec.calls_per_actor) for actor in actors)  # call slots, round robin
     calls: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}

@@ -160,3 +160,15 @@ def test_our_actors_make_ray_print_no_constructor_argument_line(ray_cluster):
     assert "results [(0, 1), (1, 2), (2, 5), (3, 10), (4, 17)]" in ours, ours[-3000:]
     assert E_LINE not in ours, ours[-3000:]
     assert E_LINE in control and "'Big'" in control, control[-3000:]
+
+
+def test_actors_that_take_every_cpu_warn_that_the_reads_would_wait(ray_cluster, caplog):
+    """The session cluster has 2 CPUs: two 1-CPU actors leave none to a read task (a hang to explain, not to hit)."""
+    from manifests.actors import warn_if_reads_cannot_run
+
+    with caplog.at_level("WARNING", logger="manifests.actors"):
+        warn_if_reads_cannot_run(ActorSpec(Square, num_actors=1, num_cpus=1), 1)
+        assert caplog.records == []
+        warn_if_reads_cannot_run(ActorSpec(Square, num_actors=2, num_cpus=1), 1)
+    (record,) = caplog.records
+    assert "2 Square actors × 1 CPUs leave less than 1 of the cluster's 2 CPUs" in record.getMessage()

@@ -1,4 +1,4 @@
-"""Aesthetic score: open_clip image tower + LAION aesthetic predictor v2 head, as a Ray Data actor stage.
+"""Aesthetic score: open_clip image tower + LAION aesthetic predictor v2 head, as a Ray actor stage.
 
 The head (``sac+logos+ava1-l14-linearMSE.pth``, shipped as ``curation/assets/laion_aesthetic_v2.safetensors``)
 is five Linear layers with dropout between them and no activation, so in eval mode it is one affine map: score = w · e + b over the L2-normalised 768-d image

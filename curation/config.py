@@ -55,7 +55,7 @@ class DecodeConfig:
 
 @dataclass
 class AestheticConfig:
-    """CLIP image tower + LAION aesthetic predictor v2 head, run as a Ray actor pool.
+    """CLIP image tower + LAION aesthetic predictor v2 head, run on Ray actors (``manifests.actors``).
 
     ``ViT-L-14-quickgelu``/``openai`` is the encoder the head was trained on (plain ``ViT-L-14`` builds
     GELU, the wrong activation for OpenAI's weights). ``pretrained`` is a tag or a checkpoint path; it is
@@ -68,7 +68,7 @@ class AestheticConfig:
     # Per-tier minimum score; a tier missing here is not filtered. LAION-Aesthetics V2 published
     # subsets at ≥ 5, ≥ 6 and ≥ 6.5; 5.0 is the loosest of them.
     min_score: dict[str, float] = field(default_factory=lambda: {"4k": 5.0, "1k": 5.0})
-    # Images per scorer call, and rows per Ray Data block of the scan (256 suits a ViT-L/14 in bf16 on
+    # Images per scorer call, and rows per item a scan task yields (256 suits a ViT-L/14 in bf16 on
     # one GPU). Part of the work-folder name: a chunk is always scored in the same batches.
     batch_size: int = 64
     num_actors: int = 1  # scorer actors, each holding one model copy

@@ -1,12 +1,12 @@
-"""The curation job's wiring: listing → chunks → scan + decode (Ray tasks) → aesthetic (Ray actor pool) →
+"""The curation job's wiring: listing → chunks → scan + decode (Ray tasks) → aesthetic (Ray actors) →
 committed chunks → thresholds, dedup, shard plan, shards, manifest (partitioned phases) → report.
 
 The stages it wires are pure functions in ``curation.stages`` and callable classes; this module is the
 only one here that knows about Ray (with ``curation.executor``). Every listed input ends in the ``images``
 manifest, kept or rejected with a reason. The driver holds plans and counts, never rows: URL lists are
 downloaded by shard tasks (``curation.downloads``), the listing is written by tasks (``curation.chunks``),
-scan + score runs one task per chunk and the scorer actors commit each chunk themselves (the driver's stream
-carries counts), and every later phase runs over partitions (``curation.phases``).
+scan + score runs one task per chunk feeding plain scorer actors (``manifests.actors``), which commit each chunk
+themselves (the driver's stream carries counts), and every later phase runs over partitions (``curation.phases``).
 
 Resume: scan + score results are committed per chunk (a key range of ≤ ``chunk_size`` inputs, so the
 chunks stay put when inputs are added) under ``work/``; a rerun skips committed chunks whose records are

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = run(cfg)
     except Exception as err:
-        # A node without the run folder: its one line (from inside Ray Data's or Ray's wrapping), exit 1.
+        # A node without the run folder: its one line (from inside Ray's wrapping), exit 1.
         if (not_shared := find_not_shared(err)) is not None:
             raise not_shared from None
         raise

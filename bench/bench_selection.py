@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         f"input parts | {select_seconds:.2f} | | {'yes' if select_seconds < 2 else 'no'} |",
         "",
         f"Materialisation: {args.images} JPEGs of 1024–1792 px (short side 1024) → training shards of 64, "
-        "Ray Data with 2 actors on 2 CPUs, tiny T5 (d_model 32) and tiny VAE (8× down) on CPU; each time "
+        "2 plain Ray actors (manifests.actors) on 2 CPUs, tiny T5 (d_model 32) and tiny VAE (8× down) on CPU; each time "
         f"includes the actors' start and model loads; best of {max(1, args.repeats - 1)}.",
         "",
         "| configuration | seconds | images/s | time vs no features |",

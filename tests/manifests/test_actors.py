@@ -113,6 +113,19 @@ def test_a_stage_error_fails_the_loop_with_its_traceback(ray_cluster):
     assert "in __call__" in str(caught.value)  # the stage's own frame
 
 
+def read_fails(item: int):
+    if item == 2:
+        raise ValueError(f"a planted read error on item {item}")
+    yield item
+
+
+def test_a_read_task_error_fails_the_loop_with_its_traceback(ray_cluster):
+    spec = ActorSpec(Square, num_actors=1, num_cpus=0.5)
+    with pytest.raises(ray.exceptions.RayTaskError, match="a planted read error on item 2") as caught:
+        list(run_on_actors(spec, range(5), read=read_fails, read_resources={"num_cpus": 0.25}))
+    assert "in read_fails" in str(caught.value)
+
+
 def test_constructor_arguments_over_the_inlining_limit_are_refused():
     with pytest.raises(ValueError, match=r"Square's constructor arguments are \d+ bytes, over Ray's 102400"):
         ActorSpec(Square, {"offset": b"x" * INLINE_BYTES})

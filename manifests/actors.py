@@ -124,37 +124,32 @@ def run_on_actors(
     if reads_ahead < 1:
         raise ValueError(f"reads_ahead must be ≥ 1, got {reads_ahead}")
     if read is not None:
+        warn_if_reads_cannot_run(spec, (read_resources or {}).get("num_cpus", 1))
         read = ray.remote(read).options(
             num_returns="streaming", _generator_backpressure_num_objects=READ_BACKPRESSURE, **(read_resources or {})
         )
-    if read is not None:
-        warn_if_reads_cannot_run(spec, (read_resources or {}).get("num_cpus", 1))
     actors = start_actors(spec)
     free = deque(actor for _ in range(spec.calls_per_actor) for actor in actors)  # call slots, round robin
     calls: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
     reads: set[ray.ObjectRefGenerator] = set()  # running read tasks
     ready: deque[tuple[Any, ...]] = deque()  # the arguments of calls whose input is there
-    todo, drawn_all = iter(items), False
+    todo = iter(items)
     try:
         while True:
-            while read is not None and not drawn_all and len(reads) < reads_ahead:
-                if (item := next(todo, _END)) is _END:
-                    drawn_all = True
-                else:
-                    reads.add(read.remote(item, *read_args))
+            while read is not None and len(reads) < reads_ahead and (item := next(todo, _END)) is not _END:
+                reads.add(read.remote(item, *read_args))
             while free:  # every free slot gets a call, if there is one to make
                 if ready:
                     args = ready.popleft()
-                elif read is None and not drawn_all and (item := next(todo, _END)) is not _END:
+                elif read is None and (item := next(todo, _END)) is not _END:
                     args = (item,)
                 else:
-                    drawn_all = drawn_all or read is None
                     break
                 actor = free.popleft()
                 calls[actor.call.remote(*args)] = actor
             # A read's next output is taken only when no taken one waits: the rest wait in their tasks.
             waitables = [*calls, *(reads if not ready else ())]
-            if not waitables:
+            if not waitables:  # no call, no read running, and (the slots being free) no item left
                 return
             (done,), _ = ray.wait(waitables, num_returns=1)
             if isinstance(done, ray.ObjectRefGenerator):

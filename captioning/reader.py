@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from manifests import Rejected
-from manifests.imageio import decode_rgb
+from manifests.imageio import decode_rgb, describe
 from manifests.tars import FORMAT_EXTENSIONS
 
 # Every member extension a curated shard can hold (HEIC and AVIF included), plus the common aliases.
@@ -60,7 +60,7 @@ def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
     try:
         im = decode_rgb(data, min_side=min_side)  # DCT-scaled / reduced, oriented, RGB
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return Rejected(f"{DECODE_ERROR}: {type(err).__name__}: {err}")
+        return Rejected(f"{DECODE_ERROR}: {describe(err)}")
     short = min(im.size)
     if short > min_side:
         ratio = min_side / short

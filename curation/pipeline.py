@@ -67,6 +67,7 @@ from curation.sources import io_rejection, open_source, plan_listing
 from manifests import IMAGES, ManifestWriter, Rejected, atomic_write_bytes
 from manifests.actors import ActorSpec, run_on_actors
 from manifests.cards import write_curated_card
+from manifests.imageio import describe
 from manifests.io import commit_parquet, migrate_markers, publish, temp_path, unmark_committed
 from manifests.progress import ProgressLog
 from manifests.schema import KEPT, REJECTED
@@ -128,7 +129,7 @@ class ScanAndDecode:
         except Exception as err:  # noqa: BLE001 — per-sample, turned into a reason, logged with its traceback
             log.exception("row %s (%s) failed", record.get("key"), record.get("source"))
             row = {name: record.get(name) for name in IMAGES.names}
-            return _reject(row, Rejected(f"internal_error: {stages.describe(err)}"))
+            return _reject(row, Rejected(f"internal_error: {describe(err)}"))
 
     def process(self, record: dict) -> dict:
         row = {name: record.get(name) for name in IMAGES.names} | {"status": KEPT, "reason": None}

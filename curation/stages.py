@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import struct
 from typing import BinaryIO
 
@@ -18,7 +17,7 @@ from PIL import Image
 
 from curation.config import TierConfig
 from manifests import Rejected
-from manifests.imageio import decode_rgb
+from manifests.imageio import decode_rgb, describe
 from manifests.tars import FORMAT_EXTENSIONS
 
 # Bombs: we check pixel counts against TierConfig.max_pixels on the header, before any decode. Pillow's
@@ -118,13 +117,6 @@ def reduced_decode(data: bytes, *, min_side: int) -> Image.Image | Rejected:
         return decode_rgb(data, min_side=min_side)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return Rejected(f"decode_error: {describe(err)}")
-
-
-def describe(err: Exception) -> str:
-    """``Type: message`` with object reprs (``<... at 0x7f…>``, ``<_io.BufferedReader name=…>``) removed, so
-    reasons are reproducible."""
-    message = re.sub(r"\s*<(?:[^<>]* at 0x[0-9a-f]+|_io\.\w+ name=[^<>]*)>", "", str(err)).strip()
-    return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
 def sha256(data: bytes) -> str:

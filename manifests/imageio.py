@@ -10,6 +10,7 @@ one that the later stages can decode.
 from __future__ import annotations
 
 import io
+import re
 
 import pillow_heif
 from PIL import Image, ImageOps, features
@@ -59,3 +60,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return im.convert("RGB")
+
+
+def describe(err: Exception) -> str:
+    """``Type: message`` with object reprs (``<... at 0x7f…>``, ``<_io.BufferedReader name=…>``) removed, so
+    a rejection's reason is the same on every run (curation and captioning both write it)."""
+    message = re.sub(r"\s*<(?:[^<>]* at 0x[0-9a-f]+|_io\.\w+ name=[^<>]*)>", "", str(err)).strip()
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__

@@ -14,6 +14,7 @@ rewritten under its own name, atomically, so there is still one row per (key, ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -365,11 +366,12 @@ def run(cfg: CaptioningConfig) -> dict:
         init_ray()
         plans = plan_reads(todo, root, cfg.resources.read_chunk_size)
         caption_started = time.time()
-        batches = caption_batches(plans, cfg, captioner=captioner, min_side=min_side)
-        table = write_parts(
-            batches, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part,
-            hold=retry, held=retried, total=len(todo),
-        )  # fmt: skip
+        # closing: a writer error releases the actors (and their GPUs) now, not when the traceback is collected
+        with contextlib.closing(caption_batches(plans, cfg, captioner=captioner, min_side=min_side)) as batches:
+            table = write_parts(
+                batches, writer, captioner=captioner, prompt=prompt, rows_per_part=cfg.resources.rows_per_part,
+                hold=retry, held=retried, total=len(todo),
+            )  # fmt: skip
         if retry:
             replace_rows(writer, failed, pa.concat_tables(retried))
         caption_seconds = time.time() - caption_started

@@ -16,6 +16,7 @@ produces the same manifest and the same shard bytes as a clean run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -567,12 +568,13 @@ def scan_and_score(
         stream = _scan_on_ray(plan, cfg, clip_size, getattr(executor, "guard", None))
     rows: dict[tuple[str, int], int] = {}  # (chunk, batch) → rows: a batch sent twice counts once
     progress = ProgressLog("scan + score", sum(c.num_rows for c in pending), logger=log)  # rate, ETA
-    for count in stream:
-        if not isinstance(count, BatchCount):  # the scored stream carries counts, never rows
-            raise RuntimeError(f"scan + score: the stream sent {type(count).__name__}, not counts")
-        if (count.chunk, count.batch) not in rows:
-            progress.update(count.num_rows)
-        rows[count.chunk, count.batch] = count.num_rows
+    with contextlib.closing(stream):  # an error here releases the actors (and their GPUs) now, not at GC
+        for count in stream:
+            if not isinstance(count, BatchCount):  # the scored stream carries counts, never rows
+                raise RuntimeError(f"scan + score: the stream sent {type(count).__name__}, not counts")
+            if (count.chunk, count.batch) not in rows:
+                progress.update(count.num_rows)
+            rows[count.chunk, count.batch] = count.num_rows
     per_chunk: Counter = Counter()
     for (name, _), num_rows in rows.items():
         per_chunk[name] += num_rows

@@ -19,7 +19,6 @@ come back in completion order; an exception in a stage fails the loop with its t
 from __future__ import annotations
 
 import logging
-import pickle
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,10 +33,13 @@ log = logging.getLogger(__name__)
 # the task spec; a larger one is put in the object store, and a constructor argument there is what makes Ray
 # print the E line (core_worker.cc, ray-project/ray#53727). Constructor arguments must stay below it.
 INLINE_BYTES = 100 * 1024
-# Restarts and retries as Ray Data gave its pool actors (it uses -1, unbounded), bounded here so an actor the
-# OOM killer takes on every try fails the run after a few restarts instead of looping.
-MAX_RESTARTS = 4
+# Restarts as Ray Data gave its pool actors (-1: unbounded, so independent losses over a days-long run never
+# end it); retries per call bounded, so a call that kills its actor on every try (a poison input, an OOM that
+# always recurs) fails the run with its error instead of looping. Ray Data retried calls without bound.
+MAX_RESTARTS = -1
 MAX_TASK_RETRIES = 4
+# How long the actors' placement group may wait for resources before each warning that says what it waits for.
+PLACEMENT_WARN_SECONDS = 30
 # Outputs a read task may hold that the driver has not taken yet (Ray's streaming-generator backpressure).
 READ_BACKPRESSURE = 2
 
@@ -59,12 +61,23 @@ class ActorSpec:
             raise ValueError(
                 f"num_actors and calls_per_actor must be ≥ 1, got {self.num_actors} and {self.calls_per_actor}"
             )
-        size = len(pickle.dumps(self.kwargs, protocol=5))
+
+    def check_inlined(self) -> None:
+        """Refuse constructor arguments Ray would put in the object store: ``(cls, kwargs)`` as Ray serializes
+        them (cloudpickle, a class defined in ``__main__`` or a function travels by value)."""
+        from ray import cloudpickle
+
+        size = len(cloudpickle.dumps((self.cls, self.kwargs)))
         if size >= INLINE_BYTES:
             raise ValueError(
                 f"{self.cls.__name__}'s constructor arguments are {size} bytes, over Ray's {INLINE_BYTES}-byte "
                 "inlining limit: pass paths or configs, and send large inputs as method arguments"
             )
+
+    def bundle(self) -> dict[str, float]:
+        """One actor's reservation in the placement group (a bundle needs some resource: a sliver of CPU)."""
+        bundle = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": self.memory or 0}
+        return {k: v for k, v in bundle.items() if v} or {"CPU": 0.01}
 
 
 class _StageActor:
@@ -77,10 +90,30 @@ class _StageActor:
         return self.stage(*args)
 
 
-def start_actors(spec: ActorSpec) -> list[ray.actor.ActorHandle]:
-    """``spec.num_actors`` actors with restarts on and idempotent calls retried."""
+def reserve(spec: ActorSpec) -> ray.util.placement_group.PlacementGroup:
+    """A placement group of one bundle per actor, spread over the nodes (Ray Data's default for its pools),
+    waited for: the actors' resources are theirs before any read task starts, and a restarted actor gets its
+    bundle back. Without it, read tasks queued behind a full actor pool take the CPUs a starting or restarting
+    actor needs and then wait for that actor to take their outputs: a deadlock."""
     import ray
+    from ray.util.placement_group import placement_group
 
+    group = placement_group([spec.bundle()] * spec.num_actors, strategy="SPREAD")
+    while not ray.wait([group.ready()], timeout=PLACEMENT_WARN_SECONDS)[0]:
+        log.warning(
+            "waiting for resources for %d %s actors (%s each); the cluster has %s",
+            spec.num_actors, spec.cls.__name__, spec.bundle(), ray.cluster_resources(),
+        )  # fmt: skip
+    return group
+
+
+def start_actors(spec: ActorSpec, group: ray.util.placement_group.PlacementGroup) -> list[ray.actor.ActorHandle]:
+    """``spec.num_actors`` actors, actor i in bundle i of ``group``, with restarts on and idempotent calls
+    retried."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    spec.check_inlined()
     options: dict[str, Any] = {
         "num_cpus": spec.num_cpus,
         "num_gpus": spec.num_gpus,
@@ -89,8 +122,13 @@ def start_actors(spec: ActorSpec) -> list[ray.actor.ActorHandle]:
     }
     if spec.memory is not None:
         options["memory"] = spec.memory
-    actor = ray.remote(_StageActor).options(**options)
-    return [actor.remote(spec.cls, spec.kwargs) for _ in range(spec.num_actors)]
+    actor = ray.remote(_StageActor)
+    return [
+        actor.options(
+            **options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+        ).remote(spec.cls, spec.kwargs)
+        for i in range(spec.num_actors)
+    ]
 
 
 def warn_if_reads_cannot_run(spec: ActorSpec, read_cpus: float) -> None:
@@ -128,7 +166,13 @@ def run_on_actors(
         read = ray.remote(read).options(
             num_returns="streaming", _generator_backpressure_num_objects=READ_BACKPRESSURE, **(read_resources or {})
         )
-    actors = start_actors(spec)
+    spec.check_inlined()  # before reserving anything
+    group = reserve(spec)
+    try:
+        actors = start_actors(spec, group)
+    except BaseException:
+        ray.util.remove_placement_group(group)
+        raise
     free = deque(actor for _ in range(spec.calls_per_actor) for actor in actors)  # call slots, round robin
     calls: dict[ray.ObjectRef, ray.actor.ActorHandle] = {}
     reads: set[ray.ObjectRefGenerator] = set()  # running read tasks
@@ -151,7 +195,8 @@ def run_on_actors(
             waitables = [*calls, *(reads if not ready else ())]
             if not waitables:  # no call, no read running, and (the slots being free) no item left
                 return
-            (done,), _ = ray.wait(waitables, num_returns=1)
+            # fetch_local=False: a read's output goes from its task's node to the actor's, never through this one
+            (done,), _ = ray.wait(waitables, num_returns=1, fetch_local=False)
             if isinstance(done, ray.ObjectRefGenerator):
                 try:
                     ready.append((next(done),))
@@ -165,6 +210,7 @@ def run_on_actors(
             ray.cancel(generator, force=True)
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        ray.util.remove_placement_group(group)
 
 
 _END = object()

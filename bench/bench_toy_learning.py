@@ -85,7 +85,7 @@ def sampled_scores(run_dir: Path, args: argparse.Namespace, t5: str, shards: Pat
     null = text.null_caption(str(shards))
     model.set_null_caption(null, torch.ones(null.shape[0], dtype=torch.bool))
     latents = LatentEncoder(args.vae, scaling_factor=scaling, device=torch.device("cpu"), cached=True)
-    size = args.resolution // 8
+    size = args.resolution // latents.downsample  # the VAE's factor (4 for the toy VAEs), from its config
     result = {}
     for split, start in (("train", 0), ("held-out", HELD_OUT_START)):
         prompts = [caption(scene_for(0, i)) for i in range(start, start + min(NUM_PROMPTS, args.num_images))]

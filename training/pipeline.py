@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from manifests.features import vae_downsample
+from manifests.features import SD_VAE_DOWNSAMPLE, vae_downsample
 from manifests.io import atomic_write_bytes
 from training.model import PixArtSigma
 
@@ -93,8 +93,15 @@ class FrozenComponents:
         return getattr(self, name)
 
     def vae_downsample(self) -> int:
-        """Pixels per latent cell of the VAE, from its config (diffusers' ``vae_scale_factor``)."""
-        return vae_downsample(_vae_config(self.vae))
+        """Pixels per latent cell of the VAE, from its config (diffusers' ``vae_scale_factor``); SD/SDXL's 8,
+        with a warning, when the config cannot be read (a hub id not in the cache). Only recorded numbers (the
+        export's ``resolution``) rest on that guess: a loaded VAE's own factor sizes every latent."""
+        try:
+            return vae_downsample(_vae_config(self.vae))
+        except (OSError, ValueError) as err:
+            log.warning("cannot read the config of VAE %s (%s): assuming SD/SDXL's %d× downsample",
+                        self.vae.path, err, SD_VAE_DOWNSAMPLE)  # fmt: skip
+            return SD_VAE_DOWNSAMPLE
 
 
 def local_or_id(path_or_id: str) -> str:

@@ -361,16 +361,9 @@ def cached_hub_snapshot(repo_id: str) -> Path:
 
 
 def _vae_downsample(components: FrozenComponents | None) -> int:
-    """The components' VAE factor; SD/SDXL's 8 when no VAE is named or its config cannot be read (such a
-    model cannot generate until --vae names one: ``ImageGenerator.load`` refuses or fails to load it)."""
-    if components is None:
-        return SD_VAE_DOWNSAMPLE
-    try:
-        return components.vae_downsample()
-    except (OSError, ValueError) as err:
-        log.warning("cannot read the config of VAE %s (%s): assuming SD/SDXL's %d×", components.vae.path, err,
-                    SD_VAE_DOWNSAMPLE)  # fmt: skip
-        return SD_VAE_DOWNSAMPLE
+    """The components' VAE factor; SD/SDXL's 8 when no VAE is named (such a model cannot generate until --vae
+    names one: ``ImageGenerator.load`` refuses it) or its config cannot be read (``vae_downsample`` warns)."""
+    return SD_VAE_DOWNSAMPLE if components is None else components.vae_downsample()
 
 
 def _resolution(model: PixArtSigma, components: FrozenComponents | None) -> int:

@@ -162,3 +162,15 @@ def test_a_vae_of_another_factor_than_the_runs_is_refused_when_loaded(vaes) -> N
     with pytest.raises(ValueError, match="downsamples 8×, the run's latents are 4×"):
         encoder({"pixels": torch.zeros(1, 3, 32, 32)}, torch.Generator())
     assert LatentEncoder(str(vaes / "vae4"), scaling_factor=1.0, device=CPU, cached=True).downsample == 4
+
+
+def test_an_unreadable_vae_config_is_taken_as_8_with_a_warning(tiny_models, vaes, tmp_path, caplog) -> None:
+    """Exports record a resolution for a hub VAE not in the cache as SD/SDXL's (the loaded VAE sizes latents)."""
+    from training.pipeline import FrozenComponents
+
+    def components(vae: Path) -> FrozenComponents:
+        return FrozenComponents.from_paths(str(tiny_models / "t5"), str(vae), SDXL_VAE_SCALING_FACTOR)
+
+    assert components(vaes / "vae4").vae_downsample() == 4 and not caplog.text
+    assert components(tmp_path / "no-such-vae").vae_downsample() == 8
+    assert "cannot read the config of VAE" in caplog.text

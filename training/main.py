@@ -262,7 +262,8 @@ def run_vae_downsample(cfg: TrainConfig) -> int:
             )
         factors.append(factor)
     if len(set(factors)) > 1:
-        listed = ", ".join(f"stages.{i}.vae {s.vae}: {f}×" for i, s, f in zip(range(len(factors)), cfg.stages, factors, strict=True))
+        pairs = enumerate(zip(cfg.stages, factors, strict=True))
+        listed = ", ".join(f"stages.{i}.vae {stage.vae}: {factor}×" for i, (stage, factor) in pairs)
         raise PreflightError(
             f"the stages' VAEs downsample by different factors ({listed}): a VAE swap must keep the latent grid; "
             "use VAEs with the same number of blocks (block_out_channels) in every stage"

@@ -118,7 +118,7 @@ def markdown(vaes: list[dict], metrics: list[tuple[str, dict]], command: str, nu
         "",
         "Reading: the metric passes its validation on the generator's images (≥ 0.95 overall at every size) and "
         "sits at chance on shuffled pairs. The shipped toy VAEs are 4× (3 blocks, 16/32/32 channels, trained at "
-        "64/128 px: 2,000 / 2,400 steps, 225 / 726 s on one core of the loaded machine, runs that also scored checkpoints; `python -m training.toy_vae --vae sd` rebuilt the weak one bit-exactly; they replaced an 8× pair "
+        "64/128 px: 2,000 / 2,400 steps, 225 / 726 s on one core of the loaded machine, runs that also scored checkpoints; `python -m training.toy_vae --vae sd` / `--vae sdxl` rebuilt both bit-exactly, in 350 / 542 s; they replaced an 8× pair "
         "whose round trip kept no colour, 0.02–0.11 overall). Through the strong one (`sdxl`) a 128 px image keeps "
         "its truth 0.98 of the time (colour 1.00), above the 0.9 issue 21 item 2 asks; the weak one (`sd`, half the "
         "pixels per step, fewer steps, a 10× KL weight) 0.845, above the 0.7 asked, with 5 dB less PSNR and another "

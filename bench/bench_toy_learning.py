@@ -4,8 +4,10 @@ For each seed: toy-world training shards (``training.tiny.write_synthetic_shards
 0…num-1, cached toy-T5 states and latents of ``--vae`` at ``--resolution``), ``training.main`` for
 ``--steps`` (AdamW, tiny preset, ``real_prompt_ratio`` 1), then the final weights sample the training
 prompts (memorisation) and as many held-out prompts (scenes 10,000…, generalisation), decoded by the VAE and
-scored by ``training.adherence``. Beside them: the VAE round trip of the training images (the ceiling a
-perfect DiT reaches through this VAE) and the chance row (perfect detector, shuffled truths).
+scored by ``training.adherence``. Beside them: the same run's samples scored against shuffled prompts (each
+training-prompt sample against the prompt half the list away: the chance level of these very images), the VAE
+round trip of the training images (the ceiling a perfect DiT reaches through this VAE) and the chance row
+(perfect detector, shuffled truths).
 """
 
 from __future__ import annotations
@@ -85,14 +87,18 @@ def sampled_scores(run_dir: Path, args: argparse.Namespace, t5: str, shards: Pat
     null = text.null_caption(str(shards))
     model.set_null_caption(null, torch.ones(null.shape[0], dtype=torch.bool))
     latents = LatentEncoder(args.vae, scaling_factor=scaling, device=torch.device("cpu"), cached=True)
-    size = args.resolution // 8
+    size = args.resolution // latents.downsample  # the VAE's factor (4 for the toy VAEs), from its config
     result = {}
     for split, start in (("train", 0), ("held-out", HELD_OUT_START)):
         prompts = [caption(scene_for(0, i)) for i in range(start, start + min(NUM_PROMPTS, args.num_images))]
         y, mask = text.encode(prompts)
         generator = torch.Generator().manual_seed(0)
         z = sample(model, y, mask, latent_size=(size, size), generator=generator, num_steps=20)
-        result[split] = scores_of(to_uint8(latents.decode(z)), prompts)
+        images = to_uint8(latents.decode(z))
+        result[split] = scores_of(images, prompts)
+        if split == "train":  # the same images against other prompts: this run's chance level
+            shift = len(prompts) // 2 + 1
+            result["shuffled"] = scores_of(images, [prompts[(i + shift) % len(prompts)] for i in range(len(prompts))])
     return result
 
 
@@ -113,16 +119,18 @@ def markdown(rows: list[dict], ceiling: dict, chance: dict, command: str, load: 
     lines = [
         "### Toy world: learning (adherence after training)",
         "",
-        f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores shared with six other "
-        f"engineers' jobs (load average {load[0]:.1f} before, {load[1]:.1f} after), 1 torch thread.",
+        f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores shared with another "
+        f"engineer's jobs (load average {load[0]:.1f} before, {load[1]:.1f} after), 1 torch thread.",
         "",
         "| row | " + " | ".join(SCORES) + " | train s |",
         "|---|" + "---:|" * (len(SCORES) + 1),
     ]
+    labels = {"train": "train prompts", "held-out": "held-out prompts",
+              "shuffled": "train-prompt samples vs shuffled prompts (chance)"}  # fmt: skip
     for row in rows:
-        for split in ("train", "held-out"):
+        for split, label in labels.items():
             values = " | ".join(f"{row[split][s]:.3f}" for s in SCORES)
-            lines.append(f"| seed {row['seed']}, {split} prompts | {values} | {row['train_s']:.0f} |")
+            lines.append(f"| seed {row['seed']}, {label} | {values} | {row['train_s']:.0f} |")
     lines.append("| VAE round trip of the training images (ceiling) | "
                  + " | ".join(f"{ceiling[s]:.3f}" for s in SCORES) + " | |")  # fmt: skip
     lines.append("| chance (perfect detector, shuffled truths) | "

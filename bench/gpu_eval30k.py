@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from manifests.features import SD_VAE_DOWNSAMPLE
 from training.diffusion import GaussianDiffusion
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 
@@ -115,7 +116,7 @@ def dit_seconds(plan: Plan, device: torch.device, dtype: torch.dtype) -> float:
     """Seconds per image of the DiT's guided DPM-Solver++ steps at ``plan.px`` (prompt and negative in one batch)."""
     config = PRESETS[plan.preset]
     model = PixArtSigma(config).to(device, dtype).eval()
-    model.set_resolution(*pe_params_for_resolution(plan.px, patch_size=config.patch_size))
+    model.set_resolution(*pe_params_for_resolution(plan.px, patch_size=config.patch_size, vae_downsample=SD_VAE_DOWNSAMPLE))
     B, C, side = plan.sample_batch, config.in_channels, plan.px // 8  # VAE 8×
     y = torch.randn(2 * B, config.max_token_length, config.caption_channels, device=device, dtype=dtype)
     mask = torch.ones(2 * B, config.max_token_length, dtype=torch.long, device=device)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from manifests.features import SD_VAE_DOWNSAMPLE
 from training.flops import image_forward_flops
 from training.model import PRESETS, ModelConfig, PixArtSigma, default_kv_layers, pe_params_for_resolution
 
@@ -60,7 +61,7 @@ def train_step(model: PixArtSigma, optimizer: torch.optim.Optimizer, inputs, dev
 
 def measure(model, resolution: int, batch: int, *, steps: int, warmup: int, device: torch.device) -> dict:
     """Seconds per step and peak memory at one resolution."""
-    model.set_resolution(*pe_params_for_resolution(resolution))
+    model.set_resolution(*pe_params_for_resolution(resolution, vae_downsample=SD_VAE_DOWNSAMPLE))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, fused=device.type == "cuda")
     inputs = batch_for(model.config, resolution, batch, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

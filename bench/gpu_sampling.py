@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from manifests.features import SD_VAE_DOWNSAMPLE
 from training.flops import forward_flops
 from training.model import PRESETS, PixArtSigma, default_kv_layers, pe_params_for_resolution
 from training.sample import dpm_solver_sample, guided_denoiser
@@ -58,7 +59,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = PixArtSigma(config).to(device, dtype).eval()
         for grid in args.grids:
-            model.set_resolution(*pe_params_for_resolution(grid * 16))
+            model.set_resolution(*pe_params_for_resolution(grid * 16, vae_downsample=SD_VAE_DOWNSAMPLE))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

@@ -7,7 +7,8 @@ makes training slow; the trainer uses the same classes when a shard has no cache
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -96,6 +97,20 @@ class T5Features:
         return [states[i, : lengths[i]].cpu().to(torch.float16).numpy() for i in range(len(captions))]
 
 
+# SD's and SDXL's VAEs: 4 blocks, the last without a downsample (2 ** 3). PixArt-Σ's code hard-codes it
+# (``latent_size = image_size // 8``); the toy world's 4× VAEs (training.toy_vae) have 3 blocks.
+SD_VAE_DOWNSAMPLE = 8
+
+
+def vae_downsample(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent cell of an ``AutoencoderKL`` config: ``2 ** (len(block_out_channels) - 1)``, as
+    diffusers' ``PixArtSigmaPipeline`` computes ``vae_scale_factor`` (8 for SD's and SDXL's VAEs)."""
+    channels = vae_config.get("block_out_channels")
+    if not channels:
+        raise ValueError(f"a VAE config needs block_out_channels to give its downsample factor, got {channels!r}")
+    return 2 ** (len(channels) - 1)
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image → (3, H, W) float tensor in [-1, 1], the VAE's input range."""
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -114,10 +129,11 @@ class VaeFeatures:
             AutoencoderKL.from_pretrained(path, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
         )
         self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.downsample = vae_downsample(self.vae.config)  # latents are (H / downsample, W / downsample)
 
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) in [-1, 1] → mean and std, each (B, C, H/f, W/f) float32."""
+        """(B, 3, H, W) in [-1, 1] → mean and std, each (B, C, H/f, W/f) float32, f = ``self.downsample``."""
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 

@@ -47,11 +47,11 @@ import torch
 import webdataset as wds
 
 from manifests.buckets import BucketRule, nearest_bucket, resize_to_cover_and_crop
+from manifests.features import SD_VAE_DOWNSAMPLE
 from manifests.imageio import decode_rgb
 from manifests.tars import FORMAT_EXTENSIONS
 
 IMAGE_EXTENSIONS = tuple(sorted(set(FORMAT_EXTENSIONS.values())))  # every format a curated shard can hold
-VAE_DOWNSAMPLE = 8  # latent cells per pixel side, SD and SDXL VAEs
 MIB = 2**20
 log = logging.getLogger(__name__)
 # Members this small (and every .json) are read while planning; larger ones are kept by reference.
@@ -258,8 +258,10 @@ class SampleDecoder:
         caption_channels: int | None = None,
         latent_channels: int | None = None,
         bucket_rule: BucketRule = "upstream",
+        vae_downsample: int = SD_VAE_DOWNSAMPLE,
     ) -> None:
         self.resolution = resolution
+        self.vae_downsample = vae_downsample  # cached latents are (bucket H / it, bucket W / it)
         self.bucket_rule = bucket_rule
         self.real_prompt_ratio = real_prompt_ratio
         self.cached_latents = cached_latents
@@ -364,7 +366,7 @@ class SampleDecoder:
         return None
 
     def _check_latent(self, bucket: tuple[int, int]):
-        h, w = bucket[0] // VAE_DOWNSAMPLE, bucket[1] // VAE_DOWNSAMPLE
+        h, w = bucket[0] // self.vae_downsample, bucket[1] // self.vae_downsample
         channels = self.latent_channels
 
         def check(array: np.ndarray) -> str | None:
@@ -506,13 +508,14 @@ class StreamConfig:
     caption_channels: int | None = None
     latent_channels: int | None = None
     bucket_rule: BucketRule = "upstream"
+    vae_downsample: int = SD_VAE_DOWNSAMPLE  # pixels per latent cell of the stage's VAE (8: SD, SDXL)
 
 
 def _decoder(c: StreamConfig, seed: int) -> SampleDecoder:
     return SampleDecoder(
         resolution=c.resolution, real_prompt_ratio=c.real_prompt_ratio, seed=seed, cached_latents=c.cached_latents,
         cached_text=c.cached_text, caption_channels=c.caption_channels, latent_channels=c.latent_channels,
-        bucket_rule=c.bucket_rule,
+        bucket_rule=c.bucket_rule, vae_downsample=c.vae_downsample,
     )  # fmt: skip
 
 

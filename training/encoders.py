@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from manifests.features import LEGACY_PROMPT_CASE, NULL_CAPTION_FILE, T5Features, VaeFeatures
+from manifests.features import LEGACY_PROMPT_CASE, NULL_CAPTION_FILE, T5Features, VaeFeatures, vae_downsample
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +76,32 @@ def same_model(recorded: str | None, wanted: str) -> bool:
     return recorded == wanted
 
 
-def vae_scaling_factor(vae: str) -> float | None:
-    """The ``scaling_factor`` in a VAE's config (reads config.json only), or None when it cannot be read."""
+def vae_config(vae: str) -> dict | None:
+    """A VAE's config (reads config.json only, no weights), or None when it cannot be read."""
     local = Path(vae) / "config.json"
-    if local.is_file():  # a local folder: no need to import diffusers for one number
-        config = json.loads(local.read_text())
-    else:
-        from diffusers import AutoencoderKL
+    if local.is_file():  # a local folder: no need to import diffusers for a few numbers
+        return json.loads(local.read_text())
+    from diffusers import AutoencoderKL
 
-        try:
-            config = AutoencoderKL.load_config(vae)
-        except (OSError, ValueError) as err:  # not a local folder and not reachable/cached on the hub
-            log.debug("cannot read the config of VAE %s: %s", vae, err)
-            return None
-    value = config.get("scaling_factor")
+    try:
+        return dict(AutoencoderKL.load_config(vae))
+    except (OSError, ValueError) as err:  # not a local folder and not reachable/cached on the hub
+        log.debug("cannot read the config of VAE %s: %s", vae, err)
+        return None
+
+
+def vae_scaling_factor(vae: str) -> float | None:
+    """The ``scaling_factor`` in a VAE's config, or None when it cannot be read."""
+    config = vae_config(vae)
+    value = None if config is None else config.get("scaling_factor")
     return float(value) if value is not None else None
+
+
+def vae_downsample_factor(vae: str) -> int | None:
+    """Pixels per latent cell of a VAE (``manifests.features.vae_downsample``), or None when its config
+    cannot be read."""
+    config = vae_config(vae)
+    return None if config is None else vae_downsample(config)
 
 
 @dataclass
@@ -235,12 +246,25 @@ class CaptionEncoder:
 class LatentEncoder:
     """Pixels or cached posteriors → latents × the VAE's scaling factor; decodes for validation."""
 
-    def __init__(self, vae: str, *, scaling_factor: float, device: torch.device, cached: bool) -> None:
+    def __init__(
+        self, vae: str, *, scaling_factor: float, device: torch.device, cached: bool, downsample: int | None = None
+    ) -> None:
         self.path = vae
         self.scaling_factor = scaling_factor
         self.device = device
         self.cached = cached
+        self._downsample = downsample  # the run's factor (training.main); None: read from the VAE's config
         self._vae: VaeFeatures | None = None
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell: the run's factor, else the VAE config's (no weights loaded)."""
+        if self._downsample is None:
+            factor = vae_downsample_factor(self.path)
+            if factor is None:
+                raise ValueError(f"cannot read the config of VAE {self.path} to know its downsample factor")
+            self._downsample = factor
+        return self._downsample
 
     @property
     def vae(self) -> VaeFeatures:
@@ -251,6 +275,11 @@ class LatentEncoder:
                 raise ValueError(
                     f"VAE {self.path} has scaling_factor {vae.scaling_factor}, the stage sets vae_scaling_factor "
                     f"{self.scaling_factor}: set it to {vae.scaling_factor} (SD {0.18215}, SDXL {0.13025})"
+                )
+            if self._downsample is not None and vae.downsample != self._downsample:
+                raise ValueError(
+                    f"VAE {self.path} downsamples {vae.downsample}×, the run's latents are {self._downsample}× "
+                    "(one factor for every stage: training.main.run_vae_downsample)"
                 )
             self._vae = vae
         return self._vae

@@ -872,6 +872,7 @@ def evaluate_during_training(
     encode,
     decode,
     resolution: int,
+    vae_downsample: int,
     run_dir: Path,
     global_step: int,
     device: torch.device,
@@ -893,7 +894,7 @@ def evaluate_during_training(
     )  # fmt: skip
     generator = ImageGenerator(
         model, encode, lambda z, tile: (decode(z).float() + 1) / 2, name=f"step {global_step}",
-        resolution=resolution, device=device, vae_tiling="off",
+        resolution=resolution, vae_downsample=vae_downsample, device=device, vae_tiling="off",
     )  # fmt: skip
     settings = SamplingSettings(
         steps=section.steps, cfg_scale=section.cfg_scale, batch_size=section.batch_size
@@ -938,7 +939,7 @@ def evaluate_in_training(model, cfg, stage, text, latents, env, metrics, global_
 
         evaluate_during_training(
             model, cfg.evaluation, encode=encode, decode=latents.decode, resolution=stage.resolution,
-            run_dir=Path(cfg.run_dir), global_step=global_step, device=env.device, writer=metrics.writer,
+            vae_downsample=latents.downsample, run_dir=Path(cfg.run_dir), global_step=global_step, device=env.device, writer=metrics.writer,
         )  # fmt: skip
     if env.world_size > 1:
         dist.barrier()

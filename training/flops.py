@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.model import TIMESTEP_FREQ_DIM, VAE_DOWNSAMPLE, ModelConfig
+from manifests.features import SD_VAE_DOWNSAMPLE
+from training.model import TIMESTEP_FREQ_DIM, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,11 @@ def forward_flops(config: ModelConfig, grid_hw: tuple[int, int], num_tokens: int
     )
 
 
-def image_forward_flops(config: ModelConfig, resolution_hw: tuple[int, int], num_tokens: int) -> int:
-    """Total forward FLOPs for an image of (H, W) pixels (VAE /8, then patchified)."""
-    cell = VAE_DOWNSAMPLE * config.patch_size
+def image_forward_flops(
+    config: ModelConfig, resolution_hw: tuple[int, int], num_tokens: int, *, vae_downsample: int = SD_VAE_DOWNSAMPLE
+) -> int:
+    """Total forward FLOPs for an image of (H, W) pixels (VAE / ``vae_downsample``, then patchified)."""
+    cell = vae_downsample * config.patch_size
     H, W = resolution_hw
     if H % cell or W % cell:
         raise ValueError(f"resolution {H}x{W} must be a multiple of {cell}")

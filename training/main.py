@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from manifests.features import NULL_CAPTION_FILE
+from manifests.features import NULL_CAPTION_FILE, SD_VAE_DOWNSAMPLE
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
 from training.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint
@@ -52,6 +52,7 @@ from training.encoders import (
     TextFeatures,
     compute_text_features,
     same_model,
+    vae_downsample_factor,
     vae_scaling_factor,
 )
 from training.evaluate import evaluate_in_training, training_eval_prompts
@@ -234,7 +235,40 @@ def preflight(cfg: TrainConfig) -> ShardFeatures:
         if not cached or stage.validation_prompts or cfg.val_loss.every:
             check_model_source(stage.vae, f"stages.{i}.vae")
         check_vae_scaling(i, stage, features, cached=cached)
+    run_vae_downsample(cfg)
     return features
+
+
+def run_vae_downsample(cfg: TrainConfig) -> int:
+    """Pixels per latent cell of the run's VAEs, read from their configs (``2 ** (len(block_out_channels) - 1)``,
+    diffusers' ``vae_scale_factor``): 8 for SD/SDXL, 4 for the toy world's VAEs.
+
+    One factor for the whole run: a VAE swap between factors would change the latent grid of every
+    resolution under the same weights (the paper's swap, SD → SDXL VAE, keeps 8×), so it is refused. A VAE
+    whose config cannot be read (a hub id not in the cache) counts as SD/SDXL's 8×, with a warning; its
+    loader checks the factor again (``LatentEncoder``)."""
+    patch = PRESETS[cfg.model.preset].patch_size
+    factors = []
+    for i, stage in enumerate(cfg.stages):
+        factor = vae_downsample_factor(stage.vae)
+        if factor is None:
+            log.warning("stages.%d: cannot read the config of VAE %s; assuming SD/SDXL's %d× downsample",
+                        i, stage.vae, SD_VAE_DOWNSAMPLE)  # fmt: skip
+            factor = SD_VAE_DOWNSAMPLE
+        if stage.resolution % (factor * patch):
+            raise PreflightError(
+                f"stages.{i}.resolution = {stage.resolution} must be a multiple of {factor * patch} "
+                f"(VAE {stage.vae} downsamples {factor}×, patch {patch})"
+            )
+        factors.append(factor)
+    if len(set(factors)) > 1:
+        pairs = enumerate(zip(cfg.stages, factors, strict=True))
+        listed = ", ".join(f"stages.{i}.vae {stage.vae}: {factor}×" for i, (stage, factor) in pairs)
+        raise PreflightError(
+            f"the stages' VAEs downsample by different factors ({listed}): a VAE swap must keep the latent grid; "
+            "use VAEs with the same number of blocks (block_out_channels) in every stage"
+        )
+    return factors[0]
 
 
 def check_shards(shards: str) -> None:
@@ -372,10 +406,12 @@ def prepare_text_features(cfg: TrainConfig, env: Dist, text: CaptionEncoder) -> 
     return features
 
 
-def build_model(cfg: TrainConfig, text: TextFeatures, device: torch.device) -> PixArtSigma:
+def build_model(cfg: TrainConfig, text: TextFeatures, device: torch.device, *, vae_downsample: int) -> PixArtSigma:
     """The preset sized to the caption features, optionally from external weights, with T5("") as null."""
     first = cfg.stages[0]
-    base_size, _ = pe_params_for_resolution(first.resolution, patch_size=PRESETS[cfg.model.preset].patch_size)
+    base_size, _ = pe_params_for_resolution(
+        first.resolution, patch_size=PRESETS[cfg.model.preset].patch_size, vae_downsample=vae_downsample
+    )
     model_cfg = dataclasses.replace(
         PRESETS[cfg.model.preset],
         caption_channels=text.null.shape[1],
@@ -443,7 +479,7 @@ def _load_diffusers_folder(path: Path, max_token_length: int) -> PixArtSigma:
         convert.logger.setLevel(previous)
 
 
-def apply_stage(model: PixArtSigma, stage: StageSection) -> list[str]:
+def apply_stage(model: PixArtSigma, stage: StageSection, *, vae_downsample: int) -> list[str]:
     """The transition into ``stage``: resolution (PE interpolation) and KV compression; returns new params.
 
     Every existing weight is kept. The PE is a function of the grid, base size and pe_interpolation, so a
@@ -451,7 +487,9 @@ def apply_stage(model: PixArtSigma, stage: StageSection) -> list[str]:
     start at Conv Avg Init (PixArt-Σ §3.2), or the conv's default init for ``kv_compress_init = "random"``
     (the paper's ablation). A VAE swap changes no weight: the trainer swaps the encoder.
     """
-    base_size, _ = pe_params_for_resolution(stage.resolution, patch_size=model.config.patch_size)
+    base_size, _ = pe_params_for_resolution(
+        stage.resolution, patch_size=model.config.patch_size, vae_downsample=vae_downsample
+    )  # PixArt: resolution // 8 // patch; the token grid of the run's VAE here
     model.set_resolution(base_size, stage.pe_interpolation)
     before = set(model.state_dict())
     if set(stage.kv_compress_layers) - set(model.config.kv_compress_layers):
@@ -468,11 +506,12 @@ def enter_stage(
     stage: StageSection,
     *,
     quiet: bool,
+    vae_downsample: int,
 ) -> None:
     """Apply the transition to the model, re-seed its EMA, log what changed (PixArt-Σ's weak-to-strong)."""
-    new_params = apply_stage(model, stage)
+    new_params = apply_stage(model, stage, vae_downsample=vae_downsample)
     if ema is not None:
-        apply_stage(ema, stage)  # the same transition (PE, KV layers), so the state dicts match
+        apply_stage(ema, stage, vae_downsample=vae_downsample)  # the same transition (PE, KV layers), so the state dicts match
         reseed_ema(ema, model)
     if quiet:
         return
@@ -592,7 +631,8 @@ def run(cfg: TrainConfig, env: Dist, features: ShardFeatures, stop: StopRequest)
     text = CaptionEncoder(cfg.text.t5, max_tokens=cfg.text.max_tokens, device=env.device, cached=cached_text,
                           prompt_case=cfg.text.prompt_case)  # fmt: skip
     text_features = prepare_text_features(cfg, env, text)
-    model = build_model(cfg, text_features, env.device)
+    vae_downsample = run_vae_downsample(cfg)  # one factor for every stage (checked at preflight)
+    model = build_model(cfg, text_features, env.device, vae_downsample=vae_downsample)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay else None
     diffusion = GaussianDiffusion()
 
@@ -607,13 +647,15 @@ def run(cfg: TrainConfig, env: Dist, features: ShardFeatures, stop: StopRequest)
     try:
         for index, stage in enumerate(cfg.stages):
             previous = cfg.stages[index - 1] if index else None
-            enter_stage(model, ema, previous, stage, quiet=index < position["stage_index"])
+            enter_stage(model, ema, previous, stage, quiet=index < position["stage_index"],
+                        vae_downsample=vae_downsample)  # fmt: skip
             if index < position["stage_index"]:
                 continue
             stage_resume = resume if resume is not None and index == position["stage_index"] else None
             global_step = train_stage(
                 cfg, index, model, ema, diffusion, text, text_features, env, metrics, features, stop,
                 global_step=global_step, resume=stage_resume, resumed_run=resume is not None,
+                vae_downsample=vae_downsample,
             )  # fmt: skip
     finally:
         metrics.close()
@@ -640,6 +682,7 @@ def train_stage(
     global_step: int,
     resume: dict | None,
     resumed_run: bool,
+    vae_downsample: int,
 ) -> int:
     """One stage: fresh optimiser, its VAE, its data; the loop; returns the global step after it."""
     stage = cfg.stages[index]
@@ -648,8 +691,9 @@ def train_stage(
         restore_weights(model, ema, resume)
     cached = latents_cached(cfg, stage, features)
     latents = LatentEncoder(
-        stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached
-    )
+        stage.vae, scaling_factor=stage.vae_scaling_factor, device=env.device, cached=cached,
+        downsample=vae_downsample,
+    )  # fmt: skip
     if start_step >= stage.steps:  # resumed from this stage's last checkpoint: its end, if not done yet
         finish_stage(model, ema, stage=stage, text_features=text_features, latents=latents, cfg=cfg, env=env,
                      metrics=metrics, global_step=global_step, stop=stop, resumed=True)  # fmt: skip
@@ -671,7 +715,7 @@ def train_stage(
     net = wrap_model(model, stage, cfg, env)
     peak = peak_tflops(env.device, cfg.log.peak_tflops)
     # One stream for the whole stage: what waits in its bucket buffers at a checkpoint stays there (issue 20).
-    stream = open_stream(cfg, stage, index, env, latents.cached, text.cached, model, skip=skip)
+    stream = open_stream(cfg, stage, index, env, latents, text.cached, model, skip=skip)
 
     for step in range(start_step, stage.steps):
         inject_faults(cfg, global_step, env.rank, resumed_run=resumed_run)
@@ -869,7 +913,7 @@ def open_stream(
     stage: StageSection,
     index: int,
     env: Dist,
-    cached_latents: bool,
+    latents: LatentEncoder,
     cached_text: bool,
     model: PixArtSigma,
     *,
@@ -881,8 +925,8 @@ def open_stream(
         d.shards, resolution=stage.resolution, batch_size=stage.batch_size, seed=stream_seed(cfg.seed, index),
         rank=env.rank, num_workers=d.num_workers, skip=skip, real_prompt_ratio=d.real_prompt_ratio,
         shuffle_buffer=d.shuffle_buffer, shuffle_buffer_mb=d.shuffle_buffer_mb, bucket_buffer_mb=d.bucket_buffer_mb,
-        cached_latents=cached_latents, cached_text=cached_text, caption_channels=model.config.caption_channels,
-        latent_channels=model.config.in_channels, bucket_rule=d.bucket_rule,
+        cached_latents=latents.cached, cached_text=cached_text, caption_channels=model.config.caption_channels,
+        latent_channels=model.config.in_channels, bucket_rule=d.bucket_rule, vae_downsample=latents.downsample,
     )  # fmt: skip
 
 
@@ -1083,7 +1127,7 @@ def validate(
         y, mask = text.prompt_batch(list(stage.validation_prompts))  # (P, L, C), (P, L)
         y, mask = y.to(env.device), mask.to(env.device)
         autocast = env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16"
-        size = stage.resolution // 8
+        size = stage.resolution // latents.downsample  # the square bucket's latent grid
         for suffix, weights in (("", model), ("-ema", ema)):
             if weights is None:
                 continue

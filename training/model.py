@@ -23,7 +23,6 @@ from manifests.features import DEFAULT_PROMPT_CASE, check_prompt_case
 
 logger = logging.getLogger(__name__)
 
-VAE_DOWNSAMPLE = 8  # SD / SDXL VAE: 8 pixels per latent cell
 PE_REFERENCE_RESOLUTION = 512  # pe_interpolation = resolution / 512 (PixArt-Σ: 0.5, 1, 2, 4 at 256…2K)
 TIMESTEP_FREQ_DIM = 256  # sinusoidal frequencies fed to the timestep MLP
 NORM_EPS = 1e-6  # every non-affine LayerNorm of the backbone
@@ -54,7 +53,7 @@ class ModelConfig:
     max_token_length: int = 300  # PixArt-Σ caption budget (T5 tokens)
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1  # null caption swapped in during training
-    base_size: int = 64  # token grid side at the training resolution (1024 px / 8 / patch 2)
+    base_size: int = 64  # token grid side at the training resolution (1024 px / VAE 8× / patch 2)
     pe_interpolation: float = 2.0  # training resolution / 512
     kv_compress_layers: tuple[int, ...] = ()
     kv_compress_ratio: int = 2  # R: K/V tokens N → N/R²
@@ -109,11 +108,18 @@ def default_kv_layers(depth: int) -> tuple[int, ...]:
     return tuple(range(depth // 2, depth))
 
 
-def pe_params_for_resolution(resolution: int, *, patch_size: int = 2) -> tuple[int, float]:
-    """(base_size, pe_interpolation) for a training resolution in pixels, e.g. 1024 → (64, 2.0)."""
-    if resolution % (VAE_DOWNSAMPLE * patch_size):
-        raise ValueError(f"resolution={resolution} must be a multiple of {VAE_DOWNSAMPLE * patch_size}")
-    return resolution // VAE_DOWNSAMPLE // patch_size, resolution / PE_REFERENCE_RESOLUTION
+def pe_params_for_resolution(resolution: int, *, patch_size: int = 2, vae_downsample: int) -> tuple[int, float]:
+    """(base_size, pe_interpolation) for a training resolution in pixels, e.g. 1024 → (64, 2.0) with an 8× VAE.
+
+    base_size is the token grid side at that resolution: PixArt's ``resolution // 8 // patch_size`` with its
+    fixed 8× VAE, ``resolution // vae_downsample // patch_size`` here (a 4× toy VAE: 128 px → 16).
+    pe_interpolation depends on the pixels only (PixArt-Σ: 0.5, 1, 2, 4 at 256…2K)."""
+    cell = vae_downsample * patch_size
+    if vae_downsample < 1 or resolution % cell:
+        raise ValueError(
+            f"resolution={resolution} must be a multiple of {cell} (VAE {vae_downsample}× · patch {patch_size})"
+        )
+    return resolution // vae_downsample // patch_size, resolution / PE_REFERENCE_RESOLUTION
 
 
 PRESETS: dict[str, ModelConfig] = {

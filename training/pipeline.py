@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from manifests.features import SD_VAE_DOWNSAMPLE, vae_downsample
 from manifests.io import atomic_write_bytes
-from training.model import VAE_DOWNSAMPLE, PixArtSigma
+from training.model import PixArtSigma
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -91,6 +92,17 @@ class FrozenComponents:
     def ref(self, name: str) -> ComponentRef:
         return getattr(self, name)
 
+    def vae_downsample(self) -> int:
+        """Pixels per latent cell of the VAE, from its config (diffusers' ``vae_scale_factor``); SD/SDXL's 8,
+        with a warning, when the config cannot be read (a hub id not in the cache). Only recorded numbers (the
+        export's ``resolution``) rest on that guess: a loaded VAE's own factor sizes every latent."""
+        try:
+            return vae_downsample(_vae_config(self.vae))
+        except (OSError, ValueError) as err:
+            log.warning("cannot read the config of VAE %s (%s): assuming SD/SDXL's %d× downsample",
+                        self.vae.path, err, SD_VAE_DOWNSAMPLE)  # fmt: skip
+            return SD_VAE_DOWNSAMPLE
+
 
 def local_or_id(path_or_id: str) -> str:
     """An existing local path made absolute (exports outlive the working directory), else the id as is."""
@@ -105,9 +117,9 @@ def scheduler():
     return GaussianDiffusion().scheduler()
 
 
-def model_resolution(model: PixArtSigma) -> int:
+def model_resolution(model: PixArtSigma, vae_downsample: int) -> int:
     """The training resolution in pixels: token grid side × patch × VAE factor (e.g. 64 · 2 · 8 = 1024)."""
-    return model.config.base_size * model.config.patch_size * VAE_DOWNSAMPLE
+    return model.config.base_size * model.config.patch_size * vae_downsample
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +175,7 @@ def export_pipeline(
         "prompt_case": model.config.prompt_case,
         "diffusers_call": diffusers_call(model),
         **prompt_case_note(model),
-        "resolution": model_resolution(model),
+        "resolution": model_resolution(model, components.vae_downsample()),
         "vae_scaling_factor": components.vae_scaling_factor,
         "components_mode": mode,
         # Referenced components are loaded from these; copied ones were saved from them.

@@ -43,12 +43,12 @@ from PIL import Image
 from torch import Tensor
 
 from manifests.buckets import nearest_bucket
-from manifests.features import LEGACY_PROMPT_CASE, PROMPT_CASES, t5_states
+from manifests.features import LEGACY_PROMPT_CASE, PROMPT_CASES, SD_VAE_DOWNSAMPLE, t5_states, vae_downsample
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
 from training.convert import NULL_CAPTION_FILE, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
-from training.model import PRESETS, VAE_DOWNSAMPLE, PixArtSigma, pe_params_for_resolution
+from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
 from training.prompt_files import parse_aspect, read_prompt_file
 from training.ranks import Dist, close_distributed, default_device, exit_torchrun_worker, init_distributed
@@ -271,10 +271,13 @@ def _load_pth(path: Path, spec: str, *, preset: str, resolution: int | None, **o
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     resolution = resolution or 1024
-    base_size, pe = pe_params_for_resolution(resolution, patch_size=PRESETS[preset].patch_size)
+    components = _flag_components(**overrides)
+    base_size, pe = pe_params_for_resolution(
+        resolution, patch_size=PRESETS[preset].patch_size, vae_downsample=_vae_downsample(components)
+    )
     config = dataclasses.replace(PRESETS[preset], base_size=base_size, pe_interpolation=pe)
     model = load_original_checkpoint(path, config, key="state_dict")
-    return LoadedModel(model, _flag_components(**overrides), resolution, spec)
+    return LoadedModel(model, components, resolution, spec)
 
 
 def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
@@ -288,7 +291,7 @@ def _load_pipeline(path: Path, spec: str, **overrides) -> LoadedModel:
     if info and not (path / "transformer" / NULL_CAPTION_FILE).is_file():  # ours, from before the sidecar
         model.set_prompt_case(info["model"].get("prompt_case", LEGACY_PROMPT_CASE))
     components = frozen_components(path, **overrides)
-    return LoadedModel(model, components, info.get("resolution") or _resolution(model), spec)
+    return LoadedModel(model, components, info.get("resolution") or _resolution(model, components), spec)
 
 
 def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
@@ -309,7 +312,7 @@ def _load_transformer_folder(path: Path, spec: str, **overrides) -> LoadedModel:
         components = _components_from_train_config(train_cfg, len(train_cfg["stages"]) - 1, **overrides)
     else:
         components = _flag_components(**overrides)
-    return LoadedModel(model, components, _resolution(model), spec)
+    return LoadedModel(model, components, _resolution(model, components), spec)
 
 
 def _trained_null_caption(cfg: dict, stored: str | None, path: Path) -> str:
@@ -357,8 +360,15 @@ def cached_hub_snapshot(repo_id: str) -> Path:
         ) from error
 
 
-def _resolution(model: PixArtSigma) -> int:
-    return model.config.base_size * model.config.patch_size * VAE_DOWNSAMPLE
+def _vae_downsample(components: FrozenComponents | None) -> int:
+    """The components' VAE factor; SD/SDXL's 8 when no VAE is named (such a model cannot generate until --vae
+    names one: ``ImageGenerator.load`` refuses it) or its config cannot be read (``vae_downsample`` warns)."""
+    return SD_VAE_DOWNSAMPLE if components is None else components.vae_downsample()
+
+
+def _resolution(model: PixArtSigma, components: FrozenComponents | None) -> int:
+    """The training resolution: token grid side × patch × the VAE's factor."""
+    return model.config.base_size * model.config.patch_size * _vae_downsample(components)
 
 
 def _train_config_beside(path: Path) -> dict | None:
@@ -403,7 +413,12 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
     prompt_case = state.get("prompt_case") or _trained_prompt_case(cfg)
     kv_layers = tuple(i for i in range(preset.depth) if f"blocks.{i}.attn.sr.weight" in weights_state)
     ratio = int(weights_state[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]) if kv_layers else 2
-    base_size, default_pe = pe_params_for_resolution(stage["resolution"], patch_size=preset.patch_size)
+    components = _components_from_train_config(
+        cfg, position["stage_index"], t5=t5, vae=vae, vae_scaling_factor=vae_scaling_factor
+    )
+    base_size, default_pe = pe_params_for_resolution(
+        stage["resolution"], patch_size=preset.patch_size, vae_downsample=_vae_downsample(components)
+    )
     config = dataclasses.replace(
         preset, caption_channels=null.shape[1], max_token_length=null.shape[0], base_size=base_size,
         pe_interpolation=stage.get("pe_interpolation") or default_pe, kv_compress_layers=kv_layers,
@@ -411,9 +426,6 @@ def _load_checkpoint(path: Path, spec: str, *, weights: str, t5, vae, vae_scalin
     )  # fmt: skip
     model = PixArtSigma(config)
     model.load_state_dict(weights_state, strict=True)
-    components = _components_from_train_config(
-        cfg, position["stage_index"], t5=t5, vae=vae, vae_scaling_factor=vae_scaling_factor
-    )
     return LoadedModel(model.eval(), components, stage["resolution"], spec)
 
 
@@ -470,6 +482,7 @@ class LatentDecoder:
         self.vae = AutoencoderKL.from_pretrained(vae.path, subfolder=vae.subfolder, dtype=dtype)
         self.vae = self.vae.to(device).eval().requires_grad_(False)
         self.scaling_factor = scaling_factor
+        self.downsample = vae_downsample(self.vae.config)  # diffusers' vae_scale_factor
         if slicing:
             self.vae.enable_slicing()
 
@@ -667,6 +680,7 @@ class ImageGenerator:
         *,
         name: str,
         resolution: int,
+        vae_downsample: int,
         device: torch.device,
         vae_tiling: str = "auto",
         setup: dict | None = None,
@@ -675,6 +689,7 @@ class ImageGenerator:
             raise ValueError(f"vae_tiling must be auto, on or off, got {vae_tiling!r}")
         self.model, self.text, self.decoder = model, text, decoder
         self.name, self.resolution, self.device, self.vae_tiling = name, resolution, device, vae_tiling
+        self.vae_downsample = vae_downsample  # pixels per latent cell of the decoder's VAE
         self.setup = setup or {}  # how the frozen parts were loaded (T5/VAE sources, dtype): see identity()
 
     def identity(self) -> dict:
@@ -725,7 +740,8 @@ class ImageGenerator:
         setup = {"dtype": str(dtype).removeprefix("torch."), "text_encoder": c.text_encoder.to_dict(),
                  "tokenizer": c.tokenizer.to_dict(), "vae": c.vae.to_dict(),
                  "vae_scaling_factor": c.vae_scaling_factor}  # fmt: skip
-        return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution, device=device,
+        return cls(model, text, decoder, name=loaded.name, resolution=loaded.resolution,
+                   vae_downsample=decoder.downsample, device=device,
                    vae_tiling=vae_tiling, setup=setup)  # fmt: skip
 
     @torch.no_grad()
@@ -734,7 +750,9 @@ class ImageGenerator:
         height, width = jobs[0].height, jobs[0].width
         assert all((j.height, j.width) == (height, width) for j in jobs)
         C = self.model.config.in_channels
-        latent_hw = (height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+        if height % self.vae_downsample or width % self.vae_downsample:
+            raise ValueError(f"image size {height}×{width} is not a multiple of the VAE's {self.vae_downsample}×")
+        latent_hw = (height // self.vae_downsample, width // self.vae_downsample)
         generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
         noise = _per_image_noise(generators, (C, *latent_hw), self.device)  # (B, C, h, w)
         y, mask = self.text([j.prompt for j in jobs])
@@ -752,7 +770,7 @@ class ImageGenerator:
     def decode(self, latents: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
         """(B, 3, H, W) float images in [0, 1]; resized and center-cropped to ``output_size`` (H, W) when given,
         before the clamp, as PixArtSigmaPipeline's binning does (``resize_and_crop_tensor``)."""
-        side = max(latents.shape[-2:]) * VAE_DOWNSAMPLE
+        side = max(latents.shape[-2:]) * self.vae_downsample
         tile = self.vae_tiling == "on" or (self.vae_tiling == "auto" and side >= TILING_MIN_SIDE)
         images = self.decoder(latents, tile).cpu()  # (B, 3, H, W)
         if output_size is not None:

@@ -228,11 +228,16 @@ def build_tiny_vae(
     scaling_factor: float = SDXL_VAE_SCALING_FACTOR,
     name: str = "vae",
     seed: int | None = None,
+    downsample: int = VAE_DOWNSAMPLE,
 ) -> Path:
-    """Save a tiny 4-channel ``AutoencoderKL`` with an 8× downsample to ``out_dir/name``.
+    """Save a tiny 4-channel ``AutoencoderKL`` with an 8× (SD/SDXL's 4 blocks) or 4× (3 blocks, the toy world's
+    VAEs) downsample to ``out_dir/name``.
 
     ``seed`` defaults to one derived from ``name`` so differently named VAEs get different weights.
     """
+    blocks = {8: 4, 4: 3}.get(downsample)
+    if blocks is None:
+        raise ValueError(f"downsample must be 8 or 4, got {downsample}")
     vae_dir = Path(out_dir) / name
     if seed is None:
         seed = sum(name.encode())
@@ -241,9 +246,9 @@ def build_tiny_vae(
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=(16, 32, 32, 32)[:blocks],
             layers_per_block=1,
             norm_num_groups=8,
             latent_channels=4,
@@ -274,7 +279,7 @@ def calibrate_posterior_(vae: AutoencoderKL) -> None:
     pixels = torch.stack(
         [torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1).permute(2, 0, 1) for im in images]
     )
-    moments = vae.quant_conv(vae.encoder(pixels))  # (8, 2C, 8, 8)
+    moments = vae.quant_conv(vae.encoder(pixels))  # (8, 2C, 64 / f, 64 / f)
     mean = moments[:, :channels]
     conv = vae.quant_conv
     gain = (1.0 / scale) / mean.std().item()

@@ -1,46 +1,43 @@
 """Tiny ``AutoencoderKL``s trained on the toy world (``manifests.toy``), so decode(encode(x)) keeps what the
 adherence metric (``training.adherence``) reads: colour, shape, position and count of every object.
 
-Two VAEs stand in for PixArt-Σ's VAE swap (§3: SD VAE → SDXL VAE), both SD-shaped: 4 latent channels and an
-**8× downsample** (``block_out_channels`` of 4 entries), the layout ``training.main``, the DiT's ``base_size``,
-``manifests.features`` and ``training.sample`` assume. They are built for the toy run's stage resolutions
-**128 px and 256 px** (``TRAIN_RESOLUTIONS``: 16×16 and 32×32 latents at the square bucket); at 64 px an 8×
-latent grid (8×8) rounds a square's corners into a circle, which is why the toy run trains at 128/256
-(issue 21 item 2, option A: keep 8× and train at the sizes where it reads).
+Two VAEs stand in for PixArt-Σ's VAE swap (§3: SD VAE → SDXL VAE), both with 4 latent channels and a **4×
+downsample** (``block_out_channels`` of 3 entries; the trainer reads the factor from the config, as diffusers'
+``vae_scale_factor``), built for the toy run's stage resolutions **64 px and 128 px** (``TRAIN_RESOLUTIONS``:
+16×16 and 32×32 latents at the square bucket). Issue 21 item 2, option B: at 8× and these sizes the VAEs did
+not keep colour (see "History" below); a 4× VAE at 128 px has the latent cells per object an 8× one has at
+256 px and sees 4× more objects per step.
 
-- ``sd`` ("weak", SD-like): narrower and a larger KL weight, meant to hold less detail (measured: lower PSNR,
-  11 vs 19–20 dB, yet adherence at least the strong one's — the pair does not stand for SD → SDXL yet);
-- ``sdxl`` ("strong", SDXL-like): wider, SD's KL weight (1e-6, latent-diffusion's kl-f8 config).
+- ``sd`` ("weak", SD-like): the same architecture (SD's and SDXL's VAEs share theirs), trained as SD's was
+  against SDXL's: a smaller batch (half the pixels per step), fewer steps, and a 10× KL weight (1e-5) that
+  pulls its latents towards N(0, 1), so its scaling factor differs;
+- ``sdxl`` ("strong", SDXL-like): SD's KL weight (1e-6, latent-diffusion's kl-f8 config), more steps.
 
 Each one's ``scaling_factor`` is 1 / std of its latents (posterior means) over held-out toy images, the rule
 SD's and SDXL's factors come from (0.18215 ≈ 1 / 5.49; latent-diffusion's ``scale_by_std``), so the two
 differ as SD's and SDXL's do. The shipped weights live in ``assets/toy_vae/{sd,sdxl}/`` (``save_pretrained``,
 loaded with ``AutoencoderKL.from_pretrained(toy_vae_path("sdxl"))`` like real weights) beside
-``toy_training.json`` (recipe, seed, library versions, sha256 of the weights); ``python -m training.toy_vae
---output assets/toy_vae`` rebuilds them (seeded: the same weights on the same library versions and CPU).
+``toy_training.json`` (recipe, seed, library versions, sha256 of the weights, round-trip adherence on 100
+held-out scenes at 64 and 128 px); ``python -m training.toy_vae --output assets/toy_vae`` rebuilds them
+(seeded: the same weights on the same library versions and CPU). Measured numbers: docs/benchmarks.md "Toy
+world".
 
 Training (``train_vae``): whole images, rendered at the corpus sizes (``curation.toy_world``) and resized to
-their 128/256 px buckets with ``manifests.buckets.resize_to_cover_and_crop`` (the resize materialize
-uses), from a pool of ``pool_size`` scenes per resolution; each step one bucket shape, as many images as fit
-``pixels_per_step`` (4 at 128 px, 1 at 256 px), horizontal flips; loss = L1 + MSE on pixels, objects ×3
-and edges ×4, + a tiny KL; Adam with warm-up and cosine decay; 1 torch thread. The posterior's log-variance
-starts at ``INIT_LOGVAR``.
+their buckets at ``train_resolutions`` with ``manifests.buckets.resize_to_cover_and_crop`` (the resize
+materialize uses), from a pool of ``pool_size`` scenes per resolution; each step one bucket shape, as many
+images as fit ``pixels_per_step``, horizontal flips; loss = L1 + MSE on pixels, objects ×3 and edges ×4, + a
+tiny KL; Adam with warm-up and cosine decay; 1 torch thread. The posterior's log-variance starts at
+``INIT_LOGVAR``.
 
-**Not good enough yet** (docs/benchmarks.md "Toy world", 200 scenes): the round trip keeps position and count
-but not colour (0.27–0.30 against a chance of 0.21) nor, at 128 px, shape, so overall adherence is
-0.02–0.11, far from the 0.9 / 0.7 the toy run needs. Measured this session (checkpoints every 250–500 steps,
-``round_trip_adherence`` on 40 held-out scenes; runs of 900–3,000 steps were what the shared CPUs allowed):
-uniform 48 px crops of 128/256 px images hold an object in only 17 % of crops (2 % of pixels);
-object-centred crops fixed that, but a crop's GroupNorm statistics differ from a whole image's and decoded
-backgrounds came out tinted; with whole images, 1, 2, 4 or 8 GroupNorm groups, edge weight 4 or 1, colour
-stayed at 0.23–0.42 up to step 1,000–1,800; adding 64 px images to the pool left objects grey by step 800.
-A 3-block (4×) VAE of the same recipe at 64/128 px (scratch run, 16/32/32 channels) reached, at 128 px,
-overall 0.35 / 0.75 / 0.83 and colour 0.70 / 0.93 / 0.95 after 500 / 750 / 1,000 steps: at the same
-latent cells per object (4× at 128 px = 8× at 256 px) it sees 4× more objects per step, and the previous
-build (64 px images, 8 fresh scenes a step, 2,500 steps) also kept colour (0.98 at 64 px). Colour seems to
-need many object examples; option B (4× toy VAEs at 64/128 px) is the measured way to the issue's bars.
-No attention in the mid blocks (``mid_block_add_attention=False``): on the shared 2-core machine it made a
-step ~20× slower, and the metric needs local shapes, not global context.
+History (the 8× pair shipped before, 4 blocks at 128/256 px; replaced by this pair): their round trip kept
+position and count but not colour (0.27–0.30 against a chance of 0.21), so overall adherence was 0.02–0.11.
+Measured then (checkpoints every 250–500 steps, 40 held-out scenes): uniform 48 px crops of 128/256 px images
+hold an object in only 17 % of crops; object-centred crops tinted decoded backgrounds (a crop's GroupNorm
+statistics differ from a whole image's); with whole images, 1, 2, 4 or 8 GroupNorm groups and edge weight 4 or
+1, colour stayed at 0.23–0.42 up to step 1,000–1,800. A 3-block (4×) VAE of the same recipe at 64/128 px
+(16/32/32 channels) reached, at 128 px, overall 0.35 / 0.75 / 0.83 and colour 0.70 / 0.93 / 0.95 after 500 /
+750 / 1,000 steps: the recipe of this pair. No attention in the mid blocks (``mid_block_add_attention=False``):
+on the shared 2-core machine it made a step ~20× slower, and the metric needs local shapes, not global context.
 """
 
 from __future__ import annotations
@@ -76,8 +73,9 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy_vae"
 # for DiT training use other seeds (curation.toy_world's default is 0), so no picture is shared.
 VAE_CORPUS_SEED = 1_000_003
 HELD_OUT_SEED = VAE_CORPUS_SEED + 1
-# The toy run's stage resolutions (8× VAE → 16×16 and 32×32 latents at the square bucket).
-TRAIN_RESOLUTIONS = (128, 256)
+# The toy run's stage resolutions (4× VAE → 16×16 and 32×32 latents at the square bucket): the shipped pair's
+# ``ToyVaeSpec.train_resolutions``.
+TRAIN_RESOLUTIONS = (64, 128)
 # (width, height) of toy corpus images, cycled: curation.toy_world.CORPUS_SIZES (training never imports
 # curation; tests/training/test_toy_vae.py checks the two agree).
 CORPUS_SIZES: tuple[tuple[int, int], ...] = ((1024, 1024), (1920, 1152), (1152, 1920), (2048, 1024), (1024, 2048))
@@ -96,9 +94,12 @@ class ToyVaeSpec:
     """One toy VAE: its width, its KL weight and how it trains."""
 
     name: str
+    # 3 entries: a 4× downsample, 4 entries: 8× (diffusers: 2 ** (len(block_out_channels) - 1))
     block_out_channels: tuple[int, ...]
     kl_weight: float
     steps: int
+    # Resolutions of the training images (and of the round trips toy_training.json records).
+    train_resolutions: tuple[int, ...] = TRAIN_RESOLUTIONS
     # GroupNorm groups. Runs with 1, 2, 4 and 8 groups this session all sat at colour 0.23–0.39 by step
     # 1,000 (40 held-out scenes): the group count is not what limits colour here.
     norm_num_groups: int = 4
@@ -118,9 +119,15 @@ class ToyVaeSpec:
     edge_weight: float = 4.0
 
     def __post_init__(self) -> None:
-        if len(self.block_out_channels) != 4:
+        if len(self.block_out_channels) not in (3, 4):
             raise ValueError(
-                f"block_out_channels must have 4 entries (8× downsample), got {self.block_out_channels}"
+                "block_out_channels must have 3 entries (4× downsample) or 4 (8×), "
+                f"got {self.block_out_channels}"
+            )
+        if not self.train_resolutions or any(r % self.downsample for r in self.train_resolutions):
+            raise ValueError(
+                f"train_resolutions must be non-empty multiples of the {self.downsample}× downsample, "
+                f"got {self.train_resolutions}"
             )
         if any(width % self.norm_num_groups for width in self.block_out_channels):
             raise ValueError(
@@ -135,15 +142,19 @@ class ToyVaeSpec:
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must be None or in [1, steps={self.steps}], got {self.stop_at}")
 
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell, as diffusers computes ``vae_scale_factor``."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
-# SD's VAE was trained with a KL weight of 1e-6 (latent-diffusion kl-f8 config); the weak one's is larger,
-# so its latents are pulled closer to N(0, 1), and it is narrower at full and 1/2 resolution. Both are cut
-# (``stop_at``) at the checkpoint with the best round-trip adherence on 40 held-out scenes among those
-# measured within the session's wall time (every 500 steps): the weak one at 500, the strong one at 1,000.
-WEAK = ToyVaeSpec(
-    "sd", block_out_channels=(8, 16, 32, 32), kl_weight=1e-5, steps=3000, norm_num_groups=2, stop_at=500
-)
-STRONG = ToyVaeSpec("sdxl", block_out_channels=(16, 32, 32, 32), kl_weight=1e-6, steps=3000, stop_at=1000)
+
+# Both 4× (3 blocks, 16/32/32 channels: the scratch run that reached overall 0.83 / colour 0.95 at 128 px in
+# 1,000 steps). SD's and SDXL's VAEs share one architecture; SDXL's was retrained with a larger batch (256 vs 9)
+# and EMA (SDXL paper §2.4, "Improved Autoencoder"). So the weak one differs as SD's does: half the pixels per
+# step and fewer steps, and a 10× KL weight (SD's is 1e-6, latent-diffusion's kl-f8 config) that pulls its
+# latents towards N(0, 1), so the two scaling factors differ as SD's 0.18215 and SDXL's 0.13025 do.
+WEAK = ToyVaeSpec("sd", block_out_channels=(16, 32, 32), kl_weight=1e-5, steps=2000, pixels_per_step=2 * 128 * 128)
+STRONG = ToyVaeSpec("sdxl", block_out_channels=(16, 32, 32), kl_weight=1e-6, steps=2400)
 SPECS = {"sd": WEAK, "sdxl": STRONG}
 
 
@@ -161,15 +172,15 @@ def build_vae(spec: ToyVaeSpec, *, seed: int) -> AutoencoderKL:
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.block_out_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.block_out_channels),
             block_out_channels=spec.block_out_channels,
             layers_per_block=1,
             norm_num_groups=spec.norm_num_groups,
             latent_channels=4,
-            # diffusers tiles a decode whose latents exceed sample_size / 8 on a side: 2× the largest training
-            # resolution keeps every toy bucket (up to 352 px a side at 256) in one piece
-            sample_size=2 * max(TRAIN_RESOLUTIONS),
+            # with tiling on, diffusers tiles a decode whose latents exceed sample_size / downsample on a side:
+            # 2× the largest training resolution keeps every toy bucket (up to 1.375× it a side) in one piece
+            sample_size=2 * max(spec.train_resolutions),
             mid_block_add_attention=False,
         )
     with torch.no_grad():
@@ -189,11 +200,11 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
-def image_pool(seed: int, num: int) -> list[torch.Tensor]:
-    """(3, H, W) uint8 images: scenes 0…num-1 of corpus ``seed`` at each of ``TRAIN_RESOLUTIONS``."""
+def image_pool(seed: int, num: int, resolutions: tuple[int, ...] = TRAIN_RESOLUTIONS) -> list[torch.Tensor]:
+    """(3, H, W) uint8 images: scenes 0…num-1 of corpus ``seed`` at each of ``resolutions``."""
     return [
         torch.from_numpy(np.array(materialized(seed, index, resolution))).permute(2, 0, 1).contiguous()
-        for resolution in TRAIN_RESOLUTIONS
+        for resolution in resolutions
         for index in range(num)
     ]
 
@@ -248,7 +259,7 @@ def train_vae(
     in train mode and draw no random numbers from the global generator (the data order stays the seed's)."""
     vae = build_vae(spec, seed=seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=spec.lr)
-    pool = image_pool(VAE_CORPUS_SEED, spec.pool_size)
+    pool = image_pool(VAE_CORPUS_SEED, spec.pool_size, spec.train_resolutions)
     generator = torch.Generator().manual_seed(seed)
     vae.train()
     started = time.monotonic()
@@ -343,7 +354,8 @@ def save_toy_vae(
         "params": sum(p.numel() for p in vae.parameters()),
         "spec": asdict(spec),
         "seed": seed,
-        "train_resolutions": list(TRAIN_RESOLUTIONS),
+        "train_resolutions": list(spec.train_resolutions),
+        "downsample": spec.downsample,
         "corpus_seed": VAE_CORPUS_SEED,
         "held_out_seed": HELD_OUT_SEED,
         "psnr_held_out_128": round(psnr(pixels, round_trip(vae, pixels)), 3),
@@ -352,7 +364,7 @@ def save_toy_vae(
         "round_trip_adherence": {
             str(resolution): {k: round(v, 3) for k, v in round_trip_adherence(
                 vae, resolution, seed=HELD_OUT_SEED, num=num_round_trip).items()}
-            for resolution in TRAIN_RESOLUTIONS
+            for resolution in spec.train_resolutions
         },  # fmt: skip
         "train_seconds": round(train_seconds, 1),
         "torch_threads": torch.get_num_threads(),

@@ -51,7 +51,7 @@ def _np_sincos_pe(dim: int, pos_h: np.ndarray, pos_w: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("init", ["conv_avg", "random"])
 def test_kv_init_switch_sets_the_new_conv_as_named(init: str) -> None:
     model = _model()
-    apply_stage(model, _stage(kv_compress_layers=(4, 5), kv_compress_init=init))
+    apply_stage(model, _stage(kv_compress_layers=(4, 5), kv_compress_init=init), vae_downsample=8)
     for i, block in enumerate(model.blocks):
         assert (block.attn.sr is not None) == (i in (4, 5))
     weight = model.blocks[4].attn.sr.weight
@@ -66,7 +66,7 @@ def test_kv_init_switch_sets_the_new_conv_as_named(init: str) -> None:
 @pytest.mark.parametrize("layers", [(0, 1), (2, 3), (4, 5), tuple(range(6))])
 def test_compressed_layers_are_exactly_the_ones_named(layers: tuple[int, ...]) -> None:
     model = _model()
-    new = apply_stage(model, _stage(kv_compress_layers=layers))
+    new = apply_stage(model, _stage(kv_compress_layers=layers), vae_downsample=8)
     assert model.config.kv_compress_layers == layers
     assert sorted({int(k.split(".")[1]) for k in new}) == list(layers)
     x, t, y = _inputs()
@@ -79,7 +79,7 @@ def _output_change(init: str, seed: int) -> float:
     x, t, y = _inputs(seed + 1)
     with torch.no_grad():
         before = model(x, t, y)
-        apply_stage(model, _stage(kv_compress_layers=(4, 5), kv_compress_init=init))
+        apply_stage(model, _stage(kv_compress_layers=(4, 5), kv_compress_init=init), vae_downsample=8)
         after = model(x, t, y)
     return float((after - before).norm() / before.norm())
 
@@ -102,7 +102,7 @@ def test_pe_interpolation_switch_at_a_resolution_switch(interpolate: bool) -> No
     model = _model()
     low = model.pos_embed(4, 4).double().numpy()  # (16, D)
     stage = _stage(resolution=128, pe_interpolation=None if interpolate else 64 / 512)
-    apply_stage(model, stage)
+    apply_stage(model, stage, vae_downsample=8)
     high = model.pos_embed(8, 8).double().numpy().reshape(8, 8, -1)  # (8, 8, D)
     step = 4.0 if interpolate else 8.0  # positions of the 8×8 grid: 0, 4, …, 28 vs 0, 8, …, 56
     positions = np.arange(8) * step

@@ -98,7 +98,7 @@ def test_count_parameters_ignores_buffers_and_can_count_trainable_only():
     [(256, 16, 0.5), (512, 32, 1.0), (1024, 64, 2.0), (2048, 128, 4.0), (4096, 256, 8.0)],
 )
 def test_pe_interpolation_table(resolution, base_size, pe_interpolation):
-    assert pe_params_for_resolution(resolution) == (base_size, pe_interpolation)
+    assert pe_params_for_resolution(resolution, vae_downsample=8) == (base_size, pe_interpolation)
     # At its own resolution every stage sees positions 0, 1/pe, 2/pe, … up to 512/16 = 32 (exclusive).
     emb = get_2d_sincos_pos_embed(8, (base_size, 1), base_size=base_size, pe_interpolation=pe_interpolation)
     last_h = emb[-1, 4 + 0]  # sin(h·ω0), ω0 = 1, of the last row
@@ -149,7 +149,7 @@ def test_non_square_grid_is_not_the_transpose_and_runs_through_the_model():
 def test_set_resolution_recomputes_pe():
     model = _tiny()
     before = model.pos_embed(8, 8)
-    model.set_resolution(*pe_params_for_resolution(128))  # (8, 0.25)
+    model.set_resolution(*pe_params_for_resolution(128, vae_downsample=8))  # (8, 0.25)
     assert (model.config.base_size, model.config.pe_interpolation) == (8, 0.25)
     torch.testing.assert_close(
         model.pos_embed(8, 8), get_2d_sincos_pos_embed(64, (8, 8), base_size=8, pe_interpolation=0.25)

@@ -265,7 +265,7 @@ def test_init_from_a_pth_with_another_token_count_and_kv_layers(
     pth = _alpha_pth(tmp_path, tokens=120, kv_layers=kv_layers)
     cfg = debug_config(tiny_models, shards, tmp_path / "run", f"model.init={pth}", "text.max_tokens=300")
     with caplog.at_level(logging.INFO, logger="training"):
-        model = trainer.build_model(cfg, _null(300), CPU)
+        model = trainer.build_model(cfg, _null(300), CPU, vae_downsample=8)
     assert model.config.max_token_length == 300 and model.y_embedder.y_embedding.shape == (300, 32)
     assert model.config.kv_compress_layers == kv_layers and model.config.null_caption == "upstream"
     source = _source(kv_layers).state_dict()
@@ -283,5 +283,5 @@ def test_init_from_a_diffusers_folder_gives_no_null_caption_warning(
     export_diffusers(_source(), tmp_path / "init")
     cfg = debug_config(tiny_models, shards, tmp_path / "run", f"model.init={tmp_path / 'init'}")
     with caplog.at_level(logging.WARNING):
-        trainer.build_model(cfg, _null(3), CPU)
+        trainer.build_model(cfg, _null(3), CPU, vae_downsample=8)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

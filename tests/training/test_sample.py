@@ -170,7 +170,7 @@ def test_an_upstream_model_is_guided_against_its_own_null_caption_under_the_prom
     for mode in ("upstream", "diffusers"):
         model = _tiny()
         model.set_null_caption(null[0], null_mask[0], mode=mode)
-        generator = ImageGenerator(model, text, lambda z, tile: z, name=mode, resolution=64, device=CPU)
+        generator = ImageGenerator(model, text, lambda z, tile: z, name=mode, resolution=64, vae_downsample=8, device=CPU)
         jobs = [ImageJob(i, p, seed=i, height=48, width=80) for i, p in enumerate(prompts)]
         asked.clear()
         latents[mode] = generator.latents(jobs, SamplingSettings(steps=4, cfg_scale=4.5))

@@ -36,7 +36,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_resolution_up_keeps_weights_and_interpolates_the_pe() -> None:
     model = _model()
     before, pe_32px = _state(model), model.pos_embed(2, 2)  # the 32 px training grid: 2×2 tokens
-    assert trainer.apply_stage(model, _stage(resolution=64)) == []
+    assert trainer.apply_stage(model, _stage(resolution=64), vae_downsample=8) == []
     assert (model.config.base_size, model.config.pe_interpolation) == (4, 64 / 512)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -48,7 +48,7 @@ def test_resolution_up_keeps_weights_and_interpolates_the_pe() -> None:
 def test_vae_swap_changes_no_weight_and_picks_the_encoder(tmp_path: Path) -> None:
     model = _model()
     before = _state(model)
-    trainer.apply_stage(model, _stage(vae="sdxl", vae_scaling_factor=SDXL_VAE_SCALING_FACTOR))
+    trainer.apply_stage(model, _stage(vae="sdxl", vae_scaling_factor=SDXL_VAE_SCALING_FACTOR), vae_downsample=8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     (tmp_path / "shards.json").write_text(
         json.dumps({"features": {"t5": "t5", "vae": "sdxl", "vae_resolutions": [32]}})
@@ -66,7 +66,7 @@ def test_kv_compression_keeps_weights_and_new_layers_start_at_conv_avg_init() ->
         for p in model.parameters():
             p.add_(0.01)
     before = _state(model)
-    new = trainer.apply_stage(model, _stage(kv_compress_layers=(1,), kv_compress_ratio=2))
+    new = trainer.apply_stage(model, _stage(kv_compress_layers=(1,), kv_compress_ratio=2), vae_downsample=8)
     assert new == [
         "blocks.1.attn.norm.bias",
         "blocks.1.attn.norm.weight",
@@ -96,9 +96,9 @@ def test_debug_schedule_runs_every_transition(tiny_models, shards, tmp_path, mon
     snapshots = []
     enter = trainer.enter_stage
 
-    def recording_enter(model, ema, previous, stage, *, quiet):
+    def recording_enter(model, ema, previous, stage, *, quiet, vae_downsample):
         before = _state(model)
-        enter(model, ema, previous, stage, quiet=quiet)
+        enter(model, ema, previous, stage, quiet=quiet, vae_downsample=vae_downsample)
         snapshots.append((stage.name, before, _state(model), ema and _state(ema)))
 
     monkeypatch.setattr(trainer, "enter_stage", recording_enter)

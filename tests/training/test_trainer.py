@@ -83,7 +83,7 @@ def test_external_init(fmt: str, tiny_models, shards, tmp_path: Path) -> None:
             p.add_(torch.randn_like(p))
     (export_diffusers if fmt == "diffusers" else save_model)(source, tmp_path / "init")
     cfg.model.init = str(tmp_path / "init")
-    model = trainer.build_model(cfg, null, torch.device("cpu"))
+    model = trainer.build_model(cfg, null, torch.device("cpu"), vae_downsample=8)
     for key, value in source.state_dict().items():
         if not key.startswith("y_embedder.y_"):
             assert torch.equal(model.state_dict()[key], value), key

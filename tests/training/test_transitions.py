@@ -127,7 +127,7 @@ def test_pe_cache_holds_one_stage_of_the_sigma_buckets_at_most() -> None:
         tiny_stage = dataclasses.replace(
             stage, kv_compress_layers=()
         )  # XL's KV layers: not in the tiny model
-        trainer.apply_stage(model, tiny_stage)
+        trainer.apply_stage(model, tiny_stage, vae_downsample=8)
         table = bucket_table(stage.resolution)
         current = (model.config.base_size, model.config.pe_interpolation)
         for height, width in table:

@@ -54,6 +54,7 @@ from training.config import (
     TrainConfig,
     ValLossSection,
 )
+from training.encoders import vae_downsample_factor
 from training.flops import image_forward_flops
 from training.main import main as train
 from training.model import PRESETS
@@ -71,7 +72,7 @@ log = logging.getLogger("bench.ablations")
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 TRAIN_SEED, HELD_OUT_SEED = 21, 22  # toy corpus seeds (the toy VAEs use 1_000_003+, curation.toy_world 0)
-LOW, HIGH = 64, 128  # px: 4×4 and 8×8 token grids
+LOW, HIGH = 64, 128  # px: 4×4 and 8×8 token grids through 8× VAEs, 8×8 and 16×16 through 4× ones
 MAX_TOKENS = 48
 SECONDS_FILE = "bench_seconds.json"  # a run's wall-clock training time, beside its records
 PRESET = "ablation"
@@ -196,10 +197,25 @@ def final(work: Path, seed: int, name: str) -> str:
     return str(work / "runs" / f"seed{seed}" / name / "final" / "transformer")
 
 
-def train_flops(resolution: int, steps: int, batch_size: int) -> float:
-    """Training FLOPs of ``steps`` steps at ``resolution`` (forward + backward ≈ 3 × forward)."""
+def vae_factor(paths: dict) -> int:
+    """Pixels per latent cell of the runs' VAEs (the weak and the strong one must agree: one token grid)."""
+    factors = {vae_downsample_factor(paths[name]) for name in ("weak", "strong")}
+    if len(factors) != 1 or None in factors:
+        raise ValueError(f"the weak and strong VAEs must both downsample by one readable factor, got {factors}")
+    return factors.pop()
+
+
+def tokens(resolution: int, factor: int) -> int:
+    """Token grid side of a square image at ``resolution`` through a VAE of ``factor`` and the preset's patch."""
+    return resolution // factor // PRESETS[PRESET].patch_size
+
+
+def train_flops(resolution: int, steps: int, batch_size: int, factor: int) -> float:
+    """Training FLOPs of ``steps`` steps at ``resolution`` through a VAE of ``factor`` (forward + backward ≈ 3 ×
+    forward)."""
     config = PRESETS[PRESET]
-    return 3.0 * steps * batch_size * image_forward_flops(config, (resolution, resolution), MAX_TOKENS)
+    flops = image_forward_flops(config, (resolution, resolution), MAX_TOKENS, vae_downsample=factor)
+    return 3.0 * steps * batch_size * flops
 
 
 def one_seed(seed: int, paths: dict, work: Path, b: Budget) -> dict[str, list[dict]]:
@@ -218,8 +234,9 @@ def one_seed(seed: int, paths: dict, work: Path, b: Budget) -> dict[str, list[di
         )
     out["swap"] = run("swap", paths, work, b, seed=seed, steps=b.swap, resolution=LOW,
                       init=final(work, seed, "pre64-weak"))  # fmt: skip
-    w2s = train_flops(LOW, b.pre, b.batch_size) + train_flops(HIGH, b.high, b.batch_size)
-    scratch_steps = round(w2s / train_flops(HIGH, 1, b.batch_size))
+    factor = vae_factor(paths)
+    w2s = train_flops(LOW, b.pre, b.batch_size, factor) + train_flops(HIGH, b.high, b.batch_size, factor)
+    scratch_steps = round(w2s / train_flops(HIGH, 1, b.batch_size, factor))
     out["scratch128"] = run("scratch128", paths, work, b, seed=seed, steps=scratch_steps, resolution=HIGH)
     return out
 
@@ -299,9 +316,9 @@ def rows_c(runs: list[dict]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def rows_d(runs: list[dict], b: Budget) -> list[list[str]]:
+def rows_d(runs: list[dict], b: Budget, factor: int) -> list[list[str]]:
     """(d) weak-to-strong vs 128 px from scratch at equal training FLOPs: the end loss at 128 px."""
-    flops = train_flops(LOW, b.pre, b.batch_size) + train_flops(HIGH, b.high, b.batch_size)
+    flops = train_flops(LOW, b.pre, b.batch_size, factor) + train_flops(HIGH, b.high, b.batch_size, factor)
     return [
         [f"(d) 64 px {b.pre} steps → 128 px {b.high} steps ({flops / 1e12:.2f} TFLOP)", "",
          stat([end(r["pe-on"]) for r in runs]), ""],
@@ -385,7 +402,7 @@ PAPER = {  # PixArt-Σ (arXiv 2403.04692); the toy analogue of each claim
 
 def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
     header = ["run", "held-out loss at step 0", "at the end (last ¼ of evaluations)", "comparison"]
-    rows = rows_a(runs) + rows_b(runs) + rows_c(runs) + rows_d(runs, b)
+    rows = rows_a(runs) + rows_b(runs) + rows_c(runs) + rows_d(runs, b, meta['factor'])
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     paper = [f"- ({k}) {v}" for k, v in PAPER.items()]
@@ -398,7 +415,8 @@ def markdown(runs: list[dict], b: Budget, meta: dict) -> str:
         f"Seeds {meta['seeds']}; {meta['minutes']:.1f} min in this invocation, {meta['train_minutes']} min of trainer "
         "calls recorded for these runs.", "",
         f"Setup: preset `{PRESET}` (6 blocks, width 96), CAME lr {LR}, batch {b.batch_size}, {meta['num_train']} "
-        f"toy scenes (square, 64 px = 4×4 tokens, 128 px = 8×8), {meta['vaes']}; tiny T5. Steps: pre {b.pre}, "
+        f"toy scenes (square, {LOW} px = {tokens(LOW, meta['factor'])}² tokens, {HIGH} px = "
+        f"{tokens(HIGH, meta['factor'])}², VAE {meta['factor']}×), {meta['vaes']}; tiny T5. Steps: pre {b.pre}, "
         f"after the resolution switch {b.high}, KV fine-tune {b.kv}, after the VAE swap {b.swap}. Metric: "
         f"`training.val_loss` on {b.num_held_out} held-out scenes every {b.every} steps (ε-MSE, mean of t = 50, "
         "250, 500, 750, 950, fixed noise; lower is better). Values: mean ± half the min–max range over seeds.", "",
@@ -457,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"command": "python -m bench.bench_ablations " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{cpu_name()[0]}, {os.cpu_count()} logical CPUs, {platform.system()}",
             "load": f"{load[0]:.1f}", "seeds": args.seeds, "minutes": (time.perf_counter() - started) / 60,
-            "vaes": paths["vaes"], "num_train": args.num_train, "quick": args.quick,
+            "vaes": paths["vaes"], "factor": vae_factor(paths), "num_train": args.num_train, "quick": args.quick,
             "train_minutes": recorded_minutes(work, args.seeds),
             "plot": "ablation_quick_" if args.quick else "ablation_"}  # fmt: skip
     text = markdown(runs, b, meta)
@@ -471,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
                   "c": "(c) VAE swap weak→strong at 64 px", "d": "(d) 128 px: fine-tune vs scratch (equal FLOPs)"}  # fmt: skip
         for k, names in arms.items():
             if k == "d":  # one x axis for both: 128 px step equivalents of training FLOPs
-                pre = train_flops(LOW, b.pre, b.batch_size) / train_flops(HIGH, 1, b.batch_size)
+                factor = meta["factor"]
+                pre = train_flops(LOW, b.pre, b.batch_size, factor) / train_flops(HIGH, 1, b.batch_size, factor)
                 plot(runs, names, titles[k], DOCS / f"{meta['plot']}{k}.png", offsets={"pe-on": pre},
                      xlabel="training FLOPs in 128 px steps (weak-to-strong: after its 64 px stage)")  # fmt: skip
             else:

@@ -8,7 +8,8 @@ import math
 
 import numpy as np
 
-from bench.bench_ablations import KV_ARMS, main, stat, steps_to, train_flops
+from bench.bench_ablations import KV_ARMS, main, stat, steps_to, train_flops, vae_factor
+from tests.conftest import REPO
 
 
 def _records(values: list[float], every: int = 5) -> list[dict]:
@@ -53,5 +54,14 @@ def test_smoke_run_through_the_trainer(tmp_path) -> None:
     # (d): the scratch run trained as many FLOPs as the weak-to-strong pair, to one 128 px step
     pre, high = runs["pre64"][-1]["step"], runs["pe-on"][-1]["step"]
     scratch = runs["scratch128"][-1]["step"]
-    w2s = train_flops(64, pre, 2) + train_flops(128, high, 2)
-    assert abs(train_flops(128, scratch, 2) - w2s) <= train_flops(128, 1, 2) / 2
+    models = work / "models"
+    factor = vae_factor({"weak": str(models / "vae_sd"), "strong": str(models / "vae")})
+    assert factor == 8 and "VAE 8×" in table  # the random tiny VAEs (no --vae-dir); 4× toy VAEs give 4
+    w2s = train_flops(64, pre, 2, factor) + train_flops(128, high, 2, factor)
+    assert abs(train_flops(128, scratch, 2, factor) - w2s) <= train_flops(128, 1, 2, factor) / 2
+
+
+def test_flops_follow_the_vae_factor():
+    """A 4× VAE makes 4× the latent cells of an 8× one, so more tokens: equal compute needs fewer 128 px steps."""
+    assert vae_factor({"weak": str(REPO / "assets/toy_vae/sd"), "strong": str(REPO / "assets/toy_vae/sdxl")}) == 4
+    assert train_flops(128, 1, 2, 4) > 3 * train_flops(128, 1, 2, 8)

@@ -39,7 +39,7 @@ SETS = (  # short: evaluations at steps 2 and 4 of the first stage only (the sec
 def test_toy_run_end_to_end(ray_cluster, tmp_path) -> None:
     out = tmp_path / "toy"
     vae_scaling = 0.5
-    build_tiny_vae(tmp_path / "vaes", scaling_factor=vae_scaling, name="sdxl")
+    build_tiny_vae(tmp_path / "vaes", scaling_factor=vae_scaling, name="sdxl", downsample=4)  # as the shipped toy VAEs
     env = {
         **os.environ,
         "TOY_OUT": str(out),

@@ -168,14 +168,15 @@ def export_pipeline(
     save_null_caption(model, tmp / "transformer")  # the null caption and its mode travel with the weights
     if model.config.kv_compress_layers:
         ship_kv_transformer_code(tmp)
+    factor = components.vae_downsample()
     info = {
         "format": INFO_FORMAT,
         "model": {**dataclasses.asdict(model.config), "grad_checkpointing": False},
         "max_token_length": model.config.max_token_length,
         "prompt_case": model.config.prompt_case,
-        "diffusers_call": diffusers_call(model),
+        "diffusers_call": diffusers_call(model, factor),
         **prompt_case_note(model),
-        "resolution": model_resolution(model, components.vae_downsample()),
+        "resolution": model_resolution(model, factor),
         "vae_scaling_factor": components.vae_scaling_factor,
         "components_mode": mode,
         # Referenced components are loaded from these; copied ones were saved from them.
@@ -194,9 +195,19 @@ def export_pipeline(
     return folder
 
 
-def diffusers_call(model: PixArtSigma) -> dict:
-    """Keyword arguments for ``PixArtSigmaPipeline.__call__`` that encode prompts as pixsigma-sample does."""
-    return {"max_sequence_length": model.config.max_token_length, "clean_caption": False}
+def diffusers_call(model: PixArtSigma, vae_downsample: int) -> dict:
+    """Keyword arguments for ``PixArtSigmaPipeline.__call__`` that encode prompts as pixsigma-sample does, and,
+    for a model on a VAE that does not downsample 8×, sample it at its trained size.
+
+    The pipeline picks its bucket table from ``transformer.config.sample_size`` taking 8 pixels per latent cell
+    (diffusers' pipeline_pixart_sigma.py): a 128 px model on a 4× VAE (sample_size 32) would silently be sampled
+    on the 256 px table, at twice its trained grid. Such a call turns binning off at the trained size.
+    """
+    call = {"max_sequence_length": model.config.max_token_length, "clean_caption": False}
+    if vae_downsample != SD_VAE_DOWNSAMPLE:
+        resolution = model_resolution(model, vae_downsample)
+        call.update(use_resolution_binning=False, height=resolution, width=resolution)
+    return call
 
 
 def prompt_case_note(model: PixArtSigma) -> dict:

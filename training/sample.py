@@ -737,6 +737,13 @@ class ImageGenerator:
                              device=device, dtype=dtype, prompt_case=prompt_case or trained)  # fmt: skip
         decoder = LatentDecoder(c.vae, scaling_factor=c.vae_scaling_factor, device=device, dtype=dtype,
                                 slicing=vae_slicing)  # fmt: skip
+        grid = model.config.base_size * model.config.patch_size * decoder.downsample
+        if loaded.resolution is not None and grid != loaded.resolution:  # e.g. --vae of another factor
+            raise ValueError(
+                f"{loaded.name} was trained at {loaded.resolution} px on a {model.config.base_size}-token grid, "
+                f"but its VAE {c.vae.to_dict()} downsamples {decoder.downsample}× ({grid} px): use a VAE of the "
+                "factor it was trained with"
+            )
         setup = {"dtype": str(dtype).removeprefix("torch."), "text_encoder": c.text_encoder.to_dict(),
                  "tokenizer": c.tokenizer.to_dict(), "vae": c.vae.to_dict(),
                  "vae_scaling_factor": c.vae_scaling_factor}  # fmt: skip

@@ -97,15 +97,16 @@ except ModuleNotFoundError:
     pass
 else:
     raise SystemExit("pixsigma is importable here")
+import json
 import torch
 from diffusers import PixArtSigmaPipeline
 
 pipe = PixArtSigmaPipeline.from_pretrained(sys.argv[2])
 pipe.set_progress_bar_config(disable=True)
 inputs = torch.load(sys.argv[3])
-images = pipe(inputs["prompts"], negative_prompt="", height=64, width=64, num_inference_steps=4, guidance_scale=4.5,
-              latents=inputs["noise"], max_sequence_length=16, clean_caption=False, use_resolution_binning=False,
-              output_type="pt").images
+call = json.load(open(sys.argv[2] + "/pixsigma.json"))["diffusers_call"]  # the size comes from the export, too
+images = pipe(inputs["prompts"], negative_prompt="", num_inference_steps=4, guidance_scale=4.5,
+              latents=inputs["noise"], output_type="pt", **call).images
 torch.save({"images": images, "vae_scale_factor": pipe.vae_scale_factor}, sys.argv[3] + ".out")
 """
 
@@ -123,6 +124,9 @@ def test_a_4x_run_trains_validates_exports_and_samples_at_resolution_over_4(
     assert info["resolution"] == 64  # the last stage's: token grid 8 × patch 2 × VAE 4
     assert transformer["sample_size"] == 64 // 4  # diffusers' latent side at the training resolution
     assert info["model"]["base_size"] == 64 // 4 // 2
+    # diffusers would bin a sample_size-16 transformer as 8× (128 px, or refuse): the call says the trained size
+    assert info["diffusers_call"] == {"max_sequence_length": 16, "clean_caption": False,
+                                      "use_resolution_binning": False, "height": 64, "width": 64}  # fmt: skip
 
     loaded = load_source(str(final))
     assert loaded.resolution == 64
@@ -147,6 +151,13 @@ def test_a_4x_run_trains_validates_exports_and_samples_at_resolution_over_4(
     assert got["images"].shape == expected.shape == (2, 3, 64, 64)
     assert expected.std() > 0.01
     assert (got["images"] - expected).abs().max().item() <= ATOL
+
+
+def test_a_decoder_of_another_factor_than_the_trained_grid_is_refused(tiny_models, vaes, shards4, tmp_path):
+    run_dir = trainer.main(_four_x_run(tiny_models, vaes, shards4, tmp_path / "run"))
+    loaded = load_source(str(run_dir / "final"), vae=str(vaes / "vae8"))  # an 8× VAE for a 4×-trained model
+    with pytest.raises(ValueError, match=r"trained at 64 px on a 8-token grid, but its VAE .* downsamples 8× \(128 px\)"):
+        ImageGenerator.load(loaded, device=CPU, dtype=torch.float32)
 
 
 def test_stages_whose_vaes_downsample_differently_are_refused(tiny_models, vaes, shards4, tmp_path) -> None:

@@ -45,6 +45,8 @@ checkpoint_every = 100000
 [text]
 t5 = "{t5}"
 max_tokens = {max_tokens}
+[model]
+preset = "{preset}"
 [data]
 shards = "{shards}"
 real_prompt_ratio = 1.0
@@ -107,7 +109,7 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, t5: str, shards: P
     config.write_text(CONFIG.format(
         run=root / f"run{seed}", seed=seed, t5=t5, max_tokens=TOY_MAX_TOKENS, shards=shards,
         resolution=args.resolution, vae=args.vae, scaling=scaling, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr,
+        batch_size=args.batch_size, lr=args.lr, preset=args.preset,
     ))  # fmt: skip
     started = time.monotonic()
     run_dir = train(load_config(config))
@@ -115,12 +117,14 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, t5: str, shards: P
     return {"seed": seed, "train_s": seconds, **sampled_scores(run_dir, args, t5, shards, scaling)}
 
 
-def markdown(rows: list[dict], ceiling: dict, chance: dict, command: str, load: tuple[float, float]) -> str:
+def markdown(
+    rows: list[dict], ceiling: dict, chance: dict, command: str, load: tuple[float, float], threads: int = 1
+) -> str:
     lines = [
         "### Toy world: learning (adherence after training)",
         "",
         f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores shared with another "
-        f"engineer's jobs (load average {load[0]:.1f} before, {load[1]:.1f} after), 1 torch thread.",
+        f"engineer's jobs (load average {load[0]:.1f} before, {load[1]:.1f} after), {threads} torch thread(s).",
         "",
         "| row | " + " | ".join(SCORES) + " | train s |",
         "|---|" + "---:|" * (len(SCORES) + 1),
@@ -149,9 +153,11 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--preset", default="tiny", help="training.model.PRESETS key of the DiT")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--no-record", action="store_true", help="print only, leave docs/benchmarks.md")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     root = args.output
     scaling = json.loads((Path(args.vae) / "config.json").read_text())["scaling_factor"]
@@ -171,8 +177,10 @@ def main() -> None:
     ceiling = scores_of(reconstructions, [caption(scene_for(0, i)) for i in range(num)])
     command = (f"python -m bench.bench_toy_learning --vae {args.vae} --seeds {' '.join(map(str, args.seeds))} "
                f"--steps {args.steps} --num-images {args.num_images} --resolution {args.resolution} "
-               f"--batch-size {args.batch_size} --lr {args.lr}")  # fmt: skip
-    text = markdown(rows, ceiling, chance_levels(num_pairs=5000), command, (load_before, os.getloadavg()[0]))
+               f"--batch-size {args.batch_size} --lr {args.lr}"
+               + (f" --preset {args.preset}" if args.preset != "tiny" else "")
+               + (f" --threads {args.threads}" if args.threads != 1 else ""))  # fmt: skip
+    text = markdown(rows, ceiling, chance_levels(num_pairs=5000), command, (load_before, os.getloadavg()[0]), args.threads)
     print(text)
     if not args.no_record:
         print(f"wrote {write_section('toy_learning', text)}")

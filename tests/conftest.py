@@ -212,3 +212,19 @@ def ray_job_submit(
             return result
         time.sleep(2)
     raise RuntimeError(f"the job agent never came up: {result.stderr[-2000:]}")
+
+
+def dies_once(stage: type, flag: str) -> type:
+    """``stage`` whose first call in any process SIGKILLs that process (as the OOM killer would; ``flag`` marks that
+    it happened), and whose later calls run as ``stage``'s. Made inside a function, so Ray's cloudpickle sends the
+    class to the actors by value."""
+
+    class DiesOnce(stage):
+        def __call__(self, *args):
+            try:
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return super().__call__(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return DiesOnce

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import manifests
 from captioning import pipeline
 from tests.captioning.test_pipeline import config
-from tests.conftest import REPO
+from tests.conftest import REPO, dies_once
 
 E_LINE = "constructor arguments in the object store"
 RAY_ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]")  # Ray's C++ log: [date time E pid tid]
@@ -35,15 +34,7 @@ def test_a_captioner_killed_mid_run_is_replaced_and_captions_as_a_clean_run(
     pipeline.run(config(clean, tiny_llava, tiny_t5))
     flag = str(tmp_path / "captioner-died")
 
-    class DiesOnce(pipeline.Captioner):  # defined here: travels to the actor by value
-        def __call__(self, batch):
-            try:
-                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return super().__call__(batch)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    monkeypatch.setattr(pipeline, "Captioner", DiesOnce)
+    monkeypatch.setattr(pipeline, "Captioner", dies_once(pipeline.Captioner, flag))
     killed = curated_run("killed")
     pipeline.run(config(killed, tiny_llava, tiny_t5))
     assert Path(flag).exists()  # not vacuous: a captioner did die

@@ -3,9 +3,7 @@ shards are an uninterrupted run's; the chunk plan never rides in a constructor, 
 
 from __future__ import annotations
 
-import os
 import pickle
-import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +14,7 @@ from curation.aesthetic import clip_image_size
 from curation.config import CurationConfig
 from curation.pipeline import ChunkPlan, ChunkWork, CommitTarget, run
 from manifests.actors import INLINE_BYTES
+from tests.conftest import dies_once
 from tests.curation.conftest import demo_config
 from tests.curation.test_worker_commits import manifest_rows
 
@@ -30,15 +29,7 @@ def test_a_scorer_killed_mid_run_is_replaced_and_the_run_equals_a_clean_one(
     assert summary["executor"] == "ray"
     flag = str(tmp_path / "scorer-died")
 
-    class DiesOnce(pipeline.ScoreAndCommit):  # defined here: travels to the actor by value
-        def __call__(self, item):
-            try:
-                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return super().__call__(item)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    monkeypatch.setattr(pipeline, "ScoreAndCommit", DiesOnce)
+    monkeypatch.setattr(pipeline, "ScoreAndCommit", dies_once(pipeline.ScoreAndCommit, flag))
     out = tmp_path / "run"
     assert run(demo_config(demo_corpus, out, aesthetic_cfg, executor="ray"))["executor"] == "ray"
     assert Path(flag).exists()  # not vacuous: a scorer did die

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from manifests.imageio import decode_rgb
 from manifests.io import unmark_committed
 from manifests.materialize import MaterializeConfig, materialize, plan
 from manifests.selection import SelectionSpec, select
-from tests.conftest import REPO
+from tests.conftest import REPO, dies_once
 from tests.manifests.factories import make_run
 from training.tiny import build_tiny_t5, build_tiny_vae
 
@@ -157,15 +156,7 @@ def test_a_shard_writer_killed_mid_run_is_replaced_and_writes_a_clean_runs_shard
 
     clean = materialize(config("clean"))
 
-    class DiesOnce(materialize_module.ShardWriter):  # defined here: travels to the actor by value
-        def __call__(self, item: dict) -> dict:
-            try:
-                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return super().__call__(item)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    monkeypatch.setattr(materialize_module, "ShardWriter", DiesOnce)
+    monkeypatch.setattr(materialize_module, "ShardWriter", dies_once(materialize_module.ShardWriter, flag))
     killed = materialize(config("killed"))
     assert Path(flag).exists()  # not vacuous: a writer did die
     shards = sorted(p.name for p in clean.glob("train-*.tar"))

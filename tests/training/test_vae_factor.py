@@ -22,6 +22,7 @@ from PIL import Image
 import training.main as trainer
 from manifests.features import vae_downsample
 from tests.training.conftest import REPO, debug_config
+from tests.training.test_pipeline import NO_PIXSIGMA
 from training.encoders import LatentEncoder
 from training.export import export_cli
 from training.sample import ImageGenerator, ImageJob, SamplingSettings, load_source
@@ -85,18 +86,8 @@ def _four_x_run(tiny_models: Path, vaes: Path, shards: Path, run_dir: Path, *ext
     return cfg
 
 
-# A process where pixsigma cannot be imported (the repository and the editable finder removed) samples the
-# standalone export with plain diffusers.
-PLAIN_DIFFUSERS = """
-import sys
-sys.path = [p for p in sys.path if p not in ("", ".", sys.argv[1])]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-try:
-    import training
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("pixsigma is importable here")
+# A process where pixsigma cannot be imported samples the standalone export with plain diffusers.
+PLAIN_DIFFUSERS = NO_PIXSIGMA + """
 import json
 import torch
 from diffusers import PixArtSigmaPipeline

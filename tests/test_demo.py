@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+
+from PIL import Image
 
 from tests.conftest import REPO, VENV_BIN
+from tests.training.test_pipeline import NO_PIXSIGMA
+from tests.training.test_sample_readme import readme_block
 
 
 def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
@@ -58,6 +63,7 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     num_eval = summary["selections"]["eval"]
     assert len((out / "samples" / "images.jsonl").read_text().splitlines()) == num_eval
     assert list((out / "pipeline" / "transformer").glob("pixart_kv_transformer_*.py"))  # the standalone export
+    _readme_lines_sample_the_demo_export(out, tmp_path)
     evaluation = summary["evaluation"]["eval"]
     assert (
         evaluation["num_images"] == num_eval and evaluation["fid"] == evaluation["fid"]
@@ -65,3 +71,20 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     assert (out / "train" / "eval" / "eval" / "index.html").exists()
     assert "evaluation eval:" in result.stdout and "FID" in result.stdout
     assert {"samples", "eval/eval"} <= set(summary["outputs"])
+
+
+def _readme_lines_sample_the_demo_export(out, tmp_path) -> None:
+    """The README's three lines of plain diffusers, as written, on this demo's own ``demo_out/pipeline``, in a
+    process that cannot import pixsigma: they write the image; their arguments are the export's diffusers_call."""
+    block = readme_block("## Sampling, export and evaluation", lang="python")
+    call = json.loads((out / "pipeline" / "pixsigma.json").read_text())["diffusers_call"]
+    assert all(f"{key}={value!r}" in block for key, value in call.items()), (call, block)
+    cwd = tmp_path / "readme"
+    cwd.mkdir()
+    (cwd / "demo_out").symlink_to(out)  # the README names demo_out/, make demo's default DEMO_OUT
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", NO_PIXSIGMA + block, str(REPO)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with Image.open(out / "cat.png") as image:
+        assert image.size == (64, 64)

@@ -79,6 +79,7 @@ from training.sample import (
     SamplingSettings,
     add_model_arguments,
     add_sampling_arguments,
+    bucket_resolution,
     generator_from_args,
     plan_jobs,
     read_prompts,
@@ -420,7 +421,8 @@ def evaluate_generator(
     """Generate this rank's share into ``out/images``, feed FID and CLIP in batches; FID and all rows on every
     rank. Without ``real_bytes`` (a prompt file) the real side is the FID metric's reference statistics."""
     k = eval_settings.num_images_per_prompt
-    jobs = plan_jobs(rows, resolution=eval_settings.resolution or generator.resolution, seed=eval_settings.seed,
+    resolution = bucket_resolution(generator, eval_settings.resolution, eval_settings.binning)
+    jobs = plan_jobs(rows, resolution=resolution, seed=eval_settings.seed,
                      num_images_per_prompt=k, binning=eval_settings.binning)  # fmt: skip
     mine = jobs[env.rank :: env.world_size]
     fid.reset()

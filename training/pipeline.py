@@ -53,6 +53,10 @@ FROZEN_COMPONENTS = ("tokenizer", "text_encoder", "vae")
 # keeps a custom module by its name in sys.modules, so the name carries the code's hash: two exports with
 # different code loaded in one process each get their own class.
 KV_MODULE = "pixart_kv_transformer"
+# PixArtSigmaPipeline's use_resolution_binning (diffusers' pipeline_pixart_sigma.py, __call__) picks its
+# ASPECT_RATIO_<px>_BIN table from transformer.config.sample_size alone, taking 8 px per latent cell, and raises
+# "Invalid sample size" for any other sample_size (the tiny 64 px preset's 8, a 2880 px 4K model's 360).
+DIFFUSERS_BIN_TABLES = {32: 256, 64: 512, 128: 1024, 256: 2048}  # sample_size → table (px)
 PIPELINE_ENTRIES = ("model_index.json", "transformer", "scheduler", *FROZEN_COMPONENTS, INFO_FILE)
 # What older trainer exports left at the top of final/: a bare transformer folder, or ours plus the config.
 LEGACY_FILES = (
@@ -195,16 +199,23 @@ def export_pipeline(
     return folder
 
 
+def diffusers_bin_table(model: PixArtSigma, vae_downsample: int) -> int | None:
+    """The ``ASPECT_RATIO_<px>_BIN`` table (px) PixArtSigmaPipeline's default binning samples this model on, or
+    None where that binning cannot sample it as trained: no table for its ``sample_size`` (diffusers raises
+    "Invalid sample size": 4K's 360, the tiny preset's 8), or a VAE that does not downsample 8× (the table is
+    picked as if it did: a 128 px model on a 4× VAE, sample_size 32, would be sampled on the 256 px table)."""
+    if vae_downsample != SD_VAE_DOWNSAMPLE:
+        return None
+    return DIFFUSERS_BIN_TABLES.get(model.config.base_size * model.config.patch_size)  # = convert's sample_size
+
+
 def diffusers_call(model: PixArtSigma, vae_downsample: int) -> dict:
     """Keyword arguments for ``PixArtSigmaPipeline.__call__`` that encode prompts as pixsigma-sample does, and,
-    for a model on a VAE that does not downsample 8×, sample it at its trained size.
-
-    The pipeline picks its bucket table from ``transformer.config.sample_size`` taking 8 pixels per latent cell
-    (diffusers' pipeline_pixart_sigma.py): a 128 px model on a 4× VAE (sample_size 32) would silently be sampled
-    on the 256 px table, at twice its trained grid. Such a call turns binning off at the trained size.
+    for a model diffusers' binning cannot sample as trained (``diffusers_bin_table`` is None: a 2880 px 4K export,
+    a VAE that is not 8×), sample it with binning off at its trained size instead of failing or resizing.
     """
     call = {"max_sequence_length": model.config.max_token_length, "clean_caption": False}
-    if vae_downsample != SD_VAE_DOWNSAMPLE:
+    if diffusers_bin_table(model, vae_downsample) is None:
         resolution = model_resolution(model, vae_downsample)
         call.update(use_resolution_binning=False, height=resolution, width=resolution)
     return call

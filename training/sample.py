@@ -49,7 +49,14 @@ from manifests.progress import quiet_library_bars
 from training.convert import NULL_CAPTION_FILE, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
-from training.pipeline import ComponentRef, FrozenComponents, frozen_components, local_or_id, read_info
+from training.pipeline import (
+    ComponentRef,
+    FrozenComponents,
+    diffusers_bin_table,
+    frozen_components,
+    local_or_id,
+    read_info,
+)
 from training.prompt_files import parse_aspect, read_prompt_file
 from training.ranks import Dist, close_distributed, default_device, exit_torchrun_worker, init_distributed
 
@@ -141,6 +148,25 @@ def bucket(height: int, width: int, resolution: int, binning: str = "pixart") ->
     # diffusers keys its tables by the ratio rounded to 2 decimals and picks the nearest key (not the bucket's
     # own h/w): 8.5 % of sizes land elsewhere than in PixArt's tables.
     return PixArtImageProcessor.classify_height_width_bin(height, width, ratios=diffusers_bins(resolution))
+
+
+def bucket_resolution(generator: ImageGenerator, resolution: int | None, binning: str) -> int:
+    """The bucket table (px) to plan on: ``resolution`` (--resolution) when given, else the model's own; with
+    ``binning="diffusers"`` and no ``resolution``, the table PixArtSigmaPipeline's binning would pick for the
+    model, refused (ValueError) where it has none: the export samples such a model with binning off at its
+    trained size (``pixsigma.json``'s ``diffusers_call``), which no bucket table reproduces."""
+    if resolution is not None:
+        return resolution
+    if binning == "diffusers" and diffusers_bin_table(generator.model, generator.vae_downsample) is None:
+        c = generator.model.config
+        raise ValueError(
+            f"{generator.name}: PixArtSigmaPipeline's binning has no table for this model (sample_size "
+            f"{c.base_size * c.patch_size} on a {generator.vae_downsample}× VAE; it bins sample_size 32/64/128/256 "
+            f"on 8× VAEs), so its export's diffusers_call samples it with use_resolution_binning=False at "
+            f"{generator.resolution}×{generator.resolution}: use --binning pixart (PixArt's tables, 256…2880 px), "
+            "--height/--width without binning, or --resolution naming one of diffusers' tables (256, 512, 1024, 2048)"
+        )
+    return generator.resolution
 
 
 def plan_jobs(
@@ -1077,7 +1103,7 @@ def run(argv: list[str] | None = None) -> Path:
     rows = rows[: args.num_samples] if args.num_samples is not None else rows
     generator = generator_from_args(args, args.model, device if args.device == "auto" else None)
     size = (args.height, args.width) if args.height is not None else None
-    jobs = plan_jobs(rows, resolution=args.resolution or generator.resolution, seed=args.seed,
+    jobs = plan_jobs(rows, resolution=bucket_resolution(generator, args.resolution, args.binning), seed=args.seed,
                      num_images_per_prompt=args.num_images_per_prompt, size=size,
                      aspect_ratio=parse_aspect_ratio(args.aspect_ratio),
                      binning=None if args.binning == "pixart" and size is not None else args.binning)  # fmt: skip

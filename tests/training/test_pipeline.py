@@ -388,6 +388,103 @@ def test_pixart_binning_covers_2k_and_4k_where_diffusers_has_no_table():
         bucket(2160, 3840, 2880, "diffusers")
 
 
+# Plain diffusers samples a 4K (sample_size 360) and a 2K (sample_size 256) export with pixsigma.json's own
+# diffusers_call at a small asked size: the 4K one with binning off (diffusers has no table: without the call's
+# use_resolution_binning=False it raises "Invalid sample size"), the 2K one binned on ASPECT_RATIO_2048_BIN
+# (latents returned: the 2K decode is not what is compared).
+HIGH_RES_IN_PLAIN_DIFFUSERS = NO_PIXSIGMA + """
+import json
+import torch
+from diffusers import PixArtSigmaPipeline
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+
+inputs, out = torch.load(sys.argv[2]), {}
+for name, folder in inputs["folders"].items():
+    pipe = PixArtSigmaPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    call = json.load(open(folder + "/pixsigma.json"))["diffusers_call"]
+    try:
+        pipe("a cat", num_inference_steps=1, max_sequence_length=16, output_type="latent")  # diffusers' defaults
+    except ValueError as error:
+        out[name + "_default_error"] = str(error)
+    size = {"height": 48, "width": 80}
+    latent = call.get("use_resolution_binning", True)
+    out[name] = pipe(inputs["prompts"], negative_prompt="", num_inference_steps=4, guidance_scale=4.5,
+                     latents=inputs["noise"][name], output_type="latent" if latent else "pt",
+                     **{**call, **size}).images
+    out[name + "_bin"] = pipe.image_processor.classify_height_width_bin(48, 80, ratios=ASPECT_RATIO_2048_BIN)
+torch.save(out, sys.argv[2] + ".out")
+"""
+
+
+def test_2k_and_4k_exports_sample_in_plain_diffusers_with_their_diffusers_call(tiny_models, tmp_path):
+    """A 2880 px export (sample_size 360) records use_resolution_binning=False and its trained size in
+    diffusers_call, so plain diffusers (pixsigma absent) samples it, at an asked 48×80, as our sampler does;
+    a 2048 px one (sample_size 256, patch 8 to keep it small) keeps diffusers' binning, and its binned sample
+    is ours with --binning diffusers. pixsigma-sample --binning diffusers refuses the 4K model, naming why."""
+    import subprocess
+
+    from tests.training.conftest import REPO
+    from training.sample import bucket_resolution, plan_jobs
+    from training.sample import run as sample_cli
+
+    models = {  # PixArt-Σ's pe_interpolation: resolution / 512
+        "4k": dataclasses.replace(TINY, base_size=180, pe_interpolation=2880 / 512),
+        "2k": dataclasses.replace(TINY, base_size=32, patch_size=8, pe_interpolation=2048 / 512),
+    }
+    prompts = ["a photo of a cat at sunset", "a red car in the rain"]
+    settings = SamplingSettings(steps=4, cfg_scale=4.5)
+    folders, expected, noise, jobs = {}, {}, {}, {}
+    for name, config in models.items():
+        model = _randomize(PixArtSigma(config), 6)
+        folder = export_pipeline(model, tmp_path / name, _components(tiny_models), mode="copy")
+        folders[name] = str(folder)
+        info = read_info(folder)
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        ours = ImageGenerator.load(load_source(str(folder)), device=torch.device("cpu"), dtype=torch.float32)
+        if name == "4k":
+            assert (transformer["sample_size"], info["resolution"]) == (360, 2880)
+            assert info["diffusers_call"] == {"max_sequence_length": 16, "clean_caption": False,
+                                              "use_resolution_binning": False, "height": 2880, "width": 2880}  # fmt: skip
+            jobs[name] = [ImageJob(i, p, seed=10 + i, height=48, width=80) for i, p in enumerate(prompts)]
+            expected[name] = ours.decode(ours.latents(jobs[name], settings))  # (2, 3, 48, 80)
+        else:
+            assert (transformer["sample_size"], info["resolution"]) == (256, 2048)
+            assert info["diffusers_call"] == {"max_sequence_length": 16, "clean_caption": False}
+            rows = [{"prompt": p} for p in prompts]
+            jobs[name] = plan_jobs(rows, resolution=bucket_resolution(ours, None, "diffusers"), seed=10,
+                                   size=(48, 80), binning="diffusers")  # fmt: skip
+            expected[name] = ours.latents(jobs[name], settings)  # (2, 4, H / 8, W / 8)
+        h, w = jobs[name][0].height // 8, jobs[name][0].width // 8
+        noise[name] = torch.stack([torch.randn(4, h, w, generator=torch.Generator().manual_seed(j.seed))
+                                   for j in jobs[name]])  # fmt: skip
+    torch.save({"folders": folders, "prompts": prompts, "noise": noise}, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", HIGH_RES_IN_PLAIN_DIFFUSERS, str(REPO), str(tmp_path / "inputs.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got = torch.load(tmp_path / "inputs.pt.out")
+    assert got["4k_default_error"] == "Invalid sample size"  # what the recorded call avoids
+    assert "2k_default_error" not in got
+    assert tuple(got["2k_bin"]) == (jobs["2k"][0].height, jobs["2k"][0].width)  # ASPECT_RATIO_2048_BIN's pick
+    for name in models:
+        assert got[name].shape == expected[name].shape
+        assert expected[name].std() > 0.01
+        # images in [0, 1] to ATOL; the 2K side's latents (the random weights drive them to ~1e3, where fp32's
+        # spacing is ~1e-4) to ATOL relative to their scale
+        scale = 1.0 if name == "4k" else expected[name].abs().max().item()
+        assert (got[name] - expected[name]).abs().max().item() <= ATOL * scale, name
+
+    base = ["--prompt", prompts[0], "--steps", "1", "--device", "cpu", "--binning", "diffusers"]
+    with pytest.raises(ValueError, match=r"no table for this model \(sample_size 360 on a 8× VAE.*use --binning pixart"):
+        sample_cli([*base, "--model", folders["4k"], "--output", str(tmp_path / "4k_samples")])
+    with pytest.raises(ValueError, match=r"sample_size 360 .* --binning pixart"):
+        sample_cli([*base, "--model", folders["4k"], "--output", str(tmp_path / "4k_sized"), "--height", "48",
+                    "--width", "80"])  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
 # SA-Solver (issue 19 §7)
 # --------------------------------------------------------------------------------------------------

@@ -137,12 +137,12 @@ def _folder_fid(metric: FidMetric, real, fake) -> float:
     return metric.compute()
 
 
-def _torch_fidelity_fid(real, fake, weights) -> float:
+def _torch_fidelity_fid(real, fake, weights, features: int = 64) -> float:
     import torch_fidelity
 
     return torch_fidelity.calculate_metrics(
         input1=str(fake), input2=str(real), fid=True, feature_extractor="inception-v3-compat",
-        feature_extractor_weights_path=str(weights), feature_layer_fid="64", cuda=False, cache=False,
+        feature_extractor_weights_path=str(weights), feature_layer_fid=str(features), cuda=False, cache=False,
         verbose=False, batch_size=16, save_cpu_ram=True,
     )["frechet_inception_distance"]  # fmt: skip
 
@@ -166,6 +166,30 @@ def test_default_fid_is_torch_fidelitys_on_two_folders(eval_models, fid_folders)
     antialiased = FidMetric(device=CPU, inception=weights, features=64)
     antialiased.metric.inception.use_antialias = True
     assert abs(_folder_fid(antialiased, real, fake) - theirs) > 0.1
+
+
+def test_default_2048_d_tap_is_torch_fidelitys_on_the_same_folders(eval_models, fid_folders):
+    """The default tap (--fid-features 2048, pool3: the features every paper's FID reads) on images of the same
+    folders: per image, torch-fidelity's own inception-v3-compat extractor (same weights file, what its
+    calculate_metrics feeds the FID) gives our features. The statistics and the Fréchet distance over them do not
+    depend on the tap (test_fid_on_fixed_features_matches_the_reference; calculate_metrics end to end at 64-d
+    above): a full calculate_metrics at 2048-d costs ~100 s on 2 cores (a 2048² sqrtm, two Inception passes over
+    64 images), measured once by hand: 23225.6329 vs ours 23225.625 (rel 3e-7 on the tiny random Inception; scipy's
+    sqrtm and torchmetrics' eigenvalues differ by 7e-3 there on rank-31 covariances, in float64)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    real, fake, _ = fid_folders
+    weights = eval_models["inception"]
+    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    ours = FidMetric(device=CPU, inception=weights)  # the default tap
+    assert ours.num_features == 2048
+    files = sorted(real.glob("*.png"))[:4] + sorted(fake.glob("*.png"))[:4]
+    images = torch.stack([pil_to_uint8(Image.open(p).convert("RGB")) for p in files])  # (8, 3, 320, 448) uint8
+    with torch.no_grad():
+        [theirs] = reference.eval()(images)  # (8, 2048)
+        mine = ours.metric.inception(images)  # (8, 2048): what FidMetric.update accumulates
+    assert theirs.shape == mine.shape == (8, 2048) and theirs.std() > 0
+    assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-4), (mine - theirs).abs().max()
 
 
 def test_clean_resize_fid_is_torch_fidelitys_on_pil_bicubic_299_images(eval_models, fid_folders, tmp_path):

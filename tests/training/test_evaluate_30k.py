@@ -88,6 +88,35 @@ def test_fid_from_saved_statistics_equals_fid_from_the_folders(folders, eval_mod
     assert f"src='{os.path.relpath(fake, tmp_path / 'e')}/{rows[0]['file']}'" in page and "<th>real</th>" not in page
 
 
+def test_a_prompt_over_clips_77_tokens_is_counted_and_flagged_in_an_images_run(folders, eval_models, tmp_path):
+    """--images on a sampled folder whose prompts include one over CLIP's context (open_clip's own BPE: 77 tokens,
+    start and end included) and one of exactly 77: metrics.json's clip_prompts_cut is 1, and only that row's
+    clip_prompt_cut is set in clip_scores.parquet."""
+    import shutil
+
+    import open_clip
+    import pyarrow.parquet as pq
+
+    _, fake, stats, _ = folders
+    folder = tmp_path / "sampled"
+    shutil.copytree(fake, folder)
+    tokenizer = open_clip.get_tokenizer(eval_models["clip"])
+    context = tokenizer.context_length
+    fits = " ".join(["cat"] * (context - 2))
+    cut = " ".join(["a red car in the rain"] * 15)
+    assert len(tokenizer.encode(fits)) + 2 == context < len(tokenizer.encode(cut)) + 2
+    rows = [json.loads(line) for line in (folder / "images.jsonl").read_text().splitlines()]
+    rows[3]["prompt"], rows[5]["prompt"] = cut, fits
+    (folder / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = run(["--images", str(folder), "--reference-stats", str(stats), "--output", str(tmp_path / "e"),
+                   *_flags(eval_models, "--feature-batch-size", "8")])  # fmt: skip
+    assert metrics["clip_prompts_cut"] == 1
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["clip_prompts_cut"] == 1
+    scores = pq.read_table(tmp_path / "e" / "clip_scores.parquet").to_pylist()
+    assert len(scores) == len(rows)
+    assert [r["file"] for r in scores if r["clip_prompt_cut"]] == [rows[3]["file"]]
+
+
 def test_a_numpy_npz_with_only_mu_and_sigma_loads(tmp_path):
     """What pytorch-fid and clean-fid ship: mu and sigma, nothing else; FID against it is the Fréchet formula."""
     rng = np.random.default_rng(0)

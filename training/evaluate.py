@@ -823,14 +823,15 @@ def evaluate_images(args: argparse.Namespace) -> dict:
                                "clip_prompt_cut": generated.cut[r["index"]]} for r in mine], env)  # fmt: skip
     fid_value = fid.compute()
     out = Path(args.output) if args.output else folder / "eval"
-    first = rows[0]
+    first, sampling_run = rows[0], read_sampling_run(folder)
     metrics = {
         "name": args.name or folder.name, "model": first.get("model", ""), "images": str(folder),
         "num_prompts": len({r["prompt"] for r in rows}), **score_summary(fid_value, image_rows, reference=reference),
         "fid_features": args.fid_features, "clip_model": clip.name, "inception": str(args.inception or default_inception_path()),
         "inception_sha256": fid.weights_sha256, "fid_resize": args.fid_resize, **describe(args.reference_stats, reference),
         "sampling": {k: first.get(k) for k in ("sampler", "steps", "cfg_scale", "negative_prompt")},
-        **generator_record(read_sampling_run(folder).get("generator")), "world_size": env.world_size,
+        "binning": sampling_run.get("binning"),  # None: a folder sampled by something else
+        **generator_record(sampling_run.get("generator")), "world_size": env.world_size,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
     if env.is_main:

@@ -935,17 +935,22 @@ def sample_sharded(
     *,
     env: Dist,
     overwrite: bool = False,
+    binning: str = "pixart",
 ) -> list[dict]:
     """Rank r generates the jobs with index % world_size == r, skipping those whose PNG is already complete
     (resume after a kill); each rank writes its rows, rank 0 merges them into images.jsonl in job order.
+    ``sampling_run.json`` records the plan's digest, the generator and the bucket tables (``binning``) the
+    jobs were planned on (``evaluate --images`` copies the latter two into ``metrics.json``).
 
     Every image depends only on its own seed (``ImageGenerator.latents``), so the files are the same for any
     number of ranks and any batch they land in.
     """
     planned = [image_row(job, settings, generator.name) for job in jobs]
     identity = generator.identity()
+    # binning is recorded, not digested: it acts through the planned sizes (rows' height/width and bucket), so
+    # two plans that differ in binning alone give the same images
     run_record = {"model": generator.name, "num_images": len(jobs), "sampling": dataclasses.asdict(settings),
-                  "generator": identity, "plan_sha256": plan_digest(planned, identity)}  # fmt: skip
+                  "binning": binning, "generator": identity, "plan_sha256": plan_digest(planned, identity)}  # fmt: skip
     check_sampling_run(out, run_record, planned, overwrite=overwrite)  # every rank, before anyone writes
     env.barrier()
     if env.is_main:
@@ -1108,7 +1113,8 @@ def run(argv: list[str] | None = None) -> Path:
                      aspect_ratio=parse_aspect_ratio(args.aspect_ratio),
                      binning=None if args.binning == "pixart" and size is not None else args.binning)  # fmt: skip
     settings = settings_from_args(args)
-    image_rows = sample_sharded(generator, jobs, settings, out, env=env, overwrite=args.overwrite)
+    image_rows = sample_sharded(generator, jobs, settings, out, env=env, overwrite=args.overwrite,
+                                binning=args.binning)  # fmt: skip
     if env.is_main:
         print(f"{len(image_rows)} images ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) "
               f"→ {out}")  # fmt: skip

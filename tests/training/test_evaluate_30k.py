@@ -230,12 +230,56 @@ def test_a_sampled_folders_metrics_record_the_case_and_weights_it_was_sampled_wi
     metrics = run(["--images", str(sampled), "--reference-stats", str(stats), *_flags(eval_models)])
     record = json.loads((sampled / RUN_FILE).read_text())["generator"]
     assert metrics["prompt_case"] == "as_written" and metrics["generator"] == record
+    assert metrics["binning"] == "pixart"  # the default, as sampling_run.json records it
     assert json.loads((sampled / "eval" / "metrics.json").read_text())["generator"]["model_sha256"] == (
         record["model_sha256"]
     )
     other = run(["--images", str(fake), "--reference-stats", str(stats), "--output", str(tmp_path / "o"),
                  *_flags(eval_models)])  # fmt: skip
-    assert (other["prompt_case"], other["generator"]) == (None, None)
+    assert (other["prompt_case"], other["generator"], other["binning"]) == (None, None, None)
+
+
+def test_a_diffusers_binned_sample_has_diffusers_own_sizes_and_its_metrics_say_so(
+    folders, eval_models, tiny_models, tmp_path
+):
+    """pixsigma-sample --binning diffusers on a 512 px export (sample_size 64: ASPECT_RATIO_512_BIN): each
+    row's image is generated at the bucket diffusers' own classify_height_width_bin picks for its size (sizes
+    where PixArt's tables pick otherwise), sampling_run.json records the choice, and --images' metrics.json
+    says diffusers."""
+    import dataclasses
+
+    from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_512_BIN
+
+    from training.model import PRESETS, PixArtSigma
+    from training.pipeline import FrozenComponents, export_pipeline
+    from manifests.buckets import nearest_bucket
+    from training.sample import RUN_FILE
+    from training.sample import run as sample
+
+    _, _, stats, _ = folders
+    torch.manual_seed(0)
+    model = PixArtSigma(dataclasses.replace(PRESETS["tiny"], base_size=32)).eval()  # 512 px, sample_size 64
+    components = FrozenComponents.from_paths(str(tiny_models / "t5"), str(tiny_models / "vae"), 0.13025)
+    export = export_pipeline(model, tmp_path / "final", components)
+    sizes = [(200, 733), (570, 200), (274, 1061)]  # (height, width): PixArt's 512 px table picks otherwise
+    picks = [tuple(PixArtImageProcessor.classify_height_width_bin(h, w, ratios=ASPECT_RATIO_512_BIN)) for h, w in sizes]
+    assert all(pick != nearest_bucket(h, w, 512) for pick, (h, w) in zip(picks, sizes, strict=True))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": PROMPTS[i], "id": f"p{i}", "height": h, "width": w}) + "\n"
+                               for i, (h, w) in enumerate(sizes)))  # fmt: skip
+    sampled = tmp_path / "sampled"
+    sample(["--model", str(export), "--input", str(prompts), "--steps", "1", "--device", "cpu", "--binning",
+            "diffusers", "--output", str(sampled)])  # fmt: skip
+    rows = [json.loads(line) for line in (sampled / "images.jsonl").read_text().splitlines()]
+    for row, theirs in zip(rows, picks, strict=True):
+        assert tuple(row["bucket"]) == (row["height"], row["width"]) == theirs
+        with Image.open(sampled / row["file"]) as image:
+            assert image.size == (theirs[1], theirs[0])
+    assert json.loads((sampled / RUN_FILE).read_text())["binning"] == "diffusers"
+    metrics = run(["--images", str(sampled), "--reference-stats", str(stats), *_flags(eval_models)])
+    assert metrics["binning"] == "diffusers"
+    assert json.loads((sampled / "eval" / "metrics.json").read_text())["binning"] == "diffusers"
 
 
 def test_saved_statistics_of_exif_rotated_jpegs_give_torch_fidelitys_fid(folders, eval_models, tmp_path):

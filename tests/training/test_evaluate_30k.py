@@ -251,9 +251,9 @@ def test_a_diffusers_binned_sample_has_diffusers_own_sizes_and_its_metrics_say_s
     from diffusers.image_processor import PixArtImageProcessor
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_512_BIN
 
+    from manifests.buckets import nearest_bucket
     from training.model import PRESETS, PixArtSigma
     from training.pipeline import FrozenComponents, export_pipeline
-    from manifests.buckets import nearest_bucket
     from training.sample import RUN_FILE
     from training.sample import run as sample
 

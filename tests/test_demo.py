@@ -77,7 +77,8 @@ def _readme_lines_sample_the_demo_export(out, tmp_path) -> None:
     """The README's three lines of plain diffusers, as written, on this demo's own ``demo_out/pipeline``, in a
     process that cannot import pixsigma: they write the image; their arguments are the export's diffusers_call."""
     block = readme_block("## Sampling, export and evaluation", lang="python")
-    call = json.loads((out / "pipeline" / "pixsigma.json").read_text())["diffusers_call"]
+    info = json.loads((out / "pipeline" / "pixsigma.json").read_text())
+    call = info["diffusers_call"]
     assert all(f"{key}={value!r}" in block for key, value in call.items()), (call, block)
     cwd = tmp_path / "readme"
     cwd.mkdir()
@@ -86,5 +87,5 @@ def _readme_lines_sample_the_demo_export(out, tmp_path) -> None:
     result = subprocess.run([sys.executable, "-c", NO_PIXSIGMA + block, str(REPO)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    with Image.open(out / "cat.png") as image:
-        assert image.size == (64, 64)
+    with Image.open(out / "cat.png") as image:  # the call names no size: the pipeline's default, the trained one
+        assert image.size == (info["resolution"], info["resolution"])

@@ -9,7 +9,9 @@ caption budget, the VAE scaling factor trained with, the resolution, where the f
 from, the prompt case the model was trained with and ``diffusers_call``: the keyword arguments under which a
 plain ``pipe(prompt, **diffusers_call)`` encodes prompts as the model was trained (``max_sequence_length`` =
 the caption budget; ``clean_caption=False``, since diffusers' default ``True`` runs DeepFloyd's caption
-cleaning, URL and punctuation removal, whenever bs4 and ftfy are installed). With ``components="reference"`` (the trainer's
+cleaning, URL and punctuation removal, whenever bs4 and ftfy are installed) and, for a model diffusers' resolution
+binning cannot sample as trained (4K's ``sample_size`` 360, the tiny preset, a VAE that is not 8×),
+``use_resolution_binning=False``; it never holds a size (the pipeline's default is the trained one). With ``components="reference"`` (the trainer's
 default: T5-XXL is ~19 GB) those three are ``[null, null]`` in ``model_index.json`` and named by path or
 hub id in ``pixsigma.json``; ``load_pipeline`` fills them in, and a plain diffusers user passes them to
 ``from_pretrained`` (README, "Sampling, export and evaluation").
@@ -212,12 +214,15 @@ def diffusers_bin_table(model: PixArtSigma, vae_downsample: int) -> int | None:
 def diffusers_call(model: PixArtSigma, vae_downsample: int) -> dict:
     """Keyword arguments for ``PixArtSigmaPipeline.__call__`` that encode prompts as pixsigma-sample does, and,
     for a model diffusers' binning cannot sample as trained (``diffusers_bin_table`` is None: a 2880 px 4K export,
-    a VAE that is not 8×), sample it with binning off at its trained size instead of failing or resizing.
+    a VAE that is not 8×), turn binning off instead of failing or resizing.
+
+    No ``height``/``width``: the pipeline defaults both to ``transformer.config.sample_size * vae_scale_factor``
+    with ``vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)`` (pipeline_pixart_sigma.py), which is
+    the trained size (``model_resolution``), and a call naming its own size must not pass them twice.
     """
     call = {"max_sequence_length": model.config.max_token_length, "clean_caption": False}
     if diffusers_bin_table(model, vae_downsample) is None:
-        resolution = model_resolution(model, vae_downsample)
-        call.update(use_resolution_binning=False, height=resolution, width=resolution)
+        call["use_resolution_binning"] = False
     return call
 
 

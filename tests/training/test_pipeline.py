@@ -411,15 +411,20 @@ for name, folder in inputs["folders"].items():
     latent = call.get("use_resolution_binning", True)
     out[name] = pipe(inputs["prompts"], negative_prompt="", num_inference_steps=4, guidance_scale=4.5,
                      latents=inputs["noise"][name], output_type="latent" if latent else "pt",
-                     **{**call, **size}).images
+                     **call, **size).images  # the recorded call holds no size: no clash with the asked one
     out[name + "_bin"] = pipe.image_processor.classify_height_width_bin(48, 80, ratios=ASPECT_RATIO_2048_BIN)
+    # the call names no size: the pipeline's default (sample_size × vae_scale_factor, __call__) is the trained one
+    out[name + "_default_size"] = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    if name == "2k":  # and one step at that default, latents only (the 4K one's 360² grid is too slow here)
+        out["2k_default_latent"] = pipe("a cat", num_inference_steps=1, output_type="latent", **call).images.shape
 torch.save(out, sys.argv[2] + ".out")
 """
 
 
 def test_2k_and_4k_exports_sample_in_plain_diffusers_with_their_diffusers_call(tiny_models, tmp_path):
-    """A 2880 px export (sample_size 360) records use_resolution_binning=False and its trained size in
-    diffusers_call, so plain diffusers (pixsigma absent) samples it, at an asked 48×80, as our sampler does;
+    """A 2880 px export (sample_size 360) records use_resolution_binning=False in diffusers_call (no size: the
+    pipeline's default is the trained one), so plain diffusers (pixsigma absent) samples it, at an asked 48×80 on
+    top of that call, as our sampler does;
     a 2048 px one (sample_size 256, patch 8 to keep it small) keeps diffusers' binning, and its binned sample
     is ours with --binning diffusers. pixsigma-sample --binning diffusers refuses the 4K model, naming why."""
     import subprocess
@@ -445,7 +450,7 @@ def test_2k_and_4k_exports_sample_in_plain_diffusers_with_their_diffusers_call(t
         if name == "4k":
             assert (transformer["sample_size"], info["resolution"]) == (360, 2880)
             assert info["diffusers_call"] == {"max_sequence_length": 16, "clean_caption": False,
-                                              "use_resolution_binning": False, "height": 2880, "width": 2880}  # fmt: skip
+                                              "use_resolution_binning": False}  # fmt: skip
             jobs[name] = [ImageJob(i, p, seed=10 + i, height=48, width=80) for i, p in enumerate(prompts)]
             expected[name] = ours.decode(ours.latents(jobs[name], settings))  # (2, 3, 48, 80)
         else:
@@ -469,6 +474,8 @@ def test_2k_and_4k_exports_sample_in_plain_diffusers_with_their_diffusers_call(t
     assert got["4k_default_error"] == "Invalid sample size"  # what the recorded call avoids
     assert "2k_default_error" not in got
     assert tuple(got["2k_bin"]) == (jobs["2k"][0].height, jobs["2k"][0].width)  # ASPECT_RATIO_2048_BIN's pick
+    assert (got["4k_default_size"], got["2k_default_size"]) == (2880, 2048)  # the trained sizes
+    assert tuple(got["2k_default_latent"]) == (1, 4, 2048 // 8, 2048 // 8)
     for name in models:
         assert got[name].shape == expected[name].shape
         assert expected[name].std() > 0.01

@@ -95,10 +95,13 @@ from diffusers import PixArtSigmaPipeline
 pipe = PixArtSigmaPipeline.from_pretrained(sys.argv[2])
 pipe.set_progress_bar_config(disable=True)
 inputs = torch.load(sys.argv[3])
-call = json.load(open(sys.argv[2] + "/pixsigma.json"))["diffusers_call"]  # the size comes from the export, too
+call = json.load(open(sys.argv[2] + "/pixsigma.json"))["diffusers_call"]  # no size: the pipeline's default
 images = pipe(inputs["prompts"], negative_prompt="", num_inference_steps=4, guidance_scale=4.5,
               latents=inputs["noise"], output_type="pt", **call).images
-torch.save({"images": images, "vae_scale_factor": pipe.vae_scale_factor}, sys.argv[3] + ".out")
+# given latents fix the grid whatever the size; without them the pipeline draws them at its default size
+default = pipe(inputs["prompts"][0], num_inference_steps=1, output_type="pt", **call).images
+torch.save({"images": images, "default_shape": default.shape, "vae_scale_factor": pipe.vae_scale_factor},
+           sys.argv[3] + ".out")
 """
 
 
@@ -115,9 +118,10 @@ def test_a_4x_run_trains_validates_exports_and_samples_at_resolution_over_4(
     assert info["resolution"] == 64  # the last stage's: token grid 8 × patch 2 × VAE 4
     assert transformer["sample_size"] == 64 // 4  # diffusers' latent side at the training resolution
     assert info["model"]["base_size"] == 64 // 4 // 2
-    # diffusers would bin a sample_size-16 transformer as 8× (128 px, or refuse): the call says the trained size
+    # diffusers would bin a sample_size-16 transformer as 8× (128 px, or refuse): the call turns binning off, and
+    # the pipeline's default size (sample_size × the VAE's vae_scale_factor 4) is the trained 64 px
     assert info["diffusers_call"] == {"max_sequence_length": 16, "clean_caption": False,
-                                      "use_resolution_binning": False, "height": 64, "width": 64}  # fmt: skip
+                                      "use_resolution_binning": False}  # fmt: skip
 
     loaded = load_source(str(final))
     assert loaded.resolution == 64
@@ -140,6 +144,7 @@ def test_a_4x_run_trains_validates_exports_and_samples_at_resolution_over_4(
     got = torch.load(tmp_path / "inputs.pt.out")
     assert got["vae_scale_factor"] == 4
     assert got["images"].shape == expected.shape == (2, 3, 64, 64)
+    assert tuple(got["default_shape"]) == (1, 3, 64, 64)  # the recorded call alone samples at the trained size
     assert expected.std() > 0.01
     assert (got["images"] - expected).abs().max().item() <= ATOL
 

@@ -830,7 +830,8 @@ def evaluate_images(args: argparse.Namespace) -> dict:
         "fid_features": args.fid_features, "clip_model": clip.name, "inception": str(args.inception or default_inception_path()),
         "inception_sha256": fid.weights_sha256, "fid_resize": args.fid_resize, **describe(args.reference_stats, reference),
         "sampling": {k: first.get(k) for k in ("sampler", "steps", "cfg_scale", "negative_prompt")},
-        "binning": sampling_run.get("binning"),  # None: a folder sampled by something else
+        # None: a folder sampled by something else, or by a pixsigma-sample older than the record
+        "binning": sampling_run.get("binning"),
         **generator_record(sampling_run.get("generator")), "world_size": env.world_size,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip

@@ -50,6 +50,7 @@ from training.convert import NULL_CAPTION_FILE, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.pipeline import (
+    DIFFUSERS_BIN_TABLES,
     ComponentRef,
     FrozenComponents,
     diffusers_bin_table,
@@ -67,6 +68,7 @@ SAMPLERS = ("dpm-solver", "iddpm", "sa-solver")
 # ASPECT_RATIO_* tables, 256…2880, by nearest h/w); "diffusers", PixArtSigmaPipeline's 33-bucket *_BIN tables
 # (256/512/1024/2048, picked as its use_resolution_binning picks) with an asked size resized back to it.
 BINNINGS = ("pixart", "diffusers")
+EXACT_SIZE = "exact"  # what sampling_run.json records for --height/--width with --binning pixart: no table
 IMAGES_FILE = "images.jsonl"
 RUN_FILE = "sampling_run.json"  # what a sampling folder holds: its plan digest (resume only the same run)
 RANK_ROWS_PREFIX = "images.rank-"  # each rank's rows before the merge
@@ -127,8 +129,7 @@ def diffusers_bins(resolution: int) -> dict[str, list[float]]:
     """PixArtSigmaPipeline's ``ASPECT_RATIO_<resolution>_BIN`` table (what ``use_resolution_binning`` uses)."""
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
 
-    tables = {256: sigma.ASPECT_RATIO_256_BIN, 512: sigma.ASPECT_RATIO_512_BIN,
-              1024: sigma.ASPECT_RATIO_1024_BIN, 2048: sigma.ASPECT_RATIO_2048_BIN}  # fmt: skip
+    tables = {px: getattr(sigma, f"ASPECT_RATIO_{px}_BIN") for px in DIFFUSERS_BIN_TABLES.values()}
     if resolution not in tables:
         raise ValueError(
             f"diffusers has binning tables for {sorted(tables)} px, not {resolution}: use binning 'pixart' "
@@ -159,12 +160,13 @@ def bucket_resolution(generator: ImageGenerator, resolution: int | None, binning
         return resolution
     if binning == "diffusers" and diffusers_bin_table(generator.model, generator.vae_downsample) is None:
         c = generator.model.config
+        sample_sizes = "/".join(str(size) for size in DIFFUSERS_BIN_TABLES)
         raise ValueError(
             f"{generator.name}: PixArtSigmaPipeline's binning has no table for this model (sample_size "
-            f"{c.base_size * c.patch_size} on a {generator.vae_downsample}× VAE; it bins sample_size 32/64/128/256 "
-            f"on 8× VAEs), so its export's diffusers_call samples it with use_resolution_binning=False at "
+            f"{c.base_size * c.patch_size}, {generator.vae_downsample}× VAE; it bins sample_size {sample_sizes} "
+            f"on an 8× VAE), so its export's diffusers_call samples it with use_resolution_binning=False at "
             f"{generator.resolution}×{generator.resolution}: use --binning pixart (PixArt's tables, 256…2880 px), "
-            "--height/--width without binning, or --resolution naming one of diffusers' tables (256, 512, 1024, 2048)"
+            "or --height/--width with --binning pixart (an exact size, as diffusers_call does)"
         )
     return generator.resolution
 
@@ -935,12 +937,13 @@ def sample_sharded(
     *,
     env: Dist,
     overwrite: bool = False,
-    binning: str = "pixart",
+    binning: str,
 ) -> list[dict]:
     """Rank r generates the jobs with index % world_size == r, skipping those whose PNG is already complete
     (resume after a kill); each rank writes its rows, rank 0 merges them into images.jsonl in job order.
-    ``sampling_run.json`` records the plan's digest, the generator and the bucket tables (``binning``) the
-    jobs were planned on (``evaluate --images`` copies the latter two into ``metrics.json``).
+    ``sampling_run.json`` records the plan's digest, the generator and the bucket tables (``binning``: one of
+    ``BINNINGS``, or ``EXACT_SIZE`` where the jobs were planned at an explicit size with no table) the jobs were
+    planned on (``evaluate --images`` copies the latter two into ``metrics.json``).
 
     Every image depends only on its own seed (``ImageGenerator.latents``), so the files are the same for any
     number of ranks and any batch they land in.
@@ -1108,13 +1111,13 @@ def run(argv: list[str] | None = None) -> Path:
     rows = rows[: args.num_samples] if args.num_samples is not None else rows
     generator = generator_from_args(args, args.model, device if args.device == "auto" else None)
     size = (args.height, args.width) if args.height is not None else None
+    binning = None if args.binning == "pixart" and size is not None else args.binning  # None: the size is exact
     jobs = plan_jobs(rows, resolution=bucket_resolution(generator, args.resolution, args.binning), seed=args.seed,
                      num_images_per_prompt=args.num_images_per_prompt, size=size,
-                     aspect_ratio=parse_aspect_ratio(args.aspect_ratio),
-                     binning=None if args.binning == "pixart" and size is not None else args.binning)  # fmt: skip
+                     aspect_ratio=parse_aspect_ratio(args.aspect_ratio), binning=binning)  # fmt: skip
     settings = settings_from_args(args)
     image_rows = sample_sharded(generator, jobs, settings, out, env=env, overwrite=args.overwrite,
-                                binning=args.binning)  # fmt: skip
+                                binning=binning or EXACT_SIZE)  # fmt: skip
     if env.is_main:
         print(f"{len(image_rows)} images ({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) "
               f"→ {out}")  # fmt: skip

@@ -245,7 +245,7 @@ def test_a_diffusers_binned_sample_has_diffusers_own_sizes_and_its_metrics_say_s
     """pixsigma-sample --binning diffusers on a 512 px export (sample_size 64: ASPECT_RATIO_512_BIN): each
     row's image is generated at the bucket diffusers' own classify_height_width_bin picks for its size (sizes
     where PixArt's tables pick otherwise), sampling_run.json records the choice, and --images' metrics.json
-    says diffusers."""
+    says diffusers; an exact --height/--width sample records "exact"."""
     import dataclasses
 
     from diffusers.image_processor import PixArtImageProcessor
@@ -280,6 +280,14 @@ def test_a_diffusers_binned_sample_has_diffusers_own_sizes_and_its_metrics_say_s
     metrics = run(["--images", str(sampled), "--reference-stats", str(stats), *_flags(eval_models)])
     assert metrics["binning"] == "diffusers"
     assert json.loads((sampled / "eval" / "metrics.json").read_text())["binning"] == "diffusers"
+    # --height/--width under the default --binning pixart are exact (no table): the record says so, not "pixart"
+    exact = tmp_path / "exact"
+    sample(["--model", str(export), "--prompt", PROMPTS[0], "--steps", "1", "--device", "cpu", "--height", "48",
+            "--width", "80", "--output", str(exact)])  # fmt: skip
+    assert nearest_bucket(48, 80, 512) != (48, 80)  # a table would have moved it
+    with Image.open(exact / json.loads((exact / "images.jsonl").read_text())["file"]) as image:
+        assert image.size == (80, 48)
+    assert json.loads((exact / RUN_FILE).read_text())["binning"] == "exact"
 
 
 def test_saved_statistics_of_exif_rotated_jpegs_give_torch_fidelitys_fid(folders, eval_models, tmp_path):

@@ -12,7 +12,7 @@ v-prediction (Salimans & Ho 2022, §4: v-MSE = (1 + SNR)·x₀-MSE, ε-MSE = SNR
 It trains in memory, not through ``training.main`` (the trainer has no such weighting; this measures whether one is
 worth adding): single-object scenes on plain backgrounds, ``--pool`` of them, toy-VAE posterior samples and toy-T5
 states computed once, AdamW, 10 % caption dropout, the project's model, loss and DPM-Solver++ sampler. Every
-``--every`` steps both arms sample the first 32 training prompts (20 steps, CFG 1 and 4.5) and are scored on:
+``--every`` steps both arms sample the first 32 training prompts (20 steps, CFG 1 and 4.5) and 32 scenes never in the pool, and are scored on:
 
 * background: the tile's median grey nearest to the prompt's (5 greys: chance 0.2);
 * ``training.adherence`` colour / shape / position / overall, beside the same images against shuffled prompts.
@@ -100,6 +100,7 @@ class World:
         self.text = CaptionEncoder(str(build_toy_t5(root / "models")), max_tokens=TOY_MAX_TOKENS,
                                    device=torch.device("cpu"), cached=False)  # fmt: skip
         self.scenes = [single_object_scene(np.random.default_rng([1000, i])) for i in range(args.pool)]
+        self.held_out = [single_object_scene(np.random.default_rng([2000, i])) for i in range(NUM_PROMPTS)]
         side = args.resolution
         means, stds, states, masks = [], [], [], []
         with torch.no_grad():
@@ -120,22 +121,23 @@ class World:
 
 @torch.no_grad()
 def evaluate(model: PixArtSigma, world: World, side: int) -> dict[str, dict[str, float]]:
+    """Scores per (prompts, CFG): the pool's first 32 scenes ("train") and 32 scenes never in the pool ("held-out")."""
     model.eval()
-    scenes = world.scenes[:NUM_PROMPTS]
-    prompts = [caption(s) for s in scenes]
-    shuffled = [prompts[(i + len(prompts) // 2 + 1) % len(prompts)] for i in range(len(prompts))]
-    y, mask = world.text.encode(prompts)
     result = {}
-    for cfg_scale in CFG_SCALES:
-        z = sample(model, y.float(), mask, latent_size=(side, side), num_steps=20, cfg_scale=cfg_scale,
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
-        pixels = world.vae.decode(z / world.scaling).sample
-        images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        scores = mean_scores(score_image(im, p) for im, p in zip(images, prompts, strict=True))
-        chance = mean_scores(score_image(im, p) for im, p in zip(images, shuffled, strict=True))
-        background = float(np.mean([background_hit(im, s) for im, s in zip(images, scenes, strict=True)]))
-        result[f"cfg {cfg_scale:g}"] = {"background": background, **scores,
-                                        **{f"shuffled {k}": v for k, v in chance.items()}}  # fmt: skip
+    for split, scenes in (("train", world.scenes[:NUM_PROMPTS]), ("held-out", world.held_out)):
+        prompts = [caption(s) for s in scenes]
+        shuffled = [prompts[(i + len(prompts) // 2 + 1) % len(prompts)] for i in range(len(prompts))]
+        y, mask = world.text.encode(prompts)
+        for cfg_scale in CFG_SCALES:
+            z = sample(model, y.float(), mask, latent_size=(side, side), num_steps=20, cfg_scale=cfg_scale,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+            pixels = world.vae.decode(z / world.scaling).sample
+            images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            scores = mean_scores(score_image(im, p) for im, p in zip(images, prompts, strict=True))
+            chance = mean_scores(score_image(im, p) for im, p in zip(images, shuffled, strict=True))
+            background = float(np.mean([background_hit(im, s) for im, s in zip(images, scenes, strict=True)]))
+            result[f"{split} | {cfg_scale:g}"] = {"background": background, **scores,
+                                                  **{f"shuffled {k}": v for k, v in chance.items()}}  # fmt: skip
     model.train()
     return result
 
@@ -175,23 +177,24 @@ def train_arm(arm: str, seed: int, world: World, args: argparse.Namespace) -> li
     return rows
 
 
-def markdown(rows: list[dict], command: str, load: tuple[float, float]) -> str:
+def markdown(rows: list[dict], command: str, load: tuple[float, float], side: int) -> str:
     lines = [
-        "### Toy world: which timesteps teach the caption (ε-loss vs a v-like weight)",
+        f"### Toy world: which timesteps teach the caption (ε-loss vs a v-like weight), {side} px",
         "",
         f"Command: `{command}`. Machine: {platform.machine()}, {os.cpu_count()} cores (load average {load[0]:.1f} "
         f"before, {load[1]:.1f} after), 1 torch thread.",
         "",
-        "| arm | seed | step | CFG | background | colour | shape | position | overall | shuffled colour | shuffled position |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | seed | step | prompts | CFG | background | colour | shape | position | count | overall "
+        "| shuffled colour | shuffled position |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        for cfg in (f"cfg {s:g}" for s in CFG_SCALES):
-            r = row[cfg]
+        for key in (k for k in row if " | " in k):
+            r = row[key]
             lines.append(
-                f"| {row['arm']} | {row['seed']} | {row['step']} | {cfg[4:]} | {r['background']:.3f} | {r['colour']:.3f} | "
-                f"{r['shape']:.3f} | {r['position']:.3f} | {r['overall']:.3f} | {r['shuffled colour']:.3f} | "
-                f"{r['shuffled position']:.3f} |"
+                f"| {row['arm']} | {row['seed']} | {row['step']} | {key} | {r['background']:.3f} | {r['colour']:.3f} | "
+                f"{r['shape']:.3f} | {r['position']:.3f} | {r['count']:.3f} | {r['overall']:.3f} | "
+                f"{r['shuffled colour']:.3f} | {r['shuffled position']:.3f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -209,6 +212,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--output", type=Path, default=Path("out/probe_toy_loss_weighting"))
+    parser.add_argument("--section", default="toy_loss_weighting", help="docs/benchmarks.md section to write")
     parser.add_argument("--no-record", action="store_true", help="print only, leave docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -217,11 +221,12 @@ def main() -> None:
     rows = [row for arm in args.arm for seed in args.seeds for row in train_arm(arm, seed, world, args)]
     command = (f"python -m bench.probe_toy_loss_weighting --vae {args.vae} --arm {' '.join(args.arm)} "
                f"--seeds {' '.join(map(str, args.seeds))} --steps {args.steps} --every {args.every} "
-               f"--pool {args.pool} --batch-size {args.batch_size} --lr {args.lr}")  # fmt: skip
-    text = markdown(rows, command, (load_before, os.getloadavg()[0]))
+               f"--pool {args.pool} --resolution {args.resolution} --batch-size {args.batch_size} --lr {args.lr}"
+        + (f" --section {args.section}" if args.section != "toy_loss_weighting" else ""))  # fmt: skip
+    text = markdown(rows, command, (load_before, os.getloadavg()[0]), args.resolution)
     print(text)
     if not args.no_record:
-        print(f"wrote {write_section('toy_loss_weighting', text)}")
+        print(f"wrote {write_section(args.section, text)}")
 
 
 if __name__ == "__main__":

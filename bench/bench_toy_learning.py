@@ -2,8 +2,8 @@
 
 For each seed: toy-world training shards (``training.tiny.write_synthetic_shards(toy_seed=0)``: scenes
 0…num-1, cached toy-T5 states and latents of ``--vae`` at ``--resolution``), ``training.main`` for
-``--steps`` (AdamW, tiny preset, ``real_prompt_ratio`` 1), then the final weights sample the training
-prompts (memorisation) and as many held-out prompts (scenes 10,000…, generalisation), decoded by the VAE and
+``--steps`` (AdamW, tiny preset, ``real_prompt_ratio`` 1), then the final weights sample, from one starting noise
+shared by every prompt (a caption-blind model draws one image for all), the training prompts (memorisation) and as many held-out prompts (scenes 10,000…, generalisation), decoded by the VAE and
 scored by ``training.adherence``. Beside them: the same run's samples scored against shuffled prompts (each
 training-prompt sample against the prompt half the list away: the chance level of these very images), the VAE
 round trip of the training images (the ceiling a perfect DiT reaches through this VAE) and the chance row
@@ -94,8 +94,12 @@ def sampled_scores(run_dir: Path, args: argparse.Namespace, t5: str, shards: Pat
     for split, start in (("train", 0), ("held-out", HELD_OUT_START)):
         prompts = [caption(scene_for(0, i)) for i in range(start, start + min(NUM_PROMPTS, args.num_images))]
         y, mask = text.encode(prompts)
-        generator = torch.Generator().manual_seed(0)
-        z = sample(model, y, mask, latent_size=(size, size), generator=generator, num_steps=20)
+        # One starting noise for every prompt: a model that ignores its caption then draws the same image for each,
+        # and scores exactly its shuffled level (with noise per prompt it could draw different memorised scenes and
+        # beat the shuffled level by luck).
+        noise = torch.randn((1, model.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+        z = sample(model, y, mask, latent_size=(size, size), latents=noise.expand(len(prompts), -1, -1, -1),
+                   num_steps=20)  # fmt: skip
         images = to_uint8(latents.decode(z))
         result[split] = scores_of(images, prompts)
         if split == "train":  # the same images against other prompts: this run's chance level

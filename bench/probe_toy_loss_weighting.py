@@ -1,21 +1,31 @@
 """Toy world (issue 21) diagnosis: which timesteps teach the DiT its caption? PixArt's ε-loss against a v-like weight.
 
-Why this probe exists: ``bench_toy_learning`` found no adherence after 3,000 trainer steps, and the samples' *global*
-content (the background grey, which the caption names) was as wrong as their objects. A toy scene is mostly flat
-background, so its brightness stays readable from x_t to high t of the linear schedule: the caption is needed only
-there. At those t the ε-MSE weighs an x₀ error by SNR(t) = ᾱ/(1 − ᾱ) (below 10⁻² for t > 700), so the
-loss PixArt trains with (IDDPM's ε-MSE, ``training.diffusion.GaussianDiffusion.training_losses``) gives those
-timesteps almost no gradient. The "v" arm multiplies the same ε-MSE by (1 + 1/SNR), which is the loss of
-v-prediction (Salimans & Ho 2022, §4: v-MSE = (1 + SNR)·x₀-MSE, ε-MSE = SNR·x₀-MSE) written for the same
-ε-parameterised model, so the sampler and the model stay PixArt's.
+Why this probe exists: ``bench_toy_learning`` found no adherence after 3,000 trainer steps at 128 px, and the samples'
+*global* content (the background grey, which the caption names) was as wrong as their objects. A toy scene is mostly
+flat background, so its brightness stays readable from x_t to high t of the linear schedule: the caption is needed
+only there. At those t the ε-MSE weighs an x₀ error by SNR(t) = ᾱ/(1 − ᾱ) (below 10⁻² for t > 700), so the loss
+PixArt trains with (IDDPM's ε-MSE, ``training.diffusion.GaussianDiffusion.training_losses``) gives those timesteps
+little gradient. The "v" arm multiplies the same ε-MSE by (1 + 1/SNR): the *value* of v-prediction's loss
+(Salimans & Ho 2022, §4: v-MSE = (1 + SNR)·x₀-MSE, ε-MSE = SNR·x₀-MSE) on the same ε-output model, so the sampler
+and the model stay PixArt's. It is not v-prediction training: on an ε-output network that weight runs from ~1 at
+t = 0 to 2.5·10⁴ at t = 999, so the highest timesteps take most of every clipped update.
 
 It trains in memory, not through ``training.main`` (the trainer has no such weighting; this measures whether one is
-worth adding): single-object scenes on plain backgrounds, ``--pool`` of them, toy-VAE posterior samples and toy-T5
-states computed once, AdamW, 10 % caption dropout, the project's model, loss and DPM-Solver++ sampler. Every
-``--every`` steps both arms sample the first 32 training prompts (20 steps, CFG 1 and 4.5) and 32 scenes never in the pool, and are scored on:
+worth adding): single-object scenes on plain backgrounds, ``--pool`` of them; toy-VAE posterior mean/std and toy-T5
+states computed once, the posterior sampled every step and scaled as the trainer does; 10 % caption dropout
+(``force_drop_ids``); the project's model (tiny preset's shape, the trainer's PE for the resolution), ε-MSE + VB
+loss and DPM-Solver++ sampler. It differs from the trainer in: AdamW 1e-3 with a 50-step warm-up, grad clip 1.0
+(the toy bench's settings, not the trainer's defaults) and scenes drawn uniformly with replacement (the trainer
+streams shards through a shuffle buffer).
+
+Held out: the pool never holds 9 of the 54 (colour, position) pairs — one per position, ``HELD_OUT_PAIR`` — and the
+32 held-out prompts use only those pairs, so a held-out caption names a colour at a place no training caption put
+it (compositional generalisation, not new sizes of seen captions). Every ``--every`` steps both arms sample the
+first 32 training prompts and the 32 held-out ones (20 steps, CFG 1 and 4.5, one starting noise for every prompt:
+a caption-blind model scores exactly its shuffled level), scored on:
 
 * background: the tile's median grey nearest to the prompt's (5 greys: chance 0.2);
-* ``training.adherence`` colour / shape / position / overall, beside the same images against shuffled prompts.
+* ``training.adherence`` colour / shape / position / count / overall, beside the same images against shuffled prompts.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from manifests.toy import (
 from training.adherence import mean_scores, score_image
 from training.diffusion import GaussianDiffusion, sample
 from training.encoders import CaptionEncoder
-from training.model import ModelConfig, PixArtSigma
+from training.model import ModelConfig, PixArtSigma, pe_params_for_resolution
 from training.tiny import TOY_MAX_TOKENS, build_toy_t5
 from training.toy_vae import to_pixels
 
@@ -56,25 +66,25 @@ NUM_PROMPTS = 32
 CFG_SCALES = (1.0, 4.5)
 
 
-def single_object_scene(rng: np.random.Generator) -> Scene:
-    """One object anywhere on one plain grey: the easiest scene whose caption still fixes colour, shape, place and grey."""
-    return Scene(
-        objects=(
-            ToyObject(
-                colour=str(rng.choice(list(COLOURS))),
-                shape=str(rng.choice(SHAPES)),
-                position=POSITIONS[int(rng.integers(len(POSITIONS)))],
-                size=float(rng.uniform(MIN_SIZE, MAX_SIZE)),
-                dx=float(rng.uniform(-1, 1)),
-                dy=float(rng.uniform(-1, 1)),
-            ),
-        ),  # fmt: skip
-        background=(str(rng.choice(list(BACKGROUNDS))),),
-    )
+def held_out_pair(colour: str, position: str) -> bool:
+    """The 9 (colour, position) pairs never in the pool: colour index + position index ≡ 0 (mod 6), one per position."""
+    return (list(COLOURS).index(colour) + POSITIONS.index(position)) % 6 == 0
+
+
+def single_object_scene(rng: np.random.Generator, *, held_out: bool) -> Scene:
+    """One object on one plain grey, its (colour, position) pair held out or not (drawn again until it fits)."""
+    while True:
+        colour, position = str(rng.choice(list(COLOURS))), POSITIONS[int(rng.integers(len(POSITIONS)))]
+        if held_out_pair(colour, position) == held_out:
+            break
+    obj = ToyObject(colour=colour, shape=str(rng.choice(SHAPES)), position=position,
+                    size=float(rng.uniform(MIN_SIZE, MAX_SIZE)), dx=float(rng.uniform(-1, 1)),
+                    dy=float(rng.uniform(-1, 1)))  # fmt: skip
+    return Scene(objects=(obj,), background=(str(rng.choice(list(BACKGROUNDS))),))
 
 
 def background_hit(image: np.ndarray, scene: Scene) -> float:
-    """1 when the image's median grey is nearest the grey its prompt names (the object covers < 5 % of it)."""
+    """1 when the image's median grey is nearest the grey its prompt names (the object covers ≤ 5.4 % of it)."""
     level = float(np.median(image.mean(axis=-1)))
     nearest = min(BACKGROUNDS, key=lambda name: abs(np.mean(BACKGROUNDS[name]) - level))
     return float(nearest == scene.background[0])
@@ -99,8 +109,8 @@ class World:
         self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.text = CaptionEncoder(str(build_toy_t5(root / "models")), max_tokens=TOY_MAX_TOKENS,
                                    device=torch.device("cpu"), cached=False)  # fmt: skip
-        self.scenes = [single_object_scene(np.random.default_rng([1000, i])) for i in range(args.pool)]
-        self.held_out = [single_object_scene(np.random.default_rng([2000, i])) for i in range(NUM_PROMPTS)]
+        self.scenes = [single_object_scene(np.random.default_rng([1000, i]), held_out=False) for i in range(args.pool)]
+        self.held_out = [single_object_scene(np.random.default_rng([2000, i]), held_out=True) for i in range(NUM_PROMPTS)]
         side = args.resolution
         means, stds, states, masks = [], [], [], []
         with torch.no_grad():
@@ -129,8 +139,9 @@ def evaluate(model: PixArtSigma, world: World, side: int) -> dict[str, dict[str,
         shuffled = [prompts[(i + len(prompts) // 2 + 1) % len(prompts)] for i in range(len(prompts))]
         y, mask = world.text.encode(prompts)
         for cfg_scale in CFG_SCALES:
+            noise = torch.randn((1, model.config.in_channels, side, side), generator=torch.Generator().manual_seed(0))
             z = sample(model, y.float(), mask, latent_size=(side, side), num_steps=20, cfg_scale=cfg_scale,
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+                       latents=noise.expand(len(prompts), -1, -1, -1))  # fmt: skip
             pixels = world.vae.decode(z / world.scaling).sample
             images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             scores = mean_scores(score_image(im, p) for im, p in zip(images, prompts, strict=True))
@@ -145,8 +156,10 @@ def evaluate(model: PixArtSigma, world: World, side: int) -> dict[str, dict[str,
 def train_arm(arm: str, seed: int, world: World, args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(seed)
     grid = args.resolution // world.factor
+    base_size, pe_interpolation = pe_params_for_resolution(args.resolution, vae_downsample=world.factor)
     config = ModelConfig(depth=2, hidden_size=64, num_heads=4, caption_channels=world.states.shape[-1],
-                         max_token_length=TOY_MAX_TOKENS, base_size=grid // 2, pe_interpolation=1.0)  # fmt: skip
+                         max_token_length=TOY_MAX_TOKENS, base_size=base_size,
+                         pe_interpolation=pe_interpolation)  # fmt: skip
     model = PixArtSigma(config)  # the tiny preset's shape, its caption width the toy T5's
     model.set_null_caption(world.null, torch.ones(world.null.shape[0], dtype=torch.bool))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -1,13 +1,13 @@
 """Toy world (issue 21): does the tiny DiT learn to draw what its caption says? Adherence after N steps, per seed.
 
-For each seed: toy-world training shards (``training.tiny.write_synthetic_shards(toy_seed=0)``: scenes
-0…num-1, cached toy-T5 states and latents of ``--vae`` at ``--resolution``), ``training.main`` for
-``--steps`` (AdamW, tiny preset, ``real_prompt_ratio`` 1), then the final weights sample, from one starting noise
-shared by every prompt (a caption-blind model draws one image for all), the training prompts (memorisation) and as many held-out prompts (scenes 10,000…, generalisation), decoded by the VAE and
-scored by ``training.adherence``. Beside them: the same run's samples scored against shuffled prompts (each
-training-prompt sample against the prompt half the list away: the chance level of these very images), the VAE
-round trip of the training images (the ceiling a perfect DiT reaches through this VAE) and the chance row
-(perfect detector, shuffled truths).
+For each seed: toy-world training shards (``toy_inputs``: scenes 0…num-1 of corpus 0, cached toy-T5 states and
+latents of ``--vae`` at ``--resolution``), ``training.main`` for ``--steps`` (AdamW, tiny preset,
+``real_prompt_ratio`` 1), then the final weights sample the training prompts (memorisation) and as many held-out
+prompts (scenes 10,000…), all from one starting noise (``sample_shared_noise``: a caption-blind model draws one image
+for every prompt), decoded by the VAE and scored by ``training.adherence``. Beside them: the same run's samples
+scored against shifted prompts (``shifted``: the chance level of these very images), the VAE round trip of the
+training images (the ceiling a perfect DiT reaches through this VAE) and the chance row (perfect detector,
+shuffled truths).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from manifests.toy import caption, render, scene_for
 from training.adherence import SCORES, chance_levels, mean_scores, score_image
 from training.config import load_config
 from training.convert import load_diffusers
-from training.diffusion import sample
+from training.diffusion import CFG_SCALE, sample
 from training.encoders import CaptionEncoder, LatentEncoder
 from training.main import main as train
+from training.model import PixArtSigma
 from training.tiny import TOY_MAX_TOKENS, build_toy_t5, write_synthetic_shards
 from training.toy_vae import round_trip, to_pixels
 
@@ -81,6 +82,33 @@ def scores_of(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
     return mean_scores(score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True))
 
 
+def shifted(prompts: list[str]) -> list[str]:
+    """Each prompt replaced by the one len/2 + 1 places on (no fixed point): scoring images against these gives the
+    chance level of those very images."""
+    return [prompts[(i + len(prompts) // 2 + 1) % len(prompts)] for i in range(len(prompts))]
+
+
+def sample_shared_noise(model: PixArtSigma, y: torch.Tensor, mask: torch.Tensor, side: int, *,
+                        cfg_scale: float = CFG_SCALE) -> torch.Tensor:  # fmt: skip
+    """Latents (B, C, side, side) from one starting noise for every prompt: a model that ignores its caption draws the
+    same image for each and scores exactly its shifted level (with noise per prompt it could draw different
+    memorised scenes and beat that level by luck)."""
+    noise = torch.randn((1, model.config.in_channels, side, side), generator=torch.Generator().manual_seed(0))
+    return sample(model, y.float(), mask, latent_size=(side, side), latents=noise.expand(y.shape[0], -1, -1, -1),
+                  num_steps=20, cfg_scale=cfg_scale)  # fmt: skip
+
+
+def toy_inputs(root: Path, vae: str, *, num_images: int, resolution: int) -> tuple[str, Path, float]:
+    """(toy T5 path, training shards, the VAE's scaling factor) for a run on toy scenes 0…num_images-1."""
+    scaling = json.loads((Path(vae) / "config.json").read_text())["scaling_factor"]
+    t5 = str(build_toy_t5(root / "models"))
+    shards = write_synthetic_shards(
+        root / "shards", num_images=num_images, samples_per_shard=num_images, sizes=((resolution, resolution),),
+        t5=t5, vae=vae, vae_resolutions=(resolution,), max_tokens=TOY_MAX_TOKENS, toy_seed=0,
+    )  # fmt: skip
+    return t5, shards, scaling
+
+
 @torch.no_grad()
 def sampled_scores(run_dir: Path, args: argparse.Namespace, t5: str, shards: Path, scaling: float) -> dict:
     """Adherence of the final weights on the training prompts and on held-out prompts."""
@@ -94,17 +122,10 @@ def sampled_scores(run_dir: Path, args: argparse.Namespace, t5: str, shards: Pat
     for split, start in (("train", 0), ("held-out", HELD_OUT_START)):
         prompts = [caption(scene_for(0, i)) for i in range(start, start + min(NUM_PROMPTS, args.num_images))]
         y, mask = text.encode(prompts)
-        # One starting noise for every prompt: a model that ignores its caption then draws the same image for each,
-        # and scores exactly its shuffled level (with noise per prompt it could draw different memorised scenes and
-        # beat the shuffled level by luck).
-        noise = torch.randn((1, model.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
-        z = sample(model, y, mask, latent_size=(size, size), latents=noise.expand(len(prompts), -1, -1, -1),
-                   num_steps=20)  # fmt: skip
-        images = to_uint8(latents.decode(z))
+        images = to_uint8(latents.decode(sample_shared_noise(model, y, mask, size)))
         result[split] = scores_of(images, prompts)
         if split == "train":  # the same images against other prompts: this run's chance level
-            shift = len(prompts) // 2 + 1
-            result["shuffled"] = scores_of(images, [prompts[(i + shift) % len(prompts)] for i in range(len(prompts))])
+            result["shuffled"] = scores_of(images, shifted(prompts))
     return result
 
 
@@ -164,13 +185,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     root = args.output
-    scaling = json.loads((Path(args.vae) / "config.json").read_text())["scaling_factor"]
-    t5 = str(build_toy_t5(root / "models"))
-    shards = write_synthetic_shards(
-        root / "shards", num_images=args.num_images, samples_per_shard=args.num_images,
-        sizes=((args.resolution, args.resolution),), t5=t5, vae=args.vae,
-        vae_resolutions=(args.resolution,), max_tokens=TOY_MAX_TOKENS, toy_seed=0,
-    )  # fmt: skip
+    t5, shards, scaling = toy_inputs(root, args.vae, num_images=args.num_images, resolution=args.resolution)
     rows = [run_seed(seed, args, root, t5, shards, scaling) for seed in args.seeds]
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     num = min(NUM_PROMPTS, args.num_images)

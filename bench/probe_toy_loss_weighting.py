@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from bench.bench_toy_learning import sample_shared_noise, scores_of, shifted, to_uint8
 from bench.record import write_section
 from manifests.buckets import resize_to_cover_and_crop
 from manifests.toy import (
@@ -54,8 +55,7 @@ from manifests.toy import (
     caption,
     render,
 )
-from training.adherence import mean_scores, score_image
-from training.diffusion import GaussianDiffusion, sample
+from training.diffusion import GaussianDiffusion
 from training.encoders import CaptionEncoder
 from training.model import ModelConfig, PixArtSigma, pe_params_for_resolution
 from training.tiny import TOY_MAX_TOKENS, build_toy_t5
@@ -136,16 +136,11 @@ def evaluate(model: PixArtSigma, world: World, side: int) -> dict[str, dict[str,
     result = {}
     for split, scenes in (("train", world.scenes[:NUM_PROMPTS]), ("held-out", world.held_out)):
         prompts = [caption(s) for s in scenes]
-        shuffled = [prompts[(i + len(prompts) // 2 + 1) % len(prompts)] for i in range(len(prompts))]
         y, mask = world.text.encode(prompts)
         for cfg_scale in CFG_SCALES:
-            noise = torch.randn((1, model.config.in_channels, side, side), generator=torch.Generator().manual_seed(0))
-            z = sample(model, y.float(), mask, latent_size=(side, side), num_steps=20, cfg_scale=cfg_scale,
-                       latents=noise.expand(len(prompts), -1, -1, -1))  # fmt: skip
-            pixels = world.vae.decode(z / world.scaling).sample
-            images = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            scores = mean_scores(score_image(im, p) for im, p in zip(images, prompts, strict=True))
-            chance = mean_scores(score_image(im, p) for im, p in zip(images, shuffled, strict=True))
+            z = sample_shared_noise(model, y, mask, side, cfg_scale=cfg_scale)
+            images = to_uint8(world.vae.decode(z / world.scaling).sample)
+            scores, chance = scores_of(images, prompts), scores_of(images, shifted(prompts))
             background = float(np.mean([background_hit(im, s) for im, s in zip(images, scenes, strict=True)]))
             result[f"{split} | {cfg_scale:g}"] = {"background": background, **scores,
                                                   **{f"shuffled {k}": v for k, v in chance.items()}}  # fmt: skip

@@ -149,6 +149,11 @@ def kv_diffusers_config(config: ModelConfig) -> dict:
     }
 
 
+def diffusers_sample_size(config: ModelConfig) -> int:
+    """diffusers' ``sample_size``: the latent side at the training resolution (its base_size = sample_size // patch)."""
+    return config.base_size * config.patch_size
+
+
 def _transformer_kwargs(config: ModelConfig) -> dict:
     if config.mlp_ratio != 4.0:
         raise ValueError(f"diffusers' FeedForward is fixed at mlp_ratio 4, got {config.mlp_ratio}")
@@ -160,7 +165,7 @@ def _transformer_kwargs(config: ModelConfig) -> dict:
         "num_layers": config.depth,
         "cross_attention_dim": config.hidden_size,
         "attention_bias": True,
-        "sample_size": config.base_size * config.patch_size,  # diffusers' base_size = sample_size // patch
+        "sample_size": diffusers_sample_size(config),
         "patch_size": config.patch_size,
         "activation_fn": "gelu-approximate",
         "num_embeds_ada_norm": 1000,

@@ -206,9 +206,11 @@ def diffusers_bin_table(model: PixArtSigma, vae_downsample: int) -> int | None:
     None where that binning cannot sample it as trained: no table for its ``sample_size`` (diffusers raises
     "Invalid sample size": 4K's 360, the tiny preset's 8), or a VAE that does not downsample 8× (the table is
     picked as if it did: a 128 px model on a 4× VAE, sample_size 32, would be sampled on the 256 px table)."""
+    from training.convert import diffusers_sample_size
+
     if vae_downsample != SD_VAE_DOWNSAMPLE:
         return None
-    return DIFFUSERS_BIN_TABLES.get(model.config.base_size * model.config.patch_size)  # = convert's sample_size
+    return DIFFUSERS_BIN_TABLES.get(diffusers_sample_size(model.config))
 
 
 def diffusers_call(model: PixArtSigma, vae_downsample: int) -> dict:

@@ -46,7 +46,7 @@ from manifests.buckets import nearest_bucket
 from manifests.features import LEGACY_PROMPT_CASE, PROMPT_CASES, SD_VAE_DOWNSAMPLE, t5_states, vae_downsample
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars
-from training.convert import NULL_CAPTION_FILE, resolve_null_caption
+from training.convert import NULL_CAPTION_FILE, diffusers_sample_size, resolve_null_caption
 from training.diffusion import CFG_SCALE, SAMPLE_STEPS, GaussianDiffusion
 from training.model import PRESETS, PixArtSigma, pe_params_for_resolution
 from training.pipeline import (
@@ -159,11 +159,10 @@ def bucket_resolution(generator: ImageGenerator, resolution: int | None, binning
     if resolution is not None:
         return resolution
     if binning == "diffusers" and diffusers_bin_table(generator.model, generator.vae_downsample) is None:
-        c = generator.model.config
         sample_sizes = "/".join(str(size) for size in DIFFUSERS_BIN_TABLES)
         raise ValueError(
             f"{generator.name}: PixArtSigmaPipeline's binning has no table for this model (sample_size "
-            f"{c.base_size * c.patch_size}, {generator.vae_downsample}× VAE; it bins sample_size {sample_sizes} "
+            f"{diffusers_sample_size(generator.model.config)}, {generator.vae_downsample}× VAE; it bins sample_size {sample_sizes} "
             f"on an 8× VAE), so its export's diffusers_call samples it with use_resolution_binning=False at "
             f"{generator.resolution}×{generator.resolution}: use --binning pixart (PixArt's tables, 256…2880 px), "
             "or --height/--width with --binning pixart (an exact size, as diffusers_call does)"

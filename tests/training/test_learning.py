@@ -188,17 +188,11 @@ TOY_BARS = {"colour": 0.05, "position": 0.14}
 def test_toy_world_adherence_is_well_above_chance_after_training(tmp_path: Path, one_thread) -> None:
     import argparse
 
-    from bench.bench_toy_learning import run_seed
-    from training.tiny import TOY_MAX_TOKENS, build_toy_t5
+    from bench.bench_toy_learning import run_seed, toy_inputs
     from training.toy_vae import toy_vae_path
 
     vae = str(toy_vae_path("sd"))
-    scaling = json.loads((Path(vae) / "config.json").read_text())["scaling_factor"]
-    t5 = str(build_toy_t5(tmp_path / "models"))
-    shards = write_synthetic_shards(
-        tmp_path / "shards", num_images=4, samples_per_shard=4, sizes=((64, 64),), t5=t5, vae=vae,
-        vae_resolutions=(64,), max_tokens=TOY_MAX_TOKENS, toy_seed=0,
-    )  # fmt: skip
+    t5, shards, scaling = toy_inputs(tmp_path, vae, num_images=4, resolution=64)
     args = argparse.Namespace(vae=vae, resolution=64, steps=1500, batch_size=8, lr=1e-3, preset="tiny", num_images=4)
     row = run_seed(0, args, tmp_path, t5, shards, scaling)
     margins = {attribute: row["train"][attribute] - row["shuffled"][attribute] for attribute in TOY_BARS}

@@ -5,7 +5,7 @@ latents of ``--vae`` at ``--resolution``), ``training.main`` for ``--steps`` (Ad
 ``real_prompt_ratio`` 1), then the final weights sample the training prompts (memorisation) and as many held-out
 prompts (scenes 10,000…), all from one starting noise (``sample_shared_noise``: a caption-blind model draws one image
 for every prompt), decoded by the VAE and scored by ``training.adherence``. Beside them: the same run's samples
-scored against shifted prompts (``shifted``: the chance level of these very images), the VAE round trip of the
+scored against shifted prompts (``training.adherence.shifted_prompts``: the chance level of these very images), the VAE round trip of the
 training images (the ceiling a perfect DiT reaches through this VAE) and the chance row (perfect detector,
 shuffled truths).
 """
@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 from bench.record import write_section
 from manifests.buckets import resize_to_cover_and_crop
 from manifests.toy import caption, render, scene_for
-from training.adherence import SCORES, chance_levels, mean_scores, score_image
+from training.adherence import SCORES, chance_levels, mean_scores, score_image, shifted_prompts
 from training.config import load_config
 from training.convert import load_diffusers
 from training.diffusion import CFG_SCALE, sample
@@ -82,12 +82,6 @@ def scores_of(images: list[np.ndarray], prompts: list[str]) -> dict[str, float]:
     return mean_scores(score_image(image, prompt) for image, prompt in zip(images, prompts, strict=True))
 
 
-def shifted(prompts: list[str]) -> list[str]:
-    """Each prompt replaced by the one len/2 + 1 places on (no fixed point): scoring images against these gives the
-    chance level of those very images."""
-    return [prompts[(i + len(prompts) // 2 + 1) % len(prompts)] for i in range(len(prompts))]
-
-
 def sample_shared_noise(model: PixArtSigma, y: torch.Tensor, mask: torch.Tensor, side: int, *,
                         cfg_scale: float = CFG_SCALE) -> torch.Tensor:  # fmt: skip
     """Latents (B, C, side, side) from one starting noise for every prompt: a model that ignores its caption draws the
@@ -125,7 +119,7 @@ def sampled_scores(run_dir: Path, args: argparse.Namespace, t5: str, shards: Pat
         images = to_uint8(latents.decode(sample_shared_noise(model, y, mask, size)))
         result[split] = scores_of(images, prompts)
         if split == "train":  # the same images against other prompts: this run's chance level
-            result["shuffled"] = scores_of(images, shifted(prompts))
+            result["shuffled"] = scores_of(images, shifted_prompts(prompts))
     return result
 
 

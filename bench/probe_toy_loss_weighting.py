@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from bench.bench_toy_learning import sample_shared_noise, scores_of, shifted, to_uint8
+from bench.bench_toy_learning import sample_shared_noise, scores_of, to_uint8
 from bench.record import write_section
 from manifests.buckets import resize_to_cover_and_crop
 from manifests.toy import (
@@ -55,6 +55,7 @@ from manifests.toy import (
     caption,
     render,
 )
+from training.adherence import shifted_prompts
 from training.diffusion import GaussianDiffusion
 from training.encoders import CaptionEncoder
 from training.model import ModelConfig, PixArtSigma, pe_params_for_resolution
@@ -140,7 +141,7 @@ def evaluate(model: PixArtSigma, world: World, side: int) -> dict[str, dict[str,
         for cfg_scale in CFG_SCALES:
             z = sample_shared_noise(model, y, mask, side, cfg_scale=cfg_scale)
             images = to_uint8(world.vae.decode(z / world.scaling).sample)
-            scores, chance = scores_of(images, prompts), scores_of(images, shifted(prompts))
+            scores, chance = scores_of(images, prompts), scores_of(images, shifted_prompts(prompts))
             background = float(np.mean([background_hit(im, s) for im, s in zip(images, scenes, strict=True)]))
             result[f"{split} | {cfg_scale:g}"] = {"background": background, **scores,
                                                   **{f"shuffled {k}": v for k, v in chance.items()}}  # fmt: skip

@@ -3,8 +3,13 @@
 # training shards with cached toy-T5 and toy-VAE features → torchrun training/main.py --config configs/toy.toml.
 # The captions are the truth (manifests.toy): no captioning step, the trainer reads caption_orig only
 # (real_prompt_ratio = 1.0), and the eval set's prompts are the captions, so evaluation scores adherence.
-# Environment: TOY_OUT, TOY_N, TOY_SEED, TOY_CONFIG, NPROC, TOY_VAE (a folder holding sd/ and sdxl/;
-# default the toy VAEs shipped in assets/toy_vae, built with `python -m training.toy_vae` when absent), extra --set overrides in TOY_SETS.
+# Environment (defaults below): TOY_OUT, TOY_N, TOY_SEED, TOY_CONFIG, NPROC; TOY_SQUARE (1: square scenes only, for
+# runs on a few scenes, where each aspect ratio's bucket would otherwise name its scene); TOY_MODELS (the toy T5, tiny CLIP and
+# Inception; built there when absent); TOY_EVAL (held-out eval scenes, never trained on); TOY_SEEN (when > 0, an eval
+# set "seen" of that many training scenes, to score what the run memorised beside what it generalised); TOY_VAE (a
+# folder holding sd/ and sdxl/, default the toy VAEs shipped in assets/toy_vae, built with `python -m
+# training.toy_vae` when absent: one toy VAE throughout, the one the config's first stage names); extra --set
+# overrides in TOY_SETS.
 set -euo pipefail
 OUT=${TOY_OUT:-toy_out}
 N=${TOY_N:-96}
@@ -12,21 +17,31 @@ SEED=${TOY_SEED:-0}
 CONFIG=${TOY_CONFIG:-configs/toy.toml}
 NPROC=${NPROC:-1}
 RUN=$OUT/run
-MODELS=$OUT/models
+MODELS=${TOY_MODELS:-$OUT/models}
+TOY_EVAL=${TOY_EVAL:-8}
 TOY_VAE=${TOY_VAE:-assets/toy_vae}
+TOY_SEEN=${TOY_SEEN:-0}
+TOY_SQUARE=${TOY_SQUARE:-0}
+# From the config: the first stage's toy VAE (sd or sdxl), the stages' resolutions, the number of stages.
+CONFIG_INFO=$(python -c "from training.config import load_config
+stages = load_config('$CONFIG').stages
+print(stages[0].vae.rstrip('/').rsplit('/', 1)[-1], len(stages), *sorted({s.resolution for s in stages}))")
+read -r VAE_KIND NUM_STAGES RESOLUTIONS <<<"$CONFIG_INFO"
 read -r -a EXTRA_SETS <<<"${TOY_SETS:-}"
 step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 toy world ($N scenes, seed $SEED, ≥ 1K a side) → $OUT/corpus"
 # Generated at ≥ 1K so curation's real tier rule keeps them (PixArt-Σ §3.2); materialize resizes them to the
 # training buckets (aspect ratios every bucket table holds exactly: the crop never moves an object).
-[ -f "$OUT/corpus/truth.jsonl" ] || python -m curation.toy_world --output "$OUT/corpus" --num "$N" --seed "$SEED"
+SQUARE=()
+[ "$TOY_SQUARE" = 1 ] && SQUARE=(--square)
+[ -f "$OUT/corpus/truth.jsonl" ] || python -m curation.toy_world --output "$OUT/corpus" --num "$N" --seed "$SEED" "${SQUARE[@]}"
 
 step "2/6 models built offline → $MODELS (toy T5, tiny CLIP and Inception; toy VAEs in $TOY_VAE)"
 [ -f "$MODELS/toy_t5/config.json" ] || python -m training.tiny --output "$MODELS"
 [ -f "$MODELS/clip/open_clip_model.safetensors" ] || python -m curation.tiny --output "$MODELS"
 [ -f "$MODELS/inception/pt_inception-random.pth" ] || python -m training.tiny_inception --output "$MODELS"
-[ -f "$TOY_VAE/sdxl/config.json" ] || python -m training.toy_vae --output "$TOY_VAE" --vae sdxl
+[ -f "$TOY_VAE/$VAE_KIND/config.json" ] || python -m training.toy_vae --output "$TOY_VAE" --vae "$VAE_KIND"
 
 step "3/6 curation → $RUN (random CLIP: no aesthetic threshold, no semantic dedup; pHash at 0 bits)"
 # Tiny random CLIP: its scores and embeddings mean nothing (no aesthetic threshold, SemDeDup off, as in the
@@ -36,26 +51,28 @@ python curation/run.py --input "$OUT/corpus" --output "$RUN" --samples-per-shard
     --clip-model "local-dir:$MODELS/clip" --min-aesthetic none --no-semantic-dedup --max-hamming 0 --no-report
 
 step "4/6 eval set (prompts = captions = truth), then the training selection"
-python -m manifests.evalset --input "$RUN" --name eval --num-samples 8 --samples-per-shard 8 --prompt orig \
+python -m manifests.evalset --input "$RUN" --name eval --num-samples "$TOY_EVAL" --samples-per-shard 8 --prompt orig \
     --phash-max-distance 0
+if [ "$TOY_SEEN" -gt 0 ]; then  # drawn from the rows the training selection below keeps: scenes it trains on
+    python -m manifests.evalset --input "$RUN" --name seen --num-samples "$TOY_SEEN" --samples-per-shard 8 \
+        --prompt orig --exclude eval --phash-max-distance 0
+fi
 python -m manifests.selection --input "$RUN" --name toy --exclude eval --phash-max-distance 0 \
     --where "caption_orig IS NOT NULL"
 
 step "5/6 training shards with cached toy-T5 features and toy-VAE latents at the config's stage resolutions"
 VAE_RESOLUTIONS=()
-for res in $(python -c "from training.config import load_config; print(' '.join(sorted({str(s.resolution) for s in load_config('$CONFIG').stages})))"); do
+for res in $RESOLUTIONS; do
     VAE_RESOLUTIONS+=(--vae-resolution "$res")
 done
 python -m manifests.materialize --input "$RUN" --selection toy --samples-per-shard 32 \
-    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/sdxl" "${VAE_RESOLUTIONS[@]}"
+    --t5 "$MODELS/toy_t5" --vae "$TOY_VAE/$VAE_KIND" "${VAE_RESOLUTIONS[@]}"
 
 step "6/6 training: torchrun --nproc_per_node=$NPROC training/main.py --config $CONFIG"
-SCALING=$(python -c "import json; print(json.load(open('$TOY_VAE/sdxl/config.json'))['scaling_factor'])")
+SCALING=$(python -c "import json; print(json.load(open('$TOY_VAE/$VAE_KIND/config.json'))['scaling_factor'])")
 VAE_SETS=()
-i=0
-for _ in $(python -c "from training.config import load_config; print(' '.join(s.name for s in load_config('$CONFIG').stages))"); do
-    VAE_SETS+=(--set "stages.$i.vae=$TOY_VAE/sdxl" --set "stages.$i.vae_scaling_factor=$SCALING")
-    i=$((i + 1))
+for ((i = 0; i < NUM_STAGES; i++)); do
+    VAE_SETS+=(--set "stages.$i.vae=$TOY_VAE/$VAE_KIND" --set "stages.$i.vae_scaling_factor=$SCALING")
 done
 torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONFIG" --output "$OUT/train" \
     --set data.shards="$RUN/train_shards/toy" --set text.t5="$MODELS/toy_t5" \

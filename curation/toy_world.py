@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, type=Path, help="corpus folder (a curation --input)")
     parser.add_argument("--num", type=int, default=64, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed: same seed, same bytes")
+    parser.add_argument("--square", action="store_true",
+                        help="every image 1024×1024: with a few scenes per aspect ratio, the training bucket alone "
+                        "would tell the scenes apart, and a model could draw them while ignoring the caption")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    generate(args.output, num=args.num, seed=args.seed)
+    generate(args.output, num=args.num, seed=args.seed, sizes=CORPUS_SIZES[:1] if args.square else CORPUS_SIZES)
 
 
 if __name__ == "__main__":

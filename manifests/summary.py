@@ -60,7 +60,8 @@ def summarize(
             json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines() if line
         ]
         summary["training"] = {
-            "steps": len(metrics),
+            # the last logged step (metrics.jsonl holds one line per log.every steps)
+            "steps": metrics[-1].get("global_step", len(metrics)) if metrics else 0,
             "stages": list(dict.fromkeys(m["stage"] for m in metrics)),
             "first_loss": metrics[0]["loss"] if metrics else None,
             "last_loss": metrics[-1]["loss"] if metrics else None,
@@ -80,6 +81,8 @@ def _add_evaluations(summary: dict, train_dir: Path) -> None:
         summary.setdefault("evaluation", {})[metrics_file.parent.name] = {
             "fid": m["fid"], "clip_score": m["clip_score"], "num_images": m["num_images"], "model": m["model"],
             "fid_small_n": m.get("fid_small_n", False), "fid_note": m.get("fid_note"),
+            # toy-world eval sets: prompt adherence, its chance level on these images, the real images' own
+            **{k: m[k] for k in ("adherence", "adherence_shifted", "adherence_real") if k in m},
         }  # fmt: skip
         summary["outputs"][f"eval/{metrics_file.parent.name}"] = (
             f"{metrics_file.parent} (metrics.json, clip_scores.parquet, index.html, images/)"
@@ -106,9 +109,21 @@ def format_summary(summary: dict) -> str:
             f"evaluation {name + ':':<9} FID {e['fid']:.3f}, CLIP score {e['clip_score']:.3f} ({e['num_images']} images)"
             + small
         )
+        if "adherence" in e:  # toy-world prompts (training.adherence): the model, its chance level, the real images
+            lines.append(f"  adherence {name + ':':<9} {_scores(e['adherence'])}")
+            for key, label in (("adherence_shifted", "vs shifted prompts (chance)"), ("adherence_real", "real images")):
+                if key in e:
+                    lines.append(f"    {label + ':':<28} {_scores(e[key])}")
+            if "adherence_shifted" in e:  # how far above its own chance level the model draws
+                margin = {k: v - e["adherence_shifted"][k] for k, v in e["adherence"].items()}
+                lines.append(f"    {'margin:':<28} " + ", ".join(f"{k} {v:+.2f}" for k, v in margin.items()))
     lines.append("outputs:")
     lines += [f"  {name:<22} {where}" for name, where in summary["outputs"].items()]
     return "\n".join(lines)
+
+
+def _scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
 
 
 @cli

@@ -16,7 +16,8 @@ Per image, against the caption's objects T and the detected objects D:
   right colour and place, nothing extra (GenEval's image-level "correct").
 
 ``chance_levels`` gives the same scores for a perfect detector on shuffled image–prompt pairs of the
-generator's distribution (the floor a model that ignores its prompt sits on). Pure numpy/scipy/PIL.
+generator's distribution (the floor a model that ignores its prompt sits on); ``shifted_prompts`` gives the
+floor of a given set of images: each scored against another image's prompt. Pure numpy/scipy/PIL.
 """
 
 from __future__ import annotations
@@ -172,6 +173,17 @@ def is_toy_prompt(prompt: str) -> bool:
     return parse_caption(prompt) is not None
 
 
+def shifted_prompts(prompts: Sequence[str]) -> list[str]:
+    """Each prompt replaced by the one n/2 + 1 places on (of two, the other one): no image keeps its own prompt,
+    so scoring images against these gives the chance level of those very images (a model that ignores its
+    caption scores there in expectation)."""
+    n = len(prompts)
+    if n < 2:
+        raise ValueError(f"shifted prompts need at least two prompts, got {n}")
+    step = n // 2 + 1 if n > 2 else 1  # n // 2 + 1 is n itself for n = 2: every prompt would stay in place
+    return [prompts[(i + step) % n] for i in range(n)]
+
+
 def mean_scores(rows: Iterable[dict[str, float]]) -> dict[str, float]:
     """The mean of each score over images (``overall`` is then the share of images fully right)."""
     rows = list(rows)
@@ -195,12 +207,14 @@ def chance_levels(*, num_pairs: int = 20_000, seed: int = 0) -> dict[str, float]
 
 def adherence_metrics(image_rows: list[dict]) -> dict:
     """``metrics.json`` entries of an evaluation whose prompts are toy-world captions: the mean scores of the
-    generated images (``adherence``) and of the real eval images (``adherence_real``, the ceiling, one per
-    prompt); empty when the rows carry no scores (prompts without toy-world truth)."""
+    generated images (``adherence``), of the same images against shifted prompts (``adherence_shifted``, their
+    chance level; with two prompts or more) and of the real eval images (``adherence_real``, the ceiling, one
+    per prompt); empty when the rows carry no scores (prompts without toy-world truth)."""
     if not image_rows or any("adherence" not in r for r in image_rows):
         return {}
     real = {r["real_key"]: r["real_adherence"] for r in image_rows}
-    return {
-        "adherence": mean_scores(r["adherence"] for r in image_rows),
-        "adherence_real": mean_scores(real.values()),
-    }
+    metrics = {"adherence": mean_scores(r["adherence"] for r in image_rows)}
+    if all("shifted_adherence" in r for r in image_rows):
+        metrics["adherence_shifted"] = mean_scores(r["shifted_adherence"] for r in image_rows)
+    metrics["adherence_real"] = mean_scores(real.values())
+    return metrics

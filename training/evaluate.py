@@ -28,7 +28,9 @@ result does not depend on the number of ranks.
   ``clip_prompt_cut``).
 - Adherence, when every prompt is a toy-world caption (``manifests.toy``): ``training.adherence`` scores each
   saved image and each real one against the caption's objects; ``adherence`` / ``adherence_real`` hold the
-  mean overall, count, colour, shape and position scores (per row: ``adherence``, ``real_adherence``).
+  mean overall, count, colour, shape and position scores (per row: ``adherence``, ``real_adherence``), and
+  ``adherence_shifted`` the same images scored against another row's prompt (``shifted_adherence``): the chance
+  level of those images, which a model that ignores its prompts reaches.
 
 Writes ``metrics.json``, ``clip_scores.parquet`` (one row per image), TensorBoard scalars (``tensorboard/``)
 and ``index.html`` (generated next to real, prompt and score under each, worst and best CLIP rows) to
@@ -62,7 +64,7 @@ from manifests.buckets import resize_to_cover_and_crop
 from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars, quiet_root_info
-from training.adherence import adherence_metrics, is_toy_prompt, score_image
+from training.adherence import adherence_metrics, is_toy_prompt, score_image, shifted_prompts
 from training.ranks import Dist, close_distributed, exit_torchrun_worker, init_distributed
 from training.reference_stats import (
     ReferenceStats,
@@ -441,10 +443,15 @@ def evaluate_generator(
     real_scores = _gather_dict(reals.scores, env)
     real_adherence = _gather_dict(reals.adherence, env)
     generated = FeaturePass(fid, clip, batch_size=batch, real=False, toy=toy)
+    # each image against another row's prompt too: the chance level of these very images (training.adherence)
+    shifted = shifted_prompts([r["prompt"] for r in rows]) if toy and len(rows) > 1 else None
+    shifted_adherence: dict[int, dict[str, float]] = {}
 
     def score(job: ImageJob, image: Tensor) -> None:
         pixels = Image.open(io.BytesIO(to_png_bytes(image))).convert("RGB")  # exactly what was saved
         generated.add(job.index, job.prompt, pixels)
+        if shifted is not None:
+            shifted_adherence[job.index] = score_image(pixels, shifted[job.index // k])
 
     image_rows = write_images(generator, mine, settings, out / "images", on_image=score)
     generated.flush()
@@ -456,6 +463,8 @@ def evaluate_generator(
             row.update(real_key=key, real_file=f"{_safe(key)}.png", real_clip_score=real_scores[key])
         if toy:
             row.update(adherence=generated.adherence[i], real_adherence=real_adherence[rows[i // k]["key"]])
+            if shifted is not None:
+                row["shifted_adherence"] = shifted_adherence[i]
     return fid.compute(), gather_rows(image_rows, env)
 
 

@@ -1,4 +1,5 @@
-"""The pipeline summary prints each evaluation's FID with the note evaluate.py stored in metrics.json."""
+"""The pipeline summary prints each evaluation's FID with the note evaluate.py stored in metrics.json, and the
+adherence scores of a toy-world evaluation beside their chance level and the real images' own."""
 
 from __future__ import annotations
 
@@ -30,3 +31,17 @@ def test_summary_prints_the_stored_fid_note(tmp_path):
     assert lines["evaluation small"].endswith(f"(12 images) [FID {note}]")
     assert lines["evaluation full"].endswith("(12 images)")
     assert summary["evaluation"]["small"]["fid_note"] == note
+
+
+def test_summary_prints_toy_world_adherence(tmp_path):
+    scores = lambda v: {"overall": v, "count": v, "colour": v, "shape": v, "position": v}  # noqa: E731
+    _metrics(tmp_path, "seen", adherence=scores(0.75), adherence_shifted=scores(0.25), adherence_real=scores(1.0))
+    _metrics(tmp_path, "photos")  # prompts without toy-world truth: no adherence
+    summary = json.loads(json.dumps(BASE))
+    _add_evaluations(summary, tmp_path)
+    text = format_summary(summary)
+    assert "  adherence seen:     overall 0.75, count 0.75, colour 0.75, shape 0.75, position 0.75" in text
+    assert "vs shifted prompts (chance): overall 0.25, count 0.25" in text
+    assert "real images:                 overall 1.00" in text
+    assert "margin:                      overall +0.50, count +0.50, colour +0.50" in text
+    assert "adherence" not in summary["evaluation"]["photos"]

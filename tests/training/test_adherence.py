@@ -15,6 +15,7 @@ from training.adherence import (
     mean_scores,
     score_image,
     score_labels,
+    shifted_prompts,
 )
 
 # (width, height) of the corpus images and the training resolutions they are materialized at.
@@ -98,3 +99,16 @@ def test_refuses_prompts_outside_the_toy_world() -> None:
     assert not is_toy_prompt("a photo of a cat at sunset")
     with pytest.raises(ValueError, match="not a toy-world caption"):
         score_image(np.zeros((64, 64, 3), np.uint8), "a photo of a cat at sunset")
+
+
+@pytest.mark.parametrize("n", range(2, 10))
+def test_shifted_prompts_move_every_prompt(n: int) -> None:
+    prompts = [f"prompt {i}" for i in range(n)]
+    shifted = shifted_prompts(prompts)
+    assert sorted(shifted) == prompts  # a permutation: each prompt used once
+    assert all(a != b for a, b in zip(prompts, shifted, strict=True))  # no image keeps its own prompt
+
+
+def test_shifted_prompts_need_two() -> None:
+    with pytest.raises(ValueError, match="at least two"):
+        shifted_prompts(["only one"])

@@ -1,5 +1,6 @@
 """pixsigma-evaluate on an eval set whose prompts are toy-world captions: the adherence metric lands in
-metrics.json beside FID and CLIP score, per image in images.jsonl, and the real images score 1."""
+metrics.json beside FID and CLIP score, per image in images.jsonl, with the same images' chance level (scored
+against shifted prompts), and the real images score 1."""
 
 from __future__ import annotations
 
@@ -58,6 +59,20 @@ def test_adherence_is_reported_beside_fid_and_clip(toy_eval) -> None:
     rescored = [score_image(Image.open(out / "images" / r["file"]).convert("RGB"), r["prompt"]) for r in rows]
     assert [r["adherence"] for r in rows] == rescored
     assert metrics["adherence"] == pytest.approx(mean_scores(rescored))
+
+
+def test_the_chance_level_is_each_image_against_another_rows_prompt(toy_eval) -> None:
+    metrics, out, eval_set = toy_eval
+    prompts = [json.loads(line)["prompt"] for line in (eval_set / "prompts.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert len(rows) == len(prompts) == 4
+    for r in rows:
+        # 4 prompts: image i against prompt (i + 4 // 2 + 1) mod 4, never its own
+        other = prompts[(r["index"] + 3) % 4]
+        assert other != r["prompt"]
+        image = Image.open(out / "images" / r["file"]).convert("RGB")
+        assert r["shifted_adherence"] == score_image(image, other)
+    assert metrics["adherence_shifted"] == pytest.approx(mean_scores(r["shifted_adherence"] for r in rows))
 
 
 def test_real_images_score_one(toy_eval) -> None:

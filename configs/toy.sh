@@ -8,7 +8,7 @@
 # Inception; built there when absent); TOY_EVAL (held-out eval scenes, never trained on); TOY_SEEN (when > 0, an eval
 # set "seen" of that many training scenes, to score what the run memorised beside what it generalised); TOY_VAE (a
 # folder holding sd/ and sdxl/, default the toy VAEs shipped in assets/toy_vae, built with `python -m
-# training.toy_vae` when absent: one toy VAE throughout, the one the config's first stage names); extra --set
+# training.toy_vae` when absent: one toy VAE throughout, the one the config's stages name); extra --set
 # overrides in TOY_SETS.
 set -euo pipefail
 OUT=${TOY_OUT:-toy_out}
@@ -22,20 +22,26 @@ TOY_EVAL=${TOY_EVAL:-8}
 TOY_VAE=${TOY_VAE:-assets/toy_vae}
 TOY_SEEN=${TOY_SEEN:-0}
 TOY_SQUARE=${TOY_SQUARE:-0}
-# From the config: the first stage's toy VAE (sd or sdxl), the stages' resolutions, the number of stages.
-CONFIG_INFO=$(python -c "from training.config import load_config
-stages = load_config('$CONFIG').stages
-print(stages[0].vae.rstrip('/').rsplit('/', 1)[-1], len(stages), *sorted({s.resolution for s in stages}))")
-read -r VAE_KIND NUM_STAGES RESOLUTIONS <<<"$CONFIG_INFO"
+# From the config (training.config.toy_run_plan): its one toy VAE (sd or sdxl), the number of stages, their resolutions.
+PLAN=$(python -c "from training.config import load_config, toy_run_plan
+kind, num_stages, resolutions = toy_run_plan(load_config('$CONFIG'))
+print(kind, num_stages, *resolutions)")
+read -r VAE_KIND NUM_STAGES RESOLUTIONS <<<"$PLAN"
 read -r -a EXTRA_SETS <<<"${TOY_SETS:-}"
 step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 toy world ($N scenes, seed $SEED, ≥ 1K a side) → $OUT/corpus"
 # Generated at ≥ 1K so curation's real tier rule keeps them (PixArt-Σ §3.2); materialize resizes them to the
 # training buckets (aspect ratios every bucket table holds exactly: the crop never moves an object).
-SQUARE=()
-[ "$TOY_SQUARE" = 1 ] && SQUARE=(--square)
-[ -f "$OUT/corpus/truth.jsonl" ] || python -m curation.toy_world --output "$OUT/corpus" --num "$N" --seed "$SEED" "${SQUARE[@]}"
+# A corpus made with other settings is made again, and the run over it (curation, sets, shards, training) redone.
+CORPUS_ARGS="--num $N --seed $SEED"
+[ "$TOY_SQUARE" = 1 ] && CORPUS_ARGS="$CORPUS_ARGS --square"
+if [ ! -f "$OUT/corpus/truth.jsonl" ] || [ "$(cat "$OUT/corpus.args" 2>/dev/null)" != "$CORPUS_ARGS" ]; then
+    rm -rf "$OUT/corpus" "$OUT/corpus.args" "$RUN" "$OUT/train"
+    # shellcheck disable=SC2086  # CORPUS_ARGS is a list of flags
+    python -m curation.toy_world --output "$OUT/corpus" $CORPUS_ARGS
+    echo "$CORPUS_ARGS" >"$OUT/corpus.args"  # beside the corpus: curation would read a file inside it
+fi
 
 step "2/6 models built offline → $MODELS (toy T5, tiny CLIP and Inception; toy VAEs in $TOY_VAE)"
 [ -f "$MODELS/toy_t5/config.json" ] || python -m training.tiny --output "$MODELS"

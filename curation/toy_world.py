@@ -29,8 +29,9 @@ PNG_COMPRESS_LEVEL = 6
 # (width, height), cycled: every short side ≥ 1024 (the 1k tier), and every aspect ratio (1, 5:3, 3:5, 2, 1/2)
 # one that the bucket tables at 64, 128 and 256 px all hold (``manifests.buckets``), so materialize's
 # cover-and-crop cuts nothing: a crop would move objects across grid lines and falsify the caption.
+SQUARE_SIZE = (1024, 1024)
 CORPUS_SIZES: tuple[tuple[int, int], ...] = (
-    (1024, 1024),
+    SQUARE_SIZE,
     (1920, 1152),
     (1152, 1920),
     (2048, 1024),
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                         "would tell the scenes apart, and a model could draw them while ignoring the caption")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    generate(args.output, num=args.num, seed=args.seed, sizes=CORPUS_SIZES[:1] if args.square else CORPUS_SIZES)
+    generate(args.output, num=args.num, seed=args.seed, sizes=(SQUARE_SIZE,) if args.square else CORPUS_SIZES)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ def summarize(
             json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines() if line
         ]
         summary["training"] = {
-            # the last logged step (metrics.jsonl holds one line per log.every steps)
-            "steps": metrics[-1].get("global_step", len(metrics)) if metrics else 0,
+            # the last logged step, counted over every stage (metrics.jsonl: one line per log.every steps and
+            # each stage's last)
+            "steps": metrics[-1]["global_step"] if metrics else 0,
             "stages": list(dict.fromkeys(m["stage"] for m in metrics)),
             "first_loss": metrics[0]["loss"] if metrics else None,
             "last_loss": metrics[-1]["loss"] if metrics else None,

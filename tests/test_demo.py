@@ -1,37 +1,28 @@
 """End to end: the `make demo` pipeline (configs/demo.sh) on a small corpus, on the session's Ray cluster.
 
-Its toy-world part is the toy-world run through the real pipeline (configs/toy.sh), checked for what must hold
-whatever the model learned: every distinct toy scene passes curation (the 1K tiers, pHash at 0 bits), the truth
-travels (each training sample's and eval prompt's caption is the generator's own caption, from its truth.jsonl),
-and in-training evaluation (turned on here) reports adherence — in eval/in_training.jsonl and TensorBoard — equal
-to the adherence metric rescored here from the saved images. Few steps: the wiring, not the learning
-(tests/training/test_learning.py and bench/bench_toy_learning.py measure that).
+Its toy-world part runs for a few steps: the wiring (held-out and seen eval sets, adherence with its chance level in
+the summary), not the learning (tests/training/test_learning.py). tests/test_toy_run.py checks the toy run itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
-from manifests.toy import parse_caption
 from tests.conftest import REPO, VENV_BIN
 from tests.training.test_pipeline import NO_PIXSIGMA
 from tests.training.test_sample_readme import readme_block
-from training.adherence import SCORES, mean_scores, score_image
 
 TOY_STEPS = 30
-TOY_EVAL_EVERY = 15  # in-training evaluation (of the held-out toy eval set) at steps 15 and 30
 
 
+# 2.5 min alone on 2 cores (toy part included), up to 4 under make test's load.
 @pytest.mark.timeout(900)
 def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     out = tmp_path / "demo"
@@ -41,12 +32,11 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
         "DEMO_N": "8",
         "NPROC": "2",
         "DEMO_TOY_STEPS": str(TOY_STEPS),  # the wiring, not the learning (tests/training/test_learning.py)
-        "DEMO_TOY_SETS": f"evaluation.every={TOY_EVAL_EVERY} evaluation.steps=2",
         "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
         "RAY_ADDRESS": ray_cluster.address,  # every Ray step joins the session cluster
     }
     result = subprocess.run(
-        ["bash", "configs/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+        ["bash", "configs/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=840
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -93,7 +83,6 @@ def test_demo_pipeline_end_to_end(ray_cluster, tmp_path):
     assert "evaluation eval:" in result.stdout and "FID" in result.stdout
     assert {"samples", "eval/eval"} <= set(summary["outputs"])
     _toy_world_part(out, result.stdout)
-    check_toy_run(out / "toy", output, num_scenes=8, num_eval=4, eval_steps=(TOY_EVAL_EVERY, TOY_STEPS))
 
 
 def _toy_world_part(out, stdout: str) -> None:
@@ -141,60 +130,3 @@ def _readme_lines_sample_the_demo_export(out, tmp_path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     with Image.open(out / "cat.png") as image:  # the call names no size: the pipeline's default, the trained one
         assert image.size == (info["resolution"], info["resolution"])
-
-
-def check_toy_run(
-    out: Path, output: str, *, num_scenes: int, num_eval: int, eval_steps: tuple[int, ...]
-) -> None:
-    """The invariants of a finished toy run in ``out`` (TOY_OUT), whatever the model learned."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    # The corpus's own truth, by the bytes of each image (the shards carry the original files).
-    truth = {
-        hashlib.sha256((out / "corpus" / f"{r['name']}.png").read_bytes()).hexdigest(): r["caption"]
-        for r in map(json.loads, (out / "corpus" / "truth.jsonl").read_text().splitlines())
-    }
-    eval_rows = [json.loads(line) for line in (out / "run" / "eval_shards" / "eval" / "prompts.jsonl").open()]
-    pairs = [*shard_pairs(out / "run" / "train_shards" / "toy", "train-*.tar", "caption_orig"),
-             *shard_pairs(out / "run" / "eval_shards" / "eval", "eval-*.tar", None)]  # fmt: skip
-    prompts = {r["key"]: r["prompt"] for r in eval_rows}
-    # Every scene is kept and lands once in the training or the eval shards (distinct toy scenes are not near
-    # duplicates at pHash 0 bits; all are ≥ 1K), and the truth travels: each caption is its image's own.
-    assert len(truth) == num_scenes and sorted(digest for _, digest, _ in pairs) == sorted(truth)
-    for key, digest, text in pairs:
-        text = text if text is not None else prompts[key]
-        assert text == truth[digest] and parse_caption(text) is not None, (key, text)
-
-    # In-training evaluation: adherence in the JSONL and TensorBoard equals the metric on the saved images.
-    run_dir = out / "train"
-    rows = [json.loads(line) for line in (run_dir / "eval" / "in_training.jsonl").read_text().splitlines()]
-    assert tuple(r["global_step"] for r in rows) == eval_steps
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    for row in rows:
-        folder = run_dir / "eval" / "in_training" / f"{row['global_step']:08d}"
-        images = sorted((folder / "images").glob("*.png"))  # <key>.png, one per eval prompt
-        assert len(images) == num_eval
-        rescored = [score_image(Image.open(path).convert("RGB"), prompts[path.stem]) for path in images]
-        assert row["adherence"] == pytest.approx(mean_scores(rescored))
-        assert row["adherence_real"]["overall"] == 1.0  # the real eval images: the metric's ceiling
-        for name in SCORES:
-            logged = {e.step: e.value for e in events.Scalars(f"eval/adherence/{name}")}
-            assert logged[row["global_step"]] == pytest.approx(row["adherence"][name], abs=1e-6)
-    assert "adherence colour" in output
-    assert np.isfinite([r["fid"] for r in rows]).all()
-
-
-def shard_pairs(folder: Path, pattern: str, caption_field: str | None) -> list[tuple[str, str, str | None]]:
-    """(key, sha256 of the image bytes, caption) of every sample in a folder of WebDataset shards."""
-    pairs = []
-    for path in sorted(folder.glob(pattern)):
-        with tarfile.open(path) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in members:
-                if name.endswith(".png"):
-                    key = name[: -len(".png")]
-                    meta = json.loads(tar.extractfile(members[f"{key}.json"]).read())
-                    digest = hashlib.sha256(tar.extractfile(members[name]).read()).hexdigest()
-                    pairs.append((key, digest, meta[caption_field] if caption_field else None))
-    return pairs

@@ -431,3 +431,20 @@ def load_config(path: str | Path, *, overrides: list[str] = (), output: str | No
 
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+TOY_VAE_NAMES = ("sd", "sdxl")  # the toy VAEs (training.toy_vae.SPECS), shipped in assets/toy_vae/<name>
+
+
+def toy_run_plan(cfg: TrainConfig) -> tuple[str, int, list[int]]:
+    """What configs/toy.sh needs of a toy-world config: the one toy VAE its stages name (``sd`` or ``sdxl``, by
+    folder name; toy.sh caches its latents and points every stage at it), the number of stages and their
+    resolutions. ValueError when the stages name different VAEs (a VAE swap is the ablation bench's, not the
+    toy run's) or a folder that is not a toy VAE."""
+    names = {Path(stage.vae).name for stage in cfg.stages}
+    if len(names) != 1 or not names <= set(TOY_VAE_NAMES):
+        raise ValueError(
+            f"a toy-world config names one toy VAE ({' or '.join(TOY_VAE_NAMES)}) in every stage, got "
+            f"{sorted(Path(stage.vae).name for stage in cfg.stages)}"
+        )
+    return names.pop(), len(cfg.stages), sorted({stage.resolution for stage in cfg.stages})

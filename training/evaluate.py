@@ -929,8 +929,9 @@ def evaluate_during_training(
     if writer is not None:
         writer.add_scalar(fid_tag, fid_value, global_step)
         writer.add_scalar("eval/clip_score", values["clip_score"], global_step)
-        for name, value in values.get("adherence", {}).items():  # toy-world prompts (training.adherence)
-            writer.add_scalar(f"eval/adherence/{name}", value, global_step)
+        for kind in ("adherence", "adherence_shifted"):  # toy-world prompts (training.adherence): score, chance
+            for name, value in values.get(kind, {}).items():
+                writer.add_scalar(f"eval/{kind}/{name}", value, global_step)
     small = f" ({SMALL_FID_LABEL})" if values["fid_small_n"] else ""
     toy = "".join(f", adherence {k} {v:.3f}" for k, v in values.get("adherence", {}).items())
     log.info("step %d: FID %.3f%s, CLIP score %.3f%s on %d eval prompts", global_step, fid_value, small,

@@ -34,14 +34,17 @@ def test_summary_prints_the_stored_fid_note(tmp_path):
 
 
 def test_summary_prints_toy_world_adherence(tmp_path):
-    scores = lambda v: {"overall": v, "count": v, "colour": v, "shape": v, "position": v}  # noqa: E731
-    _metrics(tmp_path, "seen", adherence=scores(0.75), adherence_shifted=scores(0.25), adherence_real=scores(1.0))
+    model = {"overall": 0.25, "count": 0.75, "colour": 0.6, "shape": 0.3, "position": 0.85}
+    chance = {"overall": 0.0, "count": 0.5, "colour": 0.2, "shape": 0.35, "position": 0.45}
+    real = dict.fromkeys(model, 1.0)
+    _metrics(tmp_path, "seen", adherence=model, adherence_shifted=chance, adherence_real=real)
     _metrics(tmp_path, "photos")  # prompts without toy-world truth: no adherence
     summary = json.loads(json.dumps(BASE))
     _add_evaluations(summary, tmp_path)
     text = format_summary(summary)
-    assert "  adherence seen:     overall 0.75, count 0.75, colour 0.75, shape 0.75, position 0.75" in text
-    assert "vs shifted prompts (chance): overall 0.25, count 0.25" in text
-    assert "real images:                 overall 1.00" in text
-    assert "margin:                      overall +0.50, count +0.50, colour +0.50" in text
-    assert "adherence" not in summary["evaluation"]["photos"]
+    assert "  adherence seen:     overall 0.25, count 0.75, colour 0.60, shape 0.30, position 0.85" in text
+    assert "vs shifted prompts (chance): overall 0.00, count 0.50, colour 0.20, shape 0.35, position 0.45" in text
+    assert "real images:                 overall 1.00, count 1.00" in text
+    # the model's score minus its chance level, score by score
+    assert "margin:                      overall +0.25, count +0.25, colour +0.40, shape -0.05, position +0.40" in text
+    assert "adherence" not in summary["evaluation"]["photos"] and "adherence photos" not in text

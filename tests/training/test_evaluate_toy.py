@@ -8,14 +8,26 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from manifests.tars import json_bytes, write_shard
-from manifests.toy import caption, render, scene_for
+from manifests.toy import Scene, caption, render, scene_for
 from tests.training.eval_factories import build_eval_models, tiny_export
-from training.adherence import SCORES, adherence_metrics, mean_scores, score_image
-from training.evaluate import run
+from training.adherence import SCORES, adherence_metrics, mean_scores, score_image, score_labels
+from training.evaluate import (
+    ClipScorer,
+    EvalSettings,
+    FidMetric,
+    evaluate_generator,
+    read_eval_set,
+    read_real_images,
+    run,
+)
+from training.ranks import Dist
+from training.sample import ImageGenerator, SamplingSettings
 
 SIZES = ((64, 64), (48, 96), (96, 48), (64, 64))  # (height, width) of the real images
 
@@ -61,17 +73,47 @@ def test_adherence_is_reported_beside_fid_and_clip(toy_eval) -> None:
     assert metrics["adherence"] == pytest.approx(mean_scores(rescored))
 
 
-def test_the_chance_level_is_each_image_against_another_rows_prompt(toy_eval) -> None:
-    metrics, out, eval_set = toy_eval
-    prompts = [json.loads(line)["prompt"] for line in (eval_set / "prompts.jsonl").read_text().splitlines()]
+class PaintingGenerator(ImageGenerator):
+    """A perfect model: draws each prompt's own scene (the generator's render of its truth) at the job's size."""
+
+    def __init__(self, scenes: dict[str, Scene]) -> None:  # noqa: D107 — no weights, no encoders
+        self.scenes, self.name, self.resolution, self.vae_downsample = scenes, "painter", 64, 8
+
+    def generate(self, jobs, settings):
+        for job in jobs:
+            pixels = np.asarray(render(self.scenes[job.prompt], job.width, job.height), dtype=np.float32) / 255
+            yield job, torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+
+
+def test_the_chance_level_is_each_image_against_another_rows_prompt(tmp_path, tmp_path_factory) -> None:
+    """Perfect images, two per prompt: each scores 1 against its own prompt, and its chance level is the perfect
+    detector's score of its scene against the scene of the prompt n/2 + 1 rows on (rows, not images)."""
+    eval_set = build_toy_eval_set(tmp_path / "eval")
+    rows = read_eval_set(eval_set)
+    scenes = {caption(scene_for(5, i)): scene_for(5, i) for i in range(len(SIZES))}
+    models = build_eval_models(tmp_path_factory.getbasetemp() / "eval_models")  # the toy_eval fixture's
+    fid = FidMetric(device=torch.device("cpu"), inception=models["inception"], features=64)
+    clip = ClipScorer(models["clip"], None, device=torch.device("cpu"))
+    _, image_rows = evaluate_generator(
+        PaintingGenerator(scenes), rows, read_real_images(eval_set, {r["key"] for r in rows}),
+        settings=SamplingSettings(), eval_settings=EvalSettings(num_images_per_prompt=2), fid=fid, clip=clip,
+        out=tmp_path / "out", real_out=None, env=Dist(),
+    )  # fmt: skip
+    assert len(image_rows) == 2 * len(rows) == 8
+    labels = lambda prompt: [o.label() for o in scenes[prompt].objects]  # noqa: E731
+    for r in image_rows:
+        own, other = rows[r["index"] // 2]["prompt"], rows[(r["index"] // 2 + 3) % 4]["prompt"]  # 4 rows: 3 on
+        assert r["prompt"] == own and r["adherence"] == score_labels(labels(own), labels(own))  # all 1
+        assert r["shifted_adherence"] == score_labels(labels(own), labels(other))
+    metrics = adherence_metrics(image_rows)
+    assert metrics["adherence"]["overall"] == 1.0 and metrics["adherence_shifted"]["overall"] < 1.0
+    assert metrics["adherence_shifted"] == pytest.approx(mean_scores(r["shifted_adherence"] for r in image_rows))
+
+
+def test_evaluate_writes_the_chance_level(toy_eval) -> None:
+    metrics, out, _ = toy_eval
     rows = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
-    assert len(rows) == len(prompts) == 4
-    for r in rows:
-        # 4 prompts: image i against prompt (i + 4 // 2 + 1) mod 4, never its own
-        other = prompts[(r["index"] + 3) % 4]
-        assert other != r["prompt"]
-        image = Image.open(out / "images" / r["file"]).convert("RGB")
-        assert r["shifted_adherence"] == score_image(image, other)
+    assert all("shifted_adherence" in r for r in rows)
     assert metrics["adherence_shifted"] == pytest.approx(mean_scores(r["shifted_adherence"] for r in rows))
 
 

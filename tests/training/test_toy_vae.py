@@ -24,9 +24,11 @@ from manifests.features import vae_downsample
 from manifests.toy import caption, scene_for
 from tests.conftest import REPO
 from training.adherence import mean_scores, score_image
+from training.config import TOY_VAE_NAMES, load_config, toy_run_plan
 from training.encoders import LatentEncoder
 from training.toy_vae import (
     CORPUS_SIZES,
+    SPECS,
     STRONG,
     TRAIN_RESOLUTIONS,
     TRAINING_FILE,
@@ -239,9 +241,11 @@ def test_shipped_weak_and_strong_latents_differ_as_sd_and_sdxl_do() -> None:
     assert max(sd, sdxl) / min(sd, sdxl) > 1.2
 
 
-def test_toy_config_stages_carry_their_vaes_scaling_factor() -> None:
-    """configs/toy.toml run as written (torchrun … --config configs/toy.toml) passes the trainer's check."""
-    config = tomllib.loads((REPO / "configs" / "toy.toml").read_text())
+@pytest.mark.parametrize("preset", ["toy.toml", "toy_demo.toml"])
+def test_toy_config_stages_carry_their_vaes_scaling_factor(preset: str) -> None:
+    """configs/toy.toml and toy_demo.toml run as written (torchrun … --config configs/<preset>) pass the trainer's
+    check."""
+    config = tomllib.loads((REPO / "configs" / preset).read_text())
     for stage in config["stages"]:
         vae_config = AutoencoderKL.load_config(str(REPO / stage["vae"]))
         assert stage["vae_scaling_factor"] == vae_config["scaling_factor"], stage["vae"]
@@ -283,3 +287,14 @@ def test_a_stage_set_to_the_other_vaes_scaling_factor_is_refused() -> None:
     latents = LatentEncoder(str(toy_vae_path("sd")), scaling_factor=sdxl, device=torch.device("cpu"), cached=False)
     with pytest.raises(ValueError, match="scaling_factor"):
         latents({"pixels": fresh_pairs(128)[0][0][None]}, torch.Generator())
+
+
+def test_toy_run_plan_reads_the_one_toy_vae_the_stages_and_their_resolutions() -> None:
+    assert TOY_VAE_NAMES == tuple(SPECS)
+    assert toy_run_plan(load_config(REPO / "configs" / "toy.toml")) == ("sdxl", 2, [64, 128])
+    assert toy_run_plan(load_config(REPO / "configs" / "toy_demo.toml")) == ("sd", 1, [64])
+    swap = load_config(REPO / "configs" / "toy.toml", overrides=["stages.1.vae=assets/toy_vae/sd"])
+    with pytest.raises(ValueError, match="one toy VAE"):  # toy.sh would point every stage at one VAE: refused
+        toy_run_plan(swap)
+    with pytest.raises(ValueError, match="one toy VAE"):
+        toy_run_plan(load_config(REPO / "configs" / "debug.toml"))  # SD/SDXL-like tiny VAEs, not toy ones

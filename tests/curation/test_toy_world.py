@@ -43,3 +43,16 @@ def test_same_seed_same_bytes_other_seed_other_corpus(tmp_path: Path) -> None:
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert (tmp_path / "a" / TRUTH_FILE).read_bytes() != (tmp_path / "c" / TRUTH_FILE).read_bytes()
+
+
+def test_square_corpus_is_the_same_scenes_at_1024_square(tmp_path: Path) -> None:
+    main(["--output", str(tmp_path / "square"), "--num", "6", "--square"])
+    main(["--output", str(tmp_path / "mixed"), "--num", "6"])
+    square, mixed = ([json.loads(line) for line in (tmp_path / name / TRUTH_FILE).read_text().splitlines()]
+                     for name in ("square", "mixed"))  # fmt: skip
+    assert {(r["width"], r["height"]) for r in square} == {(1024, 1024)}
+    assert len({(r["width"], r["height"]) for r in mixed}) == 5  # every aspect ratio of CORPUS_SIZES
+    assert [r["caption"] for r in square] == [r["caption"] for r in mixed]  # same scenes, same truth
+    for r in square:
+        with Image.open(tmp_path / "square" / f"{r['name']}.png") as image:
+            assert image.size == (1024, 1024)

@@ -79,8 +79,8 @@ TOY_OUT=$TOY TOY_N=$TOY_N TOY_EVAL=$((TOY_N / 2)) TOY_SEEN=$((TOY_N - TOY_N / 2)
 # Adherence (training.adherence) on the scenes it trained on ("seen") and on the held-out ones ("eval"), each beside
 # the same images scored against shifted prompts: their chance level. The FID / CLIP score beside it come from the
 # random Inception and tiny CLIP again: meaningless values.
-for set in seen eval; do
-    python -m training.evaluate --model "$TOY/train" --input "$TOY/run/eval_shards/$set" --steps 20 --allow-small-fid \
+for name in seen eval; do
+    python -m training.evaluate --model "$TOY/train" --input "$TOY/run/eval_shards/$name" --steps 20 --allow-small-fid \
         --inception "$MODELS/inception/pt_inception-random.pth" --clip-model "local-dir:$MODELS/clip"
 done
 
@@ -93,7 +93,8 @@ cat <<EOF
 What the toy world shows: whether the DiT draws the $((TOY_N - TOY_N / 2)) scenes it trained on ("seen") and the
 prompts it never saw ("eval"), each against its chance level (its own images scored against shifted prompts;
 "margin" is the difference). In this budget expect colour and position of the seen scenes well above chance, and
-the held-out prompts near it. docs/benchmarks.md ("Toy world in make demo") has this run's measured numbers and
-the bench runs that go further: held-out colour and position of single-object prompts well above chance after
-about 9,000 steps on 2,000 scenes (shape and overall stay low). Samples: $TOY/train/eval/{seen,eval}/index.html.
+the held-out prompts near it (which scenes are held out depends on the output folder: image keys hash their path).
+docs/benchmarks.md ("Toy world in make demo") has measured numbers of this run, and the bench runs that go further:
+held-out colour and position of single-object prompts well above chance after about 9,000 steps on 2,000 scenes
+(shape and overall stay low). Samples: $TOY/train/eval/{seen,eval}/index.html.
 EOF

@@ -22,26 +22,42 @@ TOY_EVAL=${TOY_EVAL:-8}
 TOY_VAE=${TOY_VAE:-assets/toy_vae}
 TOY_SEEN=${TOY_SEEN:-0}
 TOY_SQUARE=${TOY_SQUARE:-0}
-# From the config (training.config.toy_run_plan): its one toy VAE (sd or sdxl), the number of stages, their resolutions.
-PLAN=$(python -c "from training.config import load_config, toy_run_plan
-kind, num_stages, resolutions = toy_run_plan(load_config('$CONFIG'))
-print(kind, num_stages, *resolutions)")
-read -r VAE_KIND NUM_STAGES RESOLUTIONS <<<"$PLAN"
 read -r -a EXTRA_SETS <<<"${TOY_SETS:-}"
+# From the config and TOY_SETS (training.config.toy_run_plan): its one toy VAE (sd or sdxl), the number of stages,
+# their resolutions. ${a[@]+"${a[@]}"}: an empty array under set -u on bash < 4.4 too (macOS's /bin/bash).
+PLAN=$(python -c "import sys
+from training.config import load_config, toy_run_plan
+kind, num_stages, resolutions = toy_run_plan(load_config('$CONFIG', overrides=sys.argv[1:]))
+print(kind, num_stages, *resolutions)" ${EXTRA_SETS[@]+"${EXTRA_SETS[@]}"})
+read -r VAE_KIND NUM_STAGES RESOLUTIONS <<<"$PLAN"
 step() { printf '\n== %s\n' "$*"; }
 
 step "1/6 toy world ($N scenes, seed $SEED, ≥ 1K a side) → $OUT/corpus"
 # Generated at ≥ 1K so curation's real tier rule keeps them (PixArt-Σ §3.2); materialize resizes them to the
 # training buckets (aspect ratios every bucket table holds exactly: the crop never moves an object).
-# A corpus made with other settings is made again, and the run over it (curation, sets, shards, training) redone.
+# TOY_OUT/toy.args records the corpus's settings and the run's: a corpus made with other settings is made again
+# and the run over it redone; a run made with other settings (eval split, config, VAE, --set overrides) is redone
+# on the same corpus. A folder this script did not make is refused, never removed.
 CORPUS_ARGS="--num $N --seed $SEED"
 [ "$TOY_SQUARE" = 1 ] && CORPUS_ARGS="$CORPUS_ARGS --square"
-if [ ! -f "$OUT/corpus/truth.jsonl" ] || [ "$(cat "$OUT/corpus.args" 2>/dev/null)" != "$CORPUS_ARGS" ]; then
-    rm -rf "$OUT/corpus" "$OUT/corpus.args" "$RUN" "$OUT/train"
-    # shellcheck disable=SC2086  # CORPUS_ARGS is a list of flags
-    python -m curation.toy_world --output "$OUT/corpus" $CORPUS_ARGS
-    echo "$CORPUS_ARGS" >"$OUT/corpus.args"  # beside the corpus: curation would read a file inside it
+RUN_ARGS="config=$CONFIG eval=$TOY_EVAL seen=$TOY_SEEN vae=$TOY_VAE sets=${TOY_SETS:-}"
+STAMP=$OUT/toy.args
+if [ -f "$STAMP" ]; then
+    if [ "$(sed -n 1p "$STAMP")" != "$CORPUS_ARGS" ]; then
+        echo "toy.sh: $OUT's corpus was made with '$(sed -n 1p "$STAMP")', now '$CORPUS_ARGS': removing its corpus, run and training"
+        rm -rf "$OUT/corpus" "$RUN" "$OUT/train"
+    elif [ "$(sed -n 2p "$STAMP")" != "$RUN_ARGS" ]; then
+        echo "toy.sh: $OUT's run was made with '$(sed -n 2p "$STAMP")', now '$RUN_ARGS': removing its run and training"
+        rm -rf "$RUN" "$OUT/train"
+    fi
+elif [ -e "$OUT/corpus" ] || [ -e "$RUN" ] || [ -e "$OUT/train" ]; then
+    echo "toy.sh: $OUT holds corpus/, run/ or train/ but no toy.args (not a toy run this script made): remove them or set another TOY_OUT" >&2
+    exit 2
 fi
+mkdir -p "$OUT"
+printf '%s\n%s\n' "$CORPUS_ARGS" "$RUN_ARGS" >"$STAMP"
+# shellcheck disable=SC2086  # CORPUS_ARGS is a list of flags
+[ -f "$OUT/corpus/truth.jsonl" ] || python -m curation.toy_world --output "$OUT/corpus" $CORPUS_ARGS
 
 step "2/6 models built offline → $MODELS (toy T5, tiny CLIP and Inception; toy VAEs in $TOY_VAE)"
 [ -f "$MODELS/toy_t5/config.json" ] || python -m training.tiny --output "$MODELS"
@@ -84,4 +100,4 @@ torchrun --standalone --nproc_per_node="$NPROC" training/main.py --config "$CONF
     --set data.shards="$RUN/train_shards/toy" --set text.t5="$MODELS/toy_t5" \
     --set evaluation.eval_set="$RUN/eval_shards/eval" \
     --set evaluation.inception="$MODELS/inception/pt_inception-random.pth" \
-    --set evaluation.clip_model="local-dir:$MODELS/clip" "${VAE_SETS[@]}" "${EXTRA_SETS[@]/#/--set=}"
+    --set evaluation.clip_model="local-dir:$MODELS/clip" "${VAE_SETS[@]}" ${EXTRA_SETS[@]+"${EXTRA_SETS[@]/#/--set=}"}

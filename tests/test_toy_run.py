@@ -93,8 +93,9 @@ def check_toy_run(
         assert row["adherence"] == pytest.approx(mean_scores(rescored))
         assert row["adherence_real"]["overall"] == 1.0  # the real eval images: the metric's ceiling
         for name in SCORES:
-            logged = {e.step: e.value for e in events.Scalars(f"eval/adherence/{name}")}
-            assert logged[row["global_step"]] == pytest.approx(row["adherence"][name], abs=1e-6)
+            for kind in ("adherence", "adherence_shifted"):  # the score and its chance level on these images
+                logged = {e.step: e.value for e in events.Scalars(f"eval/{kind}/{name}")}
+                assert logged[row["global_step"]] == pytest.approx(row[kind][name], abs=1e-6)
     assert "adherence colour" in output
     assert np.isfinite([r["fid"] for r in rows]).all()
 
@@ -112,3 +113,16 @@ def shard_pairs(folder: Path, pattern: str, caption_field: str | None) -> list[t
                     digest = hashlib.sha256(tar.extractfile(members[name]).read()).hexdigest()
                     pairs.append((key, digest, meta[caption_field] if caption_field else None))
     return pairs
+
+
+def test_toy_sh_refuses_a_folder_it_did_not_make(tmp_path) -> None:
+    """toy.sh removes a corpus, run or training only when its own toy.args says it made them with other settings: a
+    TOY_OUT that holds such folders without it (another run, e.g. the main demo's demo_out) is left untouched."""
+    out = tmp_path / "demo_out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "model.safetensors").write_bytes(b"weights")
+    env = {**os.environ, "TOY_OUT": str(out), "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "configs/toy.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no toy.args" in result.stderr, result.stdout + result.stderr
+    assert (out / "train" / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in out.iterdir()) == ["train"]

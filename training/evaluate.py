@@ -896,8 +896,8 @@ def evaluate_during_training(
     ``section`` is the config's ``evaluation`` section; ``encode`` maps prompts to (T5 states, mask) and
     ``decode`` scaled latents to images in [-1, 1], as the trainer holds them. Images go to
     ``run_dir/eval/in_training/<step>/``, the scalars to ``eval/in_training.jsonl`` and, given a
-    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score`` (and ``eval/adherence/<score>`` when every
-    prompt is a toy-world caption). On fewer than 2048 images (the usual
+    TensorBoard ``writer``, to ``eval/fid`` and ``eval/clip_score`` (and ``eval/adherence/<score>`` with its
+    chance level ``eval/adherence_shifted/<score>`` when every prompt is a toy-world caption). On fewer than 2048 images (the usual
     in-training subset) FID is logged as ``eval/fid_trend_small_n`` and marked ``fid_small_n`` in the JSONL:
     a trend within the run, not a number to compare with papers.
     """

@@ -107,6 +107,8 @@ def test_shifted_prompts_move_every_prompt(n: int) -> None:
     shifted = shifted_prompts(prompts)
     assert sorted(shifted) == prompts  # a permutation: each prompt used once
     assert all(a != b for a, b in zip(prompts, shifted, strict=True))  # no image keeps its own prompt
+    step = n // 2 + 1 if n > 2 else 1  # the documented shift (bench_toy_learning's numbers were made with it)
+    assert shifted == [prompts[(i + step) % n] for i in range(n)]
 
 
 def test_shifted_prompts_need_two() -> None:

@@ -80,7 +80,7 @@ class PaintingGenerator(ImageGenerator):
         self.scenes, self.name, self.resolution, self.vae_downsample = scenes, "painter", 64, 8
 
     def generate(self, jobs, settings):
-        for job in jobs:
+        for job in reversed(jobs):  # not in job order: the real one groups jobs by size
             pixels = np.asarray(render(self.scenes[job.prompt], job.width, job.height), dtype=np.float32) / 255
             yield job, torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W) in [0, 1]
 

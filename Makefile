@@ -12,6 +12,8 @@ DEMO_SEED ?= 0
 DEMO_CONFIG ?= configs/debug.toml
 NPROC ?= 2
 # Test processes (pytest-xdist; one file per process at a time, each with its own local Ray cluster of ~0.6 GB).
+# --no-loadscope-reorder: files in collection order (tests/conftest.py puts the longest first); xdist's default
+# reorders them by test count, which left test_demo and the other end-to-end runs for the end.
 TEST_WORKERS ?= 2
 
 # Offline and quiet: nothing here may download weights or phone home.
@@ -40,7 +42,7 @@ demo: $(STAMP)
 		PATH=$(abspath $(VENV))/bin:$$PATH bash configs/demo.sh
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q tests -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -q tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

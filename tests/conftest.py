@@ -51,11 +51,14 @@ SHARED_LAION_HEAD = (
 LONGEST_FIRST = (
     "test_demo.py",
     "test_readme.py",
+    "test_toy_run.py",
     "training/test_resume.py",
     "curation/test_resume.py",
     "curation/test_two_nodes.py",
     "training/test_sample_readme.py",
     "training/test_weak_to_strong.py",
+    "training/test_evaluate_30k.py",
+    "training/test_learning.py",
     "captioning/test_kill.py",
     "captioning/test_pipeline.py",
 )

@@ -162,10 +162,17 @@ def score_labels(detected: Sequence[Label], truth: Sequence[Label]) -> dict[str,
 
 def score_image(image: Image.Image | np.ndarray, prompt: str) -> dict[str, float]:
     """Scores of one image against a toy-world prompt; ValueError when the prompt is not one."""
-    truth = parse_caption(prompt)
-    if truth is None:
-        raise ValueError(f"not a toy-world caption: {prompt!r}")
-    return score_labels([d.label() for d in detect(image)], truth)
+    return score_against(image, [prompt])[0]
+
+
+def score_against(image: Image.Image | np.ndarray, prompts: Sequence[str]) -> list[dict[str, float]]:
+    """Scores of one image against each toy-world prompt, segmenting it once; ValueError when one is not one."""
+    truths = [parse_caption(prompt) for prompt in prompts]
+    for prompt, truth in zip(prompts, truths, strict=True):
+        if truth is None:
+            raise ValueError(f"not a toy-world caption: {prompt!r}")
+    detected = [d.label() for d in detect(image)]
+    return [score_labels(detected, truth) for truth in truths]
 
 
 def is_toy_prompt(prompt: str) -> bool:

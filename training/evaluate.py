@@ -64,7 +64,7 @@ from manifests.buckets import resize_to_cover_and_crop
 from manifests.imageio import decode_rgb
 from manifests.io import atomic_write_bytes
 from manifests.progress import quiet_library_bars, quiet_root_info
-from training.adherence import adherence_metrics, is_toy_prompt, score_image, shifted_prompts
+from training.adherence import adherence_metrics, is_toy_prompt, score_against, shifted_prompts
 from training.ranks import Dist, close_distributed, exit_torchrun_worker, init_distributed
 from training.reference_stats import (
     ReferenceStats,
@@ -385,10 +385,12 @@ class FeaturePass:
         self.scores: dict = {}
         self.cut: dict = {}
         self.adherence: dict = {}
+        self.shifted_adherence: dict = {}
 
-    def add(self, index: int | str, prompt: str, image: Image.Image) -> None:
-        """Queue one RGB image; a full batch is scored at once."""
-        self.pending.append((index, prompt, image))
+    def add(self, index: int | str, prompt: str, image: Image.Image, shifted_prompt: str | None = None) -> None:
+        """Queue one RGB image (and another row's prompt, to score its chance level against); a full batch is scored
+        at once."""
+        self.pending.append((index, prompt, image, shifted_prompt))
         if len(self.pending) >= self.batch_size:
             self.flush()
 
@@ -396,15 +398,17 @@ class FeaturePass:
         """Score what is queued (call once more at the end)."""
         if not self.pending:
             return
-        indices, prompts, images = zip(*self.pending, strict=True)
+        indices, prompts, images, shifted = zip(*self.pending, strict=True)
         self.pending = []
         if not (self.real and self.fid.reference is not None):  # a reference file replaces the real images
             self.fid.update_images([pil_to_uint8(im) for im in images], real=self.real, batch_size=self.batch_size)
         scores = self.clip.score_batched(list(images), list(prompts), batch_size=self.batch_size)
-        for index, prompt, image, score in zip(indices, prompts, images, scores.tolist(), strict=True):
+        for index, prompt, image, other, score in zip(indices, prompts, images, shifted, scores.tolist(), strict=True):
             self.scores[index], self.cut[index] = score, self.clip.is_cut(prompt)
-            if self.toy:
-                self.adherence[index] = score_image(image, prompt)
+            if self.toy:  # one segmentation, scored against the prompt (and the shifted one)
+                self.adherence[index], *chance = score_against(image, [prompt] + ([other] if other else []))
+                if chance:
+                    self.shifted_adherence[index] = chance[0]
 
 
 def evaluate_generator(
@@ -445,13 +449,10 @@ def evaluate_generator(
     generated = FeaturePass(fid, clip, batch_size=batch, real=False, toy=toy)
     # each image against another row's prompt too: the chance level of these very images (training.adherence)
     shifted = shifted_prompts([r["prompt"] for r in rows]) if toy and len(rows) > 1 else None
-    shifted_adherence: dict[int, dict[str, float]] = {}
 
     def score(job: ImageJob, image: Tensor) -> None:
         pixels = Image.open(io.BytesIO(to_png_bytes(image))).convert("RGB")  # exactly what was saved
-        generated.add(job.index, job.prompt, pixels)
-        if shifted is not None:
-            shifted_adherence[job.index] = score_image(pixels, shifted[job.index // k])
+        generated.add(job.index, job.prompt, pixels, shifted[job.index // k] if shifted else None)
 
     image_rows = write_images(generator, mine, settings, out / "images", on_image=score)
     generated.flush()
@@ -464,7 +465,7 @@ def evaluate_generator(
         if toy:
             row.update(adherence=generated.adherence[i], real_adherence=real_adherence[rows[i // k]["key"]])
             if shifted is not None:
-                row["shifted_adherence"] = shifted_adherence[i]
+                row["shifted_adherence"] = generated.shifted_adherence[i]
     return fid.compute(), gather_rows(image_rows, env)
 
 

@@ -13,6 +13,7 @@ from training.adherence import (
     detect,
     is_toy_prompt,
     mean_scores,
+    score_against,
     score_image,
     score_labels,
     shifted_prompts,
@@ -114,3 +115,12 @@ def test_shifted_prompts_move_every_prompt(n: int) -> None:
 def test_shifted_prompts_need_two() -> None:
     with pytest.raises(ValueError, match="at least two"):
         shifted_prompts(["only one"])
+
+
+def test_score_against_segments_once_and_scores_each_prompt_as_score_image_does() -> None:
+    prompts = [caption(scene_for(3, i)) for i in range(4)]
+    image = render(scene_for(3, 0), 128, 128)
+    assert score_against(image, prompts) == [score_image(image, p) for p in prompts]
+    assert score_against(image, prompts)[0]["overall"] == 1.0
+    with pytest.raises(ValueError, match="not a toy-world caption"):
+        score_against(image, [prompts[0], "a photo of a cat"])

@@ -117,10 +117,15 @@ def test_shifted_prompts_need_two() -> None:
         shifted_prompts(["only one"])
 
 
-def test_score_against_segments_once_and_scores_each_prompt_as_score_image_does() -> None:
-    prompts = [caption(scene_for(3, i)) for i in range(4)]
-    image = render(scene_for(3, 0), 128, 128)
-    assert score_against(image, prompts) == [score_image(image, p) for p in prompts]
-    assert score_against(image, prompts)[0]["overall"] == 1.0
+def test_score_against_scores_one_image_against_each_prompt() -> None:
+    """Scene 0's image against the captions of scenes 0…3: the perfect detector's scores of its truth against each
+    scene's truth (the generator's own objects, no segmentation)."""
+    scenes = [scene_for(3, i) for i in range(4)]
+    image = render(scenes[0], 128, 128)
+    truth = [o.label() for o in scenes[0].objects]
+    expected = [score_labels(truth, [o.label() for o in scene.objects]) for scene in scenes]
+    assert score_against(image, [caption(scene) for scene in scenes]) == expected
+    assert expected[0]["overall"] == 1.0 and expected[1] != expected[0]
+    prompts = [caption(scene) for scene in scenes]
     with pytest.raises(ValueError, match="not a toy-world caption"):
         score_against(image, [prompts[0], "a photo of a cat"])
